@@ -1,0 +1,342 @@
+"""Event-time fusion per source: tumbling windows, watermarks, lateness, idle.
+
+Every time here is integer nanoseconds. Event time is the producer's
+timestamp; engine time comes from the injected clock (tests move it by hand).
+
+Life of an event::
+
+    admit()  -> reserves a slot in window floor(ts / w) * w   (or raises
+                bad_timestamp / duplicate / too_late)
+    complete() or discard()  -> the processor's outcome fills or frees it
+    poll()   -> sealed windows whose slots are all filled come out as
+                FusedFrame values, oldest first per source
+
+Reserving at admission (before the slow processors run) is what makes the
+result exact: a slow image batch cannot make its own events "late" because a
+fast text event moved the watermark meanwhile.
+
+A window is sealed when the source's watermark (highest event time seen minus
+``allowed_lateness``) reaches its end, when the source has been quiet for
+``idle_timeout`` of engine time, when the per-source cap on open windows
+pushes it out, or at shutdown. An event whose window is already sealed is
+``too_late``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine.errors import EventRejected, LateEvent
+from engine.types import MODALITIES, Clock, Features, FusedFrame, InputEvent, Modality, ModalityFusion, Nanos
+
+if TYPE_CHECKING:
+    from engine.config import AlignerConfig
+
+_MS = 1_000_000
+
+
+@dataclass(slots=True)
+class _Slot:
+    event_id: str
+    modality: Modality
+    ts: Nanos
+    order: int
+    features: Features | None = None
+    process_ns: Nanos = 0
+
+
+@dataclass(slots=True)
+class _Window:
+    start: Nanos
+    end: Nanos
+    first_arrival: Nanos
+    slots: dict[str, _Slot] = field(default_factory=dict)
+    pending: int = 0
+    sealed: bool = False
+    traceparent: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Source:
+    name: str
+    #: Open and sealed-but-not-yet-emitted windows, by start.
+    windows: dict[Nanos, _Window] = field(default_factory=dict)
+    max_ts: Nanos | None = None
+    #: Events before this event time are too late (a window boundary).
+    sealed_until: Nanos | None = None
+    last_seen: Nanos = 0
+    #: Event id -> window start, for duplicates and for completing slots.
+    ids: dict[str, Nanos] = field(default_factory=dict)
+    counts: Counter[tuple[Modality, str]] = field(default_factory=Counter)
+
+
+class Aligner:
+    """Fuses one source's events per tumbling window of event time."""
+
+    def __init__(self, config: AlignerConfig, clock: Clock) -> None:
+        self.config = config
+        self.clock = clock
+        self.window_ns = config.window_ms * _MS
+        self.lateness_ns = config.allowed_lateness_ms * _MS
+        self.idle_ns = config.idle_timeout_ms * _MS
+        self.future_ns = config.max_future_ms * _MS
+        #: (modality, outcome) -> count over all sources.
+        self.counts: Counter[tuple[Modality, str]] = Counter()
+        self.sources_evicted = 0
+        self.idle_closed = 0
+        self._sources: OrderedDict[str, _Source] = OrderedDict()
+        #: Sources holding unsealed windows, least recently seen first.
+        self._active: OrderedDict[str, _Source] = OrderedDict()
+        #: Sources holding sealed windows waiting to be emitted, by ``id()``
+        #: (an evicted source and its successor of the same name can both wait).
+        self._ready: dict[int, _Source] = {}
+        #: Evicted sources whose sealed windows still wait for their slots.
+        self._retired: list[_Source] = []
+        self._order = 0
+
+    # -- intake ---------------------------------------------------------------
+
+    def admit(self, event: InputEvent) -> None:
+        """Reserve a slot for ``event``; raise :class:`EventRejected` if it cannot join."""
+        now = self.clock()
+        ts = event.ts_ns
+        if ts > now + self.future_ns:
+            self._count(None, event.modality, "bad_timestamp")
+            raise EventRejected(
+                "bad_timestamp",
+                f"timestamp {ts} is {(ts - now) / 1e6:.0f} ms ahead of the engine clock "
+                f"(max_future_ms = {self.config.max_future_ms})",
+            )
+        src = self._source(event.source, now)
+        if not event.generated_id and event.event_id in src.ids:
+            self._count(src, event.modality, "duplicate")
+            raise EventRejected("duplicate", f"event id {event.event_id!r} is already in an open window")
+        if src.sealed_until is not None and ts < src.sealed_until:
+            self._count(src, event.modality, "too_late")
+            raise LateEvent(
+                f"event time {ts} falls in window "
+                f"[{ts - ts % self.window_ns}, {ts - ts % self.window_ns + self.window_ns}) of source "
+                f"{event.source!r}, which closed (watermark {src.sealed_until}, "
+                f"allowed_lateness_ms = {self.config.allowed_lateness_ms})"
+            )
+        start = ts - ts % self.window_ns
+        win = src.windows.get(start)
+        if win is None:
+            win = src.windows[start] = _Window(start, start + self.window_ns, now)
+            self._cap_windows(src)
+        self._order += 1
+        win.slots[event.event_id] = _Slot(event.event_id, event.modality, ts, self._order)
+        win.pending += 1
+        if win.traceparent is None:
+            win.traceparent = event.traceparent
+        src.ids[event.event_id] = start
+        src.last_seen = now
+        self._active[src.name] = src
+        self._active.move_to_end(src.name)
+        if src.max_ts is None or ts > src.max_ts:
+            src.max_ts = ts
+            watermark = ts - self.lateness_ns
+            self._seal_before(src, watermark - watermark % self.window_ns)
+
+    def complete(self, source: str, event_id: str, features: Features, process_ns: Nanos = 0) -> None:
+        """Fill an admitted event's slot with its features."""
+        slot, win = self._slot(source, event_id)
+        slot.features = features
+        slot.process_ns = process_ns
+        win.pending -= 1
+
+    def discard(self, source: str, event_id: str) -> None:
+        """Free an admitted event's slot (the processor rejected it)."""
+        slot, win = self._slot(source, event_id)
+        del win.slots[event_id]
+        win.pending -= 1
+
+    # -- output ---------------------------------------------------------------
+
+    def poll(self) -> list[FusedFrame]:
+        """Seal windows of idle sources, then emit every finished sealed window."""
+        now = self.clock()
+        while self._active:
+            name, src = next(iter(self._active.items()))
+            if now - src.last_seen < self.idle_ns:
+                break
+            self._seal_before(src, None)
+            self.idle_closed += 1
+        return self._emit(now)
+
+    def flush(self) -> list[FusedFrame]:
+        """Seal everything (shutdown) and emit what is finished."""
+        for src in list(self._active.values()):
+            self._seal_before(src, None)
+        return self._emit(self.clock())
+
+    @property
+    def has_ready(self) -> bool:
+        """Some sealed window waits to be emitted (poll soon)."""
+        return bool(self._ready)
+
+    @property
+    def open_windows(self) -> int:
+        return sum(len(s.windows) for s in self._sources.values())
+
+    @property
+    def pending(self) -> int:
+        return sum(w.pending for s in self._sources.values() for w in s.windows.values())
+
+    def source_counts(self, source: str) -> Counter[tuple[Modality, str]]:
+        src = self._sources.get(source)
+        return Counter(src.counts) if src else Counter()
+
+    # -- internals --------------------------------------------------------------
+
+    def _count(self, src: _Source | None, modality: Modality, outcome: str, n: int = 1) -> None:
+        self.counts[(modality, outcome)] += n
+        if src is not None:
+            src.counts[(modality, outcome)] += n
+
+    def _source(self, name: str, now: Nanos) -> _Source:
+        src = self._sources.get(name)
+        if src is not None:
+            self._sources.move_to_end(name)
+            return src
+        if len(self._sources) >= self.config.max_sources:
+            self._evict_oldest()
+        src = self._sources[name] = _Source(name, last_seen=now)
+        return src
+
+    def _evict_oldest(self) -> None:
+        name, old = self._sources.popitem(last=False)
+        self._seal_before(old, None)
+        self.sources_evicted += 1
+        for win in old.windows.values():
+            for slot in win.slots.values():
+                self._count(None, slot.modality, "evicted")
+        # Its sealed windows still come out once their slots are filled.
+        if old.windows:
+            self._ready[id(old)] = old
+            self._retired.append(old)
+
+    def _cap_windows(self, src: _Source) -> None:
+        open_starts = sorted(s for s, w in src.windows.items() if not w.sealed)
+        while len(open_starts) > self.config.max_open_windows:
+            oldest = src.windows[open_starts.pop(0)]
+            for slot in oldest.slots.values():
+                self._count(src, slot.modality, "evicted")
+            self._seal_before(src, oldest.end)
+
+    def _seal_before(self, src: _Source, boundary: Nanos | None) -> None:
+        """Seal windows ending at or before ``boundary`` (all when ``None``)."""
+        sealed_any = False
+        for win in src.windows.values():
+            if not win.sealed and (boundary is None or win.end <= boundary):
+                win.sealed = True
+                sealed_any = True
+                if src.sealed_until is None or win.end > src.sealed_until:
+                    src.sealed_until = win.end
+        if boundary is not None and (src.sealed_until is None or boundary > src.sealed_until):
+            src.sealed_until = boundary
+        if sealed_any:
+            self._ready[id(src)] = src
+        if all(w.sealed for w in src.windows.values()):
+            self._active.pop(src.name, None)
+
+    def _slot(self, source: str, event_id: str) -> tuple[_Slot, _Window]:
+        for src in (self._sources.get(source), *self._retired):
+            if src is not None and src.name == source and event_id in src.ids:
+                win = src.windows[src.ids[event_id]]
+                return win.slots[event_id], win
+        raise KeyError(f"event {event_id!r} of source {source!r} was never admitted")
+
+    def _emit(self, now: Nanos) -> list[FusedFrame]:
+        out: list[FusedFrame] = []
+        for key in list(self._ready):
+            src = self._ready[key]
+            for start in sorted(src.windows):
+                win = src.windows[start]
+                if not win.sealed or win.pending:
+                    break  # frames leave in time order: wait for the older one
+                del src.windows[start]
+                for eid in win.slots:
+                    src.ids.pop(eid, None)
+                frame = self._fuse(src, win, now)
+                if frame is not None:
+                    out.append(frame)
+            if not any(w.sealed for w in src.windows.values()):
+                del self._ready[key]
+                self._retired = [r for r in self._retired if r is not src]
+        return out
+
+    def _fuse(self, src: _Source, win: _Window, now: Nanos) -> FusedFrame | None:
+        if not win.slots:
+            return None  # every event of it was rejected by its processor
+        by_mod: dict[Modality, list[_Slot]] = {}
+        for slot in sorted(win.slots.values(), key=lambda s: (s.ts, s.order)):
+            by_mod.setdefault(slot.modality, []).append(slot)
+        missing = tuple(m for m in self.config.expect if m not in by_mod)
+        lacking = [m for m in self.config.require if m not in by_mod]
+        if lacking and self.config.on_missing == "drop":
+            for slots in by_mod.values():
+                self._count(src, slots[0].modality, "missing_dropped", len(slots))
+            return None
+        for mod, slots in by_mod.items():
+            self._count(src, mod, "fused", len(slots))
+        fused = {m: fuse_modality(by_mod[m]) for m in MODALITIES if m in by_mod}
+        return FusedFrame(
+            source=src.name,
+            start_ns=win.start,
+            end_ns=win.end,
+            modalities=fused,
+            missing=missing,
+            traceparent=win.traceparent,
+            first_arrival_ns=win.first_arrival,
+            closed_ns=now,
+            process_ns=max(s.process_ns for s in win.slots.values()),
+        )
+
+
+def _r(x: float) -> float:
+    return round(float(x), 5)
+
+
+def fuse_modality(slots: Iterable[_Slot]) -> ModalityFusion:
+    """Aggregate one modality's features in a window (slots in time order).
+
+    image: mean embedding + mean of each descriptor; audio: MFCC mean and std
+    per coefficient over every frame of the window + mean loudness etc.;
+    text: the texts in time order + mean embedding.
+    """
+    items = [s for s in slots if s.features is not None]
+    feats = [s.features for s in items if s.features is not None]
+    summary: dict[str, object] = {"count": len(items)}
+    embedding = None
+    vecs = [f.embedding for f in feats if f.embedding is not None]
+    if vecs:
+        embedding = np.mean(np.stack(vecs), axis=0).astype(np.float32)
+        summary["embedding_dim"] = int(embedding.shape[0])
+        summary["embedding_norm"] = _r(float(np.linalg.norm(embedding)))
+    keys = sorted({k for f in feats for k in f.stats})
+    for key in keys:
+        vals = [f.stats[key] for f in feats if key in f.stats]
+        summary[key] = _r(float(np.mean(vals)))
+    mats = [f.frames for f in feats if f.frames is not None and f.frames.size]
+    if mats:
+        allf = np.concatenate(mats, axis=1)  # (n_mfcc, sum of T)
+        summary["mfcc_mean"] = [_r(v) for v in allf.mean(axis=1)]
+        summary["mfcc_std"] = [_r(v) for v in allf.std(axis=1)]
+    texts = [f.text for f in feats if f.text is not None]
+    if texts:
+        summary["texts"] = texts
+    labels = list(dict.fromkeys(lbl for f in feats for lbl in f.labels))
+    if labels:
+        summary["labels"] = labels[:10]
+    return ModalityFusion(
+        event_ids=tuple(s.event_id for s in items),
+        timestamps=tuple(s.ts for s in items),
+        summary=summary,
+        embedding=embedding,
+    )

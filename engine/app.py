@@ -1,0 +1,307 @@
+"""The running engine: NATS in, route -> batch -> process -> align -> GLM -> NATS out.
+
+FastStream's :class:`NatsBroker` owns the connection (lifecycle, reconnects,
+callbacks); the ingest subscription and the result publishes use its nats-py
+client directly, because FastStream's per-message machinery costs ~30x the
+throughput on this hot path (see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
+
+import orjson
+from faststream.nats import NatsBroker
+from nats.aio.msg import Msg
+from nats.errors import SlowConsumerError
+
+from engine.aligner import Aligner
+from engine.batcher import BatchWorker
+from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, source_of
+from engine.config import EngineConfig
+from engine.errors import BackpressureError, EventRejected, TransportError
+from engine.glm import GLMStage
+from engine.router import Route, Router
+from engine.server import EmbeddedServer
+from engine.stats import EngineStats
+from engine.types import Clock, FusedFrame, InputEvent
+
+log = logging.getLogger("autoglm.engine")
+
+#: Messages nats-py may buffer for our ingest subscription before it reports a
+#: slow consumer (and drops, which we count).
+PENDING_MSGS = 200_000
+
+
+def trace_id_of(frame: FusedFrame) -> str:
+    """The producer's W3C trace id, or one derived from the window (stable
+    across a rebuild of the same window, unlike a random one)."""
+    if frame.traceparent:
+        return frame.traceparent.split("-")[1]
+    return hashlib.sha256(f"{frame.source}:{frame.start_ns}".encode()).hexdigest()[:32]
+
+
+def frame_record(frame: FusedFrame) -> dict[str, Any]:
+    """The deterministic part of a result: same events + same clock -> same bytes."""
+    return {
+        "source": frame.source,
+        "window": {"start_ns": frame.start_ns, "end_ns": frame.end_ns},
+        "events": {m: list(f.event_ids) for m, f in frame.modalities.items()},
+        "missing": list(frame.missing),
+        "features": {m: dict(f.summary) for m, f in frame.modalities.items()},
+        "trace_id": trace_id_of(frame),
+    }
+
+
+class Engine:
+    """One engine instance. ``async with Engine(cfg) as e:`` starts and drains it."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        clock: Clock = time.time_ns,
+        routes: list[Route] | None = None,
+    ) -> None:
+        self.config = config
+        self.prefix = config.nats.subject_prefix
+        self.limits = Limits(max_payload_bytes=config.limits.max_payload_bytes)
+        self.clock = clock
+        self.routes = routes or [rc.build(f"routes[{i}]") for i, rc in enumerate(config.routes)]
+        self.router = Router(self.routes)
+        self.aligner: Aligner = config.aligner.build(clock)
+        self.glm: GLMStage = config.glm.build()
+        self.stats = EngineStats()
+        self.url: str | None = None
+        self._server: EmbeddedServer | None = None
+        self._broker: NatsBroker | None = None
+        self._nc: Any = None
+        self._sub: Any = None
+        self._workers: dict[str, BatchWorker[InputEvent]] = {}
+        self._pools: list[ThreadPoolExecutor] = []
+        self._kick = asyncio.Event()
+        self._emitter: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self, url: str | None = None) -> str:
+        url = url or self.config.nats.url
+        if not url:
+            self._server = EmbeddedServer(self.config.nats.data_dir)
+            url = await asyncio.to_thread(self._server.start)
+            log.info("embedded nats-server on %s", url)
+        self.url = url
+        self._broker = NatsBroker(
+            url,
+            logger=None,
+            error_cb=self._on_error,
+            connect_timeout=int(self.config.nats.connect_timeout_s),
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            name="autoglm-engine",
+        )
+        try:
+            await self._broker.connect()
+        except Exception as exc:  # nats-py raises OSError, TimeoutError, NoServersError...
+            await self._stop_server()
+            raise TransportError(f"cannot connect to NATS at {url}: {exc}") from exc
+        self._nc = self._broker.connection
+        for route in self.routes:
+            pool = ThreadPoolExecutor(route.config.workers, thread_name_prefix=f"autoglm-{route.name}")
+            self._pools.append(pool)
+            worker = BatchWorker(
+                route.batcher,
+                lambda batch, r=route, p=pool: self._run_batch(r, p, batch),  # type: ignore[misc]
+                self._fail_batch,
+                concurrency=route.config.workers,
+            )
+            worker.start()
+            self._workers[route.name] = worker
+        self._emitter = asyncio.get_running_loop().create_task(self._emit_loop())
+        self._sub = await self._nc.subscribe(
+            f"{self.prefix}.in.>", cb=self._on_msg, pending_msgs_limit=PENDING_MSGS,
+            pending_bytes_limit=1024 * 1024 * 1024,
+        )
+        await self._nc.flush()
+        return url
+
+    async def stop(self) -> None:
+        """Stop intake, finish what is queued, flush every open window, publish, close."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._sub is not None:
+            await self._sub.drain()
+        for worker in self._workers.values():
+            await worker.drain()
+        await self._publish(self.aligner.flush())
+        if self._emitter is not None:
+            self._kick.set()
+            await self._emitter
+        if self._nc is not None:
+            await self._nc.flush()
+        if self._broker is not None:
+            await self._broker.stop()
+        for pool in self._pools:
+            pool.shutdown(wait=True)
+        await self._stop_server()
+
+    async def _stop_server(self) -> None:
+        if self._server is not None:
+            await asyncio.to_thread(self._server.stop)
+            self._server = None
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def idle(self) -> None:
+        """Wait until every batch queue is empty (tests and the demo)."""
+        for worker in self._workers.values():
+            await worker.idle()
+
+    # -- intake -------------------------------------------------------------------
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            self.stats.slow_consumer += 1
+        else:
+            log.warning("NATS error: %s", exc)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        now = self.clock()
+        try:
+            event = decode_event(
+                msg.subject, msg.headers, msg.data, prefix=self.prefix, limits=self.limits, received_ns=now
+            )
+        except EventRejected as exc:
+            modality = msg.subject.rsplit(".", 1)[-1] if source_of(msg.subject, self.prefix) else "?"
+            self.stats.received[modality] += 1
+            await self._reject(msg.subject, msg.headers, exc, modality)
+            return
+        self.stats.received[event.modality] += 1
+        try:
+            route = self.router.route_for(event)
+            if route.limiter is not None and not route.limiter.allow(event.source, event.ts_ns):
+                self.stats.rate_limited[event.modality] += 1
+                return
+            self.aligner.admit(event)
+        except EventRejected as exc:
+            await self._reject(event.subject, msg.headers, exc, event.modality)
+            return
+        try:
+            dropped = self._workers[route.name].submit(event)
+        except BackpressureError as exc:
+            await self._abandon(event, EventRejected("overloaded", str(exc)))
+            return
+        if dropped is not None:
+            await self._abandon(
+                dropped, EventRejected("overloaded", f"dropped as the oldest in a full queue ({route.name})")
+            )
+        if self.aligner.has_ready:
+            self._kick.set()
+
+    async def _abandon(self, event: InputEvent, exc: EventRejected) -> None:
+        self.aligner.discard(event.source, event.event_id)
+        await self._reject(event.subject, _event_headers(event), exc, event.modality)
+        self._kick.set()
+
+    async def _reject(
+        self, subject: str, headers: dict[str, str] | None, exc: EventRejected, modality: str
+    ) -> None:
+        """Publish one DLQ record naming the subject, event id, reason and what was wrong."""
+        self.stats.rejected[(modality, exc.reason)] += 1
+        hdrs = headers or {}
+        source = source_of(subject, self.prefix)
+        record = {
+            "subject": subject,
+            "source": source,
+            "modality": modality if modality != "?" else None,
+            "event_id": hdrs.get(ID_HEADER),
+            "timestamp_ns": hdrs.get(TIMESTAMP_HEADER),
+            "reason": exc.reason,
+            "message": exc.message,
+            "rejected_ns": self.clock(),
+        }
+        log.debug("rejected %s: %s", subject, exc)
+        await self._nc.publish(dlq_subject(self.prefix, source), orjson.dumps(record))
+        self.stats.dlq_published += 1
+
+    # -- processing -----------------------------------------------------------------
+
+    async def _run_batch(self, route: Route, pool: ThreadPoolExecutor, events: list[InputEvent]) -> None:
+        t0 = time.perf_counter_ns()
+        outcomes = await asyncio.get_running_loop().run_in_executor(pool, route.process, events)
+        took = time.perf_counter_ns() - t0
+        for event, outcome in zip(events, outcomes, strict=True):
+            if isinstance(outcome, EventRejected):
+                await self._abandon(event, outcome)
+            else:
+                self.stats.processed[event.modality] += 1
+                self.aligner.complete(event.source, event.event_id, outcome, took)
+        self._kick.set()
+
+    async def _fail_batch(self, events: list[InputEvent], exc: BaseException) -> None:
+        self.stats.batch_errors += 1
+        log.error("batch of %d %s events failed: %s", len(events), events[0].modality, exc, exc_info=exc)
+        for event in events:
+            await self._abandon(event, EventRejected("processor_error", f"{type(exc).__name__}: {exc}"))
+
+    # -- output ---------------------------------------------------------------------
+
+    async def _emit_loop(self) -> None:
+        tick = min(0.05, self.config.aligner.idle_timeout_ms / 4000)
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._kick.wait(), tick)
+            except TimeoutError:
+                pass
+            self._kick.clear()
+            await self._publish(self.aligner.poll())
+
+    async def _publish(self, frames: list[FusedFrame]) -> None:
+        for frame in frames:
+            prompt = self.glm.prompt(frame)
+            t0 = time.perf_counter_ns()
+            answer = await self.glm.answer(prompt)
+            glm_ns = time.perf_counter_ns() - t0
+            now = self.clock()
+            record = frame_record(frame)
+            latest = max(ts for f in frame.modalities.values() for ts in f.timestamps)
+            record.update(
+                prompt=prompt,
+                answer=answer,
+                glm={"backend": self.glm.config.backend},
+                latency_ms={
+                    "process": round(frame.process_ns / 1e6, 3),
+                    "align": round((frame.closed_ns - frame.first_arrival_ns) / 1e6, 3),
+                    "glm": round(glm_ns / 1e6, 3),
+                    "event_to_result": round((now - latest) / 1e6, 3),
+                },
+            )
+            headers = {ID_HEADER: f"{frame.source}:{frame.start_ns}"}
+            if frame.traceparent:
+                headers["traceparent"] = frame.traceparent
+            await self._nc.publish(f"{self.prefix}.out.{frame.source}", orjson.dumps(record), headers=headers)
+            self.stats.results += 1
+            for mod, fused in frame.modalities.items():
+                self.stats.results_events[mod] += len(fused.event_ids)
+
+
+def _event_headers(event: InputEvent) -> dict[str, str]:
+    hdrs = {TIMESTAMP_HEADER: str(event.ts_ns)}
+    if not event.generated_id:
+        hdrs[ID_HEADER] = event.event_id
+    return hdrs

@@ -1,0 +1,267 @@
+"""The wire contract: NATS subject + headers + raw body <-> :class:`InputEvent`.
+
+Input subject ``<prefix>.in.<source>.<modality>``; headers
+``AutoGLM-Timestamp`` (integer ns, required), ``Content-Type`` (required),
+``Nats-Msg-Id``, ``AutoGLM-Seq`` and ``traceparent`` (optional). The body is
+the raw payload. Everything here is plain string checks rather than a pydantic
+model per event: this runs once per message on the ingest hot path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, cast
+
+from engine.errors import EventRejected
+from engine.types import MODALITIES, ContentType, InputEvent, Modality, Nanos
+
+TIMESTAMP_HEADER: Final = "AutoGLM-Timestamp"
+SEQ_HEADER: Final = "AutoGLM-Seq"
+ID_HEADER: Final = "Nats-Msg-Id"
+CONTENT_TYPE_HEADER: Final = "Content-Type"
+TRACE_HEADER: Final = "traceparent"
+
+SOURCE_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TRACEPARENT_RE: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+#: Timestamps before 2000-01-01 are almost always seconds or milliseconds sent
+#: by mistake; refusing them keeps one confused producer from wrecking windows.
+MIN_TIMESTAMP_NS: Final = 946_684_800 * 1_000_000_000
+MAX_TIMESTAMP_NS: Final = 2**63 - 1
+MAX_HEADER_VALUE: Final = 4096
+MAX_ID_LENGTH: Final = 256
+
+#: Accepted MIME types per modality, and aliases mapped onto them.
+MIME_TYPES: Final[dict[Modality, frozenset[str]]] = {
+    "image": frozenset({"image/jpeg", "image/png", "image/x-raw"}),
+    "audio": frozenset({"audio/wav", "audio/pcm"}),
+    "text": frozenset({"text/plain"}),
+}
+_ALIASES: Final = {"audio/x-wav": "audio/wav", "audio/wave": "audio/wav", "image/jpg": "image/jpeg"}
+_MIME_MODALITY: Final = {m: mod for mod, ms in MIME_TYPES.items() for m in ms}
+PCM_FORMATS: Final = frozenset({"s16le", "f32le"})
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits checked before any expensive work."""
+
+    max_payload_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    source: str
+    modality: Modality
+
+
+def parse_subject(subject: str, prefix: str) -> Subject:
+    """Split ``<prefix>.in.<source>.<modality>``; raise ``bad_subject`` otherwise."""
+    head = prefix + ".in."
+    if not subject.startswith(head):
+        raise EventRejected("bad_subject", f"subject {subject!r} does not start with {head!r}")
+    parts = subject[len(head) :].split(".")
+    if len(parts) != 2:
+        raise EventRejected(
+            "bad_subject", f"subject {subject!r} is not {head}<source>.<modality>"
+        )
+    source, modality = parts
+    if not SOURCE_RE.fullmatch(source):
+        raise EventRejected(
+            "bad_subject",
+            f"source {source!r} in subject {subject!r} must be 1-64 characters of [A-Za-z0-9_-]",
+        )
+    if modality not in MODALITIES:
+        raise EventRejected(
+            "bad_subject",
+            f"modality {modality!r} in subject {subject!r} is not one of {', '.join(MODALITIES)}",
+        )
+    return Subject(source, cast(Modality, modality))
+
+
+def parse_content_type(value: str) -> ContentType:
+    """Parse ``type/subtype;k=v;...`` (case-insensitive type, trimmed params)."""
+    mime, *rest = value.split(";")
+    params: dict[str, str] = {}
+    for item in rest:
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise EventRejected("bad_header", f"Content-Type parameter {item!r} is not key=value")
+        params[key.strip().lower()] = val.strip().strip('"')
+    mime = mime.strip().lower()
+    return ContentType(_ALIASES.get(mime, mime), params)
+
+
+def _positive_int(ct: ContentType, key: str, upper: int) -> int:
+    raw = ct.params.get(key)
+    if raw is None:
+        raise EventRejected("bad_header", f"Content-Type {ct.mime} needs the parameter {key}=")
+    if not raw.isdigit() or not 0 < int(raw) <= upper:
+        raise EventRejected(
+            "bad_header", f"Content-Type parameter {key}={raw!r} must be an integer in 1..{upper}"
+        )
+    return int(raw)
+
+
+def check_content_type(ct: ContentType, modality: Modality) -> None:
+    """Refuse a content type that does not fit the subject's modality."""
+    owner = _MIME_MODALITY.get(ct.mime)
+    if owner is None:
+        raise EventRejected(
+            "unsupported_content_type",
+            f"Content-Type {ct.mime!r} is not supported; {modality} accepts "
+            + ", ".join(sorted(MIME_TYPES[modality])),
+        )
+    if owner != modality:
+        raise EventRejected(
+            "modality_mismatch",
+            f"Content-Type {ct.mime!r} is {owner} but the subject says {modality}",
+        )
+    if ct.mime == "image/x-raw":
+        fmt = ct.params.get("format", "bgr8").lower()
+        if fmt != "bgr8":
+            raise EventRejected("unsupported_content_type", f"raw image format {fmt!r}: only bgr8")
+        _positive_int(ct, "width", 16384)
+        _positive_int(ct, "height", 16384)
+    elif ct.mime == "audio/pcm":
+        _positive_int(ct, "rate", 768_000)
+        _positive_int(ct, "channels", 64)
+        fmt = ct.params.get("format", "")
+        if fmt.lower() not in PCM_FORMATS:
+            raise EventRejected(
+                "unsupported_content_type",
+                f"PCM format {fmt!r} is not supported: use format=s16le or format=f32le",
+            )
+    elif ct.mime == "text/plain":
+        charset = ct.params.get("charset", "utf-8").lower()
+        if charset not in ("utf-8", "utf8"):
+            raise EventRejected("unsupported_content_type", f"text charset {charset!r}: only utf-8")
+
+
+def parse_timestamp(raw: str | None) -> Nanos:
+    if raw is None:
+        raise EventRejected("missing_timestamp", f"header {TIMESTAMP_HEADER} is missing")
+    raw = raw.strip()
+    if not raw.isdigit():
+        raise EventRejected(
+            "bad_timestamp",
+            f"header {TIMESTAMP_HEADER}={raw[:40]!r} is not an integer number of nanoseconds",
+        )
+    ts = int(raw)
+    if ts < MIN_TIMESTAMP_NS:
+        raise EventRejected(
+            "bad_timestamp",
+            f"header {TIMESTAMP_HEADER}={ts} is before the year 2000: "
+            "send nanoseconds since the Unix epoch, not seconds or milliseconds",
+        )
+    if ts > MAX_TIMESTAMP_NS:
+        raise EventRejected("bad_timestamp", f"header {TIMESTAMP_HEADER}={ts} is out of range")
+    return ts
+
+
+_counter = itertools.count()
+
+
+def decode_event(
+    subject: str,
+    headers: Mapping[str, str] | None,
+    payload: bytes,
+    *,
+    prefix: str = "autoglm",
+    limits: Limits = Limits(),
+    received_ns: Nanos = 0,
+) -> InputEvent:
+    """Validate one NATS message and return its :class:`InputEvent`.
+
+    Raises :class:`EventRejected` naming what was wrong; the caller publishes
+    the DLQ record. Checks run cheapest first, before the payload is touched.
+    """
+    where = parse_subject(subject, prefix)
+    hdrs = headers or {}
+    for name, value in hdrs.items():
+        if len(value) > MAX_HEADER_VALUE:
+            raise EventRejected(
+                "bad_header", f"header {name} is {len(value)} bytes (limit {MAX_HEADER_VALUE})"
+            )
+    ts = parse_timestamp(hdrs.get(TIMESTAMP_HEADER))
+    raw_ct = hdrs.get(CONTENT_TYPE_HEADER)
+    if raw_ct is None or not raw_ct.strip():
+        raise EventRejected("missing_content_type", f"header {CONTENT_TYPE_HEADER} is missing")
+    ct = parse_content_type(raw_ct)
+    check_content_type(ct, where.modality)
+    if not payload:
+        raise EventRejected("empty_payload", "the message body is empty")
+    if len(payload) > limits.max_payload_bytes:
+        raise EventRejected(
+            "payload_too_large",
+            f"payload is {len(payload)} bytes, over the limit of {limits.max_payload_bytes}",
+        )
+    seq: int | None = None
+    raw_seq = hdrs.get(SEQ_HEADER)
+    if raw_seq is not None:
+        if not raw_seq.strip().isdigit():
+            raise EventRejected("bad_header", f"header {SEQ_HEADER}={raw_seq[:40]!r} is not an integer")
+        seq = int(raw_seq)
+    trace = hdrs.get(TRACE_HEADER)
+    if trace is not None and not _TRACEPARENT_RE.fullmatch(trace.strip().lower()):
+        raise EventRejected("bad_header", f"header {TRACE_HEADER}={trace[:80]!r} is not W3C trace context")
+    event_id = hdrs.get(ID_HEADER)
+    generated = event_id is None or not event_id.strip()
+    if generated:
+        event_id = f"{where.source}.{where.modality}.{ts}.{next(_counter)}"
+    elif len(event_id or "") > MAX_ID_LENGTH:
+        raise EventRejected("bad_header", f"header {ID_HEADER} is longer than {MAX_ID_LENGTH} characters")
+    return InputEvent(
+        subject=subject,
+        source=where.source,
+        modality=where.modality,
+        ts_ns=ts,
+        content_type=ct,
+        payload=payload,
+        event_id=cast(str, event_id),
+        generated_id=generated,
+        seq=seq,
+        traceparent=trace.strip().lower() if trace else None,
+        received_ns=received_ns,
+    )
+
+
+def encode_headers(
+    ts_ns: Nanos,
+    content_type: str,
+    *,
+    event_id: str | None = None,
+    seq: int | None = None,
+    traceparent: str | None = None,
+) -> dict[str, str]:
+    """Headers a producer sends with one event (used by ``autoglm publish``/demo)."""
+    hdrs = {TIMESTAMP_HEADER: str(ts_ns), CONTENT_TYPE_HEADER: content_type}
+    if event_id is not None:
+        hdrs[ID_HEADER] = event_id
+    if seq is not None:
+        hdrs[SEQ_HEADER] = str(seq)
+    if traceparent is not None:
+        hdrs[TRACE_HEADER] = traceparent
+    return hdrs
+
+
+def input_subject(prefix: str, source: str, modality: Modality) -> str:
+    return f"{prefix}.in.{source}.{modality}"
+
+
+def dlq_subject(prefix: str, source: str | None) -> str:
+    """``<prefix>.dlq.<source>``, or ``<prefix>.dlq._`` when the subject was malformed."""
+    return f"{prefix}.dlq.{source if source and SOURCE_RE.fullmatch(source) else '_'}"
+
+
+def source_of(subject: str, prefix: str) -> str | None:
+    """Best-effort source of a subject that failed to parse, for DLQ routing."""
+    try:
+        return parse_subject(subject, prefix).source
+    except EventRejected:
+        return None

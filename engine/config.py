@@ -1,0 +1,261 @@
+"""``routing.toml`` -> frozen pydantic models -> live objects via ``build()``.
+
+Validation errors name the TOML key and the bad value, one line each:
+``routes[2].batch.max_wait_ms = -5: must be >= 0``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.errors import ConfigError
+from engine.types import Clock, Modality
+
+if TYPE_CHECKING:
+    from engine.aligner import Aligner
+    from engine.batcher import Batcher
+    from engine.glm import GLMStage
+    from engine.router import Route
+
+NATS_URL_ENV = "AUTOGLM_NATS_URL"
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_SUBJECT_RE = re.compile(r"[^\s.]+(\.[^\s.]+)*")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NatsConfig(_Frozen):
+    """Where NATS is. No ``url`` (and no ``AUTOGLM_NATS_URL``) starts the embedded server."""
+
+    url: str | None = None
+    subject_prefix: str = "autoglm"
+    #: Embedded server: JetStream store and ports file live under here.
+    data_dir: str = ".autoglm"
+    connect_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not _PREFIX_RE.fullmatch(v):
+            raise ValueError("must be dot-separated tokens of [A-Za-z0-9_-]")
+        return v
+
+
+class LimitsConfig(_Frozen):
+    max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0, le=64 * 1024 * 1024)
+
+
+class BatchConfig(_Frozen):
+    """Micro-batching of one route: flush at ``max_batch_size`` or ``max_wait_ms``."""
+
+    max_batch_size: int = Field(8, ge=1, le=4096)
+    max_wait_ms: float = Field(5.0, ge=0, le=60_000)
+    #: Items waiting for a batch; past it the ``overload`` policy applies.
+    max_queue: int = Field(1024, ge=1)
+    overload: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+
+    def build(self) -> Batcher[Any]:
+        from engine.batcher import Batcher
+
+        return Batcher(
+            max_batch_size=self.max_batch_size,
+            max_wait_ns=int(self.max_wait_ms * 1_000_000),
+            max_queue=self.max_queue,
+            overload=self.overload,
+        )
+
+
+class RouteConfig(_Frozen):
+    """One route: events of ``modality`` (optionally matching ``subject``) -> processor."""
+
+    modality: Modality
+    processor: str
+    #: NATS wildcard pattern (``*``, ``>``) further restricting the route.
+    subject: str | None = None
+    device: str = "auto"
+    #: Worker threads that run this route's decode and model work.
+    workers: int = Field(1, ge=1, le=64)
+    params: dict[str, Any] = Field(default_factory=dict)
+    batch: BatchConfig = BatchConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE_RE.fullmatch(v):
+            raise ValueError('must be "auto", "cpu", "cuda" or "cuda:N"')
+        return v
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, v: str | None) -> str | None:
+        if v is not None and not _SUBJECT_RE.fullmatch(v):
+            raise ValueError("must be a NATS subject pattern such as autoglm.in.*.image")
+        return v
+
+    def build(self, name: str) -> Route:
+        from engine.router import Route
+        from processors.registry import lookup
+
+        processor = lookup(self.processor).create(self.params, self.modality, self.device)
+        return Route(name=name, config=self, processor=processor, batcher=self.batch.build())
+
+
+class AlignerConfig(_Frozen):
+    """Event-time fusion per source (see README, "The aligner")."""
+
+    mode: Literal["window"] = "window"
+    window_ms: int = Field(1000, gt=0, le=3_600_000)
+    allowed_lateness_ms: int = Field(0, ge=0)
+    idle_timeout_ms: int = Field(2000, gt=0)
+    max_future_ms: int = Field(10_000, ge=0)
+    require: tuple[Modality, ...] = ()
+    on_missing: Literal["emit", "drop"] = "emit"
+    #: The modalities a complete frame has; ``missing`` is computed against it.
+    expect: tuple[Modality, ...] = ("image", "audio", "text")
+    max_open_windows: int = Field(64, ge=1)
+    max_sources: int = Field(10_000, ge=1)
+
+    def build(self, clock: Clock) -> Aligner:
+        from engine.aligner import Aligner
+
+        return Aligner(self, clock)
+
+
+class GLMConfig(_Frozen):
+    """The model called with each fused frame. ``none`` publishes the prompt only."""
+
+    backend: Literal["none"] = "none"
+    template: str = (
+        "Source {source}, window {start} to {end}.\n"
+        "Image: {image}\nAudio: {audio}\nText: {text}\nMissing: {missing}\n"
+        "Describe what is happening."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        from engine.glm import check_template
+
+        check_template(v)
+        return v
+
+    def build(self) -> GLMStage:
+        from engine.glm import GLMStage
+
+        return GLMStage(self)
+
+
+class EngineConfig(_Frozen):
+    nats: NatsConfig = NatsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    routes: tuple[RouteConfig, ...] = Field(min_length=1)
+    aligner: AlignerConfig = AlignerConfig()
+    glm: GLMConfig = GLMConfig()
+
+
+def _key(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _value(v: object) -> str:
+    try:
+        return json.dumps(v, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+_CMP = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+_CMP_CTX = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}
+
+
+def _reason(err: Mapping[str, Any]) -> str:
+    kind = str(err["type"])
+    ctx = err.get("ctx") or {}
+    if kind in _CMP:
+        return f"must be {_CMP[kind]} {ctx.get(_CMP_CTX[kind])}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "is required"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind == "too_short":
+        return f"needs at least {ctx.get('min_length')} entries"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")[:1].lower() + msg.removeprefix("Value error, ")[1:]
+
+
+def format_errors(exc: ValidationError, prefix: Sequence[int | str] = ()) -> list[str]:
+    """One ``key = value: reason`` line per pydantic error."""
+    lines = []
+    for err in exc.errors():
+        key = _key([*prefix, *err["loc"]])
+        if err["type"] == "missing":
+            lines.append(f"{key}: {_reason(err)}")
+        else:
+            lines.append(f"{key} = {_value(err.get('input'))}: {_reason(err)}")
+    return lines
+
+
+def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
+    """Validate a parsed TOML document; ``AUTOGLM_NATS_URL`` overrides ``nats.url``."""
+    env = os.environ if env is None else env
+    try:
+        cfg = EngineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
+    from processors.registry import REGISTRY
+
+    problems: list[str] = []
+    for i, route in enumerate(cfg.routes):
+        spec = REGISTRY.get(route.processor)
+        if spec is None:
+            problems.append(
+                f"routes[{i}].processor = {_value(route.processor)}: unknown processor "
+                f"(known: {', '.join(sorted(REGISTRY))})"
+            )
+            continue
+        if spec.modality is not None and spec.modality != route.modality:
+            problems.append(
+                f"routes[{i}].processor = {_value(route.processor)}: handles {spec.modality}, "
+                f"not {route.modality}"
+            )
+        try:
+            spec.params.model_validate(route.params)
+        except ValidationError as exc:
+            problems.extend(format_errors(exc, ["routes", i, "params"]))
+    if problems:
+        raise ConfigError(problems)
+    url = env.get(NATS_URL_ENV)
+    if url:
+        cfg = cfg.model_copy(update={"nats": cfg.nats.model_copy(update={"url": url})})
+    return cfg
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> EngineConfig:
+    """Read and validate ``routing.toml``; :class:`ConfigError` names each bad key."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {p}"], path=str(p)) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], path=str(p)) from exc
+    try:
+        return parse_config(data, env=env)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, path=str(p)) from None

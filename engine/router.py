@@ -1,0 +1,119 @@
+"""Routes: which processor (and batcher) an event goes to, and its rate control."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from engine.batcher import Batcher, check_outputs
+from engine.errors import EventRejected
+from engine.types import Features, InputEvent, Nanos, Processor
+
+if TYPE_CHECKING:
+    from engine.config import RouteConfig
+
+Outcome = Features | EventRejected
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: ``*`` is one token, a final ``>`` is one or more."""
+    pt, st = pattern.split("."), subject.split(".")
+    for i, p in enumerate(pt):
+        if p == ">":
+            return len(st) > i
+        if i >= len(st) or (p != "*" and p != st[i]):
+            return False
+    return len(pt) == len(st)
+
+
+class RateLimiter:
+    """At most ``max_per_s`` events per source by *event* time (GCRA, burst 1).
+
+    Half an interval of jitter is tolerated so a 30 fps camera with a noisy
+    clock is not trimmed, while the long-run rate never exceeds the limit.
+    """
+
+    def __init__(self, max_per_s: float, max_sources: int = 100_000) -> None:
+        self.interval = int(1e9 / max_per_s)
+        self._tolerance = self.interval // 2
+        self._tat: OrderedDict[str, Nanos] = OrderedDict()
+        self._max_sources = max_sources
+
+    def allow(self, source: str, ts: Nanos) -> bool:
+        tat = self._tat.get(source)
+        if tat is not None and ts < tat - self._tolerance:
+            return False
+        self._tat[source] = max(tat or ts, ts) + self.interval
+        self._tat.move_to_end(source)
+        if len(self._tat) > self._max_sources:
+            self._tat.popitem(last=False)
+        return True
+
+
+@dataclass
+class Route:
+    """A live route: its config, processor instance, batcher and rate limiter."""
+
+    name: str
+    config: RouteConfig
+    processor: Processor[Any]
+    batcher: Batcher[InputEvent]
+    limiter: RateLimiter | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        max_fps = getattr(self.processor, "max_fps", None)
+        if self.limiter is None and isinstance(max_fps, int | float) and max_fps > 0:
+            self.limiter = RateLimiter(float(max_fps))
+
+    def matches(self, event: InputEvent) -> bool:
+        if event.modality != self.config.modality:
+            return False
+        return self.config.subject is None or subject_matches(self.config.subject, event.subject)
+
+    def process(self, events: Sequence[InputEvent]) -> list[Outcome]:
+        """Prepare each event, run the valid ones as one batch (worker thread).
+
+        A bad event becomes its own :class:`EventRejected`; the rest of the
+        batch still runs. If ``run`` itself fails the exception propagates
+        and the caller rejects the whole batch with ``processor_error``.
+        """
+        out: list[Outcome | None] = [None] * len(events)
+        ready: list[Any] = []
+        index: list[int] = []
+        for i, ev in enumerate(events):
+            try:
+                ready.append(self.processor.prepare(ev))
+                index.append(i)
+            except EventRejected as exc:
+                out[i] = exc
+            except Exception as exc:  # noqa: BLE001 - a decoder bug must not sink the batch
+                out[i] = EventRejected("decode_error", f"{type(exc).__name__}: {exc}")
+        if ready:
+            feats = self.processor.run(ready)
+            check_outputs(ready, feats, f"processor {self.config.processor!r}")
+            for i, f in zip(index, feats, strict=True):
+                out[i] = f
+        return [o if o is not None else EventRejected("processor_error", "no outcome") for o in out]
+
+
+class Router:
+    """First matching route wins; lookups are cached per subject (bounded)."""
+
+    def __init__(self, routes: Sequence[Route], cache_size: int = 65_536) -> None:
+        self.routes = list(routes)
+        self._cache: OrderedDict[str, Route | None] = OrderedDict()
+        self._cache_size = cache_size
+
+    def route_for(self, event: InputEvent) -> Route:
+        try:
+            route = self._cache[event.subject]
+        except KeyError:
+            route = next((r for r in self.routes if r.matches(event)), None)
+            self._cache[event.subject] = route
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        if route is None:
+            raise EventRejected("no_route", f"no route in routing.toml takes {event.subject!r}")
+        return route

@@ -1,0 +1,31 @@
+"""Device choice and batch transfer shared by the torch processors."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` takes CUDA when torch sees it; ``cuda:N`` must exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            from engine.errors import ConfigError
+
+            raise ConfigError([f'device = "{spec}": torch sees no CUDA device here'])
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            from engine.errors import ConfigError
+
+            raise ConfigError(
+                [f'device = "{spec}": only {torch.cuda.device_count()} CUDA device(s) here']
+            )
+    return device
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a CPU batch; on CUDA via pinned memory so the copy can overlap."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch

@@ -1,0 +1,224 @@
+"""Image features: OpenCV decode, a torchvision CNN embedding, cheap descriptors.
+
+Pure functions do the work (``image_size``, ``decode_image``, ``descriptors``,
+``to_tensor``); :class:`ImageProcessor` holds the model and the per-source
+motion state around them.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import torch
+import torchvision
+from torch import nn
+
+from engine.errors import ConfigError, DecodeError, EventRejected
+from engine.types import ContentType, Features, InputEvent, Modality
+from processors.devices import resolve_device, to_device
+from processors.params import ImageParams
+
+U8Image = npt.NDArray[np.uint8]
+_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+_MOTION_SOURCES = 4096
+
+
+def image_size(payload: bytes, ct: ContentType) -> tuple[int, int]:
+    """(width, height) read from the header alone, so a decompression bomb is
+    refused before a single pixel is decoded."""
+    if ct.mime == "image/x-raw":
+        return int(ct.params["width"]), int(ct.params["height"])
+    if ct.mime == "image/png":
+        if len(payload) < 24 or payload[:8] != b"\x89PNG\r\n\x1a\n" or payload[12:16] != b"IHDR":
+            raise DecodeError("decode_error", "body is not a PNG file (bad signature or IHDR)")
+        w, h = struct.unpack(">II", payload[16:24])
+        return int(w), int(h)
+    # JPEG: walk the markers to the first start-of-frame.
+    if payload[:2] != b"\xff\xd8":
+        raise DecodeError("decode_error", "body is not a JPEG file (no SOI marker)")
+    i = 2
+    while i + 4 <= len(payload):
+        if payload[i] != 0xFF:
+            raise DecodeError("decode_error", f"corrupt JPEG: expected a marker at byte {i}")
+        marker = payload[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        length = struct.unpack(">H", payload[i + 2 : i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > len(payload):
+                break
+            h, w = struct.unpack(">HH", payload[i + 5 : i + 9])
+            return int(w), int(h)
+        i += 2 + length
+    raise DecodeError("decode_error", "corrupt JPEG: no frame header found")
+
+
+def decode_image(payload: bytes, ct: ContentType, max_pixels: int) -> U8Image:
+    """Decode to an ``(H, W, 3)`` uint8 BGR array, refusing oversized images first."""
+    w, h = image_size(payload, ct)
+    if w <= 0 or h <= 0:
+        raise DecodeError("decode_error", f"image header says {w}x{h} pixels")
+    if w * h > max_pixels:
+        raise EventRejected(
+            "payload_too_large", f"image is {w}x{h} = {w * h} pixels, over max_pixels = {max_pixels}"
+        )
+    if ct.mime == "image/x-raw":
+        if len(payload) != w * h * 3:
+            raise DecodeError(
+                "decode_error",
+                f"raw bgr8 {w}x{h} needs {w * h * 3} bytes, body has {len(payload)}",
+            )
+        return np.frombuffer(payload, dtype=np.uint8).reshape(h, w, 3)
+    img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DecodeError("decode_error", f"OpenCV could not decode the {ct.mime} body")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def descriptors(
+    bgr: U8Image, previous: U8Image | None
+) -> tuple[dict[str, float], U8Image]:
+    """Brightness, a 4-bin hue histogram, motion against the previous small
+    grey frame of the same source. Returns the stats and the new small frame."""
+    small = cv2.resize(bgr, (64, 48), interpolation=cv2.INTER_AREA)
+    gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+    hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
+    hist = np.bincount((hsv[..., 0].ravel().astype(np.int64) * 4) // 180, minlength=4)[:4]
+    hist = hist / max(1, hist.sum())
+    stats = {
+        "brightness": float(gray.mean()) / 255.0,
+        "hue_red": float(hist[0]),
+        "hue_green": float(hist[1]),
+        "hue_cyan": float(hist[2]),
+        "hue_blue": float(hist[3]),
+        "motion": 0.0
+        if previous is None
+        else float(np.abs(gray.astype(np.int16) - previous.astype(np.int16)).mean()) / 255.0,
+    }
+    return stats, np.asarray(gray, dtype=np.uint8)
+
+
+def to_tensor(bgr: U8Image, size: int) -> npt.NDArray[np.float32]:
+    """``(H, W, 3)`` BGR uint8 -> ``(3, size, size)`` normalised RGB float32."""
+    rgb = cv2.cvtColor(cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+    x = (rgb.astype(np.float32) / 255.0 - _MEAN) / _STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def build_backbone(params: ImageParams) -> tuple[nn.Module, nn.Module, list[str]]:
+    """(embedding model, classifier head, labels). Labels only with ImageNet weights."""
+    builders = {
+        "mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, "MobileNet_V3_Small_Weights"),
+        "resnet18": (torchvision.models.resnet18, "ResNet18_Weights"),
+        "resnet50": (torchvision.models.resnet50, "ResNet50_Weights"),
+        "efficientnet_b0": (torchvision.models.efficientnet_b0, "EfficientNet_B0_Weights"),
+    }
+    make, weights_enum = builders[params.model]
+    torch.manual_seed(params.seed)
+    model = make(weights=None)
+    labels: list[str] = []
+    if params.weights == "imagenet":
+        weights = getattr(torchvision.models, weights_enum).DEFAULT
+        if params.weights_path:
+            path = Path(params.weights_path)
+        else:
+            path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        if not path.is_file():
+            raise ConfigError(
+                [
+                    f'params.weights = "imagenet": no weights file at {path}; put the torchvision '
+                    f"checkpoint {Path(weights.url).name} there, set params.weights_path, "
+                    'or use weights = "random"'
+                ]
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise ConfigError([f"params.weights_path = {str(path)!r}: cannot load: {exc}"]) from exc
+        labels = list(weights.meta["categories"])
+    head: nn.Module
+    if hasattr(model, "fc"):
+        head, model.fc = model.fc, nn.Identity()
+    else:
+        head, model.classifier = model.classifier, nn.Identity()
+    return model.eval(), head.eval(), labels
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    tensor: npt.NDArray[np.float32]
+    stats: dict[str, float]
+
+
+class ImageProcessor:
+    """CNN embedding ``(D,)`` per frame plus descriptors; batched forward."""
+
+    modality: Modality = "image"
+
+    def __init__(self, params: ImageParams, device: str) -> None:
+        self.params = params
+        self.max_fps = params.max_fps
+        self.device = resolve_device(device)
+        model, head, labels = build_backbone(params)
+        self.model = model.to(self.device)
+        self.head = head.to(self.device)
+        self.labels = labels
+        self._faces = (
+            cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))
+            if params.faces
+            else None
+        )
+        self._previous: OrderedDict[str, U8Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def count_faces(self, bgr: U8Image) -> int:
+        if self._faces is None:
+            return 0
+        gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        scale = 320.0 / max(gray.shape)
+        if scale < 1.0:
+            gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        found = self._faces.detectMultiScale(gray, scaleFactor=1.2, minNeighbors=5, minSize=(24, 24))
+        return len(found)
+
+    def prepare(self, event: InputEvent) -> PreparedImage:
+        bgr = decode_image(event.payload, event.content_type, self.params.max_pixels)
+        with self._lock:
+            previous = self._previous.get(event.source)
+        stats, small = descriptors(bgr, previous)
+        with self._lock:
+            self._previous[event.source] = small
+            self._previous.move_to_end(event.source)
+            while len(self._previous) > _MOTION_SOURCES:
+                self._previous.popitem(last=False)
+        stats["faces"] = float(self.count_faces(bgr))
+        return PreparedImage(to_tensor(bgr, self.params.input_size), stats)
+
+    @torch.inference_mode()
+    def run(self, items: Sequence[PreparedImage]) -> list[Features]:
+        batch = torch.from_numpy(np.stack([it.tensor for it in items]))  # (B, 3, S, S)
+        emb = self.model(to_device(batch, self.device))  # (B, D)
+        top: list[list[str]] = [[] for _ in items]
+        if self.labels:
+            idx = self.head(emb).topk(5, dim=1).indices.cpu().tolist()  # (B, 5)
+            top = [[self.labels[i] for i in row] for row in idx]
+        vecs = emb.float().cpu().numpy()
+        return [
+            Features("image", embedding=vecs[i], stats=it.stats, labels=top[i])
+            for i, it in enumerate(items)
+        ]
+
+
+def create(params: ImageParams, modality: Modality, device: str) -> ImageProcessor:
+    return ImageProcessor(params, device)

