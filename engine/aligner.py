@@ -152,7 +152,7 @@ class Aligner:
 
     def discard(self, source: str, event_id: str) -> None:
         """Free an admitted event's slot (the processor rejected it)."""
-        slot, win = self._slot(source, event_id)
+        _slot, win = self._slot(source, event_id)
         del win.slots[event_id]
         win.pending -= 1
 
@@ -162,7 +162,7 @@ class Aligner:
         """Seal windows of idle sources, then emit every finished sealed window."""
         now = self.clock()
         while self._active:
-            name, src = next(iter(self._active.items()))
+            _name, src = next(iter(self._active.items()))
             if now - src.last_seen < self.idle_ns:
                 break
             self._seal_before(src, None)
@@ -210,7 +210,7 @@ class Aligner:
         return src
 
     def _evict_oldest(self) -> None:
-        name, old = self._sources.popitem(last=False)
+        _name, old = self._sources.popitem(last=False)
         self._seal_before(old, None)
         self.sources_evicted += 1
         for win in old.windows.values():

@@ -9,6 +9,7 @@ throughput on this hot path (see benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -108,7 +109,9 @@ class Engine:
             name="autoglm-engine",
         )
         try:
-            await self._broker.connect()
+            # nats-py keeps retrying the first connect when reconnects are
+            # unlimited; bound it so a wrong URL fails fast and clearly.
+            await asyncio.wait_for(self._broker.connect(), self.config.nats.connect_timeout_s)
         except Exception as exc:  # nats-py raises OSError, TimeoutError, NoServersError...
             await self._stop_server()
             raise TransportError(f"cannot connect to NATS at {url}: {exc}") from exc
@@ -126,7 +129,9 @@ class Engine:
             self._workers[route.name] = worker
         self._emitter = asyncio.get_running_loop().create_task(self._emit_loop())
         self._sub = await self._nc.subscribe(
-            f"{self.prefix}.in.>", cb=self._on_msg, pending_msgs_limit=PENDING_MSGS,
+            f"{self.prefix}.in.>",
+            cb=self._on_msg,
+            pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=1024 * 1024 * 1024,
         )
         await self._nc.flush()
@@ -264,10 +269,8 @@ class Engine:
     async def _emit_loop(self) -> None:
         tick = min(0.05, self.config.aligner.idle_timeout_ms / 4000)
         while not self._stopping:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), tick)
-            except TimeoutError:
-                pass
             self._kick.clear()
             await self._publish(self.aligner.poll())
 

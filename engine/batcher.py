@@ -12,6 +12,7 @@ is behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -172,10 +173,8 @@ class BatchWorker(Generic[T]):
             deadline = self.batcher.deadline() if self._busy < self._slots else None
             timeout = None if deadline is None else max(0.0, (deadline - now) / 1e9)
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
 
     def _launch(self, batch: list[T]) -> None:
         self._busy += 1
@@ -186,7 +185,7 @@ class BatchWorker(Generic[T]):
     async def _guarded(self, batch: list[T]) -> None:
         try:
             await self._run_batch(batch)
-        except Exception as exc:  # noqa: BLE001 - handed to on_error, never swallowed
+        except Exception as exc:
             await self._on_error(batch, exc)
         finally:
             self._busy -= 1

@@ -64,9 +64,7 @@ def parse_subject(subject: str, prefix: str) -> Subject:
         raise EventRejected("bad_subject", f"subject {subject!r} does not start with {head!r}")
     parts = subject[len(head) :].split(".")
     if len(parts) != 2:
-        raise EventRejected(
-            "bad_subject", f"subject {subject!r} is not {head}<source>.<modality>"
-        )
+        raise EventRejected("bad_subject", f"subject {subject!r} is not {head}<source>.<modality>")
     source, modality = parts
     if not SOURCE_RE.fullmatch(source):
         raise EventRejected(
@@ -78,7 +76,7 @@ def parse_subject(subject: str, prefix: str) -> Subject:
             "bad_subject",
             f"modality {modality!r} in subject {subject!r} is not one of {', '.join(MODALITIES)}",
         )
-    return Subject(source, cast(Modality, modality))
+    return Subject(source, modality)
 
 
 def parse_content_type(value: str) -> ContentType:

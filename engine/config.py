@@ -172,6 +172,8 @@ def _key(loc: Sequence[int | str]) -> str:
 
 
 def _value(v: object) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
     try:
         return json.dumps(v, ensure_ascii=False)
     except (TypeError, ValueError):
@@ -186,7 +188,7 @@ def _reason(err: Mapping[str, Any]) -> str:
     kind = str(err["type"])
     ctx = err.get("ctx") or {}
     if kind in _CMP:
-        return f"must be {_CMP[kind]} {ctx.get(_CMP_CTX[kind])}"
+        return f"must be {_CMP[kind]} {_value(ctx.get(_CMP_CTX[kind]))}"
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "missing":
@@ -211,34 +213,49 @@ def format_errors(exc: ValidationError, prefix: Sequence[int | str] = ()) -> lis
     return lines
 
 
-def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
-    """Validate a parsed TOML document; ``AUTOGLM_NATS_URL`` overrides ``nats.url``."""
-    env = os.environ if env is None else env
-    try:
-        cfg = EngineConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_errors(exc)) from None
+def _route_problems(raw_routes: object) -> list[str]:
+    """Processor names and params checked against the registry, from the raw
+    TOML so they are reported together with every other bad key."""
     from processors.registry import REGISTRY
 
+    if not isinstance(raw_routes, list | tuple):
+        return []
     problems: list[str] = []
-    for i, route in enumerate(cfg.routes):
-        spec = REGISTRY.get(route.processor)
+    for i, route in enumerate(raw_routes):
+        if not isinstance(route, Mapping) or not isinstance(route.get("processor"), str):
+            continue
+        name, modality = route["processor"], route.get("modality")
+        spec = REGISTRY.get(name)
         if spec is None:
             problems.append(
-                f"routes[{i}].processor = {_value(route.processor)}: unknown processor "
+                f"routes[{i}].processor = {_value(name)}: unknown processor "
                 f"(known: {', '.join(sorted(REGISTRY))})"
             )
             continue
-        if spec.modality is not None and spec.modality != route.modality:
+        if spec.modality is not None and modality in ("image", "audio", "text") and spec.modality != modality:
             problems.append(
-                f"routes[{i}].processor = {_value(route.processor)}: handles {spec.modality}, "
-                f"not {route.modality}"
+                f"routes[{i}].processor = {_value(name)}: handles {spec.modality}, not {modality}"
             )
-        try:
-            spec.params.model_validate(route.params)
-        except ValidationError as exc:
-            problems.extend(format_errors(exc, ["routes", i, "params"]))
-    if problems:
+        params = route.get("params", {})
+        if isinstance(params, Mapping):
+            try:
+                spec.params.model_validate(params)
+            except ValidationError as exc:
+                problems.extend(format_errors(exc, ["routes", i, "params"]))
+    return problems
+
+
+def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
+    """Validate a parsed TOML document; ``AUTOGLM_NATS_URL`` overrides ``nats.url``."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    cfg: EngineConfig | None = None
+    try:
+        cfg = EngineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(format_errors(exc))
+    problems.extend(_route_problems(data.get("routes")))
+    if problems or cfg is None:
         raise ConfigError(problems)
     url = env.get(NATS_URL_ENV)
     if url:

@@ -37,8 +37,7 @@ def check_template(template: str, allowed: frozenset[str] = TEMPLATE_VARIABLES) 
     unknown = sorted(set(template_fields(template)) - allowed)
     if unknown:
         raise ValueError(
-            f"unknown template variable(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(allowed))}"
+            f"unknown template variable(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
         )
 
 

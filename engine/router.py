@@ -88,7 +88,7 @@ class Route:
                 index.append(i)
             except EventRejected as exc:
                 out[i] = exc
-            except Exception as exc:  # noqa: BLE001 - a decoder bug must not sink the batch
+            except Exception as exc:
                 out[i] = EventRejected("decode_error", f"{type(exc).__name__}: {exc}")
         if ready:
             feats = self.processor.run(ready)

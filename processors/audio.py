@@ -143,7 +143,9 @@ class AudioProcessor:
         p = self.params
         out = []
         for it in items:
-            m = mfcc(it.samples, p.sample_rate, p.n_mfcc, n_fft=p.n_fft, hop_length=p.hop_length, n_mels=p.n_mels)
+            m = mfcc(
+                it.samples, p.sample_rate, p.n_mfcc, n_fft=p.n_fft, hop_length=p.hop_length, n_mels=p.n_mels
+            )
             out.append(Features("audio", frames=m, stats=loudness(it.samples, p.sample_rate, p)))
         return out
 

@@ -18,9 +18,7 @@ def resolve_device(spec: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             from engine.errors import ConfigError
 
-            raise ConfigError(
-                [f'device = "{spec}": only {torch.cuda.device_count()} CUDA device(s) here']
-            )
+            raise ConfigError([f'device = "{spec}": only {torch.cuda.device_count()} CUDA device(s) here'])
     return device
 
 

@@ -79,15 +79,20 @@ def decode_image(payload: bytes, ct: ContentType, max_pixels: int) -> U8Image:
                 f"raw bgr8 {w}x{h} needs {w * h * 3} bytes, body has {len(payload)}",
             )
         return np.frombuffer(payload, dtype=np.uint8).reshape(h, w, 3)
+    # libjpeg decodes a cut-off file into a partly grey image without an
+    # error, so check the end markers ourselves.
+    tail = payload.rstrip(b"\x00")
+    if ct.mime == "image/jpeg" and not tail.endswith(b"\xff\xd9"):
+        raise DecodeError("decode_error", f"truncated JPEG: no end-of-image marker ({len(payload)} bytes)")
+    if ct.mime == "image/png" and b"IEND" not in payload[-16:]:
+        raise DecodeError("decode_error", f"truncated PNG: no IEND chunk ({len(payload)} bytes)")
     img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise DecodeError("decode_error", f"OpenCV could not decode the {ct.mime} body")
     return np.asarray(img, dtype=np.uint8)
 
 
-def descriptors(
-    bgr: U8Image, previous: U8Image | None
-) -> tuple[dict[str, float], U8Image]:
+def descriptors(bgr: U8Image, previous: U8Image | None) -> tuple[dict[str, float], U8Image]:
     """Brightness, a 4-bin hue histogram, motion against the previous small
     grey frame of the same source. Returns the stats and the new small frame."""
     small = cv2.resize(bgr, (64, 48), interpolation=cv2.INTER_AREA)
@@ -175,7 +180,7 @@ class ImageProcessor:
         self.head = head.to(self.device)
         self.labels = labels
         self._faces = (
-            cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))
+            cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))  # type: ignore[attr-defined]
             if params.faces
             else None
         )
@@ -215,8 +220,7 @@ class ImageProcessor:
             top = [[self.labels[i] for i in row] for row in idx]
         vecs = emb.float().cpu().numpy()
         return [
-            Features("image", embedding=vecs[i], stats=it.stats, labels=top[i])
-            for i, it in enumerate(items)
+            Features("image", embedding=vecs[i], stats=it.stats, labels=top[i]) for i, it in enumerate(items)
         ]
 
 

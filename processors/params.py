@@ -18,9 +18,7 @@ class _Params(BaseModel):
 class ImageParams(_Params):
     """``processor = "cnn"``: OpenCV decode, a torchvision CNN, cheap descriptors."""
 
-    model: Literal["mobilenet_v3_small", "resnet18", "resnet50", "efficientnet_b0"] = (
-        "mobilenet_v3_small"
-    )
+    model: Literal["mobilenet_v3_small", "resnet18", "resnet50", "efficientnet_b0"] = "mobilenet_v3_small"
     #: ``imagenet`` loads pretrained weights from the local torch cache or
     #: ``weights_path`` and fails clearly when they are not there; ``random``
     #: needs no file (tests, demos on an offline box).

@@ -56,8 +56,4 @@ def lookup(name: str) -> ProcessorSpec:
 register(ProcessorSpec("cnn", "image", ImageParams, "processors.image:create", "torchvision CNN"))
 register(ProcessorSpec("mfcc", "audio", AudioParams, "processors.audio:create", "librosa MFCC"))
 register(ProcessorSpec("minilm", "text", TextParams, "processors.text:create", "MiniLM encoder"))
-register(
-    ProcessorSpec(
-        "passthrough", None, PassthroughParams, "processors.passthrough:create", "byte count"
-    )
-)
+register(ProcessorSpec("passthrough", None, PassthroughParams, "processors.passthrough:create", "byte count"))

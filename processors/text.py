@@ -37,7 +37,9 @@ def decode_text(payload: bytes, max_chars: int) -> str:
         ) from None
     text = unicodedata.normalize("NFC", text)
     if len(text) > max_chars:
-        raise EventRejected("payload_too_large", f"text is {len(text)} characters, over max_chars = {max_chars}")
+        raise EventRejected(
+            "payload_too_large", f"text is {len(text)} characters, over max_chars = {max_chars}"
+        )
     return text
 
 
@@ -99,7 +101,11 @@ class TextProcessor:
                 "text",
                 embedding=vecs[i],
                 text=it.text,
-                stats={"chars": float(len(it.text)), "tokens": float(it.tokens), "truncated": float(it.truncated)},
+                stats={
+                    "chars": float(len(it.text)),
+                    "tokens": float(it.tokens),
+                    "truncated": float(it.truncated),
+                },
             )
             for i, it in enumerate(items)
         ]

@@ -1,0 +1,36 @@
+# Open-AutoGLM engine image.
+#   CPU (default, slim):  docker build -t autoglm .
+#   CUDA:                 docker build --build-arg VARIANT=cuda -t autoglm:cuda .
+#                         docker run --gpus all ... autoglm:cuda
+# The CUDA variant takes PyPI's torch build, which bundles the CUDA runtime as
+# wheels, so the same slim Python base serves both; only the host driver is needed.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
+
+ARG VARIANT=cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY engine ./engine
+COPY processors ./processors
+# CPU: torch from PyTorch's CPU wheel index (no CUDA libraries, ~4 GB smaller).
+# Then compile librosa's numba kernels once, into the image.
+RUN if [ "$VARIANT" = "cpu" ]; then \
+        pip install --extra-index-url https://download.pytorch.org/whl/cpu . ; \
+    else \
+        pip install . ; \
+    fi \
+    && python -m processors.warmup
+
+COPY routing.toml /etc/autoglm/routing.toml
+RUN useradd --create-home --uid 10001 autoglm
+USER autoglm
+WORKDIR /home/autoglm
+
+# With AUTOGLM_NATS_URL set the engine joins that server; unset, it starts the
+# embedded nats-server inside the container.
+CMD ["autoglm", "run", "--config", "/etc/autoglm/routing.toml"]

@@ -1,0 +1,38 @@
+# Two entry points: `make demo` and `make test`. Both create .venv and install
+# into it when needed; a second run is a no-op unless pyproject.toml changed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint typecheck unit bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# librosa compiles with numba on first use (~20 s); do it once here, cached on disk.
+	$(BIN)/python -m processors.warmup
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/autoglm demo --seconds 10 --sources 2
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/processors.py
+
+clean:
+	rm -rf $(VENV) .autoglm .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,175 @@
+"""``autoglm``: run the engine, publish events, validate config, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from engine.config import NATS_URL_ENV, EngineConfig, load_config
+from engine.errors import AutoGLMError, ConfigError
+
+DEFAULT_CONFIG = "routing.toml"
+
+
+def _config(path: str | None) -> EngineConfig:
+    """``--config`` if given, else ./routing.toml, else the built-in defaults."""
+    if path is None and not Path(DEFAULT_CONFIG).exists():
+        from engine.demo import default_config
+
+        return default_config()
+    return load_config(path or DEFAULT_CONFIG)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        pass
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from engine.app import Engine
+
+    cfg = _config(args.config)
+    engine = Engine(cfg)
+    url = await engine.start(args.nats_url)
+    print(f"autoglm: engine running on {url}; inputs on {cfg.nats.subject_prefix}.in.<source>.<modality>")
+    print("autoglm: Ctrl-C (SIGINT) or SIGTERM drains and exits", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("autoglm: draining...", flush=True)
+    await engine.stop()
+    print(f"autoglm: stopped; {engine.stats.results} results, {engine.stats.dlq_published} rejected")
+    return 0
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    from engine.publish import publish_file
+
+    url = args.nats_url or os.environ.get(NATS_URL_ENV)
+    if not url:
+        cfg = _config(args.config)
+        url = cfg.nats.url
+    if not url:
+        raise ConfigError([f"no NATS url: pass --nats-url or set {NATS_URL_ENV}"])
+    sent = await publish_file(
+        url,
+        args.source,
+        image=args.image,
+        audio=args.audio,
+        text=args.text,
+        prefix=args.prefix,
+        chunk_ms=args.chunk_ms,
+        event_id=args.id,
+        wait=args.wait,
+    )
+    return 0 if sent else 1
+
+
+def _validate(args: argparse.Namespace) -> int:
+    path = args.file or DEFAULT_CONFIG
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    routes = ", ".join(f"{r.modality}->{r.processor}" for r in cfg.routes)
+    print(
+        f"{path}: ok ({routes}; aligner {cfg.aligner.mode} {cfg.aligner.window_ms} ms; glm {cfg.glm.backend})"
+    )
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from engine.demo import run_demo
+
+    return await run_demo(
+        _config(args.config),
+        seconds=args.seconds,
+        sources=args.sources,
+        nats_url=args.nats_url,
+        width=args.width,
+        height=args.height,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autoglm", description=__doc__)
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the engine until SIGINT/SIGTERM, then drain")
+    run.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG})")
+    run.add_argument("--nats-url", help=f"use this server instead of the embedded one (or {NATS_URL_ENV})")
+
+    pub = sub.add_parser("publish", help="publish one event (audio files are split into chunks)")
+    pub.add_argument("--source", required=True, help="source name, 1-64 of [A-Za-z0-9_-]")
+    what = pub.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", type=Path, help="a JPEG or PNG file")
+    what.add_argument("--audio", type=Path, help="a WAV (or any file libsndfile reads)")
+    what.add_argument("--text", help="a UTF-8 string")
+    pub.add_argument("--nats-url", help=f"server to publish to (or {NATS_URL_ENV})")
+    pub.add_argument("--config", help="read nats.url and the subject prefix from this file")
+    pub.add_argument("--prefix", default="autoglm", help="subject prefix (default autoglm)")
+    pub.add_argument("--chunk-ms", type=int, default=100, help="audio chunk length (default 100)")
+    pub.add_argument("--id", help="Nats-Msg-Id for the event (audio: a prefix for each chunk)")
+    pub.add_argument("--wait", type=float, default=0.0, help="wait up to N s for the result or DLQ record")
+
+    val = sub.add_parser("validate", help="check a routing file; exit 2 with each problem")
+    val.add_argument("file", nargs="?", help=f"default ./{DEFAULT_CONFIG}")
+
+    demo = sub.add_parser("demo", help="embedded server + engine + a synthetic multimodal stream")
+    demo.add_argument("--seconds", type=float, default=10.0)
+    demo.add_argument("--sources", type=int, default=2)
+    demo.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
+    demo.add_argument("--nats-url", help="use this server instead of the embedded one")
+    demo.add_argument("--width", type=int, default=320, help="frame width (default 320)")
+    demo.add_argument("--height", type=int, default=240, help="frame height (default 240)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    started = time.monotonic()
+    try:
+        if args.command == "validate":
+            return _validate(args)
+        if args.command in ("run", "demo"):
+            _quiet_libraries()
+        runner = {"run": _run, "publish": _publish, "demo": _demo}[args.command]
+        return asyncio.run(runner(args))
+    except ConfigError as exc:
+        print("autoglm: configuration error:", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except AutoGLMError as exc:
+        print(f"autoglm: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"autoglm: interrupted after {time.monotonic() - started:.1f} s", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

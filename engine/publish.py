@@ -1,0 +1,121 @@
+"""Producer side: what ``autoglm publish`` does, usable from Python too."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import numpy as np
+import orjson
+import soundfile
+
+from engine.codec import encode_headers, input_subject
+from engine.errors import AutoGLMError, TransportError
+from engine.types import Modality
+
+
+def sniff_image(data: bytes, path: Path) -> str:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:2] == b"\xff\xd8":
+        return "image/jpeg"
+    raise AutoGLMError(f"{path}: not a JPEG or PNG file")
+
+
+def audio_chunks(path: Path, chunk_ms: int) -> tuple[list[bytes], str, int]:
+    """Split an audio file into f32le PCM chunks: (bodies, content type, chunk ns)."""
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (N, C)
+    except (soundfile.LibsndfileError, RuntimeError) as exc:
+        raise AutoGLMError(f"{path}: cannot read audio: {exc}") from exc
+    step = max(1, int(rate * chunk_ms / 1000))
+    bodies = [
+        np.ascontiguousarray(data[i : i + step], dtype="<f4").tobytes() for i in range(0, len(data), step)
+    ]
+    ct = f"audio/pcm;rate={rate};channels={data.shape[1]};format=f32le"
+    return bodies, ct, int(step * 1e9 / rate)
+
+
+async def _ignore(exc: Exception) -> None:
+    """nats-py prints every failed attempt; the caller reports the outcome once."""
+
+
+async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:
+    """nats-py connect with one clear error instead of an endless first-connect loop."""
+    kwargs.setdefault("error_cb", _ignore)
+    # nats-py retries a refused first connect forever unless the attempts are
+    # bounded (0 means unbounded there): two tries, half a second apart.
+    kwargs.setdefault("max_reconnect_attempts", 1)
+    kwargs.setdefault("reconnect_time_wait", 0.5)
+    try:
+        return await asyncio.wait_for(nats.connect(url, connect_timeout=2, **kwargs), timeout)
+    except Exception as exc:  # nats-py raises several unrelated types here
+        raise TransportError(f"cannot connect to NATS at {url}: {exc}") from exc
+
+
+async def publish_file(
+    url: str,
+    source: str,
+    *,
+    image: Path | None = None,
+    audio: Path | None = None,
+    text: str | None = None,
+    prefix: str = "autoglm",
+    chunk_ms: int = 100,
+    event_id: str | None = None,
+    wait: float = 0.0,
+) -> int:
+    """Publish one image, text, or an audio file as chunks; print what comes back."""
+    bodies: list[bytes]
+    modality: Modality
+    if image is not None:
+        data = await asyncio.to_thread(image.read_bytes)
+        bodies, ct, modality, step = [data], sniff_image(data, image), "image", 0
+    elif audio is not None:
+        bodies, ct, step = await asyncio.to_thread(audio_chunks, audio, chunk_ms)
+        modality = "audio"
+    elif text is not None:
+        bodies, ct, modality, step = [text.encode("utf-8")], "text/plain;charset=utf-8", "text", 0
+    else:
+        raise AutoGLMError("nothing to publish: give --image, --audio or --text")
+    nc = await connect(url)
+    try:
+        for body in bodies:
+            if len(body) > nc.max_payload:
+                raise AutoGLMError(
+                    f"event is {len(body)} bytes, over the server's max_payload of {nc.max_payload}"
+                )
+        replies: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+
+        async def on_reply(msg: Any) -> None:
+            await replies.put((msg.subject, orjson.loads(msg.data)))
+
+        if wait > 0:
+            await nc.subscribe(f"{prefix}.out.{source}", cb=on_reply)
+            await nc.subscribe(f"{prefix}.dlq.{source}", cb=on_reply)
+        subject = input_subject(prefix, source, modality)
+        t0 = time.time_ns()
+        base_id = event_id or f"{source}-{modality}-{t0}"
+        ids = [base_id if len(bodies) == 1 else f"{base_id}-{i}" for i in range(len(bodies))]
+        for i, (eid, body) in enumerate(zip(ids, bodies, strict=True)):
+            await nc.publish(subject, body, headers=encode_headers(t0 + i * step, ct, event_id=eid, seq=i))
+        await nc.flush()
+        print(f"published {len(bodies)} {modality} event(s) on {subject} ({ct})")
+        deadline = time.monotonic() + wait
+        waiting = set(ids)
+        while wait > 0 and waiting and (left := deadline - time.monotonic()) > 0:
+            try:
+                subj, record = await asyncio.wait_for(replies.get(), left)
+            except TimeoutError:
+                break
+            waiting.discard(record.get("event_id"))
+            waiting.difference_update(eid for group in record.get("events", {}).values() for eid in group)
+            print(subj, orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
+        if wait > 0 and waiting:
+            print(f"no result yet for {len(waiting)} event(s) after {wait:g} s (windows may still be open)")
+        return len(bodies)
+    finally:
+        await nc.close()

@@ -1,0 +1,113 @@
+"""Shared fixtures: a real nats-server per test session, clients, helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import nats
+import orjson
+import pytest
+
+from engine.codec import encode_headers
+from engine.config import EngineConfig, parse_config
+from engine.server import EmbeddedServer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """A real nats-server with JetStream on a free loopback port."""
+    server = EmbeddedServer(tmp_path_factory.mktemp("nats"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: EmbeddedServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Any]:
+    client = await nats.connect(nats_url)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A subject prefix of its own per test, so tests sharing a server never cross."""
+    return f"t{next(_prefixes)}"
+
+
+def make_config(prefix: str, **overrides: Any) -> EngineConfig:
+    """An engine config with passthrough processors (no model) unless overridden."""
+    data: dict[str, Any] = {
+        "nats": {"subject_prefix": prefix},
+        "routes": [
+            {"modality": m, "processor": "passthrough", "batch": {"max_batch_size": 8, "max_wait_ms": 2}}
+            for m in ("image", "audio", "text")
+        ],
+        "aligner": {"window_ms": 100, "allowed_lateness_ms": 0, "idle_timeout_ms": 300},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_config(data, env={})
+
+
+class Collector:
+    """Subscribes to a subject and keeps every message (subject, headers, JSON body)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, str], Any]] = []
+        self._event = asyncio.Event()
+
+    async def cb(self, msg: Any) -> None:
+        self.items.append((msg.subject, dict(msg.headers or {}), orjson.loads(msg.data)))
+        self._event.set()
+
+    async def wait_for(self, n: int, timeout: float = 10.0) -> list[Any]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.items) < n:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise AssertionError(f"expected {n} messages, got {len(self.items)}: {self.items}")
+            self._event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), left)
+        return [body for _, _, body in self.items]
+
+
+async def collect(nc: Any, subject: str) -> Collector:
+    c = Collector()
+    await nc.subscribe(subject, cb=c.cb)
+    await nc.flush()
+    return c
+
+
+async def send(
+    nc: Any,
+    prefix: str,
+    source: str,
+    modality: str,
+    body: bytes,
+    ts: int,
+    content_type: str | None = None,
+    event_id: str | None = None,
+    **kw: Any,
+) -> None:
+    ct = content_type or {"image": "image/jpeg", "audio": "audio/wav", "text": "text/plain"}[modality]
+    await nc.publish(
+        f"{prefix}.in.{source}.{modality}", body, headers=encode_headers(ts, ct, event_id=event_id, **kw)
+    )

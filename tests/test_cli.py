@@ -1,0 +1,127 @@
+"""The ``autoglm`` command as a user runs it: real processes, real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import soundfile
+
+from engine.app import Engine
+from tests.conftest import collect, make_config, send
+
+ROOT = Path(__file__).resolve().parent.parent
+AUTOGLM = [sys.executable, "-m", "engine.cli"]
+
+
+async def run_cli(*args: str, timeout: float = 120, cwd: Path = ROOT) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *AUTOGLM, *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_demo_runs_and_accounts_for_every_event(tmp_path: Path) -> None:
+    cfg = tmp_path / "routing.toml"
+    cfg.write_text(
+        (ROOT / "routing.toml").read_text().replace('data_dir = ".autoglm"', f'data_dir = "{tmp_path}"')
+    )
+    code, out, err = await run_cli("demo", "--seconds", "3", "--sources", "2", "--config", str(cfg))
+    assert code == 0, err + out
+    assert "autoglm demo summary (3 s, 2 source(s))" in out
+    sent = next(line for line in out.splitlines() if "events published" in line)
+    assert "image 180" in sent and "audio 60" in sent and "text 6" in sent
+    assert "rejected (DLQ)" in out and "p99" in out
+    counted = next(line for line in out.splitlines() if "accounted for" in line).split()
+    assert counted[2] == counted[4]  # "accounted for N of N events"
+
+
+async def test_publish_text_image_and_audio_and_wait_for_results(
+    nats_url: str, nc: Any, prefix: str, tmp_path: Path
+) -> None:
+    engine = Engine(make_config(prefix, aligner={"idle_timeout_ms": 200}))
+    await engine.start(nats_url)
+    try:
+        code, out, err = await run_cli(
+            "publish",
+            "--nats-url",
+            nats_url,
+            "--prefix",
+            prefix,
+            "--source",
+            "cli",
+            "--text",
+            "héllo",
+            "--wait",
+            "5",
+        )
+        assert code == 0, err
+        assert f"published 1 text event(s) on {prefix}.in.cli.text" in out
+        assert f"{prefix}.out.cli" in out and '"héllo"' not in out  # passthrough: byte count only
+        img = tmp_path / "frame.png"
+        cv2.imwrite(str(img), np.zeros((8, 8, 3), np.uint8))
+        code, out, _ = await run_cli(
+            "publish", "--nats-url", nats_url, "--prefix", prefix, "--source", "cli", "--image", str(img)
+        )
+        assert code == 0 and "(image/png)" in out
+        wav = tmp_path / "a.wav"
+        soundfile.write(str(wav), np.zeros(16_000 * 35 // 100), 16_000)
+        code, out, _ = await run_cli(
+            "publish", "--nats-url", nats_url, "--prefix", prefix, "--source", "cli", "--audio", str(wav)
+        )
+        assert code == 0 and "published 4 audio event(s)" in out  # 350 ms in 100 ms chunks
+        bad = tmp_path / "x.txt"
+        bad.write_text("not an image")
+        code, _, err = await run_cli(
+            "publish", "--nats-url", nats_url, "--source", "cli", "--image", str(bad)
+        )
+        assert code == 1 and "not a JPEG or PNG" in err
+    finally:
+        await engine.stop()
+
+
+async def test_publish_without_a_server_fails_clearly() -> None:
+    env_url = os.environ.pop("AUTOGLM_NATS_URL", None)
+    try:
+        code, _, err = await run_cli(
+            "publish", "--source", "x", "--text", "t", "--nats-url", "nats://127.0.0.1:1"
+        )
+        assert code == 1 and "cannot connect to NATS" in err
+    finally:
+        if env_url:
+            os.environ["AUTOGLM_NATS_URL"] = env_url
+
+
+async def test_run_drains_on_sigterm(nats_url: str, nc: Any, prefix: str, tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        f'[nats]\nsubject_prefix = "{prefix}"\n[aligner]\nwindow_ms = 60000\nidle_timeout_ms = 60000\n'
+        '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+    )
+    out = await collect(nc, f"{prefix}.out.>")
+    proc = await asyncio.create_subprocess_exec(
+        *AUTOGLM, "run", "--config", str(cfg), "--nats-url", nats_url, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    assert b"engine running" in line
+    await send(nc, prefix, "cam", "text", b"held in a 60 s window", time.time_ns(), event_id="held")
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    assert out.items == []  # the window is still open
+    proc.send_signal(signal.SIGTERM)
+    rest, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert b"stopped; 1 results" in rest
+    [result] = await out.wait_for(1)
+    assert result["events"] == {"text": ["held"]}

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.config import load_config, parse_config
+from engine.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def problems(data: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, env={})
+    return info.value.problems
+
+
+def routes(n: int = 3, **batch: object) -> list[dict[str, object]]:
+    mods = ["image", "audio", "text"]
+    return [{"modality": mods[i % 3], "processor": "passthrough", "batch": dict(batch)} for i in range(n)]
+
+
+def test_shipped_routing_toml_is_valid() -> None:
+    cfg = load_config(ROOT / "routing.toml", env={})
+    assert [r.processor for r in cfg.routes] == ["cnn", "mfcc", "minilm"]
+    assert cfg.nats.url is None  # the default runs on the embedded server
+    assert cfg.glm.backend == "none"
+
+
+def test_error_names_the_key_and_the_value() -> None:
+    data = {
+        "routes": [*routes(2), {"modality": "text", "processor": "passthrough", "batch": {"max_wait_ms": -5}}]
+    }
+    assert problems(data) == ["routes[2].batch.max_wait_ms = -5: must be >= 0"]
+
+
+def test_every_bad_key_is_reported_at_once() -> None:
+    data = {
+        "routes": routes(1, max_batch_size=0, overload="panic"),
+        "aligner": {"window_ms": 0, "colour": "red"},
+        "nats": {"subject_prefix": "bad prefix"},
+    }
+    found = problems(data)
+    assert "routes[0].batch.max_batch_size = 0: must be >= 1" in found
+    assert any(p.startswith('routes[0].batch.overload = "panic": must be one of') for p in found)
+    assert "aligner.window_ms = 0: must be > 0" in found
+    assert 'aligner.colour = "red": unknown key' in found
+    assert any(p.startswith('nats.subject_prefix = "bad prefix": must be dot-separated') for p in found)
+
+
+def test_routes_are_required() -> None:
+    assert problems({}) == ["routes: is required"]
+    assert problems({"routes": []}) == ["routes = []: needs at least 1 entries"]
+
+
+def test_processor_and_params_are_checked_against_the_registry() -> None:
+    found = problems(
+        {
+            "routes": [
+                {"modality": "image", "processor": "nope"},
+                {"modality": "image", "processor": "mfcc"},
+                {"modality": "audio", "processor": "mfcc", "params": {"n_mfcc": 0, "colour": 1}},
+                {"modality": "image", "processor": "cnn", "device": "tpu"},
+            ]
+        }
+    )
+    assert any(p.startswith('routes[0].processor = "nope": unknown processor') for p in found)
+    assert 'routes[1].processor = "mfcc": handles audio, not image' in found
+    assert "routes[2].params.n_mfcc = 0: must be >= 1" in found
+    assert "routes[2].params.colour = 1: unknown key" in found
+    assert any(p.startswith('routes[3].device = "tpu": must be "auto"') for p in found)
+
+
+def test_template_variables_are_checked_at_load_time() -> None:
+    found = problems({"routes": routes(1), "glm": {"template": "{source} {weather}"}})
+    assert len(found) == 1
+    assert found[0].startswith('glm.template = "{source} {weather}": unknown template variable(s) weather')
+
+
+def test_env_overrides_nats_url() -> None:
+    cfg = parse_config({"routes": routes(1)}, env={"AUTOGLM_NATS_URL": "nats://10.0.0.1:4222"})
+    assert cfg.nats.url == "nats://10.0.0.1:4222"
+    assert parse_config({"routes": routes(1)}, env={}).nats.url is None
+
+
+def test_config_is_frozen() -> None:
+    cfg = parse_config({"routes": routes(1)}, env={})
+    with pytest.raises(Exception, match="frozen"):
+        cfg.aligner.window_ms = 5  # type: ignore[misc]
+
+
+def test_toml_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[nats\nurl = 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert str(bad) in str(info.value)
+    assert "not valid TOML" in info.value.problems[0]
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(ROOT / "routing.toml")]) == 0
+    assert ": ok (image->cnn, audio->mfcc, text->minilm" in capsys.readouterr().out
+    bad = tmp_path / "r.toml"
+    bad.write_text(
+        '[[routes]]\nmodality = "text"\nprocessor = "minilm"\n[routes.batch]\nmax_wait_ms = -5\n'
+        "[aligner]\nallowed_lateness_ms = -1\n"
+    )
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "routes[0].batch.max_wait_ms = -5: must be >= 0" in err
+    assert "aligner.allowed_lateness_ms = -1: must be >= 0" in err

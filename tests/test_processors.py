@@ -1,0 +1,172 @@
+"""The built-in processors on real inputs, with real (offline) models."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import soundfile
+
+from engine.codec import decode_event, encode_headers
+from engine.errors import ConfigError, EventRejected
+from engine.types import InputEvent
+from processors import audio as audio_mod
+from processors.registry import lookup
+
+TS = 1_764_000_000_000_000_000
+
+
+def event(modality: str, body: bytes, ct: str, source: str = "s") -> InputEvent:
+    return decode_event(f"autoglm.in.{source}.{modality}", encode_headers(TS, ct), body)
+
+
+@pytest.fixture(scope="module")
+def image_proc() -> Any:
+    return lookup("cnn").create({"weights": "random"}, "image", "cpu")
+
+
+@pytest.fixture(scope="module")
+def text_proc() -> Any:
+    return lookup("minilm").create({"max_tokens": 16}, "text", "cpu")
+
+
+@pytest.fixture(scope="module")
+def audio_proc() -> Any:
+    return lookup("mfcc").create({}, "audio", "cpu")
+
+
+def reason(proc: Any, ev: InputEvent) -> str:
+    with pytest.raises(EventRejected) as info:
+        proc.prepare(ev)
+    return info.value.reason
+
+
+def scene(shift: int = 0) -> np.ndarray:
+    img = np.zeros((120, 160, 3), np.uint8)
+    cv2.rectangle(img, (20 + shift, 30), (60 + shift, 90), (0, 0, 255), -1)
+    return img
+
+
+def test_image_formats_embed_to_the_same_shape(image_proc: Any) -> None:
+    img = scene()
+    jpeg = cv2.imencode(".jpg", img)[1].tobytes()
+    png = cv2.imencode(".png", img)[1].tobytes()
+    items = [
+        image_proc.prepare(event("image", jpeg, "image/jpeg")),
+        image_proc.prepare(event("image", png, "image/png")),
+        image_proc.prepare(event("image", img.tobytes(), "image/x-raw;format=bgr8;width=160;height=120")),
+    ]
+    feats = image_proc.run(items)
+    assert [f.embedding.shape for f in feats] == [(576,)] * 3
+    # PNG and raw are the same pixels -> the same embedding; JPEG is close.
+    assert np.allclose(feats[1].embedding, feats[2].embedding, atol=1e-5)
+    assert feats[0].stats["hue_red"] > 0.05  # the red square shows in the hue histogram
+    assert 0 < feats[0].stats["brightness"] < 0.5
+
+
+def test_motion_is_measured_per_source(image_proc: Any) -> None:
+    a0 = image_proc.prepare(event("image", scene(0).tobytes(), "image/x-raw;width=160;height=120", "m1"))
+    a1 = image_proc.prepare(event("image", scene(60).tobytes(), "image/x-raw;width=160;height=120", "m1"))
+    b0 = image_proc.prepare(event("image", scene(60).tobytes(), "image/x-raw;width=160;height=120", "m2"))
+    assert a0.stats["motion"] == 0.0
+    assert a1.stats["motion"] > 0.01
+    assert b0.stats["motion"] == 0.0  # another source has its own history
+
+
+def test_image_rejections(image_proc: Any) -> None:
+    jpeg = cv2.imencode(".jpg", scene())[1].tobytes()
+    assert reason(image_proc, event("image", jpeg[:200], "image/jpeg")) == "decode_error"
+    assert reason(image_proc, event("image", b"GIF89a....", "image/jpeg")) == "decode_error"
+    assert reason(image_proc, event("image", b"\x00" * 10, "image/x-raw;width=4;height=4")) == "decode_error"
+    # A 20,000 x 20,000 PNG "bomb": refused from its header, never decoded.
+    ihdr = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    with pytest.raises(EventRejected, match="20000x20000"):
+        image_proc.prepare(event("image", bomb, "image/png"))
+
+
+def test_imagenet_weights_missing_fail_clearly(tmp_path: Any) -> None:
+    with pytest.raises(ConfigError, match="no weights file"):
+        lookup("cnn").create({"weights": "imagenet", "weights_path": str(tmp_path / "x.pth")}, "image", "cpu")
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    soundfile.write(buf, samples, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_audio_is_resampled_downmixed_and_described(audio_proc: Any) -> None:
+    rate = 44_100
+    t = np.arange(rate // 2) / rate
+    tone = 0.5 * np.sin(2 * np.pi * 1000 * t)
+    stereo = np.stack([tone, tone], axis=1)
+    [feat] = audio_proc.run([audio_proc.prepare(event("audio", wav_bytes(stereo, rate), "audio/wav"))])
+    assert feat.frames.shape == (13, 8000 // 160 + 1)  # 0.5 s at 16 kHz, hop 160
+    assert feat.stats["loudness_dbfs"] == pytest.approx(20 * np.log10(0.5 / np.sqrt(2)), abs=0.3)
+    assert feat.stats["centroid_hz"] == pytest.approx(1000, rel=0.15)
+    assert feat.stats["voice_ratio"] == 1.0
+    quiet = np.zeros(1600, "<i2").tobytes()
+    [silent] = audio_proc.run(
+        [audio_proc.prepare(event("audio", quiet, "audio/pcm;rate=16000;channels=1;format=s16le"))]
+    )
+    assert silent.stats["voice_ratio"] == 0.0
+
+
+def test_public_mfcc_matches_librosa() -> None:
+    import librosa
+
+    y = np.random.default_rng(0).normal(0, 0.1, 16_000).astype(np.float32)
+    ours = audio_mod.mfcc(y, 16_000, n_mfcc=20)
+    ref = librosa.feature.mfcc(y=y, sr=16_000, n_mfcc=20, n_fft=512, hop_length=160, n_mels=40)
+    assert ours.shape == (20, 101)
+    assert np.allclose(ours, ref)
+
+
+def test_audio_rejections(audio_proc: Any) -> None:
+    wav = wav_bytes(np.zeros(1600), 16_000)
+    assert reason(audio_proc, event("audio", wav[:-100], "audio/wav")) == "decode_error"
+    assert reason(audio_proc, event("audio", b"RIFF....junk", "audio/wav")) == "decode_error"
+    pcm = "audio/pcm;rate=16000;channels=2;format=s16le"
+    assert reason(audio_proc, event("audio", b"\x00" * 6, pcm)) == "decode_error"  # 1.5 frames
+    nan = np.array([0.0, np.inf], "<f4").tobytes()
+    assert reason(audio_proc, event("audio", nan, "audio/pcm;rate=16000;channels=1;format=f32le")) == (
+        "invalid_samples"
+    )
+    long = np.zeros(16_000 * 31, "<i2").tobytes()
+    assert reason(audio_proc, event("audio", long, "audio/pcm;rate=16000;channels=1;format=s16le")) == (
+        "payload_too_large"
+    )
+
+
+def test_text_embeddings_are_normalised_and_meaningful(text_proc: Any) -> None:
+    texts = ["a dog runs in the park", "a puppy is running on the grass", "quarterly tax filing deadline"]
+    feats = text_proc.run([text_proc.prepare(event("text", t.encode(), "text/plain")) for t in texts])
+    vecs = np.stack([f.embedding for f in feats])
+    assert vecs.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.2
+
+
+def test_text_batching_matches_one_at_a_time(text_proc: Any) -> None:
+    texts = ["short", "a much longer sentence that needs more padding tokens"]
+    batch = text_proc.run([text_proc.prepare(event("text", t.encode(), "text/plain")) for t in texts])
+    single = [text_proc.run([text_proc.prepare(event("text", t.encode(), "text/plain"))])[0] for t in texts]
+    for b, s in zip(batch, single, strict=True):
+        assert np.allclose(b.embedding, s.embedding, atol=1e-5)
+
+
+def test_text_normalisation_truncation_and_rejections(text_proc: Any) -> None:
+    decomposed = "cafe\u0301".encode()
+    [f] = text_proc.run([text_proc.prepare(event("text", decomposed, "text/plain"))])
+    assert f.text == "caf\u00e9"  # NFC
+    long = " ".join(["word"] * 40).encode()
+    [g] = text_proc.run([text_proc.prepare(event("text", long, "text/plain"))])
+    assert g.stats["truncated"] == 1.0 and g.stats["tokens"] > 16
+    assert reason(text_proc, event("text", b"ok \xff", "text/plain")) == "invalid_utf8"
