@@ -84,6 +84,8 @@ class RouteConfig(_Frozen):
     #: NATS wildcard pattern (``*``, ``>``) further restricting the route.
     subject: str | None = None
     device: str = "auto"
+    #: Model precision on CUDA; on a CPU the models stay in float32.
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     #: Worker threads that run this route's decode and model work.
     workers: int = Field(1, ge=1, le=64)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -107,7 +109,7 @@ class RouteConfig(_Frozen):
         from engine.router import Route
         from processors.registry import lookup
 
-        processor = lookup(self.processor).create(self.params, self.modality, self.device)
+        processor = lookup(self.processor).create(self.params, self.modality, self.device, self.dtype)
         return Route(name=name, config=self, processor=processor, batcher=self.batch.build())
 
 

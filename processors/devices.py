@@ -22,6 +22,14 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """Half precision only where it pays (CUDA); CPU models stay float32."""
+    return _DTYPES[spec] if device.type == "cuda" else torch.float32
+
+
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move a CPU batch; on CUDA via pinned memory so the copy can overlap."""
     if device.type == "cuda":

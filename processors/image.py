@@ -23,7 +23,7 @@ from torch import nn
 
 from engine.errors import ConfigError, DecodeError, EventRejected
 from engine.types import ContentType, Features, InputEvent, Modality
-from processors.devices import resolve_device, to_device
+from processors.devices import resolve_device, resolve_dtype, to_device
 from processors.params import ImageParams
 
 U8Image = npt.NDArray[np.uint8]
@@ -171,13 +171,14 @@ class ImageProcessor:
 
     modality: Modality = "image"
 
-    def __init__(self, params: ImageParams, device: str) -> None:
+    def __init__(self, params: ImageParams, device: str = "auto", dtype: str = "float32") -> None:
         self.params = params
         self.max_fps = params.max_fps
         self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         model, head, labels = build_backbone(params)
-        self.model = model.to(self.device)
-        self.head = head.to(self.device)
+        self.model = model.to(self.device, self.dtype)
+        self.head = head.to(self.device, self.dtype)
         self.labels = labels
         self._faces = (
             cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))  # type: ignore[attr-defined]
@@ -213,7 +214,7 @@ class ImageProcessor:
     @torch.inference_mode()
     def run(self, items: Sequence[PreparedImage]) -> list[Features]:
         batch = torch.from_numpy(np.stack([it.tensor for it in items]))  # (B, 3, S, S)
-        emb = self.model(to_device(batch, self.device))  # (B, D)
+        emb = self.model(to_device(batch, self.device).to(self.dtype))  # (B, D)
         top: list[list[str]] = [[] for _ in items]
         if self.labels:
             idx = self.head(emb).topk(5, dim=1).indices.cpu().tolist()  # (B, 5)
@@ -224,5 +225,5 @@ class ImageProcessor:
         ]
 
 
-def create(params: ImageParams, modality: Modality, device: str) -> ImageProcessor:
-    return ImageProcessor(params, device)
+def create(params: ImageParams, modality: Modality, device: str, dtype: str) -> ImageProcessor:
+    return ImageProcessor(params, device, dtype)

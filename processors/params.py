@@ -34,6 +34,10 @@ class ImageParams(_Params):
 class AudioParams(_Params):
     """``processor = "mfcc"``: decode WAV/PCM, resample, MFCCs and loudness."""
 
+    #: ``torch``: batched STFT/mel/DCT on the route's device; ``librosa``: the
+    #: per-chunk reference implementation.
+    backend: Literal["torch", "librosa"] = "torch"
+
     sample_rate: int = Field(16_000, ge=4_000, le=192_000)
     n_mfcc: int = Field(13, ge=1, le=128)
     n_fft: int = Field(512, ge=64, le=8192)

@@ -22,5 +22,5 @@ class PassthroughProcessor:
         return [Features(self.modality, stats={"bytes": float(n)}) for n in items]
 
 
-def create(params: PassthroughParams, modality: Modality, device: str) -> PassthroughProcessor:
+def create(params: PassthroughParams, modality: Modality, device: str, dtype: str) -> PassthroughProcessor:
     return PassthroughProcessor(modality)

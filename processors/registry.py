@@ -17,8 +17,8 @@ from engine.errors import ConfigError
 from engine.types import Modality, Processor
 from processors.params import AudioParams, ImageParams, PassthroughParams, TextParams
 
-#: ``factory(params, modality, device) -> Processor``
-Factory = Callable[[Any, Modality, str], Processor[Any]]
+#: ``factory(params, modality, device, dtype) -> Processor``
+Factory = Callable[[Any, Modality, str, str], Processor[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +31,12 @@ class ProcessorSpec:
     factory: str
     doc: str = ""
 
-    def create(self, params: dict[str, Any], modality: Modality, device: str) -> Processor[Any]:
+    def create(
+        self, params: dict[str, Any], modality: Modality, device: str = "auto", dtype: str = "float32"
+    ) -> Processor[Any]:
         module_name, _, attr = self.factory.partition(":")
         make: Factory = getattr(importlib.import_module(module_name), attr)
-        return make(self.params.model_validate(params), modality, device)
+        return make(self.params.model_validate(params), modality, device, dtype)
 
 
 REGISTRY: dict[str, ProcessorSpec] = {}

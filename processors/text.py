@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from engine.errors import ConfigError, EventRejected
 from engine.types import Features, InputEvent, Modality
-from processors.devices import resolve_device, to_device
+from processors.devices import resolve_device, resolve_dtype, to_device
 from processors.params import TextParams
 
 
@@ -62,14 +62,16 @@ class TextProcessor:
 
     modality: Modality = "text"
 
-    def __init__(self, params: TextParams, device: str) -> None:
+    def __init__(self, params: TextParams, device: str = "auto", dtype: str = "float32") -> None:
         self.params = params
         self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         source = params.model or str(default_model_dir())
         local = Path(source).is_dir()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-            self.model = AutoModel.from_pretrained(source, local_files_only=True).to(self.device).eval()
+            model = AutoModel.from_pretrained(source, local_files_only=True)
+            self.model = model.to(self.device, self.dtype).eval()
         except (OSError, ValueError) as exc:
             where = "directory" if local else "model id (must already be in the HF cache)"
             raise ConfigError([f"params.model = {source!r}: cannot load this {where}: {exc}"]) from exc
@@ -111,5 +113,5 @@ class TextProcessor:
         ]
 
 
-def create(params: TextParams, modality: Modality, device: str) -> TextProcessor:
-    return TextProcessor(params, device)
+def create(params: TextParams, modality: Modality, device: str, dtype: str) -> TextProcessor:
+    return TextProcessor(params, device, dtype)

@@ -260,3 +260,18 @@ def test_same_events_and_clock_give_the_same_bytes() -> None:
     first = run()
     assert len(first) == 2
     assert first == run()
+
+
+def test_the_readme_timeline() -> None:
+    """The example in README.md, "The aligner", step by step."""
+    a = make(Clock(), window_ms=1000, allowed_lateness_ms=300)
+    for eid, mod, off in [("i100", "image", 100), ("t900", "text", 900), ("a1200", "audio", 1200)]:
+        push(a, ev("s", mod, T0 + off * MS, eid))
+        assert a.poll() == []
+    push(a, ev("s", "image", T0 + 950 * MS, "i950"))  # out of order, within 300 ms
+    assert a.poll() == []
+    push(a, ev("s", "image", T0 + 1350 * MS, "i1350"))  # watermark 1050: window 0 closes
+    [frame] = a.poll()
+    assert ids(frame) == {"image": ["i100", "i950"], "text": ["t900"]}
+    with pytest.raises(EventRejected, match="too_late"):
+        a.admit(ev("s", "text", T0 + 800 * MS, "t800"))

@@ -140,7 +140,7 @@ class Slow:
         return [Features(self.modality) for _ in items]
 
 
-def make_slow(params: PassthroughParams, modality: Modality, device: str) -> Slow:
+def make_slow(params: PassthroughParams, modality: Modality, device: str, dtype: str) -> Slow:
     return Slow(modality)
 
 

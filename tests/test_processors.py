@@ -170,3 +170,57 @@ def test_text_normalisation_truncation_and_rejections(text_proc: Any) -> None:
     [g] = text_proc.run([text_proc.prepare(event("text", long, "text/plain"))])
     assert g.stats["truncated"] == 1.0 and g.stats["tokens"] > 16
     assert reason(text_proc, event("text", b"ok \xff", "text/plain")) == "invalid_utf8"
+
+
+def test_torch_mfcc_matches_librosa_reference() -> None:
+    """The batched torch path against librosa.feature.mfcc on the same input.
+
+    Bound: 1e-3 absolute on MFCCs whose values span hundreds (measured here:
+    about 5e-5; silence about 2e-4), i.e. float32 rounding, not a different
+    recipe. Loudness, voice ratio and centroid agree to 1e-3 relative.
+    """
+    from processors.audio import AudioProcessor, PreparedAudio
+    from processors.params import AudioParams
+
+    rng = np.random.default_rng(7)
+    t = np.arange(16_000) / 16_000
+    items = [
+        PreparedAudio(
+            (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t) + rng.normal(0, 0.02, t.size)).astype(np.float32)
+        )
+        for i in range(6)
+    ]
+    items.append(PreparedAudio(np.zeros(1600, np.float32)))  # silence, another length
+    items.append(PreparedAudio(rng.normal(0, 0.1, 1234).astype(np.float32)))  # odd length
+    params = {"n_mfcc": 20, "n_mels": 64}
+    fast = AudioProcessor(AudioParams(backend="torch", **params), "cpu").run(items)
+    ref = AudioProcessor(AudioParams(backend="librosa", **params), "cpu").run(items)
+    worst = 0.0
+    for f, r in zip(fast, ref, strict=True):
+        assert f.frames.shape == r.frames.shape
+        worst = max(worst, float(np.abs(f.frames - r.frames).max()))
+        for key in ("loudness_dbfs", "voice_ratio", "centroid_hz"):
+            assert f.stats[key] == pytest.approx(r.stats[key], rel=1e-3, abs=1e-3), key
+    print(f"max |torch - librosa| MFCC difference: {worst:.2e}")
+    assert worst < 1e-3
+
+
+def test_imagenet_weights_from_a_file_give_labels(tmp_path: Any) -> None:
+    import torch
+    import torchvision
+
+    path = tmp_path / "mobilenet.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), path)
+    proc = lookup("cnn").create(
+        {"weights": "imagenet", "weights_path": str(path), "faces": False}, "image", "cpu"
+    )
+    jpeg = cv2.imencode(".jpg", scene())[1].tobytes()
+    [f] = proc.run([proc.prepare(event("image", jpeg, "image/jpeg"))])
+    assert len(f.labels) == 5 and all(isinstance(x, str) and x for x in f.labels)
+
+
+def test_half_precision_is_for_cuda_only() -> None:
+    import torch
+
+    proc = lookup("cnn").create({"faces": False}, "image", "cpu", "float16")
+    assert proc.dtype == torch.float32  # a CPU route keeps float32 whatever dtype says
