@@ -33,6 +33,7 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/processors.py
+	$(BIN)/python benchmarks/aligner.py
 
 clean:
 	rm -rf $(VENV) .autoglm .mypy_cache .ruff_cache .pytest_cache .hypothesis

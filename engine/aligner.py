@@ -231,6 +231,8 @@ class Aligner:
 
     def _seal_before(self, src: _Source, boundary: Nanos | None) -> None:
         """Seal windows ending at or before ``boundary`` (all when ``None``)."""
+        if boundary is not None and src.sealed_until is not None and boundary <= src.sealed_until:
+            return  # the common case: the watermark moved inside an open window
         sealed_any = False
         for win in src.windows.values():
             if not win.sealed and (boundary is None or win.end <= boundary):

@@ -156,6 +156,8 @@ class Engine:
             await self._broker.stop()
         for pool in self._pools:
             pool.shutdown(wait=True)
+        for route in self.routes:
+            route.close()
         await self._stop_server()
 
     async def _stop_server(self) -> None:

@@ -88,6 +88,8 @@ class RouteConfig(_Frozen):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     #: Worker threads that run this route's decode and model work.
     workers: int = Field(1, ge=1, le=64)
+    #: Threads decoding the events of one batch in parallel.
+    prepare_threads: int = Field(1, ge=1, le=64)
     params: dict[str, Any] = Field(default_factory=dict)
     batch: BatchConfig = BatchConfig()
 

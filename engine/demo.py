@@ -230,11 +230,12 @@ async def _demo_on(
     await nc.drain()
     if tty:
         print()
-    return summary(tally, engine.stats, engine.aligner.counts, seconds, sources)
+    return summary(tally, engine, seconds, sources)
 
 
-def summary(tally: Tally, stats: Any, aligner_counts: Counter[Any], seconds: float, sources: int) -> int:
+def summary(tally: Tally, engine: Any, seconds: float, sources: int) -> int:
     mods = ("image", "audio", "text")
+    stats, aligner_counts = engine.stats, engine.aligner.counts
 
     def per(c: Counter[str]) -> str:
         return ", ".join(f"{m} {c[m]}" for m in mods)
@@ -253,6 +254,14 @@ def summary(tally: Tally, stats: Any, aligner_counts: Counter[Any], seconds: flo
     for (_, outcome), n in aligner_counts.items():
         outcomes[outcome] += n
     print("  aligner outcomes      " + (", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) or "none"))
+    for route in engine.routes:
+        b = route.batcher.stats
+        sizes = " ".join(f"{k}:{v}" for k, v in sorted(b.sizes.items()))
+        print(
+            f"  batches {route.config.modality:<6}({route.config.processor}) {sum(b.sizes.values())} batches, "
+            f"mean size {b.mean_batch:.1f} [size:count {sizes}], queue wait mean {b.mean_wait_ms:.1f} ms "
+            f"max {b.wait_ns_max / 1e6:.1f} ms, dropped {b.dropped + b.rejected}"
+        )
     print(
         f"  latency publish->result  p50 {tally.percentile(50):.0f} ms, p99 {tally.percentile(99):.0f} ms "
         "(event time to result; includes waiting for the window to close)"

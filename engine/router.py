@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,11 +62,22 @@ class Route:
     processor: Processor[Any]
     batcher: Batcher[InputEvent]
     limiter: RateLimiter | None = field(default=None)
+    #: Threads that run ``prepare`` (decode) for the items of one batch in
+    #: parallel: OpenCV and numpy release the GIL, so decode scales with cores.
+    prepare_pool: ThreadPoolExecutor | None = field(default=None)
 
     def __post_init__(self) -> None:
         max_fps = getattr(self.processor, "max_fps", None)
         if self.limiter is None and isinstance(max_fps, int | float) and max_fps > 0:
             self.limiter = RateLimiter(float(max_fps))
+        if self.prepare_pool is None and self.config.prepare_threads > 1:
+            self.prepare_pool = ThreadPoolExecutor(
+                self.config.prepare_threads, thread_name_prefix=f"autoglm-prepare-{self.name}"
+            )
+
+    def close(self) -> None:
+        if self.prepare_pool is not None:
+            self.prepare_pool.shutdown(wait=True)
 
     def matches(self, event: InputEvent) -> bool:
         if event.modality != self.config.modality:
@@ -82,20 +94,30 @@ class Route:
         out: list[Outcome | None] = [None] * len(events)
         ready: list[Any] = []
         index: list[int] = []
-        for i, ev in enumerate(events):
-            try:
-                ready.append(self.processor.prepare(ev))
+        if self.prepare_pool is not None and len(events) > 1:
+            prepared = list(self.prepare_pool.map(self._prepare, events))
+        else:
+            prepared = [self._prepare(ev) for ev in events]
+        for i, item in enumerate(prepared):
+            if isinstance(item, EventRejected):
+                out[i] = item
+            else:
+                ready.append(item)
                 index.append(i)
-            except EventRejected as exc:
-                out[i] = exc
-            except Exception as exc:
-                out[i] = EventRejected("decode_error", f"{type(exc).__name__}: {exc}")
         if ready:
             feats = self.processor.run(ready)
             check_outputs(ready, feats, f"processor {self.config.processor!r}")
             for i, f in zip(index, feats, strict=True):
                 out[i] = f
         return [o if o is not None else EventRejected("processor_error", "no outcome") for o in out]
+
+    def _prepare(self, event: InputEvent) -> Any:
+        try:
+            return self.processor.prepare(event)
+        except EventRejected as exc:
+            return exc
+        except Exception as exc:  # a decoder bug must not sink the batch
+            return EventRejected("decode_error", f"{type(exc).__name__}: {exc}")
 
 
 class Router:

@@ -63,8 +63,13 @@ def image_size(payload: bytes, ct: ContentType) -> tuple[int, int]:
     raise DecodeError("decode_error", "corrupt JPEG: no frame header found")
 
 
-def decode_image(payload: bytes, ct: ContentType, max_pixels: int) -> U8Image:
-    """Decode to an ``(H, W, 3)`` uint8 BGR array, refusing oversized images first."""
+def decode_image(payload: bytes, ct: ContentType, max_pixels: int, min_side: int = 0) -> U8Image:
+    """Decode to an ``(H, W, 3)`` uint8 BGR array, refusing oversized images first.
+
+    A JPEG whose shorter side is at least ``2 * min_side`` is decoded at half
+    (or quarter) size by libjpeg's DCT scaling: the CNN never sees more than
+    ``min_side`` pixels anyway, and it saves most of the decode.
+    """
     w, h = image_size(payload, ct)
     if w <= 0 or h <= 0:
         raise DecodeError("decode_error", f"image header says {w}x{h} pixels")
@@ -86,38 +91,59 @@ def decode_image(payload: bytes, ct: ContentType, max_pixels: int) -> U8Image:
         raise DecodeError("decode_error", f"truncated JPEG: no end-of-image marker ({len(payload)} bytes)")
     if ct.mime == "image/png" and b"IEND" not in payload[-16:]:
         raise DecodeError("decode_error", f"truncated PNG: no IEND chunk ({len(payload)} bytes)")
-    img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), cv2.IMREAD_COLOR)
+    flag = cv2.IMREAD_COLOR
+    if ct.mime == "image/jpeg" and min_side:
+        if min(w, h) >= 4 * min_side:
+            flag = cv2.IMREAD_REDUCED_COLOR_4
+        elif min(w, h) >= 2 * min_side:
+            flag = cv2.IMREAD_REDUCED_COLOR_2
+    img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), flag)
     if img is None:
         raise DecodeError("decode_error", f"OpenCV could not decode the {ct.mime} body")
     return np.asarray(img, dtype=np.uint8)
 
 
-def descriptors(bgr: U8Image, previous: U8Image | None) -> tuple[dict[str, float], U8Image]:
-    """Brightness, a 4-bin hue histogram, motion against the previous small
-    grey frame of the same source. Returns the stats and the new small frame."""
+def descriptors(bgr: U8Image) -> tuple[dict[str, float], U8Image]:
+    """Brightness and a 4-bin hue histogram of the coloured pixels (grey ones
+    have no hue). Returns the stats and a small ``(48, 64)`` grey frame."""
     small = cv2.resize(bgr, (64, 48), interpolation=cv2.INTER_AREA)
     gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
     hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
-    hist = np.bincount((hsv[..., 0].ravel().astype(np.int64) * 4) // 180, minlength=4)[:4]
-    hist = hist / max(1, hist.sum())
+    hues = hsv[..., 0][hsv[..., 1] > 40]
+    hist = np.bincount((hues.astype(np.int64) * 4) // 180, minlength=4)[:4] / max(1, hues.size)
     stats = {
         "brightness": float(gray.mean()) / 255.0,
         "hue_red": float(hist[0]),
         "hue_green": float(hist[1]),
         "hue_cyan": float(hist[2]),
         "hue_blue": float(hist[3]),
-        "motion": 0.0
-        if previous is None
-        else float(np.abs(gray.astype(np.int16) - previous.astype(np.int16)).mean()) / 255.0,
     }
     return stats, np.asarray(gray, dtype=np.uint8)
 
 
-def to_tensor(bgr: U8Image, size: int) -> npt.NDArray[np.float32]:
-    """``(H, W, 3)`` BGR uint8 -> ``(3, size, size)`` normalised RGB float32."""
-    rgb = cv2.cvtColor(cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
-    x = (rgb.astype(np.float32) / 255.0 - _MEAN) / _STD
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+def motion(gray: U8Image, previous: U8Image | None) -> float:
+    """Mean absolute difference of two small grey frames, 0..1."""
+    if previous is None:
+        return 0.0
+    return float(np.abs(gray.astype(np.int16) - previous.astype(np.int16)).mean()) / 255.0
+
+
+def to_input(bgr: U8Image, size: int) -> U8Image:
+    """``(H, W, 3)`` BGR uint8 -> ``(size, size, 3)`` RGB uint8, the model's input
+    before normalisation (which :func:`normalise` does once per batch)."""
+    small = cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)
+    return np.asarray(cv2.cvtColor(small, cv2.COLOR_BGR2RGB), dtype=np.uint8)
+
+
+def normalise(batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, S, S, 3)`` uint8 RGB -> ``(B, 3, S, S)`` ImageNet-normalised ``dtype``.
+
+    Runs on the model's device, so on CUDA the copy is uint8 (4x smaller).
+    """
+    mean = torch.as_tensor(_MEAN, device=batch.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(_STD, device=batch.device).view(1, 3, 1, 1)
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    return ((x - mean) / std).to(dtype)
 
 
 def build_backbone(params: ImageParams) -> tuple[nn.Module, nn.Module, list[str]]:
@@ -162,7 +188,9 @@ def build_backbone(params: ImageParams) -> tuple[nn.Module, nn.Module, list[str]
 
 @dataclass(frozen=True, slots=True)
 class PreparedImage:
-    tensor: npt.NDArray[np.float32]
+    source: str
+    pixels: U8Image  # (S, S, 3) RGB, the model input
+    small: U8Image  # (48, 64) grey, for motion against the source's previous frame
     stats: dict[str, float]
 
 
@@ -199,29 +227,37 @@ class ImageProcessor:
         return len(found)
 
     def prepare(self, event: InputEvent) -> PreparedImage:
-        bgr = decode_image(event.payload, event.content_type, self.params.max_pixels)
+        bgr = decode_image(event.payload, event.content_type, self.params.max_pixels, self.params.input_size)
+        stats, small = descriptors(bgr)
+        stats["faces"] = float(self.count_faces(bgr))
+        return PreparedImage(event.source, to_input(bgr, self.params.input_size), small, stats)
+
+    def _motion(self, items: Sequence[PreparedImage]) -> list[float]:
+        """Motion per frame against the previous frame of its source, in batch
+        order (prepare may run in parallel threads; this part must not)."""
+        out = []
         with self._lock:
-            previous = self._previous.get(event.source)
-        stats, small = descriptors(bgr, previous)
-        with self._lock:
-            self._previous[event.source] = small
-            self._previous.move_to_end(event.source)
+            for it in items:
+                out.append(motion(it.small, self._previous.get(it.source)))
+                self._previous[it.source] = it.small
+                self._previous.move_to_end(it.source)
             while len(self._previous) > _MOTION_SOURCES:
                 self._previous.popitem(last=False)
-        stats["faces"] = float(self.count_faces(bgr))
-        return PreparedImage(to_tensor(bgr, self.params.input_size), stats)
+        return out
 
     @torch.inference_mode()
     def run(self, items: Sequence[PreparedImage]) -> list[Features]:
-        batch = torch.from_numpy(np.stack([it.tensor for it in items]))  # (B, 3, S, S)
-        emb = self.model(to_device(batch, self.device).to(self.dtype))  # (B, D)
+        batch = torch.from_numpy(np.stack([it.pixels for it in items]))  # (B, S, S, 3) uint8
+        emb = self.model(normalise(to_device(batch, self.device), self.dtype))  # (B, D)
         top: list[list[str]] = [[] for _ in items]
         if self.labels:
             idx = self.head(emb).topk(5, dim=1).indices.cpu().tolist()  # (B, 5)
             top = [[self.labels[i] for i in row] for row in idx]
         vecs = emb.float().cpu().numpy()
+        moves = self._motion(items)
         return [
-            Features("image", embedding=vecs[i], stats=it.stats, labels=top[i]) for i, it in enumerate(items)
+            Features("image", embedding=vecs[i], stats={**it.stats, "motion": moves[i]}, labels=top[i])
+            for i, it in enumerate(items)
         ]
 
 

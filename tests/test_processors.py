@@ -69,13 +69,37 @@ def test_image_formats_embed_to_the_same_shape(image_proc: Any) -> None:
     assert 0 < feats[0].stats["brightness"] < 0.5
 
 
-def test_motion_is_measured_per_source(image_proc: Any) -> None:
-    a0 = image_proc.prepare(event("image", scene(0).tobytes(), "image/x-raw;width=160;height=120", "m1"))
-    a1 = image_proc.prepare(event("image", scene(60).tobytes(), "image/x-raw;width=160;height=120", "m1"))
-    b0 = image_proc.prepare(event("image", scene(60).tobytes(), "image/x-raw;width=160;height=120", "m2"))
-    assert a0.stats["motion"] == 0.0
-    assert a1.stats["motion"] > 0.01
-    assert b0.stats["motion"] == 0.0  # another source has its own history
+def test_motion_is_measured_per_source_in_batch_order(image_proc: Any) -> None:
+    raw = "image/x-raw;width=160;height=120"
+    frames = [("m1", scene(0)), ("m2", scene(60)), ("m1", scene(60)), ("m1", scene(60))]
+    items = [image_proc.prepare(event("image", img.tobytes(), raw, src)) for src, img in frames]
+    moves = [f.stats["motion"] for f in image_proc.run(items)]
+    assert moves[0] == 0.0 and moves[1] == 0.0  # first frame of each source
+    assert moves[2] > 0.01  # m1 moved
+    assert moves[3] == 0.0  # and then stood still
+
+
+def test_parallel_prepare_gives_the_same_features(image_proc: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.batcher import Batcher
+    from engine.config import RouteConfig
+    from engine.router import Route
+
+    jpegs = [cv2.imencode(".jpg", scene(i * 10))[1].tobytes() for i in range(6)]
+    evs = [event("image", j, "image/jpeg", "par") for j in jpegs]
+    cfg = RouteConfig(modality="image", processor="cnn", prepare_threads=3)
+    batcher: Batcher[InputEvent] = Batcher(max_batch_size=8, max_wait_ns=0, max_queue=8)
+    serial = Route("a", cfg, image_proc, batcher, prepare_pool=None)
+    serial.prepare_pool = None  # force the one-thread path for the reference
+    parallel = Route("b", cfg, image_proc, batcher, prepare_pool=ThreadPoolExecutor(3))
+    ref = serial.process(evs)
+    image_proc._previous.clear()
+    got = parallel.process(evs)
+    parallel.close()
+    for r, g in zip(ref, got, strict=True):
+        assert np.allclose(r.embedding, g.embedding)  # type: ignore[union-attr]
+        assert r.stats == g.stats  # type: ignore[union-attr]
 
 
 def test_image_rejections(image_proc: Any) -> None:
