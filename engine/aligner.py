@@ -48,6 +48,8 @@ class _Slot:
     order: int
     features: Features | None = None
     process_ns: Nanos = 0
+    arrived: Nanos = 0
+    traceparent: str | None = None
 
 
 @dataclass(slots=True)
@@ -187,6 +189,10 @@ class Aligner:
     @property
     def pending(self) -> int:
         return sum(w.pending for s in self._sources.values() for w in s.windows.values())
+
+    def note(self, source: str, modality: Modality, outcome: str) -> None:
+        """Count an outcome decided before the aligner (``rate_limited``)."""
+        self._count(self._sources.get(source), modality, outcome)
 
     def source_counts(self, source: str) -> Counter[tuple[Modality, str]]:
         src = self._sources.get(source)

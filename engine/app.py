@@ -28,6 +28,7 @@ from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_
 from engine.config import EngineConfig
 from engine.errors import BackpressureError, EventRejected, TransportError
 from engine.glm import GLMStage
+from engine.nearest import NearestAligner
 from engine.router import Route, Router
 from engine.server import EmbeddedServer
 from engine.stats import EngineStats
@@ -76,7 +77,7 @@ class Engine:
         self.clock = clock
         self.routes = routes or [rc.build(f"routes[{i}]") for i, rc in enumerate(config.routes)]
         self.router = Router(self.routes)
-        self.aligner: Aligner = config.aligner.build(clock)
+        self.aligner: Aligner | NearestAligner = config.aligner.build(clock)
         self.glm: GLMStage = config.glm.build()
         self.stats = EngineStats()
         self.url: str | None = None
@@ -203,6 +204,7 @@ class Engine:
             route = self.router.route_for(event)
             if route.limiter is not None and not route.limiter.allow(event.source, event.ts_ns):
                 self.stats.rate_limited[event.modality] += 1
+                self.aligner.note(event.source, event.modality, "rate_limited")
                 return
             self.aligner.admit(event)
         except EventRejected as exc:
@@ -243,7 +245,10 @@ class Engine:
             "rejected_ns": self.clock(),
         }
         log.debug("rejected %s: %s", subject, exc)
-        await self._nc.publish(dlq_subject(self.prefix, source), orjson.dumps(record))
+        target = dlq_subject(self.prefix, source)
+        if exc.reason == "too_late" and self.config.aligner.late_to == "late" and source:
+            target = f"{self.prefix}.late.{source}"
+        await self._nc.publish(target, orjson.dumps(record))
         self.stats.dlq_published += 1
 
     # -- processing -----------------------------------------------------------------
@@ -296,7 +301,7 @@ class Engine:
                     "event_to_result": round((now - latest) / 1e6, 3),
                 },
             )
-            headers = {ID_HEADER: f"{frame.source}:{frame.start_ns}"}
+            headers = {ID_HEADER: frame.key or f"{frame.source}:{frame.start_ns}"}
             if frame.traceparent:
                 headers["traceparent"] = frame.traceparent
             await self._nc.publish(f"{self.prefix}.out.{frame.source}", orjson.dumps(record), headers=headers)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from engine.aligner import Aligner
     from engine.batcher import Batcher
     from engine.glm import GLMStage
+    from engine.nearest import NearestAligner
     from engine.router import Route
 
 NATS_URL_ENV = "AUTOGLM_NATS_URL"
@@ -118,8 +119,12 @@ class RouteConfig(_Frozen):
 class AlignerConfig(_Frozen):
     """Event-time fusion per source (see README, "The aligner")."""
 
-    mode: Literal["window"] = "window"
+    mode: Literal["window", "nearest"] = "window"
     window_ms: int = Field(1000, gt=0, le=3_600_000)
+    #: ``nearest`` mode: one frame per event of ``pivot``; each other modality
+    #: adds its event nearest in time within ``slop_ms``.
+    pivot: Modality = "image"
+    slop_ms: int = Field(50, ge=0)
     allowed_lateness_ms: int = Field(0, ge=0)
     idle_timeout_ms: int = Field(2000, gt=0)
     max_future_ms: int = Field(10_000, ge=0)
@@ -127,13 +132,16 @@ class AlignerConfig(_Frozen):
     on_missing: Literal["emit", "drop"] = "emit"
     #: The modalities a complete frame has; ``missing`` is computed against it.
     expect: tuple[Modality, ...] = ("image", "audio", "text")
+    #: Where ``too_late`` records go: the DLQ, or ``<prefix>.late.<source>``.
+    late_to: Literal["dlq", "late"] = "dlq"
     max_open_windows: int = Field(64, ge=1)
     max_sources: int = Field(10_000, ge=1)
 
-    def build(self, clock: Clock) -> Aligner:
+    def build(self, clock: Clock) -> Aligner | NearestAligner:
         from engine.aligner import Aligner
+        from engine.nearest import NearestAligner
 
-        return Aligner(self, clock)
+        return NearestAligner(self, clock) if self.mode == "nearest" else Aligner(self, clock)
 
 
 class GLMConfig(_Frozen):

@@ -258,7 +258,8 @@ def summary(tally: Tally, engine: Any, seconds: float, sources: int) -> int:
         b = route.batcher.stats
         sizes = " ".join(f"{k}:{v}" for k, v in sorted(b.sizes.items()))
         print(
-            f"  batches {route.config.modality:<6}({route.config.processor}) {sum(b.sizes.values())} batches, "
+            f"  batches {route.config.modality:<6}({route.config.processor}) "
+            f"{sum(b.sizes.values())} batches, "
             f"mean size {b.mean_batch:.1f} [size:count {sizes}], queue wait mean {b.mean_wait_ms:.1f} ms "
             f"max {b.wait_ns_max / 1e6:.1f} ms, dropped {b.dropped + b.rejected}"
         )

@@ -106,6 +106,8 @@ class FusedFrame:
     closed_ns: Nanos
     #: Largest per-event processing time in the frame (decode + model), ns.
     process_ns: Nanos = 0
+    #: The result's ``Nats-Msg-Id``; ``<source>:<start_ns>`` when empty.
+    key: str = ""
 
 
 T = TypeVar("T")

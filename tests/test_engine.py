@@ -231,3 +231,39 @@ async def test_real_processors_reject_bad_inputs_and_keep_the_rest(
     assert feats["image"]["embedding_dim"] == 576
     assert len(feats["audio"]["mfcc_mean"]) == 13
     assert feats["text"]["texts"] == ["café au lait"]
+
+
+async def test_nearest_mode_and_late_subject_over_nats(nc: Any, nats_url: str, prefix: str) -> None:
+    out = await collect(nc, f"{prefix}.out.>")
+    late = await collect(nc, f"{prefix}.late.>")
+    cfg = make_config(
+        prefix,
+        aligner={
+            "mode": "nearest",
+            "pivot": "image",
+            "slop_ms": 20,
+            "late_to": "late",
+            "idle_timeout_ms": 300,
+        },
+    )
+    engine = Engine(cfg)
+    await engine.start(nats_url)
+    t = time.time_ns() - 10**9
+    for mod, off, eid in [("image", 0, "p0"), ("audio", 8, "a8"), ("image", 40, "p40"), ("text", 45, "t45"),
+                          ("image", 200, "p200"), ("audio", 10, "a10-late")]:  # fmt: skip
+        await send(nc, prefix, "cam", mod, b"x", t + off * MS, event_id=eid)
+    await nc.flush()
+    results = await out.wait_for(3)
+    await engine.stop()
+    assert [r["events"] for r in results] == [
+        {"image": ["p0"], "audio": ["a8"]},
+        {"image": ["p40"], "text": ["t45"]},
+        {"image": ["p200"]},
+    ]
+    assert [h["Nats-Msg-Id"] for _, h, _ in out.items] == [
+        f"cam:{t}:p0",
+        f"cam:{t + 40 * MS}:p40",
+        f"cam:{t + 200 * MS}:p200",
+    ]
+    [record] = await late.wait_for(1)
+    assert (record["event_id"], record["reason"]) == ("a10-late", "too_late")
