@@ -347,4 +347,5 @@ def fuse_modality(slots: Iterable[_Slot]) -> ModalityFusion:
         timestamps=tuple(s.ts for s in items),
         summary=summary,
         embedding=embedding,
+        per_event=tuple(f.stats for f in feats),
     )

@@ -89,6 +89,8 @@ class ModalityFusion:
     timestamps: tuple[Nanos, ...]
     summary: Mapping[str, object]
     embedding: FloatArray | None = None
+    #: Each event's own descriptors, in time order (the summary holds means).
+    per_event: tuple[Stats, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -233,6 +233,7 @@ def test_fusion_aggregates_per_modality() -> None:
     push(a, ev("s", "audio", T0 + 4 * MS), 4.0)
     [frame] = a.flush()
     img = frame.modalities["image"]
+    assert [s["brightness"] for s in img.per_event] == [1.0, 3.0]
     assert img.summary["count"] == 2
     assert img.summary["brightness"] == 2.0
     assert img.embedding is not None and np.allclose(img.embedding, 2.0)
