@@ -348,4 +348,9 @@ def fuse_modality(slots: Iterable[_Slot]) -> ModalityFusion:
         summary=summary,
         embedding=embedding,
         per_event=tuple(f.stats for f in feats),
+        attachment=_middle([f.attachment for f in feats if f.attachment is not None]),
     )
+
+
+def _middle(items: list[bytes]) -> bytes | None:
+    return items[len(items) // 2] if items else None

@@ -27,8 +27,9 @@ from engine.batcher import BatchWorker
 from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, source_of
 from engine.config import EngineConfig
 from engine.errors import BackpressureError, EventRejected, TransportError
-from engine.glm import GLMStage
+from engine.glm_stage import GLMStage
 from engine.nearest import NearestAligner
+from engine.publish import sync_with_server
 from engine.router import Route, Router
 from engine.server import EmbeddedServer
 from engine.stats import EngineStats
@@ -78,7 +79,7 @@ class Engine:
         self.routes = routes or [rc.build(f"routes[{i}]") for i, rc in enumerate(config.routes)]
         self.router = Router(self.routes)
         self.aligner: Aligner | NearestAligner = config.aligner.build(clock)
-        self.glm: GLMStage = config.glm.build()
+        self.glm: GLMStage = config.glm.build(self._send_result)
         self.stats = EngineStats()
         self.url: str | None = None
         self._server: EmbeddedServer | None = None
@@ -112,11 +113,10 @@ class Engine:
         try:
             # nats-py keeps retrying the first connect when reconnects are
             # unlimited; bound it so a wrong URL fails fast and clearly.
-            await asyncio.wait_for(self._broker.connect(), self.config.nats.connect_timeout_s)
+            self._nc = await asyncio.wait_for(self._broker.connect(), self.config.nats.connect_timeout_s)
         except Exception as exc:  # nats-py raises OSError, TimeoutError, NoServersError...
             await self._stop_server()
             raise TransportError(f"cannot connect to NATS at {url}: {exc}") from exc
-        self._nc = self._broker.connection
         for route in self.routes:
             pool = ThreadPoolExecutor(route.config.workers, thread_name_prefix=f"autoglm-{route.name}")
             self._pools.append(pool)
@@ -128,6 +128,7 @@ class Engine:
             )
             worker.start()
             self._workers[route.name] = worker
+        self.glm.start()
         self._emitter = asyncio.get_running_loop().create_task(self._emit_loop())
         self._sub = await self._nc.subscribe(
             f"{self.prefix}.in.>",
@@ -135,7 +136,7 @@ class Engine:
             pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=1024 * 1024 * 1024,
         )
-        await self._nc.flush()
+        await sync_with_server(self._nc)
         return url
 
     async def stop(self) -> None:
@@ -151,6 +152,7 @@ class Engine:
         if self._emitter is not None:
             self._kick.set()
             await self._emitter
+        await self.glm.drain(self.config.glm.call_timeout_s)
         if self._nc is not None:
             await self._nc.flush()
         if self._broker is not None:
@@ -279,35 +281,34 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), tick)
             self._kick.clear()
-            await self._publish(self.aligner.poll())
+            try:
+                await self._publish(self.aligner.poll())
+            except Exception:  # a bug here must not stop every later result
+                self.stats.emit_errors += 1
+                log.exception("publishing fused frames failed")
 
     async def _publish(self, frames: list[FusedFrame]) -> None:
+        """Hand each closed frame to the GLM stage, which publishes it (now, or
+        once the model answered) through :meth:`_send_result`."""
         for frame in frames:
-            prompt = self.glm.prompt(frame)
-            t0 = time.perf_counter_ns()
-            answer = await self.glm.answer(prompt)
-            glm_ns = time.perf_counter_ns() - t0
-            now = self.clock()
-            record = frame_record(frame)
-            latest = max(ts for f in frame.modalities.values() for ts in f.timestamps)
-            record.update(
-                prompt=prompt,
-                answer=answer,
-                glm={"backend": self.glm.config.backend},
-                latency_ms={
-                    "process": round(frame.process_ns / 1e6, 3),
-                    "align": round((frame.closed_ns - frame.first_arrival_ns) / 1e6, 3),
-                    "glm": round(glm_ns / 1e6, 3),
-                    "event_to_result": round((now - latest) / 1e6, 3),
-                },
-            )
-            headers = {ID_HEADER: frame.key or f"{frame.source}:{frame.start_ns}"}
-            if frame.traceparent:
-                headers["traceparent"] = frame.traceparent
-            await self._nc.publish(f"{self.prefix}.out.{frame.source}", orjson.dumps(record), headers=headers)
-            self.stats.results += 1
-            for mod, fused in frame.modalities.items():
-                self.stats.results_events[mod] += len(fused.event_ids)
+            await self.glm.submit(frame, frame_record(frame))
+
+    async def _send_result(self, frame: FusedFrame, record: dict[str, Any]) -> None:
+        now = self.clock()
+        latest = max(ts for f in frame.modalities.values() for ts in f.timestamps)
+        record["latency_ms"] = {
+            "process": round(frame.process_ns / 1e6, 3),
+            "align": round((frame.closed_ns - frame.first_arrival_ns) / 1e6, 3),
+            "glm": record.get("glm", {}).get("latency_ms", 0.0),
+            "event_to_result": round((now - latest) / 1e6, 3),
+        }
+        headers = {ID_HEADER: frame.key or f"{frame.source}:{frame.start_ns}"}
+        if frame.traceparent:
+            headers["traceparent"] = frame.traceparent
+        await self._nc.publish(f"{self.prefix}.out.{frame.source}", orjson.dumps(record), headers=headers)
+        self.stats.results += 1
+        for mod, fused in frame.modalities.items():
+            self.stats.results_events[mod] += len(fused.event_ids)
 
 
 def _event_headers(event: InputEvent) -> dict[str, str]:

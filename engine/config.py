@@ -22,7 +22,7 @@ from engine.types import Clock, Modality
 if TYPE_CHECKING:
     from engine.aligner import Aligner
     from engine.batcher import Batcher
-    from engine.glm import GLMStage
+    from engine.glm_stage import GLMStage, Publish
     from engine.nearest import NearestAligner
     from engine.router import Route
 
@@ -145,27 +145,68 @@ class AlignerConfig(_Frozen):
 
 
 class GLMConfig(_Frozen):
-    """The model called with each fused frame. ``none`` publishes the prompt only."""
+    """The model called with each fused frame (see README, "The GLM stage")."""
 
-    backend: Literal["none"] = "none"
+    #: ``none`` publishes the prompt with a null answer; ``transformers``/``hf``
+    #: runs a local causal LM; ``openai``/``vllm`` calls a chat-completions API.
+    backend: Literal["none", "transformers", "hf", "openai", "vllm"] = "none"
+    #: transformers: a local directory or a cached model id; openai: the model name.
+    model: str = ""
+    base_url: str = ""
+    #: The *name* of the environment variable holding the API key.
+    api_key_env: str = "OPENAI_API_KEY"
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_new_tokens: int = Field(128, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int = 0
+    system_prompt: str = ""
+    #: Per HTTP request (openai); ``call_timeout_s`` bounds a whole call, retries included.
+    timeout_s: float = Field(30.0, gt=0)
+    call_timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0, le=20)
+    backoff_s: float = Field(0.5, ge=0)
+    #: GLM calls never block ingestion: a bounded queue in front of the backend.
+    max_in_flight: int = Field(2, ge=1, le=256)
+    max_queue: int = Field(64, ge=1)
+    overload: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    #: transformers: prompts from several sources in one ``generate`` call.
+    batch_size: int = Field(4, ge=1, le=256)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(30.0, gt=0)
+    #: openai: attach the window's key frame (needs the image route's params.thumbnail).
+    attach_images: bool = False
+    #: Per source: the last ``history`` answers go into the next prompt.
+    history: int = Field(3, ge=0, le=100)
+    history_chars: int = Field(2000, ge=0)
+    trigger: Literal["every", "on_change"] = "every"
+    change_threshold: float = Field(0.3, ge=0, le=1)
+    max_interval_ms: int = Field(10_000, gt=0)
     template: str = (
         "Source {source}, window {start} to {end}.\n"
         "Image: {image}\nAudio: {audio}\nText: {text}\nMissing: {missing}\n"
-        "Describe what is happening."
+        "Earlier: {history}\nDescribe what is happening."
     )
 
     @field_validator("template")
     @classmethod
     def _template(cls, v: str) -> str:
-        from engine.glm import check_template
+        from engine.prompts import check_template
 
         check_template(v)
         return v
 
-    def build(self) -> GLMStage:
-        from engine.glm import GLMStage
+    @field_validator("device")
+    @classmethod
+    def _glm_device(cls, v: str) -> str:
+        if not _DEVICE_RE.fullmatch(v):
+            raise ValueError('must be "auto", "cpu", "cuda" or "cuda:N"')
+        return v
 
-        return GLMStage(self)
+    def build(self, publish: Publish) -> GLMStage:
+        from engine.glm_stage import GLMStage
+
+        return GLMStage(self, publish)
 
 
 class EngineConfig(_Frozen):
@@ -257,6 +298,32 @@ def _route_problems(raw_routes: object) -> list[str]:
     return problems
 
 
+def _glm_problems(data: Mapping[str, Any]) -> list[str]:
+    glm = data.get("glm")
+    if not isinstance(glm, Mapping):
+        return []
+    backend = glm.get("backend", "none")
+    problems = []
+    if backend in ("openai",) and not glm.get("base_url"):
+        problems.append('glm.base_url: is required when backend = "openai"')
+    if backend in ("openai", "vllm", "transformers", "hf") and not glm.get("model"):
+        problems.append(f'glm.model: is required when backend = "{backend}"')
+    if glm.get("attach_images"):
+        routes = data.get("routes") or []
+        thumbs = [
+            r.get("params", {}).get("thumbnail", 0)
+            for r in routes
+            if isinstance(r, Mapping)
+            and r.get("modality") == "image"
+            and isinstance(r.get("params", {}), Mapping)
+        ]
+        if not any(thumbs):
+            problems.append(
+                "glm.attach_images = true: the image route needs params.thumbnail > 0 (the key frame's size)"
+            )
+    return problems
+
+
 def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
     """Validate a parsed TOML document; ``AUTOGLM_NATS_URL`` overrides ``nats.url``."""
     env = os.environ if env is None else env
@@ -267,6 +334,7 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
     except ValidationError as exc:
         problems.extend(format_errors(exc))
     problems.extend(_route_problems(data.get("routes")))
+    problems.extend(_glm_problems(data))
     if problems or cfg is None:
         raise ConfigError(problems)
     url = env.get(NATS_URL_ENV)

@@ -22,7 +22,7 @@ import orjson
 
 from engine.codec import encode_headers, input_subject
 from engine.config import EngineConfig, RouteConfig
-from engine.publish import connect
+from engine.publish import connect, sync_with_server
 
 FPS = 30
 AUDIO_CHUNK_MS = 100
@@ -136,12 +136,9 @@ async def _source_loop(
             eid, body, mod = f"{name}-aud-{k}", audio_chunk(k, index), "audio"
             ct = f"audio/pcm;rate={AUDIO_RATE};channels=1;format=s16le"
         elif kind == "text":
-            eid, body, ct, mod = (
-                f"{name}-txt-{k}",
-                CAPTIONS[(k + index) % len(CAPTIONS)].encode(),
-                "text/plain",
-                "text",
-            )
+            # A captioner repeats itself while the scene holds: a new line every 3 s.
+            caption = CAPTIONS[(k // 3 + index) % len(CAPTIONS)]
+            eid, body, ct, mod = f"{name}-txt-{k}", caption.encode(), "text/plain", "text"
         else:  # an invalid UTF-8 caption
             eid, body, ct, mod = f"{name}-badtxt-{k}", b"caption \xc3\x28 broken", "text/plain", "text"
         tally.published[mod] += 1
@@ -211,7 +208,7 @@ async def _demo_on(
 
     await nc.subscribe(f"{prefix}.out.>", cb=on_out)
     await nc.subscribe(f"{prefix}.dlq.>", cb=on_dlq)
-    await nc.flush()
+    await sync_with_server(nc)
     frames = [shapes_frames(i, FPS * 2, width, height) for i in range(sources)]
     started = time.monotonic()
     pubs = [
@@ -263,6 +260,15 @@ def summary(tally: Tally, engine: Any, seconds: float, sources: int) -> int:
             f"mean size {b.mean_batch:.1f} [size:count {sizes}], queue wait mean {b.mean_wait_ms:.1f} ms "
             f"max {b.wait_ns_max / 1e6:.1f} ms, dropped {b.dropped + b.rejected}"
         )
+    g, gcfg = engine.glm.stats, engine.config.glm
+    windows = g.sent + sum(g.skipped.values())
+    saved = g.skipped["no_change"]
+    print(
+        f"  GLM ({gcfg.backend}, trigger {gcfg.trigger})  {g.sent} of {windows} windows sent"
+        + (f", {saved} unchanged ({100 * saved / windows:.0f}% of calls saved)" if windows else "")
+        + f", {g.calls} calls, {g.errors} errors"
+        + "".join(f", {k} {v}" for k, v in sorted(g.skipped.items()) if k != "no_change")
+    )
     print(
         f"  latency publish->result  p50 {tally.percentile(50):.0f} ms, p99 {tally.percentile(99):.0f} ms "
         "(event time to result; includes waiting for the window to close)"

@@ -39,6 +39,19 @@ def audio_chunks(path: Path, chunk_ms: int) -> tuple[list[bytes], str, int]:
     return bodies, ct, int(step * 1e9 / rate)
 
 
+async def sync_with_server(nc: Any) -> None:
+    """Return once the server has processed everything this client sent.
+
+    nats-py 2.16's ``flush()`` writes its PING straight to the socket while
+    commands such as SUB wait in the pending buffer for the flusher task, so
+    one flush can come back before a new subscription is known to the
+    server, and messages published meanwhile are missed (seen in our tests).
+    The second round trip starts after the flusher has run.
+    """
+    await nc.flush()
+    await nc.flush()
+
+
 async def _ignore(exc: Exception) -> None:
     """nats-py prints every failed attempt; the caller reports the outcome once."""
 
@@ -96,6 +109,7 @@ async def publish_file(
         if wait > 0:
             await nc.subscribe(f"{prefix}.out.{source}", cb=on_reply)
             await nc.subscribe(f"{prefix}.dlq.{source}", cb=on_reply)
+            await sync_with_server(nc)
         subject = input_subject(prefix, source, modality)
         t0 = time.time_ns()
         base_id = event_id or f"{source}-{modality}-{t0}"

@@ -24,6 +24,7 @@ class EngineStats:
     #: Messages nats-py dropped because we fell behind (slow consumer).
     slow_consumer: int = 0
     batch_errors: int = 0
+    emit_errors: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -36,4 +37,5 @@ class EngineStats:
             "dlq_published": self.dlq_published,
             "slow_consumer": self.slow_consumer,
             "batch_errors": self.batch_errors,
+            "emit_errors": self.emit_errors,
         }

@@ -79,6 +79,8 @@ class Features:
     stats: Stats = field(default_factory=dict)
     text: str | None = None
     labels: Sequence[str] = ()
+    #: A small JPEG of the frame, when the image route keeps one for the GLM.
+    attachment: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,8 @@ class ModalityFusion:
     embedding: FloatArray | None = None
     #: Each event's own descriptors, in time order (the summary holds means).
     per_event: tuple[Stats, ...] = ()
+    #: The window's key frame (middle one) as JPEG, when the route keeps them.
+    attachment: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,6 +192,7 @@ class PreparedImage:
     pixels: U8Image  # (S, S, 3) RGB, the model input
     small: U8Image  # (48, 64) grey, for motion against the source's previous frame
     stats: dict[str, float]
+    thumbnail: bytes | None = None
 
 
 class ImageProcessor:
@@ -230,7 +231,14 @@ class ImageProcessor:
         bgr = decode_image(event.payload, event.content_type, self.params.max_pixels, self.params.input_size)
         stats, small = descriptors(bgr)
         stats["faces"] = float(self.count_faces(bgr))
-        return PreparedImage(event.source, to_input(bgr, self.params.input_size), small, stats)
+        thumb = None
+        if self.params.thumbnail:
+            scale = min(1.0, self.params.thumbnail / max(bgr.shape[:2]))
+            resized = (
+                cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else bgr
+            )
+            thumb = cv2.imencode(".jpg", resized, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+        return PreparedImage(event.source, to_input(bgr, self.params.input_size), small, stats, thumb)
 
     def _motion(self, items: Sequence[PreparedImage]) -> list[float]:
         """Motion per frame against the previous frame of its source, in batch
@@ -256,7 +264,13 @@ class ImageProcessor:
         vecs = emb.float().cpu().numpy()
         moves = self._motion(items)
         return [
-            Features("image", embedding=vecs[i], stats={**it.stats, "motion": moves[i]}, labels=top[i])
+            Features(
+                "image",
+                embedding=vecs[i],
+                stats={**it.stats, "motion": moves[i]},
+                labels=top[i],
+                attachment=it.thumbnail,
+            )
             for i, it in enumerate(items)
         ]
 

@@ -28,6 +28,9 @@ class ImageParams(_Params):
     max_fps: float = Field(30.0, gt=0, le=1000)
     max_pixels: int = Field(40_000_000, gt=0)
     faces: bool = True
+    #: Keep a JPEG of each frame at most this many pixels on its longer side,
+    #: for GLMs that look at images (``glm.attach_images``); 0 keeps none.
+    thumbnail: int = Field(0, ge=0, le=2048)
     seed: int = 0
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from engine.codec import encode_headers
 from engine.config import EngineConfig, parse_config
+from engine.publish import sync_with_server
 from engine.server import EmbeddedServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,7 +93,7 @@ class Collector:
 async def collect(nc: Any, subject: str) -> Collector:
     c = Collector()
     await nc.subscribe(subject, cb=c.cb)
-    await nc.flush()
+    await sync_with_server(nc)
     return c
 
 

@@ -114,3 +114,16 @@ def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     err = capsys.readouterr().err
     assert "routes[0].batch.max_wait_ms = -5: must be >= 0" in err
     assert "aligner.allowed_lateness_ms = -1: must be >= 0" in err
+
+
+def test_glm_settings_are_checked_together() -> None:
+    found = problems({"routes": routes(1), "glm": {"backend": "openai", "max_in_flight": 0}})
+    assert 'glm.base_url: is required when backend = "openai"' in found
+    assert 'glm.model: is required when backend = "openai"' in found
+    assert "glm.max_in_flight = 0: must be >= 1" in found
+    found = problems({"routes": routes(1), "glm": {"backend": "none", "attach_images": True}})
+    assert found == [
+        "glm.attach_images = true: the image route needs params.thumbnail > 0 (the key frame's size)"
+    ]
+    ok = {"routes": [{"modality": "image", "processor": "cnn", "params": {"thumbnail": 256}}]}
+    assert parse_config({**ok, "glm": {"attach_images": True}}, env={}).glm.attach_images

@@ -267,3 +267,27 @@ async def test_nearest_mode_and_late_subject_over_nats(nc: Any, nats_url: str, p
     ]
     [record] = await late.wait_for(1)
     assert (record["event_id"], record["reason"]) == ("a10-late", "too_late")
+
+
+async def test_results_carry_real_answers_from_an_openai_compatible_server(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    from tests.chat_server import ChatServer
+
+    out = await collect(nc, f"{prefix}.out.>")
+    async with ChatServer(lambda n, body: ("ok", f"answer {n}")) as srv:
+        glm = {"backend": "openai", "base_url": srv.url, "model": "glm-4", "trigger": "every", "retries": 0}
+        engine = Engine(make_config(prefix, glm=glm))
+        await engine.start(nats_url)
+        base = time.time_ns()
+        for s in range(3):
+            await send(nc, prefix, f"cam{s}", "text", f"caption {s}".encode(), base, event_id=f"c{s}")
+        await nc.flush()
+        results = await out.wait_for(3)
+        await engine.stop()
+    assert sorted(r["answer"] for r in results) == ["answer 0", "answer 1", "answer 2"]
+    for r in results:
+        assert r["glm"]["backend"] == "openai" and r["glm"]["model"] == "glm-4"
+        assert r["latency_ms"]["glm"] > 0
+        assert f"Source {r['source']}" in r["prompt"]
+    assert len(srv.requests) == 3

@@ -248,3 +248,12 @@ def test_half_precision_is_for_cuda_only() -> None:
 
     proc = lookup("cnn").create({"faces": False}, "image", "cpu", "float16")
     assert proc.dtype == torch.float32  # a CPU route keeps float32 whatever dtype says
+
+
+def test_thumbnail_for_vision_glms() -> None:
+    proc = lookup("cnn").create({"thumbnail": 64, "faces": False}, "image", "cpu")
+    jpeg = cv2.imencode(".jpg", scene())[1].tobytes()
+    [f] = proc.run([proc.prepare(event("image", jpeg, "image/jpeg"))])
+    assert f.attachment is not None
+    thumb = cv2.imdecode(np.frombuffer(f.attachment, np.uint8), cv2.IMREAD_COLOR)
+    assert max(thumb.shape[:2]) == 64

@@ -1,0 +1,136 @@
+"""The engine's GLM stage: triggering, history, overload, timeouts, the breaker."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from engine.config import GLMConfig
+from engine.glm_stage import GLMStage, change_score, snapshot
+from engine.types import FusedFrame, ModalityFusion
+from tests.chat_server import ChatServer
+
+S = 1_000_000_000
+
+
+def frame(i: int, source: str = "cam", emb: list[float] | None = None, text: str | None = None,
+          faces: float = 0.0, loud: float = -30.0) -> FusedFrame:  # fmt: skip
+    mods: dict[str, ModalityFusion] = {
+        "image": ModalityFusion(
+            (f"i{i}",), (i * S,), {"count": 1, "faces": faces}, np.array(emb or [1.0, 0.0], np.float32)
+        ),
+        "audio": ModalityFusion((f"a{i}",), (i * S,), {"count": 1, "loudness_dbfs": loud}),
+    }
+    if text:
+        mods["text"] = ModalityFusion((f"t{i}",), (i * S,), {"count": 1, "texts": [text]})
+    return FusedFrame(source, i * S, (i + 1) * S, mods, (), None, 0, 0)  # type: ignore[arg-type]
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    async def __call__(self, f: FusedFrame, record: dict[str, Any]) -> None:
+        self.records.append({"window": f.start_ns // S, **record})
+
+
+def stage(url: str, sink: Sink, **cfg: Any) -> GLMStage:
+    base = {"backend": "openai", "base_url": url, "model": "m", "backoff_s": 0.01, "retries": 0}
+    s = GLMStage(GLMConfig(**{**base, **cfg}), sink)
+    s.start()
+    return s
+
+
+def test_change_score_components() -> None:
+    base = snapshot(frame(0))
+    assert change_score(None, base) == 1.0
+    assert change_score(base, snapshot(frame(1))) == 0.0
+    assert change_score(base, snapshot(frame(1, emb=[0.0, 1.0]))) == 1.0  # orthogonal embedding
+    assert 0.0 < change_score(base, snapshot(frame(1, emb=[1.0, 0.3]))) < 0.1
+    assert change_score(base, snapshot(frame(1, text="a caption"))) == 1.0
+    assert change_score(base, snapshot(frame(1, faces=1.0))) == 1.0
+    assert change_score(base, snapshot(frame(1, loud=-20.0))) == 0.5  # 10 dB of a 20 dB scale
+
+
+async def test_on_change_calls_once_for_a_static_scene_and_again_on_change() -> None:
+    sink = Sink()
+    async with ChatServer() as srv:
+        s = stage(srv.url, sink, trigger="on_change", change_threshold=0.3, max_interval_ms=5000)
+        for i in range(4):
+            await s.submit(frame(i), {})  # static: only the first is sent
+        await s.submit(frame(4, emb=[0.0, 1.0]), {})  # the scene changed
+        for i in range(5, 12):
+            await s.submit(frame(i, emb=[0.0, 1.0]), {})  # static again; 9 is 5 s after 4
+        await s.drain(5)
+    by_window = {r["window"]: r["glm"] for r in sink.records}
+    sent = sorted(w for w, g in by_window.items() if "skipped" not in g)
+    assert sent == [0, 4, 9]
+    assert by_window[1] == {"backend": "openai", "skipped": "no_change", "score": 0.0}
+    assert s.stats.skipped is not None and s.stats.skipped["no_change"] == 9
+    assert len(srv.requests) == 3
+    assert len(sink.records) == 12  # every frame published once
+
+
+async def test_history_goes_into_the_next_prompt() -> None:
+    sink = Sink()
+    async with ChatServer(lambda n, b: ("ok", f"answer-{n}")) as srv:
+        s = stage(srv.url, sink, template="{source}: {text} | before: {history}", history=2, max_in_flight=1)
+        for i, t in enumerate(["one", "two", "three", "four"]):
+            await s.submit(frame(i, text=t), {})
+            await asyncio.sleep(0.05)
+        await s.drain(5)
+    prompts = [r["messages"][-1]["content"] for r in srv.requests]
+    assert prompts[0] == "cam: one | before: none"
+    assert prompts[1] == "cam: two | before: [0..1000000000] answer-0"
+    assert (
+        prompts[3]
+        == "cam: four | before: [1000000000..2000000000] answer-1\n[2000000000..3000000000] answer-2"
+    )
+    assert [r["answer"] for r in sink.records] == ["answer-0", "answer-1", "answer-2", "answer-3"]
+
+
+async def test_overload_drops_the_oldest_and_publishes_it_marked() -> None:
+    sink = Sink()
+    async with ChatServer(lambda n, b: ("slow", 0.2)) as srv:
+        s = stage(srv.url, sink, max_in_flight=1, max_queue=2)
+        await s.submit(frame(0, source="s0"), {})
+        await asyncio.sleep(0.05)  # 0 is in flight now
+        for i in range(1, 6):
+            await s.submit(frame(i, source=f"s{i}"), {})
+        await s.drain(5)
+    skipped = sorted(r["window"] for r in sink.records if r["glm"].get("skipped") == "glm_overloaded")
+    answered = sorted(r["window"] for r in sink.records if r["answer"])
+    assert skipped == [1, 2, 3]  # 0 is in flight; 4 and 5 pushed the oldest waiting out
+    assert answered == [0, 4, 5]
+    assert len(sink.records) == 6
+
+
+async def test_a_hanging_backend_times_out_opens_the_breaker_and_never_blocks() -> None:
+    sink = Sink()
+    async with ChatServer(lambda n, b: ("hang", None)) as srv:
+        s = stage(
+            srv.url, sink, call_timeout_s=0.2, breaker_failures=2, breaker_cooldown_s=60, max_in_flight=1
+        )
+        for i in range(2):
+            await s.submit(frame(i), {})
+            await asyncio.sleep(0.35)
+        await s.submit(frame(2), {})  # breaker open: marked at once, no call
+        await s.drain(1)
+    glm = {r["window"]: r["glm"] for r in sink.records}
+    assert "timed out after 0.2 s" in glm[0]["error"] and "timed out" in glm[1]["error"]
+    assert glm[2]["skipped"] == "breaker_open"
+    assert s.breaker.state == "open" and s.stats.errors == 2
+    assert len(srv.requests) == 2
+
+
+async def test_drain_publishes_what_it_could_not_finish() -> None:
+    sink = Sink()
+    async with ChatServer(lambda n, b: ("hang", None)) as srv:
+        s = stage(srv.url, sink, max_in_flight=1, call_timeout_s=30)
+        for i in range(3):
+            await s.submit(frame(i, source=f"s{i}"), {})
+        await asyncio.sleep(0.1)
+        await s.drain(0.2)
+    assert sorted(r["glm"].get("skipped", "in flight") for r in sink.records) == ["shutdown", "shutdown"]
