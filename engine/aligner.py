@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -77,13 +77,19 @@ class _Source:
     counts: Counter[tuple[Modality, str]] = field(default_factory=Counter)
 
 
-class Aligner:
-    """Fuses one source's events per tumbling window of event time."""
+class _Counted(Protocol):
+    counts: Counter[tuple[Modality, str]]
+
+
+S = TypeVar("S", bound=_Counted)
+
+
+class AlignerBase(Generic[S]):
+    """What both modes share: the clock, the knobs, the counters, clock sanity."""
 
     def __init__(self, config: AlignerConfig, clock: Clock) -> None:
         self.config = config
         self.clock = clock
-        self.window_ns = config.window_ms * _MS
         self.lateness_ns = config.allowed_lateness_ms * _MS
         self.idle_ns = config.idle_timeout_ms * _MS
         self.future_ns = config.max_future_ms * _MS
@@ -91,7 +97,39 @@ class Aligner:
         self.counts: Counter[tuple[Modality, str]] = Counter()
         self.sources_evicted = 0
         self.idle_closed = 0
-        self._sources: OrderedDict[str, _Source] = OrderedDict()
+        #: Tracked sources, least recently seen first.
+        self._sources: OrderedDict[str, S] = OrderedDict()
+
+    def note(self, source: str, modality: Modality, outcome: str) -> None:
+        """Count an outcome decided before the aligner (``rate_limited``)."""
+        self._count(self._sources.get(source), modality, outcome)
+
+    def source_counts(self, source: str) -> Counter[tuple[Modality, str]]:
+        src = self._sources.get(source)
+        return Counter(src.counts) if src else Counter()
+
+    def _count(self, src: S | None, modality: Modality, outcome: str, n: int = 1) -> None:
+        self.counts[(modality, outcome)] += n
+        if src is not None:
+            src.counts[(modality, outcome)] += n
+
+    def _check_clock(self, event: InputEvent, now: Nanos) -> None:
+        """One producer with a clock far ahead must not close everyone's windows."""
+        if event.ts_ns > now + self.future_ns:
+            self._count(None, event.modality, "bad_timestamp")
+            raise EventRejected(
+                "bad_timestamp",
+                f"timestamp {event.ts_ns} is {(event.ts_ns - now) / 1e6:.0f} ms ahead of the engine clock "
+                f"(max_future_ms = {self.config.max_future_ms})",
+            )
+
+
+class Aligner(AlignerBase[_Source]):
+    """Fuses one source's events per tumbling window of event time."""
+
+    def __init__(self, config: AlignerConfig, clock: Clock) -> None:
+        super().__init__(config, clock)
+        self.window_ns = config.window_ms * _MS
         #: Sources holding unsealed windows, least recently seen first.
         self._active: OrderedDict[str, _Source] = OrderedDict()
         #: Sources holding sealed windows waiting to be emitted, by ``id()``
@@ -107,13 +145,7 @@ class Aligner:
         """Reserve a slot for ``event``; raise :class:`EventRejected` if it cannot join."""
         now = self.clock()
         ts = event.ts_ns
-        if ts > now + self.future_ns:
-            self._count(None, event.modality, "bad_timestamp")
-            raise EventRejected(
-                "bad_timestamp",
-                f"timestamp {ts} is {(ts - now) / 1e6:.0f} ms ahead of the engine clock "
-                f"(max_future_ms = {self.config.max_future_ms})",
-            )
+        self._check_clock(event, now)
         src = self._source(event.source, now)
         if not event.generated_id and event.event_id in src.ids:
             self._count(src, event.modality, "duplicate")
@@ -190,20 +222,7 @@ class Aligner:
     def pending(self) -> int:
         return sum(w.pending for s in self._sources.values() for w in s.windows.values())
 
-    def note(self, source: str, modality: Modality, outcome: str) -> None:
-        """Count an outcome decided before the aligner (``rate_limited``)."""
-        self._count(self._sources.get(source), modality, outcome)
-
-    def source_counts(self, source: str) -> Counter[tuple[Modality, str]]:
-        src = self._sources.get(source)
-        return Counter(src.counts) if src else Counter()
-
     # -- internals --------------------------------------------------------------
-
-    def _count(self, src: _Source | None, modality: Modality, outcome: str, n: int = 1) -> None:
-        self.counts[(modality, outcome)] += n
-        if src is not None:
-            src.counts[(modality, outcome)] += n
 
     def _source(self, name: str, now: Nanos) -> _Source:
         src = self._sources.get(name)

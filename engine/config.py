@@ -32,6 +32,12 @@ _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _SUBJECT_RE = re.compile(r"[^\s.]+(\.[^\s.]+)*")
 
 
+def _check_device(v: str) -> str:
+    if not _DEVICE_RE.fullmatch(v):
+        raise ValueError('must be "auto", "cpu", "cuda" or "cuda:N"')
+    return v
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -94,12 +100,7 @@ class RouteConfig(_Frozen):
     params: dict[str, Any] = Field(default_factory=dict)
     batch: BatchConfig = BatchConfig()
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not _DEVICE_RE.fullmatch(v):
-            raise ValueError('must be "auto", "cpu", "cuda" or "cuda:N"')
-        return v
+    _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 
     @field_validator("subject")
     @classmethod
@@ -196,12 +197,7 @@ class GLMConfig(_Frozen):
         check_template(v)
         return v
 
-    @field_validator("device")
-    @classmethod
-    def _glm_device(cls, v: str) -> str:
-        if not _DEVICE_RE.fullmatch(v):
-            raise ValueError('must be "auto", "cpu", "cuda" or "cuda:N"')
-        return v
+    _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 
     def build(self, publish: Publish) -> GLMStage:
         from engine.glm_stage import GLMStage

@@ -16,11 +16,11 @@ candidates that no future pivot can reach are counted as ``unmatched``.
 from __future__ import annotations
 
 import bisect
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from engine.aligner import _Slot, fuse_modality
+from engine.aligner import AlignerBase, _Slot, fuse_modality
 from engine.errors import EventRejected, LateEvent
 from engine.types import MODALITIES, Clock, Features, FusedFrame, InputEvent, Modality, Nanos
 
@@ -48,21 +48,13 @@ class _NSource:
     counts: Counter[tuple[Modality, str]] = field(default_factory=Counter)
 
 
-class NearestAligner:
+class NearestAligner(AlignerBase[_NSource]):
     """Pivot-driven nearest-in-time fusion per source (see module docstring)."""
 
     def __init__(self, config: AlignerConfig, clock: Clock) -> None:
-        self.config = config
-        self.clock = clock
+        super().__init__(config, clock)
         self.pivot: Modality = config.pivot
         self.slop_ns = config.slop_ms * _MS
-        self.lateness_ns = config.allowed_lateness_ms * _MS
-        self.idle_ns = config.idle_timeout_ms * _MS
-        self.future_ns = config.max_future_ms * _MS
-        self.counts: Counter[tuple[Modality, str]] = Counter()
-        self.sources_evicted = 0
-        self.idle_closed = 0
-        self._sources: OrderedDict[str, _NSource] = OrderedDict()
         self._retired: list[_NSource] = []
         self._dirty: dict[int, _NSource] = {}
         self._out: list[FusedFrame] = []
@@ -73,13 +65,7 @@ class NearestAligner:
     def admit(self, event: InputEvent) -> None:
         now = self.clock()
         ts, mod = event.ts_ns, event.modality
-        if ts > now + self.future_ns:
-            self._count(None, mod, "bad_timestamp")
-            raise EventRejected(
-                "bad_timestamp",
-                f"timestamp {ts} is {(ts - now) / 1e6:.0f} ms ahead of the engine clock "
-                f"(max_future_ms = {self.config.max_future_ms})",
-            )
+        self._check_clock(event, now)
         src = self._source(event.source, now)
         if not event.generated_id and event.event_id in src.slots:
             self._count(src, mod, "duplicate")
@@ -159,20 +145,7 @@ class NearestAligner:
     def pending(self) -> int:
         return sum(1 for s in self._sources.values() for x in s.slots.values() if x.features is None)
 
-    def note(self, source: str, modality: Modality, outcome: str) -> None:
-        """Count an outcome decided before the aligner (``rate_limited``)."""
-        self._count(self._sources.get(source), modality, outcome)
-
-    def source_counts(self, source: str) -> Counter[tuple[Modality, str]]:
-        src = self._sources.get(source)
-        return Counter(src.counts) if src else Counter()
-
     # -- internals --------------------------------------------------------------------
-
-    def _count(self, src: _NSource | None, modality: Modality, outcome: str, n: int = 1) -> None:
-        self.counts[(modality, outcome)] += n
-        if src is not None:
-            src.counts[(modality, outcome)] += n
 
     def _source(self, name: str, now: Nanos) -> _NSource:
         src = self._sources.get(name)
