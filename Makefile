@@ -34,6 +34,7 @@ test: lint typecheck unit
 bench: $(STAMP)
 	$(BIN)/python benchmarks/processors.py
 	$(BIN)/python benchmarks/aligner.py
+	$(BIN)/python benchmarks/bus.py
 
 clean:
 	rm -rf $(VENV) .autoglm .mypy_cache .ruff_cache .pytest_cache .hypothesis

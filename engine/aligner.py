@@ -132,8 +132,11 @@ class Aligner(AlignerBase[_Source]):
         self.window_ns = config.window_ms * _MS
         #: Sources holding unsealed windows, least recently seen first.
         self._active: OrderedDict[str, _Source] = OrderedDict()
-        #: Sources holding sealed windows waiting to be emitted, by ``id()``
-        #: (an evicted source and its successor of the same name can both wait).
+        #: Sources that may have a window to emit now — a window was sealed with
+        #: nothing pending, or a sealed window's last slot was filled — by
+        #: ``id()`` (an evicted source and its successor of one name can both
+        #: wait). Only these are visited by poll(): under a backlog, visiting
+        #: every source with sealed windows on every event made intake quadratic.
         self._ready: dict[int, _Source] = {}
         #: Evicted sources whose sealed windows still wait for their slots.
         self._retired: list[_Source] = []
@@ -179,16 +182,20 @@ class Aligner(AlignerBase[_Source]):
 
     def complete(self, source: str, event_id: str, features: Features, process_ns: Nanos = 0) -> None:
         """Fill an admitted event's slot with its features."""
-        slot, win = self._slot(source, event_id)
+        src, slot, win = self._slot(source, event_id)
         slot.features = features
         slot.process_ns = process_ns
         win.pending -= 1
+        if win.sealed and not win.pending:
+            self._ready[id(src)] = src
 
     def discard(self, source: str, event_id: str) -> None:
         """Free an admitted event's slot (the processor rejected it)."""
-        _slot, win = self._slot(source, event_id)
+        src, _, win = self._slot(source, event_id)
         del win.slots[event_id]
         win.pending -= 1
+        if win.sealed and not win.pending:
+            self._ready[id(src)] = src
 
     # -- output ---------------------------------------------------------------
 
@@ -258,31 +265,31 @@ class Aligner(AlignerBase[_Source]):
         """Seal windows ending at or before ``boundary`` (all when ``None``)."""
         if boundary is not None and src.sealed_until is not None and boundary <= src.sealed_until:
             return  # the common case: the watermark moved inside an open window
-        sealed_any = False
+        emittable = False
         for win in src.windows.values():
             if not win.sealed and (boundary is None or win.end <= boundary):
                 win.sealed = True
-                sealed_any = True
+                emittable = emittable or not win.pending
                 if src.sealed_until is None or win.end > src.sealed_until:
                     src.sealed_until = win.end
         if boundary is not None and (src.sealed_until is None or boundary > src.sealed_until):
             src.sealed_until = boundary
-        if sealed_any:
+        if emittable:
             self._ready[id(src)] = src
         if all(w.sealed for w in src.windows.values()):
             self._active.pop(src.name, None)
 
-    def _slot(self, source: str, event_id: str) -> tuple[_Slot, _Window]:
+    def _slot(self, source: str, event_id: str) -> tuple[_Source, _Slot, _Window]:
         for src in (self._sources.get(source), *self._retired):
             if src is not None and src.name == source and event_id in src.ids:
                 win = src.windows[src.ids[event_id]]
-                return win.slots[event_id], win
+                return src, win.slots[event_id], win
         raise KeyError(f"event {event_id!r} of source {source!r} was never admitted")
 
     def _emit(self, now: Nanos) -> list[FusedFrame]:
         out: list[FusedFrame] = []
-        for key in list(self._ready):
-            src = self._ready[key]
+        ready, self._ready = self._ready, {}
+        for src in ready.values():
             for start in sorted(src.windows):
                 win = src.windows[start]
                 if not win.sealed or win.pending:
@@ -293,8 +300,7 @@ class Aligner(AlignerBase[_Source]):
                 frame = self._fuse(src, win, now)
                 if frame is not None:
                     out.append(frame)
-            if not any(w.sealed for w in src.windows.values()):
-                del self._ready[key]
+            if not src.windows and self._retired:
                 self._retired = [r for r in self._retired if r is not src]
         return out
 
@@ -342,14 +348,17 @@ def fuse_modality(slots: Iterable[_Slot]) -> ModalityFusion:
     summary: dict[str, object] = {"count": len(items)}
     embedding = None
     vecs = [f.embedding for f in feats if f.embedding is not None]
-    if vecs:
+    if len(vecs) == 1:
+        embedding = vecs[0]
+    elif vecs:
         embedding = np.mean(np.stack(vecs), axis=0).astype(np.float32)
+    if embedding is not None:
         summary["embedding_dim"] = int(embedding.shape[0])
         summary["embedding_norm"] = _r(float(np.linalg.norm(embedding)))
     keys = sorted({k for f in feats for k in f.stats})
     for key in keys:
         vals = [f.stats[key] for f in feats if key in f.stats]
-        summary[key] = _r(float(np.mean(vals)))
+        summary[key] = _r(sum(vals) / len(vals))  # plain Python: numpy costs more on a few values
     mats = [f.frames for f in feats if f.frames is not None and f.frames.size]
     if mats:
         allf = np.concatenate(mats, axis=1)  # (n_mfcc, sum of T)

@@ -9,7 +9,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from engine.config import NATS_URL_ENV, EngineConfig, load_config
 from engine.errors import AutoGLMError, ConfigError
@@ -24,6 +26,16 @@ def _config(path: str | None) -> EngineConfig:
 
         return default_config()
     return load_config(path or DEFAULT_CONFIG)
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    """uvloop where it is installed: its event loop costs far less per
+    message than asyncio's (benchmarks/RESULTS.md, bus)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _quiet_libraries() -> None:
@@ -157,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("run", "demo"):
             _quiet_libraries()
         runner = {"run": _run, "publish": _publish, "demo": _demo}[args.command]
-        return asyncio.run(runner(args))
+        return _run_async(runner(args))
     except ConfigError as exc:
         print("autoglm: configuration error:", file=sys.stderr)
         for line in exc.problems:

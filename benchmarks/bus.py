@@ -1,0 +1,226 @@
+"""The engine's own overhead on the bus, against raw nats-py on the same server.
+
+    .venv/bin/python benchmarks/bus.py [--rate 8500] [--seconds 10] [--sources 1000]
+
+One nats-server (the embedded binary), three runs on it:
+
+1. baseline: a nats-py publisher and subscriber moving the same 1 KB text
+   events — the most Python and NATS give on this machine (burst), and the
+   latency of the same paced load the engine gets;
+2. the engine (``autoglm run`` in its own process) with the ``passthrough``
+   text processor, window mode, ``window_ms = 10``, no allowed lateness, GLM
+   ``none``, core NATS: a paced load of ``--rate`` events/s from ``--sources``
+   sources, then a burst for its maximum rate.
+
+Latency is from the event's timestamp (set when it is published) to the
+arrival of the result that holds it. Durable (JetStream) mode is not here yet:
+the engine has no durable mode until the reliability issue lands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import nats
+import orjson
+
+from engine.codec import encode_headers
+from engine.publish import sync_with_server
+from engine.server import EmbeddedServer
+
+BODY = b"x" * 1024
+ROOT = Path(__file__).resolve().parent.parent
+
+CONFIG = """
+[nats]
+subject_prefix = "bench"
+[[routes]]
+modality = "text"
+processor = "passthrough"
+[routes.batch]
+max_batch_size = 512
+max_wait_ms = 1
+max_queue = 100000
+[aligner]
+window_ms = 10
+allowed_lateness_ms = 0
+idle_timeout_ms = {idle}
+max_sources = 100000
+[glm]
+backend = "none"
+template = "{{source}} {{text}}"
+"""
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
+
+
+async def paced(
+    nc: Any, subject_of: Any, rate: int, seconds: float, sources: int, sent: dict[str, int], prefix: str = "e"
+) -> float:
+    """Publish ``rate`` events/s for ``seconds``, round robin over sources."""
+    total = int(rate * seconds)
+    start = time.perf_counter()
+    i = 0
+    while i < total:
+        due = min(total, int((time.perf_counter() - start) * rate) + 1)
+        while i < due:
+            src = i % sources
+            eid = f"{prefix}{i}"
+            ts = time.time_ns()
+            sent[eid] = ts
+            await nc.publish(subject_of(src), BODY, headers=encode_headers(ts, "text/plain", event_id=eid))
+            i += 1
+        await asyncio.sleep(0.0005)
+    await nc.flush()
+    return time.perf_counter() - start
+
+
+async def baseline(url: str, rate: int, seconds: float, burst: int) -> dict[str, float]:
+    pub, sub = await nats.connect(url), await nats.connect(url)
+    lat: list[float] = []
+    got = 0
+    done = asyncio.Event()
+    target = [0]
+
+    async def on_msg(msg: Any) -> None:
+        nonlocal got
+        got += 1
+        lat.append((time.time_ns() - int(msg.headers["AutoGLM-Timestamp"])) / 1e6)
+        if got >= target[0]:
+            done.set()
+
+    await sub.subscribe("base.>", cb=on_msg, pending_msgs_limit=10_000_000, pending_bytes_limit=2**34)
+    await sync_with_server(sub)
+    # burst: the ceiling
+    target[0] = burst
+    t0 = time.perf_counter()
+    for i in range(burst):
+        await pub.publish("base.s.text", BODY, headers=encode_headers(time.time_ns(), "text/plain"))
+        if i % 5000 == 0:
+            await asyncio.sleep(0)
+    await pub.flush()
+    await asyncio.wait_for(done.wait(), 120)
+    burst_rate = burst / (time.perf_counter() - t0)
+    # paced: latency at the engine's load
+    got, lat[:] = 0, []
+    done.clear()
+    target[0] = int(rate * seconds)
+    took = await paced(pub, lambda s: f"base.s{s}.text", rate, seconds, 1000, {})
+    await asyncio.wait_for(done.wait(), 60)
+    await pub.close()
+    await sub.close()
+    return {"burst": burst_rate, "rate": target[0] / took, "p50": pct(lat, 50), "p99": pct(lat, 99),
+            "p999": pct(lat, 99.9), "err": 0.0}  # fmt: skip
+
+
+async def engine_run(
+    url: str, rates: list[int], seconds: float, sources: int, idle: int
+) -> list[dict[str, float]]:
+    """Paced loads at each rate in turn against one ``autoglm run`` process."""
+    cfg = Path(tempfile.mkdtemp()) / "bench.toml"
+    cfg.write_text(CONFIG.format(idle=idle))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.cli", "run", "--config", str(cfg), "--nats-url", url,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    await asyncio.wait_for(proc.stdout.readline(), 60)
+    nc = await nats.connect(url)
+    sent: dict[str, int] = {}
+    lat: list[float] = []
+    fused: set[str] = set()
+    rejected = [0]
+
+    last = [0.0]
+    all_in = asyncio.Event()
+
+    async def on_out(msg: Any) -> None:
+        now = time.time_ns()
+        for eid in orjson.loads(msg.data)["events"].get("text", []):
+            fused.add(eid)
+            if eid in sent:
+                lat.append((now - sent[eid]) / 1e6)
+        last[0] = time.perf_counter()
+        if len(fused) >= len(sent):
+            all_in.set()
+
+    async def on_dlq(msg: Any) -> None:
+        rejected[0] += 1
+
+    await nc.subscribe("bench.out.>", cb=on_out, pending_msgs_limit=10_000_000, pending_bytes_limit=2**34)
+    await nc.subscribe("bench.dlq.>", cb=on_dlq)
+    await sync_with_server(nc)
+    results = []
+    for step, rate in enumerate(rates):
+        sent.clear()
+        lat.clear()
+        fused.clear()
+        all_in.clear()
+        start = time.perf_counter()
+        await paced(nc, lambda s: f"bench.in.s{s}.text", rate, seconds, sources, sent, prefix=f"r{step}-")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_in.wait(), 30)
+        ok = len(fused & sent.keys())
+        # Sustained = results per second until the last one: a backlog drained
+        # after the senders stopped does not count as keeping up.
+        results.append(
+            {"offered": rate, "rate": ok / (last[0] - start), "p50": pct(lat, 50), "p99": pct(lat, 99),
+             "p999": pct(lat, 99.9), "err": 1 - ok / len(sent), "rejected": rejected[0]}
+        )  # fmt: skip
+        await asyncio.sleep(0.5)
+    await nc.close()
+    proc.terminate()
+    await proc.wait()
+    return results
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=int, default=8500)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--sources", type=int, default=1000)
+    ap.add_argument("--burst", type=int, default=100_000, help="messages for the raw nats-py ceiling")
+    ap.add_argument("--steps", default="1,1.5,2", help="offered loads as multiples of --rate")
+    ap.add_argument("--idle-ms", type=int, default=20, help="aligner idle_timeout_ms for the engine run")
+    args = ap.parse_args()
+    rates = [int(args.rate * float(m)) for m in args.steps.split(",")]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"load: 1 KB text events from {args.sources} sources, {args.seconds:g} s per step; "
+          f"window 10 ms, lateness 0, idle {args.idle_ms} ms, core NATS")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedServer(tmp) as server:
+        base = await baseline(server.url, args.rate, args.seconds, args.burst)
+        steps = await engine_run(server.url, rates, args.seconds, args.sources, args.idle_ms)
+    print(f"\nraw nats-py pub -> sub: ceiling {base['burst']:,.0f} msg/s (burst); at {args.rate}/s paced: "
+          f"p50 {base['p50']:.1f} ms, p99 {base['p99']:.1f} ms, p99.9 {base['p999']:.1f} ms")  # fmt: skip
+    head = (
+        f"{'offered/s':>10}{'done/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'lost':>9}{'vs raw':>8}"
+    )
+    print(f"\n{'engine, core mode':22}{head}")
+    for r in steps:
+        print(f"{'':22}{r['offered']:10,}{r['rate']:10,.0f}{r['p50']:9.1f}{r['p99']:9.1f}{r['p999']:10.1f}"
+              f"{100 * r['err']:8.3f}%{r['rate'] / base['burst']:8.1%}")  # fmt: skip
+    first = steps[0]
+    ok = first["rate"] >= args.rate * 0.99 and first["p99"] <= 52 and first["err"] <= 0.0001
+    verdict = "met" if ok else "NOT met"
+    print(f"\ntarget at {args.rate}/s (sustained, p99 <= 52 ms, lost <= 0.01%): {verdict}; "
+          f"DLQ records {steps[-1]['rejected']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
