@@ -85,9 +85,14 @@ class Tally:
         self.windows = 0
         self.latencies_ms: list[float] = []
         self.seen: set[str] = set()
+        self.answers = 0
+        self.last_answer: tuple[str, str] | None = None
 
     def on_result(self, record: dict[str, Any], now: int) -> None:
         self.windows += 1
+        if record.get("answer"):
+            self.answers += 1
+            self.last_answer = (record["source"], str(record["answer"]))
         for mod, ids in record["events"].items():
             for eid in ids:
                 self.fused[mod] += 1
@@ -269,6 +274,9 @@ def summary(tally: Tally, engine: Any, seconds: float, sources: int) -> int:
         + f", {g.calls} calls, {g.errors} errors"
         + "".join(f", {k} {v}" for k, v in sorted(g.skipped.items()) if k != "no_change")
     )
+    if tally.last_answer is not None:
+        source, answer = tally.last_answer
+        print(f"  answers               {tally.answers}; last, from {source}: {answer[:100]!r}")
     print(
         f"  latency publish->result  p50 {tally.percentile(50):.0f} ms, p99 {tally.percentile(99):.0f} ms "
         "(event time to result; includes waiting for the window to close)"
