@@ -26,6 +26,7 @@ from engine.aligner import Aligner
 from engine.batcher import BatchWorker
 from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, source_of
 from engine.config import EngineConfig
+from engine.durable import DurableIntake, Key
 from engine.errors import BackpressureError, EventRejected, TransportError
 from engine.glm_stage import GLMStage
 from engine.nearest import NearestAligner
@@ -86,6 +87,8 @@ class Engine:
         self._broker: NatsBroker | None = None
         self._nc: Any = None
         self._sub: Any = None
+        self._js: Any = None
+        self.intake: DurableIntake | None = None
         self._workers: dict[str, BatchWorker[InputEvent]] = {}
         self._pools: list[ThreadPoolExecutor] = []
         self._kick = asyncio.Event()
@@ -130,20 +133,40 @@ class Engine:
             self._workers[route.name] = worker
         self.glm.start()
         self._emitter = asyncio.get_running_loop().create_task(self._emit_loop())
-        self._sub = await self._nc.subscribe(
-            f"{self.prefix}.in.>",
-            cb=self._on_msg,
-            pending_msgs_limit=PENDING_MSGS,
-            pending_bytes_limit=1024 * 1024 * 1024,
-        )
+        if await self._use_jetstream():
+            self.intake = DurableIntake(self._nc, self.config.nats)
+            await self.intake.setup()
+            self._js = self.intake.js
+            self.intake.start(self._ingest)
+            log.info(
+                "durable intake: stream %s, consumer %s", self.intake.in_stream, self.config.nats.consumer
+            )
+        else:
+            self._sub = await self._nc.subscribe(
+                f"{self.prefix}.in.>",
+                cb=self._on_msg,
+                pending_msgs_limit=PENDING_MSGS,
+                pending_bytes_limit=1024 * 1024 * 1024,
+            )
         await sync_with_server(self._nc)
         return url
+
+    async def _use_jetstream(self) -> bool:
+        if self.config.nats.durable is not None:
+            return self.config.nats.durable
+        try:
+            await self._nc.jetstream().account_info()
+        except Exception:  # no JetStream on this server (or not for this account)
+            return False
+        return True
 
     async def stop(self) -> None:
         """Stop intake, finish what is queued, flush every open window, publish, close."""
         if self._stopping:
             return
         self._stopping = True
+        if self.intake is not None:
+            await self.intake.stop_fetching()
         if self._sub is not None:
             await self._sub.drain()
         for worker in self._workers.values():
@@ -191,43 +214,68 @@ class Engine:
             log.warning("NATS error: %s", exc)
 
     async def _on_msg(self, msg: Msg) -> None:
+        await self._ingest(msg)
+
+    async def _ingest(self, msg: Msg, default_id: str | None = None) -> Key | None:
+        """Take one input message. Returns its key while it waits in a window
+        (durable intake acks it once its result is stored), ``None`` once it
+        is finished (rejected with a DLQ record, or rate-limited)."""
         now = self.clock()
         try:
             event = decode_event(
-                msg.subject, msg.headers, msg.data, prefix=self.prefix, limits=self.limits, received_ns=now
+                msg.subject,
+                msg.headers,
+                msg.data,
+                prefix=self.prefix,
+                limits=self.limits,
+                received_ns=now,
+                default_id=default_id,
             )
         except EventRejected as exc:
             modality = msg.subject.rsplit(".", 1)[-1] if source_of(msg.subject, self.prefix) else "?"
             self.stats.received[modality] += 1
             await self._reject(msg.subject, msg.headers, exc, modality)
-            return
+            return None
         self.stats.received[event.modality] += 1
+        key = (event.source, event.event_id)
         try:
             route = self.router.route_for(event)
             if route.limiter is not None and not route.limiter.allow(event.source, event.ts_ns):
                 self.stats.rate_limited[event.modality] += 1
                 self.aligner.note(event.source, event.modality, "rate_limited")
-                return
+                return None
             self.aligner.admit(event)
         except EventRejected as exc:
+            if exc.reason == "duplicate" and self.intake is not None and key in self.intake.held:
+                return key  # a redelivery of an event still in a window: its newest copy is acked later
             await self._reject(event.subject, msg.headers, exc, event.modality)
-            return
+            return None
         try:
             dropped = self._workers[route.name].submit(event)
         except BackpressureError as exc:
             await self._abandon(event, EventRejected("overloaded", str(exc)))
-            return
+            return None
         if dropped is not None:
             await self._abandon(
                 dropped, EventRejected("overloaded", f"dropped as the oldest in a full queue ({route.name})")
             )
         if self.aligner.has_ready:
             self._kick.set()
+        return key
 
     async def _abandon(self, event: InputEvent, exc: EventRejected) -> None:
         self.aligner.discard(event.source, event.event_id)
         await self._reject(event.subject, _event_headers(event), exc, event.modality)
+        if self.intake is not None:
+            await self.intake.ack((event.source, event.event_id))
         self._kick.set()
+
+    async def _send(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Durable mode: into the results stream, confirmed; core mode: fire and forget."""
+        if self._js is not None:
+            await self._js.publish(subject, payload, headers=headers)
+        else:
+            await self._nc.publish(subject, payload, headers=headers)
 
     async def _reject(
         self, subject: str, headers: dict[str, str] | None, exc: EventRejected, modality: str
@@ -250,7 +298,7 @@ class Engine:
         target = dlq_subject(self.prefix, source)
         if exc.reason == "too_late" and self.config.aligner.late_to == "late" and source:
             target = f"{self.prefix}.late.{source}"
-        await self._nc.publish(target, orjson.dumps(record))
+        await self._send(target, orjson.dumps(record))
         self.stats.dlq_published += 1
 
     # -- processing -----------------------------------------------------------------
@@ -305,10 +353,13 @@ class Engine:
         headers = {ID_HEADER: frame.key or f"{frame.source}:{frame.start_ns}"}
         if frame.traceparent:
             headers["traceparent"] = frame.traceparent
-        await self._nc.publish(f"{self.prefix}.out.{frame.source}", orjson.dumps(record), headers=headers)
+        await self._send(f"{self.prefix}.out.{frame.source}", orjson.dumps(record), headers=headers)
         self.stats.results += 1
         for mod, fused in frame.modalities.items():
             self.stats.results_events[mod] += len(fused.event_ids)
+            if self.intake is not None:
+                for eid in fused.event_ids:
+                    await self.intake.ack((frame.source, eid))
 
 
 def _event_headers(event: InputEvent) -> dict[str, str]:

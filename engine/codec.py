@@ -173,6 +173,7 @@ def decode_event(
     prefix: str = "autoglm",
     limits: Limits = Limits(),
     received_ns: Nanos = 0,
+    default_id: str | None = None,
 ) -> InputEvent:
     """Validate one NATS message and return its :class:`InputEvent`.
 
@@ -210,7 +211,11 @@ def decode_event(
         raise EventRejected("bad_header", f"header {TRACE_HEADER}={trace[:80]!r} is not W3C trace context")
     event_id = hdrs.get(ID_HEADER)
     generated = event_id is None or not event_id.strip()
-    if generated:
+    if generated and default_id is not None:
+        # A stable id the transport gave (JetStream's stream sequence): the
+        # same on every redelivery, so it takes part in duplicate detection.
+        event_id, generated = f"{where.source}.{where.modality}.{default_id}", False
+    elif generated:
         event_id = f"{where.source}.{where.modality}.{ts}.{next(_counter)}"
     elif len(event_id or "") > MAX_ID_LENGTH:
         raise EventRejected("bad_header", f"header {ID_HEADER} is longer than {MAX_ID_LENGTH} characters")

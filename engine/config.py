@@ -50,6 +50,18 @@ class NatsConfig(_Frozen):
     #: Embedded server: JetStream store and ports file live under here.
     data_dir: str = ".autoglm"
     connect_timeout_s: float = Field(5.0, gt=0)
+    #: At-least-once intake through JetStream; unset = whenever the server has it.
+    durable: bool | None = None
+    #: Streams ``<stream>_IN`` (inputs) and ``<stream>_OUT`` (results, DLQ);
+    #: empty: named after the subject prefix (``AUTOGLM_IN``...).
+    stream: str = Field("", pattern=r"^[A-Za-z0-9_-]*$")
+    consumer: str = Field("autoglm-engine", pattern=r"^[A-Za-z0-9_-]+$")
+    ack_wait_s: float = Field(30.0, gt=0)
+    max_ack_pending: int = Field(20_000, ge=1)
+    fetch_batch: int = Field(500, ge=1, le=10_000)
+    stream_max_age_s: float = Field(24 * 3600.0, gt=0)
+    stream_max_bytes: int = Field(1024**3, gt=0)
+    duplicate_window_s: float = Field(120.0, gt=0)
 
     @field_validator("subject_prefix")
     @classmethod

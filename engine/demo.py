@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
+import tempfile
 import time
 from collections import Counter
 from typing import Any
@@ -178,8 +179,10 @@ async def run_demo(
     print(f"autoglm demo: {sources} source(s) for {seconds:g} s; loading models...", flush=True)
     engine = Engine(config)
     # The demo owns the embedded server so its own subscriber outlives the
-    # engine's drain and sees the last results.
-    server = None if (nats_url or config.nats.url) else EmbeddedServer(config.nats.data_dir)
+    # engine's drain and sees the last results; a fresh store each time, so an
+    # earlier interrupted demo's stream is not replayed into this one.
+    store = tempfile.TemporaryDirectory(prefix="autoglm-demo-")
+    server = None if (nats_url or config.nats.url) else EmbeddedServer(store.name)
     if server is not None:
         nats_url = await asyncio.to_thread(server.start)
     try:
@@ -187,6 +190,7 @@ async def run_demo(
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
+        store.cleanup()
 
 
 async def _demo_on(

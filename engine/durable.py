@@ -1,0 +1,191 @@
+"""Durable intake: a JetStream stream over the inputs and a durable pull consumer.
+
+An event is acked only once what it turned into is safely stored: the result
+that holds it (published to the results stream, which deduplicates on
+``Nats-Msg-Id = <source>:<window start>``) or its DLQ record. A crash before
+that means redelivery, never loss; a window rebuilt after a redelivery gets
+the same ``Nats-Msg-Id`` and is dropped by the stream as a duplicate.
+While an event waits in an open window, ``in_progress`` keeps ``AckWait``
+from firing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from engine.errors import TransportError
+
+if TYPE_CHECKING:
+    from engine.config import NatsConfig
+
+log = logging.getLogger("autoglm.durable")
+
+#: ``(source, event id)``: how the engine names an event it still owes an ack.
+Key = tuple[str, str]
+#: Handles one fetched message; returns its key when it must wait for a
+#: result, or ``None`` when it is finished (rejected, rate-limited) and can be acked.
+Handler = Callable[[Any, str], Awaitable[Key | None]]
+
+
+class DurableIntake:
+    """Streams, the pull consumer, and the acks the engine still owes."""
+
+    def __init__(self, nc: Any, config: NatsConfig) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.config = config
+        self.prefix = config.subject_prefix
+        base = config.stream or self.prefix.replace(".", "_").upper()
+        self.in_stream = f"{base}_IN"
+        self.out_stream = f"{base}_OUT"
+        self.held: dict[Key, tuple[Any, float]] = {}
+        self.acked = 0
+        self.redelivered = 0
+        self.replayed_from: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._beat: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def setup(self) -> None:
+        """Create or update both streams and the durable consumer."""
+        cfg = self.config
+        streams = [
+            StreamConfig(
+                name=self.in_stream,
+                subjects=[f"{self.prefix}.in.>"],
+                storage=StorageType.FILE,
+                max_age=cfg.stream_max_age_s,
+                max_bytes=cfg.stream_max_bytes,
+                duplicate_window=cfg.duplicate_window_s,
+            ),
+            StreamConfig(
+                name=self.out_stream,
+                subjects=[f"{self.prefix}.out.>", f"{self.prefix}.dlq.>", f"{self.prefix}.late.>"],
+                storage=StorageType.FILE,
+                max_age=cfg.stream_max_age_s,
+                max_bytes=cfg.stream_max_bytes,
+                duplicate_window=cfg.duplicate_window_s,
+            ),
+        ]
+        try:
+            for stream in streams:
+                try:
+                    await self.js.stream_info(stream.name)
+                    await self.js.update_stream(stream)
+                except NotFoundError:
+                    await self.js.add_stream(stream)
+            start = await self._replay_point()
+            self.sub = await self.js.pull_subscribe(
+                f"{self.prefix}.in.>",
+                durable=cfg.consumer,
+                stream=self.in_stream,
+                config=ConsumerConfig(
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=cfg.ack_wait_s,
+                    max_ack_pending=cfg.max_ack_pending,
+                    deliver_policy=DeliverPolicy.ALL if start is None else DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=start,
+                ),
+            )
+        except Exception as exc:  # nats-py raises APIError, TimeoutError, NoRespondersError...
+            raise TransportError(f"JetStream setup failed: {exc}") from exc
+
+    async def _replay_point(self) -> int | None:
+        """After a crash, restart the consumer at its ack floor.
+
+        Events the dead engine held unacked would otherwise come back only
+        when their AckWait ran out — after newer events had moved the
+        watermark, so they would be refused as too late. Replaying from the
+        first unacked event in stream order rebuilds the same windows
+        (the aligner is deterministic); the ones already published carry the
+        same ``Nats-Msg-Id`` and the results stream drops them.
+        """
+        try:
+            info = await self.js.consumer_info(self.in_stream, self.config.consumer)
+        except NotFoundError:
+            return None
+        if not info.num_ack_pending:
+            return None
+        start = int(info.ack_floor.stream_seq) + 1
+        log.warning(
+            "%d events were unacked at the last stop: replaying %s from sequence %d",
+            info.num_ack_pending,
+            self.in_stream,
+            start,
+        )
+        await self.js.delete_consumer(self.in_stream, self.config.consumer)
+        self.replayed_from = start
+        return start
+
+    def start(self, handle: Handler) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._fetch(handle))
+        self._beat = loop.create_task(self._heartbeat())
+
+    async def _fetch(self, handle: Handler) -> None:
+        batch = self.config.fetch_batch
+        while not self._stop.is_set():
+            try:
+                msgs = await self.sub.fetch(batch, timeout=0.05)
+            except (NatsTimeoutError, TimeoutError):
+                continue
+            except Exception as exc:  # reconnecting, server restarting: try again shortly
+                log.warning("JetStream fetch failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                meta = msg.metadata
+                if meta.num_delivered > 1:
+                    self.redelivered += 1
+                key = await handle(msg, f"js{meta.sequence.stream}")
+                if key is None:
+                    await self._ack(msg)
+                else:
+                    self.held[key] = (msg, time.monotonic())
+
+    async def _heartbeat(self) -> None:
+        """``in_progress`` for events held longer than a third of AckWait."""
+        period = max(0.5, self.config.ack_wait_s / 3)
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), period)
+            now = time.monotonic()
+            for key, (msg, since) in list(self.held.items()):
+                if now - since >= period:
+                    try:
+                        await msg.in_progress()
+                        self.held[key] = (msg, now)
+                    except Exception as exc:  # the connection is down; redelivery covers it
+                        log.debug("in_progress failed: %s", exc)
+
+    async def ack(self, key: Key) -> None:
+        """The result or DLQ record of ``key`` is stored: ack its message."""
+        held = self.held.pop(key, None)
+        if held is not None:
+            await self._ack(held[0])
+
+    async def _ack(self, msg: Any) -> None:
+        try:
+            await msg.ack()
+            self.acked += 1
+        except Exception as exc:  # a lost ack means a redelivery, deduplicated downstream
+            log.warning("ack failed: %s", exc)
+
+    async def stop_fetching(self) -> None:
+        self._stop.set()
+        for task in (self._task, self._beat):
+            if task is not None:
+                await task
+        # A pull subscription left open makes the connection's drain wait for
+        # its whole timeout (30 s): the durable consumer stays on the server.
+        with contextlib.suppress(Exception):
+            await self.sub.unsubscribe()
