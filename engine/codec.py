@@ -185,7 +185,7 @@ def decode_event(
     for name, value in hdrs.items():
         if len(value) > MAX_HEADER_VALUE:
             raise EventRejected(
-                "bad_header", f"header {name} is {len(value)} bytes (limit {MAX_HEADER_VALUE})"
+                "header_too_large", f"header {name} is {len(value)} bytes (limit {MAX_HEADER_VALUE})"
             )
     ts = parse_timestamp(hdrs.get(TIMESTAMP_HEADER))
     raw_ct = hdrs.get(CONTENT_TYPE_HEADER)

@@ -81,7 +81,7 @@ def to_mono(samples: F32, rate: int, target_rate: int, max_seconds: float) -> F3
     seconds = samples.shape[1] / rate
     if seconds > max_seconds:
         raise EventRejected(
-            "payload_too_large", f"audio is {seconds:.1f} s, over max_seconds = {max_seconds}"
+            "audio_too_long", f"audio is {seconds:.1f} s, over max_seconds = {max_seconds}"
         )
     mono = samples.mean(axis=0)
     if rate != target_rate:

@@ -75,7 +75,7 @@ def decode_image(payload: bytes, ct: ContentType, max_pixels: int, min_side: int
         raise DecodeError("decode_error", f"image header says {w}x{h} pixels")
     if w * h > max_pixels:
         raise EventRejected(
-            "payload_too_large", f"image is {w}x{h} = {w * h} pixels, over max_pixels = {max_pixels}"
+            "image_too_large", f"image is {w}x{h} = {w * h} pixels, over max_pixels = {max_pixels}"
         )
     if ct.mime == "image/x-raw":
         if len(payload) != w * h * 3:

@@ -38,7 +38,7 @@ def decode_text(payload: bytes, max_chars: int) -> str:
     text = unicodedata.normalize("NFC", text)
     if len(text) > max_chars:
         raise EventRejected(
-            "payload_too_large", f"text is {len(text)} characters, over max_chars = {max_chars}"
+            "text_too_long", f"text is {len(text)} characters, over max_chars = {max_chars}"
         )
     return text
 

@@ -120,7 +120,7 @@ def test_content_type_rules() -> None:
 def test_header_rules() -> None:
     assert reason_of(headers={**encode_headers(TS, "image/jpeg"), "AutoGLM-Seq": "x"}) == "bad_header"
     assert reason_of(headers={**encode_headers(TS, "image/jpeg"), "traceparent": "nope"}) == "bad_header"
-    assert reason_of(headers={**encode_headers(TS, "image/jpeg"), "X-Big": "a" * 5000}) == "bad_header"
+    assert reason_of(headers={**encode_headers(TS, "image/jpeg"), "X-Big": "a" * 5000}) == "header_too_large"
     assert reason_of(headers=encode_headers(TS, "image/jpeg", event_id="i" * 300)) == "bad_header"
 
 

@@ -111,8 +111,9 @@ def test_image_rejections(image_proc: Any) -> None:
     ihdr = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + ihdr
     bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    with pytest.raises(EventRejected, match="20000x20000"):
+    with pytest.raises(EventRejected, match="20000x20000") as info:
         image_proc.prepare(event("image", bomb, "image/png"))
+    assert info.value.reason == "image_too_large"
 
 
 def test_imagenet_weights_missing_fail_clearly(tmp_path: Any) -> None:
@@ -165,7 +166,7 @@ def test_audio_rejections(audio_proc: Any) -> None:
     )
     long = np.zeros(16_000 * 31, "<i2").tobytes()
     assert reason(audio_proc, event("audio", long, "audio/pcm;rate=16000;channels=1;format=s16le")) == (
-        "payload_too_large"
+        "audio_too_long"
     )
 
 
@@ -194,6 +195,7 @@ def test_text_normalisation_truncation_and_rejections(text_proc: Any) -> None:
     [g] = text_proc.run([text_proc.prepare(event("text", long, "text/plain"))])
     assert g.stats["truncated"] == 1.0 and g.stats["tokens"] > 16
     assert reason(text_proc, event("text", b"ok \xff", "text/plain")) == "invalid_utf8"
+    assert reason(text_proc, event("text", b"x" * 20_001, "text/plain")) == "text_too_long"
 
 
 def test_torch_mfcc_matches_librosa_reference() -> None:
