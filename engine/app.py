@@ -271,11 +271,24 @@ class Engine:
         self._kick.set()
 
     async def _send(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
-        """Durable mode: into the results stream, confirmed; core mode: fire and forget."""
-        if self._js is not None:
-            await self._js.publish(subject, payload, headers=headers)
-        else:
+        """Durable mode: into the results stream, confirmed, retried while the
+        server is away (the inputs stay unacked meanwhile); core mode: fire
+        and forget."""
+        if self._js is None:
             await self._nc.publish(subject, payload, headers=headers)
+            return
+        deadline = time.monotonic() + self.config.nats.ack_wait_s
+        delay = 0.05
+        while True:
+            try:
+                await self._js.publish(subject, payload, headers=headers, timeout=2.0)
+                return
+            except Exception as exc:  # no responders, timeout, reconnecting
+                if time.monotonic() > deadline:
+                    raise TransportError(f"could not store {subject} in JetStream: {exc}") from exc
+                log.warning("storing %s failed (%s); retrying", subject, exc)
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
 
     async def _reject(
         self, subject: str, headers: dict[str, str] | None, exc: EventRejected, modality: str

@@ -46,6 +46,7 @@ class EmbeddedServer:
         *,
         jetstream: bool = True,
         host: str = "127.0.0.1",
+        port: int = -1,
         extra_args: list[str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
@@ -53,6 +54,8 @@ class EmbeddedServer:
         self.host = host
         self.extra_args = extra_args or []
         self.process: subprocess.Popen[bytes] | None = None
+        #: ``-1`` lets the server pick a free port; a fixed one survives restarts.
+        self.want_port = port
         self.port: int | None = None
 
     @property
@@ -66,7 +69,7 @@ class EmbeddedServer:
         binary = find_binary()
         run_dir = self.data_dir / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
-        args = [str(binary), "-a", self.host, "-p", "-1", "--ports_file_dir", str(run_dir)]
+        args = [str(binary), "-a", self.host, "-p", str(self.want_port), "--ports_file_dir", str(run_dir)]
         if self.jetstream:
             args += ["-js", "-sd", str(self.data_dir / "jetstream")]
         args += self.extra_args

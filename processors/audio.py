@@ -80,9 +80,7 @@ def to_mono(samples: F32, rate: int, target_rate: int, max_seconds: float) -> F3
         raise EventRejected("invalid_samples", "audio contains NaN or infinite samples")
     seconds = samples.shape[1] / rate
     if seconds > max_seconds:
-        raise EventRejected(
-            "audio_too_long", f"audio is {seconds:.1f} s, over max_seconds = {max_seconds}"
-        )
+        raise EventRejected("audio_too_long", f"audio is {seconds:.1f} s, over max_seconds = {max_seconds}")
     mono = samples.mean(axis=0)
     if rate != target_rate:
         mono = librosa.resample(mono, orig_sr=rate, target_sr=target_rate, res_type="soxr_hq")

@@ -37,9 +37,7 @@ def decode_text(payload: bytes, max_chars: int) -> str:
         ) from None
     text = unicodedata.normalize("NFC", text)
     if len(text) > max_chars:
-        raise EventRejected(
-            "text_too_long", f"text is {len(text)} characters, over max_chars = {max_chars}"
-        )
+        raise EventRejected("text_too_long", f"text is {len(text)} characters, over max_chars = {max_chars}")
     return text
 
 

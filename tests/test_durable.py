@@ -98,3 +98,74 @@ async def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
     assert len(ids) == len(set(ids)), "a consumer saw the same result twice"
     assert len(fused) == len(set(fused)), "an event is in two stored results"
     assert set(fused) == sent, f"lost: {sorted(sent - set(fused))[:10]}"
+
+
+async def store(js: Any, subject: str, ts: int, eid: str) -> None:
+    """What a producer that must not lose events does: publish with a PubAck,
+    and try again until the (restarting) server has stored it."""
+    from engine.codec import encode_headers
+
+    for _ in range(200):
+        try:
+            await js.publish(subject, b"e", headers=encode_headers(ts, "text/plain", event_id=eid), timeout=1)
+            return
+        except Exception:  # reconnecting, or JetStream still recovering its store
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"could not store {eid}")
+
+
+async def test_nats_server_restart_mid_stream(tmp_path: Path, prefix: str) -> None:
+    import socket
+
+    import nats
+
+    from engine.server import EmbeddedServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = EmbeddedServer(tmp_path / "js", port=port)
+    url = server.start()
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        f'[nats]\nsubject_prefix = "{prefix}"\nack_wait_s = 5\n'
+        # Quiet for longer than the outage: windows must not close on the
+        # engine clock while the server is away (they would refuse the rest).
+        "[aligner]\nwindow_ms = 200\nidle_timeout_ms = 5000\n"
+        '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+    )
+    engine = await start_engine(cfg, url)
+    nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    js = nc.jetstream()
+    sent: set[str] = set()
+    base = time.time_ns()
+    try:
+        for i in range(200):
+            if i == 100:  # the server goes away with its file store, and comes back
+                await nc.flush()
+                server.stop()
+                await asyncio.sleep(0.5)
+                server.start()
+            for src in range(2):
+                eid = f"s{src}-{i}"
+                sent.add(eid)
+                await store(js, f"{prefix}.in.s{src}.text", base + i * 10 * MS, eid)
+            await asyncio.sleep(0.005)
+        await nc.flush()
+        deadline = time.monotonic() + 30
+        fused: list[str] = []
+        while time.monotonic() < deadline:
+            results = await stored_results(nc, prefix)
+            fused = [e for _, r in results for g in r["events"].values() for e in g]
+            if set(fused) >= sent:
+                break
+            await asyncio.sleep(0.5)
+        assert set(fused) == sent, f"lost: {sorted(sent - set(fused))[:10]}"
+        assert len(fused) == len(set(fused))
+        engine.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(engine.wait(), 30) == 0
+    finally:
+        if engine.returncode is None:
+            engine.kill()
+        await nc.close()
+        server.stop()
