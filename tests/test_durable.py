@@ -169,3 +169,30 @@ async def test_nats_server_restart_mid_stream(tmp_path: Path, prefix: str) -> No
             engine.kill()
         await nc.close()
         server.stop()
+
+
+async def test_a_hanging_glm_never_stops_ingestion_or_loses_results(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    from tests.chat_server import ChatServer
+
+    async with ChatServer(lambda n, b: ("hang", None)) as srv:
+        glm = {
+            "backend": "openai", "base_url": srv.url, "model": "m", "trigger": "every", "retries": 0,
+            "call_timeout_s": 0.3, "breaker_failures": 2, "breaker_cooldown_s": 60, "max_queue": 4,
+        }  # fmt: skip
+        engine = Engine(make_config(prefix, glm=glm, aligner={"window_ms": 50, "idle_timeout_ms": 200}))
+        await engine.start(nats_url)
+        base = time.time_ns()
+        for i in range(40):
+            await send(nc, prefix, f"cam{i % 4}", "text", b"t", base + i * 20 * MS, event_id=f"e{i}")
+        await nc.flush()
+        await asyncio.sleep(2.0)
+        assert engine.stats.received["text"] == 40  # intake never waited for the model
+        await engine.stop()
+    results = await stored_results(nc, prefix)
+    fused = {e for _, r in results for g in r["events"].values() for e in g}
+    assert fused == {f"e{i}" for i in range(40)}
+    assert all(r["answer"] is None and ("error" in r["glm"] or "skipped" in r["glm"]) for _, r in results)
+    assert any(r["glm"].get("skipped") == "breaker_open" for _, r in results)
+    assert engine.glm.queued == 0 and engine.intake is not None and not engine.intake.held
