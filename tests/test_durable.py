@@ -44,6 +44,17 @@ async def stored_results(nc: Any, prefix: str) -> list[tuple[str, dict[str, Any]
     return out
 
 
+async def wait_stored(nc: Any, prefix: str, sent: set[str], timeout: float) -> list[str]:
+    """Poll the OUT stream until it holds every sent event (or time runs out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        results = await stored_results(nc, prefix)
+        fused = [e for _, r in results for group in r["events"].values() for e in group]
+        if set(fused) >= sent or time.monotonic() > deadline:
+            return fused
+        await asyncio.sleep(0.5)
+
+
 async def test_durable_mode_is_the_default_on_jetstream(nc: Any, nats_url: str, prefix: str) -> None:
     engine = Engine(make_config(prefix))
     await engine.start(nats_url)
@@ -83,13 +94,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
             engine = await start_engine(cfg, nats_url)
         await asyncio.sleep(0.005)
     await nc.flush()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        results = await stored_results(nc, prefix)
-        fused = [e for _, r in results for ids in r["events"].values() for e in ids]
-        if set(fused) >= sent:
-            break
-        await asyncio.sleep(0.5)
+    await wait_stored(nc, prefix, sent, 20)
     engine.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(engine.wait(), 30) == 0
     results = await stored_results(nc, prefix)
@@ -152,14 +157,7 @@ async def test_nats_server_restart_mid_stream(tmp_path: Path, prefix: str) -> No
                 await store(js, f"{prefix}.in.s{src}.text", base + i * 10 * MS, eid)
             await asyncio.sleep(0.005)
         await nc.flush()
-        deadline = time.monotonic() + 30
-        fused: list[str] = []
-        while time.monotonic() < deadline:
-            results = await stored_results(nc, prefix)
-            fused = [e for _, r in results for g in r["events"].values() for e in g]
-            if set(fused) >= sent:
-                break
-            await asyncio.sleep(0.5)
+        fused = await wait_stored(nc, prefix, sent, 30)
         assert set(fused) == sent, f"lost: {sorted(sent - set(fused))[:10]}"
         assert len(fused) == len(set(fused))
         engine.send_signal(signal.SIGTERM)
