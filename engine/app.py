@@ -307,7 +307,12 @@ class Engine:
             "message": exc.message,
             "rejected_ns": self.clock(),
         }
-        log.debug("rejected %s: %s", subject, exc)
+        log.info(
+            "rejected %s: %s",
+            subject,
+            exc,
+            extra={"source": source, "subject": subject, "reason": exc.reason},
+        )
         target = dlq_subject(self.prefix, source)
         if exc.reason == "too_late" and self.config.aligner.late_to == "late" and source:
             target = f"{self.prefix}.late.{source}"
@@ -330,7 +335,14 @@ class Engine:
 
     async def _fail_batch(self, events: list[InputEvent], exc: BaseException) -> None:
         self.stats.batch_errors += 1
-        log.error("batch of %d %s events failed: %s", len(events), events[0].modality, exc, exc_info=exc)
+        log.error(
+            "batch of %d %s events failed: %s",
+            len(events),
+            events[0].modality,
+            exc,
+            exc_info=exc,
+            extra={"source": events[0].source, "reason": "processor_error"},
+        )
         for event in events:
             await self._abandon(event, EventRejected("processor_error", f"{type(exc).__name__}: {exc}"))
 

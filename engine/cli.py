@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -15,6 +14,7 @@ from typing import Any
 
 from engine.config import NATS_URL_ENV, EngineConfig, load_config
 from engine.errors import AutoGLMError, ConfigError
+from engine.logs import setup_logging
 
 DEFAULT_CONFIG = "routing.toml"
 
@@ -124,6 +124,7 @@ async def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoglm", description=__doc__)
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    p.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the engine until SIGINT/SIGTERM, then drain")
@@ -158,10 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(str(args.log_level), args.log_format)
     started = time.monotonic()
     try:
         if args.command == "validate":

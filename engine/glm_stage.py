@@ -231,7 +231,12 @@ class GLMStage:
         else:
             self.breaker.failure()
             self.stats.errors += 1
-            log.warning("GLM call failed (%s): %s", self.breaker.state, error)
+            log.warning(
+                "GLM call failed (%s): %s",
+                self.breaker.state,
+                error,
+                extra={"source": batch[0][0].source, "trace_id": batch[0][1].get("trace_id")},
+            )
         for i, (frame, record) in enumerate(batch):
             glm: dict[str, Any] = {
                 "backend": self.config.backend,
