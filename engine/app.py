@@ -29,6 +29,7 @@ from engine.config import EngineConfig
 from engine.durable import DurableIntake, Key
 from engine.errors import BackpressureError, EventRejected, TransportError
 from engine.glm_stage import GLMStage
+from engine.metrics import MetricsServer
 from engine.nearest import NearestAligner
 from engine.publish import sync_with_server
 from engine.router import Route, Router
@@ -89,6 +90,7 @@ class Engine:
         self._sub: Any = None
         self._js: Any = None
         self.intake: DurableIntake | None = None
+        self.metrics: MetricsServer | None = None
         self._workers: dict[str, BatchWorker[InputEvent]] = {}
         self._pools: list[ThreadPoolExecutor] = []
         self._kick = asyncio.Event()
@@ -133,6 +135,9 @@ class Engine:
             self._workers[route.name] = worker
         self.glm.start()
         self._emitter = asyncio.get_running_loop().create_task(self._emit_loop())
+        if self.config.metrics.port is not None:
+            self.metrics = MetricsServer(self, self.config.metrics.host, self.config.metrics.port)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics.port)
         if await self._use_jetstream():
             self.intake = DurableIntake(self._nc, self.config.nats)
             await self.intake.setup()
@@ -184,6 +189,8 @@ class Engine:
             pool.shutdown(wait=True)
         for route in self.routes:
             route.close()
+        if self.metrics is not None:
+            self.metrics.close()
         await self._stop_server()
 
     async def _stop_server(self) -> None:
@@ -369,12 +376,14 @@ class Engine:
     async def _send_result(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         now = self.clock()
         latest = max(ts for f in frame.modalities.values() for ts in f.timestamps)
-        record["latency_ms"] = {
+        record["latency_ms"] = lat = {
             "process": round(frame.process_ns / 1e6, 3),
             "align": round((frame.closed_ns - frame.first_arrival_ns) / 1e6, 3),
             "glm": record.get("glm", {}).get("latency_ms", 0.0),
             "event_to_result": round((now - latest) / 1e6, 3),
         }
+        for stage, ms in lat.items():
+            self.stats.observe(stage, ms / 1000)
         headers = {ID_HEADER: frame.key or f"{frame.source}:{frame.start_ns}"}
         if frame.traceparent:
             headers["traceparent"] = frame.traceparent

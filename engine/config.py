@@ -217,12 +217,20 @@ class GLMConfig(_Frozen):
         return GLMStage(self, publish)
 
 
+class MetricsConfig(_Frozen):
+    """Prometheus ``/metrics``; off unless a port is set (0 picks a free one)."""
+
+    port: int | None = Field(None, ge=0, le=65535)
+    host: str = "127.0.0.1"
+
+
 class EngineConfig(_Frozen):
     nats: NatsConfig = NatsConfig()
     limits: LimitsConfig = LimitsConfig()
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
     aligner: AlignerConfig = AlignerConfig()
     glm: GLMConfig = GLMConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def _key(loc: Sequence[int | str]) -> str:

@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+#: Upper bounds (seconds) of the stage-latency histograms.
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Histogram:
+    """Fixed buckets, filled on the event loop; read by the metrics endpoint."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+        self.n += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return out
 
 
 @dataclass
@@ -25,6 +51,14 @@ class EngineStats:
     slow_consumer: int = 0
     batch_errors: int = 0
     emit_errors: int = 0
+    #: Per stage (process, align, glm, event_to_result) latency of each result.
+    latency: dict[str, Histogram] = field(default_factory=dict)
+
+    def observe(self, stage: str, seconds: float) -> None:
+        hist = self.latency.get(stage)
+        if hist is None:
+            hist = self.latency[stage] = Histogram()
+        hist.observe(seconds)
 
     def as_dict(self) -> dict[str, Any]:
         return {

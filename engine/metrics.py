@@ -1,0 +1,122 @@
+"""Prometheus metrics, read from the engine's own counters at scrape time.
+
+Nothing is recorded twice and the hot path pays nothing for metrics: a custom
+collector turns :class:`engine.stats.EngineStats`, the aligner's counters, the
+batchers' statistics, the GLM stage and the durable intake into metric
+families when Prometheus scrapes. Labels stay bounded: modality, reason,
+outcome, route and stage — no per-source labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from engine.app import Engine
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+BREAKER = {"closed": 0.0, "half_open": 0.5, "open": 1.0}
+
+
+class EngineCollector(Collector):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        e, s = self.engine, self.engine.stats
+        received = CounterMetricFamily(
+            "autoglm_events_received", "Events that reached the engine", labels=["modality"]
+        )
+        for mod, n in s.received.items():
+            received.add_metric([mod], n)
+        yield received
+        processed = CounterMetricFamily(
+            "autoglm_events_processed", "Events a processor turned into features", labels=["modality"]
+        )
+        for mod, n in s.processed.items():
+            processed.add_metric([mod], n)
+        yield processed
+        rejected = CounterMetricFamily(
+            "autoglm_events_rejected", "Events refused, by DLQ reason", labels=["modality", "reason"]
+        )
+        for (mod, reason), n in s.rejected.items():
+            rejected.add_metric([mod, reason], n)
+        yield rejected
+        outcomes = CounterMetricFamily(
+            "autoglm_aligner_outcomes", "Aligner outcomes per event", labels=["modality", "outcome"]
+        )
+        for (mod, outcome), n in e.aligner.counts.items():
+            outcomes.add_metric([mod, outcome], n)
+        yield outcomes
+        yield CounterMetricFamily("autoglm_results", "Results published", value=s.results)
+        yield CounterMetricFamily("autoglm_dlq_records", "DLQ records published", value=s.dlq_published)
+        yield CounterMetricFamily(
+            "autoglm_slow_consumer", "Messages NATS dropped for us", value=s.slow_consumer
+        )
+        sizes = HistogramMetricFamily("autoglm_batch_size", "Items per processor batch", labels=["route"])
+        wait = HistogramMetricFamily(
+            "autoglm_queue_wait_seconds", "Time items waited for a batch", labels=["route"]
+        )
+        depth = GaugeMetricFamily("autoglm_queue_depth", "Items waiting for a batch", labels=["route"])
+        dropped = CounterMetricFamily(
+            "autoglm_queue_dropped", "Items a full batch queue dropped", labels=["route"]
+        )
+        for route in e.routes:
+            b, name = route.batcher.stats, f"{route.config.modality}:{route.config.processor}"
+            running, buckets = 0, []
+            for bound in (*BATCH_BUCKETS, float("inf")):
+                running = sum(n for size, n in b.sizes.items() if size <= bound)
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), float(running)))
+            sizes.add_metric([name], buckets, sum_value=float(b.items))
+            wait.add_metric([name], [("+Inf", float(b.items))], sum_value=b.wait_ns_total / 1e9)
+            depth.add_metric([name], len(route.batcher))
+            dropped.add_metric([name], b.dropped + b.rejected)
+        yield from (sizes, wait, depth, dropped)
+        latency = HistogramMetricFamily(
+            "autoglm_stage_latency_seconds", "Latency per stage of each result", labels=["stage"]
+        )
+        for stage, hist in s.latency.items():
+            latency.add_metric([stage], hist.cumulative(), sum_value=hist.total)
+        yield latency
+        g = e.glm.stats
+        yield CounterMetricFamily("autoglm_glm_calls", "GLM backend calls", value=g.calls)
+        yield CounterMetricFamily("autoglm_glm_errors", "GLM calls that failed", value=g.errors)
+        skipped = CounterMetricFamily(
+            "autoglm_glm_skipped", "Frames published without a call", labels=["reason"]
+        )
+        for reason, n in (g.skipped or {}).items():
+            skipped.add_metric([reason], n)
+        yield skipped
+        yield GaugeMetricFamily("autoglm_glm_queue_depth", "Frames waiting for the GLM", value=e.glm.queued)
+        yield GaugeMetricFamily(
+            "autoglm_glm_breaker_open", "0 closed, 0.5 half open, 1 open", value=BREAKER[e.glm.breaker.state]
+        )
+        if e.intake is not None:
+            yield GaugeMetricFamily(
+                "autoglm_jetstream_unacked",
+                "Events held until their result is stored",
+                value=len(e.intake.held),
+            )
+            yield CounterMetricFamily(
+                "autoglm_jetstream_redelivered", "Redelivered input messages", value=e.intake.redelivered
+            )
+            yield CounterMetricFamily("autoglm_jetstream_acked", "Input messages acked", value=e.intake.acked)
+
+
+class MetricsServer:
+    """``/metrics`` on ``host:port`` in a background thread."""
+
+    def __init__(self, engine: Engine, host: str, port: int) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(engine))
+        self.server, self.thread = start_http_server(port, host, registry=self.registry)
+        self.port = int(self.server.server_port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

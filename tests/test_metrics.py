@@ -1,0 +1,51 @@
+"""The Prometheus endpoint reports what the engine did, with bounded labels."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.app import Engine
+from tests.conftest import make_config, send
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_metrics_endpoint_counts_events_rejections_batches_and_latency(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    engine = Engine(make_config(prefix, metrics={"port": 0}, aligner={"idle_timeout_ms": 200}))
+    await engine.start(nats_url)
+    assert engine.metrics is not None
+    base = time.time_ns()
+    for i in range(10):
+        await send(nc, prefix, f"cam{i % 2}", "text", b"ok", base + i * 1_000_000, event_id=f"e{i}")
+    await send(nc, prefix, "cam0", "text", b"x", base, content_type="video/mp4", event_id="bad")
+    await nc.flush()
+    await asyncio.sleep(1.0)
+    m = await asyncio.to_thread(scrape, engine.metrics.port)
+    await engine.stop()
+    assert m[("autoglm_events_received_total", (("modality", "text"),))] == 11
+    assert (
+        m[("autoglm_events_rejected_total", (("modality", "text"), ("reason", "unsupported_content_type")))]
+        == 1
+    )
+    assert m[("autoglm_aligner_outcomes_total", (("modality", "text"), ("outcome", "fused")))] == 10
+    assert m[("autoglm_results_total", ())] >= 2
+    assert m[("autoglm_batch_size_count", (("route", "text:passthrough"),))] >= 1
+    assert m[("autoglm_batch_size_sum", (("route", "text:passthrough"),))] == 10
+    assert m[("autoglm_stage_latency_seconds_count", (("stage", "event_to_result"),))] >= 2
+    assert m[("autoglm_glm_breaker_open", ())] == 0.0
+    assert m[("autoglm_jetstream_unacked", ())] == 0
+    assert not any("source" in dict(labels) for _, labels in m)  # no per-source labels by default
