@@ -26,6 +26,7 @@ from engine.aligner import Aligner
 from engine.batcher import BatchWorker
 from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, source_of
 from engine.config import EngineConfig
+from engine.discovery import register
 from engine.durable import DurableIntake, Key
 from engine.errors import BackpressureError, EventRejected, TransportError
 from engine.glm_stage import GLMStage
@@ -91,6 +92,7 @@ class Engine:
         self._js: Any = None
         self.intake: DurableIntake | None = None
         self.metrics: MetricsServer | None = None
+        self.service: Any = None
         self._workers: dict[str, BatchWorker[InputEvent]] = {}
         self._pools: list[ThreadPoolExecutor] = []
         self._kick = asyncio.Event()
@@ -138,6 +140,7 @@ class Engine:
         if self.config.metrics.port is not None:
             self.metrics = MetricsServer(self, self.config.metrics.host, self.config.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics.port)
+        self.service = await register(self, self._nc)
         if await self._use_jetstream():
             self.intake = DurableIntake(self._nc, self.config.nats)
             await self.intake.setup()
@@ -174,6 +177,8 @@ class Engine:
             await self.intake.stop_fetching()
         if self._sub is not None:
             await self._sub.drain()
+        if self.service is not None:
+            await self.service.stop()
         for worker in self._workers.values():
             await worker.drain()
         await self._publish(self.aligner.flush())

@@ -1,0 +1,45 @@
+"""Standard NATS service discovery finds the engine and reads its stats."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from engine.app import Engine
+from tests.conftest import make_config, send
+
+
+async def test_srv_ping_info_stats_health_and_config(nc: Any, nats_url: str, prefix: str) -> None:
+    engine = Engine(make_config(prefix))
+    await engine.start(nats_url)
+    try:
+        await send(nc, prefix, "cam", "text", b"x", time.time_ns(), content_type="video/mp4")
+        await nc.flush()
+        pings = []
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("$SRV.PING.autoglm", b"", reply=inbox)
+        while True:  # every engine on this server answers; find ours
+            try:
+                pings.append(orjson.loads((await sub.next_msg(timeout=0.5)).data))
+            except Exception:
+                break
+        mine = [p for p in pings if p["metadata"].get("subject_prefix") == prefix]
+        assert len(mine) == 1 and mine[0]["name"] == "autoglm"
+        sid = mine[0]["id"]
+        info = orjson.loads((await nc.request(f"$SRV.INFO.autoglm.{sid}", b"", timeout=2)).data)
+        assert {e["name"] for e in info["endpoints"]} == {"health", "config"}
+        stats = orjson.loads((await nc.request(f"$SRV.STATS.autoglm.{sid}", b"", timeout=2)).data)
+        data = stats["endpoints"][0]["data"]
+        assert data["rejected"] == {"text:unsupported_content_type": 1}
+        assert data["glm"]["breaker"] == "closed" and data["durable"] is True
+        health = orjson.loads((await nc.request(f"{prefix}.svc.health", b"", timeout=2)).data)
+        assert health["status"] == "ok" and health["durable"] is True
+        config = orjson.loads((await nc.request(f"{prefix}.svc.config", b"", timeout=2)).data)
+        assert (
+            config["nats"]["subject_prefix"] == prefix and config["routes"][0]["processor"] == "passthrough"
+        )
+    finally:
+        await engine.stop()
