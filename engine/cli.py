@@ -92,6 +92,26 @@ async def _publish(args: argparse.Namespace) -> int:
     return 0 if sent else 1
 
 
+async def _status(args: argparse.Namespace) -> int:
+    from engine.discovery import find_engines, status_table
+    from engine.publish import connect
+
+    url = args.nats_url or os.environ.get(NATS_URL_ENV)
+    if not url:
+        raise ConfigError([f"no NATS url: pass --nats-url or set {NATS_URL_ENV}"])
+    nc = await connect(url)
+    try:
+        while True:
+            table = status_table(await find_engines(nc))
+            if args.once:
+                print(table)
+                return 0
+            print("\x1b[2J\x1b[H" + time.strftime("%H:%M:%S ") + url + "\n" + table, flush=True)
+            await asyncio.sleep(args.interval)
+    finally:
+        await nc.close()
+
+
 def _validate(args: argparse.Namespace) -> int:
     path = args.file or DEFAULT_CONFIG
     try:
@@ -144,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--id", help="Nats-Msg-Id for the event (audio: a prefix for each chunk)")
     pub.add_argument("--wait", type=float, default=0.0, help="wait up to N s for the result or DLQ record")
 
+    st = sub.add_parser("status", help="a live table of the engines found through NATS discovery")
+    st.add_argument("--nats-url", help=f"server to look on (or {NATS_URL_ENV})")
+    st.add_argument("--once", action="store_true", help="print the table once and exit")
+    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+
     val = sub.add_parser("validate", help="check a routing file; exit 2 with each problem")
     val.add_argument("file", nargs="?", help=f"default ./{DEFAULT_CONFIG}")
 
@@ -166,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args)
         if args.command in ("run", "demo"):
             _quiet_libraries()
-        runner = {"run": _run, "publish": _publish, "demo": _demo}[args.command]
+        runner = {"run": _run, "publish": _publish, "demo": _demo, "status": _status}[args.command]
         return _run_async(runner(args))
     except ConfigError as exc:
         print("autoglm: configuration error:", file=sys.stderr)

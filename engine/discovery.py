@@ -80,3 +80,43 @@ async def register(engine: Engine, nc: Any) -> Any:
     await service.add_endpoint(name="health", subject=f"{prefix}.svc.health", handler=health)
     await service.add_endpoint(name="config", subject=f"{prefix}.svc.config", handler=config)
     return service
+
+
+async def find_engines(nc: Any, wait: float = 0.5) -> list[dict[str, Any]]:
+    """Every engine's ``$SRV.STATS`` reply on this NATS."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(f"$SRV.STATS.{SERVICE_NAME}", b"", reply=inbox)
+    found = []
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            msg = await sub.next_msg(timeout=left)
+        except Exception:  # nats TimeoutError: everyone answered
+            break
+        found.append(orjson.loads(msg.data))
+    await sub.unsubscribe()
+    return sorted(found, key=lambda r: str(r.get("id")))
+
+
+def status_table(replies: list[dict[str, Any]]) -> str:
+    """The ``autoglm status`` table, one line per engine."""
+    head = (
+        f"{'engine':<24}{'prefix':<10}{'recv':>8}{'results':>9}{'rejected':>9}{'rate-lim':>9}{'unacked':>8}"
+    )
+    lines = [head + "  batches (mean size)  glm"]
+    for r in replies:
+        data = (r.get("endpoints") or [{}])[0].get("data") or {}
+        prefix = (r.get("metadata") or {}).get("subject_prefix", "?")
+        batches = ", ".join(f"{k} {v['mean_size']}" for k, v in data.get("batches", {}).items())
+        glm = data.get("glm", {})
+        rejected = sum(data.get("rejected", {}).values())
+        lines.append(
+            f"{str(r.get('id'))[:22]:<24}{prefix:<10}{sum(data.get('received', {}).values()):>8}"
+            f"{data.get('results', 0):>9}{rejected:>9}"
+            f"{sum(data.get('rate_limited', {}).values()):>9}{data.get('unacked', 0):>8}  {batches or '-'}  "
+            f"{glm.get('backend', '?')} {glm.get('breaker', '')} calls {glm.get('calls', 0)}"
+        )
+    if not replies:
+        lines.append("(no engine answered)")
+    return "\n".join(lines)

@@ -43,3 +43,28 @@ async def test_srv_ping_info_stats_health_and_config(nc: Any, nats_url: str, pre
         )
     finally:
         await engine.stop()
+
+
+async def test_status_command_lists_running_engines(nc: Any, nats_url: str, prefix: str) -> None:
+    import asyncio
+    import sys
+
+    engine = Engine(make_config(prefix))
+    await engine.start(nats_url)
+    try:
+        await send(nc, prefix, "cam", "text", b"x", time.time_ns(), event_id="s1")
+        await nc.flush()
+        await asyncio.sleep(0.5)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.cli", "status", "--once", "--nats-url", nats_url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await engine.stop()
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0].split()[:3] == ["engine", "prefix", "recv"]
+    [row] = [line for line in lines if f" {prefix} " in f" {line} "]
+    assert row.split()[2] == "1"  # received
+    assert "text:passthrough" in row and "none" in row
