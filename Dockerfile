@@ -28,8 +28,12 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
 
 COPY routing.toml /etc/autoglm/routing.toml
 RUN useradd --create-home --uid 10001 autoglm
-USER autoglm
+USER 10001
 WORKDIR /home/autoglm
+
+# Healthy = an engine answers its NATS health endpoint (embedded or external server).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["autoglm", "health", "--config", "/etc/autoglm/routing.toml"]
 
 # With AUTOGLM_NATS_URL set the engine joins that server; unset, it starts the
 # embedded nats-server inside the container.

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -107,6 +108,8 @@ class Engine:
             self._server = EmbeddedServer(self.config.nats.data_dir)
             url = await asyncio.to_thread(self._server.start)
             log.info("embedded nats-server on %s", url)
+            # `autoglm health` (the container HEALTHCHECK) finds the server here.
+            (Path(self.config.nats.data_dir) / "run" / "engine.url").write_text(url)
         self.url = url
         self._broker = NatsBroker(
             url,

@@ -112,6 +112,32 @@ async def _status(args: argparse.Namespace) -> int:
         await nc.close()
 
 
+async def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when an engine answers on ``<prefix>.svc.health`` (container HEALTHCHECK)."""
+    import orjson
+
+    from engine.publish import connect
+
+    cfg = _config(args.config)
+    url = args.nats_url or os.environ.get(NATS_URL_ENV) or cfg.nats.url
+    if not url:  # an engine on its embedded server writes the URL beside its data
+        url_file = Path(cfg.nats.data_dir) / "run" / "engine.url"
+        url = url_file.read_text().strip() if url_file.exists() else None
+    if not url:
+        print("autoglm health: no NATS url and no running embedded engine found", file=sys.stderr)
+        return 1
+    nc = await connect(url, timeout=args.timeout)
+    try:
+        reply = await nc.request(f"{cfg.nats.subject_prefix}.svc.health", b"", timeout=args.timeout)
+    except Exception as exc:  # no responders / timeout: no healthy engine
+        print(f"autoglm health: no engine answered on {url}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    finally:
+        await nc.close()
+    print(orjson.loads(reply.data))
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     path = args.file or DEFAULT_CONFIG
     try:
@@ -169,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--once", action="store_true", help="print the table once and exit")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
 
+    hl = sub.add_parser("health", help="exit 0 if an engine answers its health endpoint")
+    hl.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
+    hl.add_argument("--nats-url", help=f"server to ask (or {NATS_URL_ENV})")
+    hl.add_argument("--timeout", type=float, default=3.0)
+
     val = sub.add_parser("validate", help="check a routing file; exit 2 with each problem")
     val.add_argument("file", nargs="?", help=f"default ./{DEFAULT_CONFIG}")
 
@@ -191,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args)
         if args.command in ("run", "demo"):
             _quiet_libraries()
-        runner = {"run": _run, "publish": _publish, "demo": _demo, "status": _status}[args.command]
+        runner = {"run": _run, "publish": _publish, "demo": _demo, "status": _status, "health": _health}[
+            args.command
+        ]
         return _run_async(runner(args))
     except ConfigError as exc:
         print("autoglm: configuration error:", file=sys.stderr)

@@ -125,3 +125,29 @@ async def test_run_drains_on_sigterm(nats_url: str, nc: Any, prefix: str, tmp_pa
     assert b"stopped; 1 results" in rest
     [result] = await out.wait_for(1)
     assert result["events"] == {"text": ["held"]}
+
+
+async def test_health_finds_an_embedded_engine_and_fails_without_one(tmp_path: Path) -> None:
+    """What the container's HEALTHCHECK runs."""
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        f'[nats]\ndata_dir = "{tmp_path}"\nsubject_prefix = "hc"\n'
+        '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+    )
+    code, _, err = await run_cli("health", "--config", str(cfg), "--timeout", "1")
+    assert code == 1 and "no NATS url and no running embedded engine" in err
+    proc = await asyncio.create_subprocess_exec(
+        *AUTOGLM, "run", "--config", str(cfg), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert b"engine running" in await asyncio.wait_for(proc.stdout.readline(), 60)
+    try:
+        code, out, err = await run_cli("health", "--config", str(cfg))
+        assert code == 0, err
+        assert "'status': 'ok'" in out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    code, _, err = await run_cli("health", "--config", str(cfg), "--timeout", "1")
+    assert code == 1  # the URL file is left behind, but nothing answers there now
