@@ -104,6 +104,9 @@ class AlignerBase(Generic[S]):
         """Count an outcome decided before the aligner (``rate_limited``)."""
         self._count(self._sources.get(source), modality, outcome)
 
+    def source_names(self) -> list[str]:
+        return list(self._sources)
+
     def source_counts(self, source: str) -> Counter[tuple[Modality, str]]:
         src = self._sources.get(source)
         return Counter(src.counts) if src else Counter()

@@ -222,6 +222,9 @@ class MetricsConfig(_Frozen):
 
     port: int | None = Field(None, ge=0, le=65535)
     host: str = "127.0.0.1"
+    #: Per-source series (bounded by aligner.max_sources): off by default, since
+    #: thousands of cameras would mean thousands of series.
+    per_source: bool = False
 
 
 class EngineConfig(_Frozen):

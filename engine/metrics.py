@@ -53,6 +53,16 @@ class EngineCollector(Collector):
         for (mod, outcome), n in e.aligner.counts.items():
             outcomes.add_metric([mod, outcome], n)
         yield outcomes
+        if e.config.metrics.per_source:
+            per = CounterMetricFamily(
+                "autoglm_source_outcomes",
+                "Aligner outcomes per source",
+                labels=["source", "modality", "outcome"],
+            )
+            for name in e.aligner.source_names():
+                for (mod, outcome), n in e.aligner.source_counts(name).items():
+                    per.add_metric([name, mod, outcome], n)
+            yield per
         yield CounterMetricFamily("autoglm_results", "Results published", value=s.results)
         yield CounterMetricFamily("autoglm_dlq_records", "DLQ records published", value=s.dlq_published)
         yield CounterMetricFamily(

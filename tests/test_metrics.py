@@ -49,3 +49,16 @@ async def test_metrics_endpoint_counts_events_rejections_batches_and_latency(
     assert m[("autoglm_glm_breaker_open", ())] == 0.0
     assert m[("autoglm_jetstream_unacked", ())] == 0
     assert not any("source" in dict(labels) for _, labels in m)  # no per-source labels by default
+
+
+async def test_per_source_series_only_when_asked(nc: Any, nats_url: str, prefix: str) -> None:
+    engine = Engine(make_config(prefix, metrics={"port": 0, "per_source": True}))
+    await engine.start(nats_url)
+    assert engine.metrics is not None
+    await send(nc, prefix, "camA", "text", b"ok", time.time_ns(), event_id="a1")
+    await nc.flush()
+    await asyncio.sleep(1.0)
+    m = await asyncio.to_thread(scrape, engine.metrics.port)
+    await engine.stop()
+    key = ("autoglm_source_outcomes_total", (("modality", "text"), ("outcome", "fused"), ("source", "camA")))
+    assert m[key] == 1
