@@ -1,0 +1,39 @@
+"""The committed AsyncAPI document matches the code, and the code's messages match it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.app import Engine
+from engine.asyncapi import Rejection, Result, document
+from engine.errors import REASONS
+from tests.conftest import collect, make_config, send
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
+
+
+def test_committed_document_is_current() -> None:
+    assert json.loads(DOC.read_text()) == json.loads(document()), (
+        "docs/asyncapi.json is stale: python -m engine.asyncapi | python -m json.tool > docs/asyncapi.json"
+    )
+    spec = json.loads(document())
+    assert set(spec["channels"]) == {"input", "result", "rejected"}
+    assert set(spec["components"]["schemas"]["Rejection"]["properties"]["reason"]["enum"]) == REASONS
+
+
+async def test_published_messages_validate_against_the_schemas(nc: Any, nats_url: str, prefix: str) -> None:
+    out = await collect(nc, f"{prefix}.out.>")
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    engine = Engine(make_config(prefix))
+    await engine.start(nats_url)
+    await send(nc, prefix, "cam", "text", b"ok", time.time_ns(), event_id="good")
+    await send(nc, prefix, "cam", "text", b"x", time.time_ns(), content_type="video/mp4", event_id="bad")
+    await nc.flush()
+    [result] = await out.wait_for(1)
+    [record] = await dlq.wait_for(1)
+    await engine.stop()
+    assert Result.model_validate(result).events == {"text": ["good"]}
+    assert Rejection.model_validate(record).reason == "unsupported_content_type"
