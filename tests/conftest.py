@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import itertools
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -65,6 +67,21 @@ def make_config(prefix: str, **overrides: Any) -> EngineConfig:
         else:
             data[key] = value
     return parse_config(data, env={})
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def spawn_engine(*args: str, options: tuple[str, ...] = ()) -> asyncio.subprocess.Process:
+    """``autoglm [options] run ARGS`` as its own process, returned once it says it is running."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.cli", *options, "run", *args,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    assert b"engine running" in line, line
+    return proc
 
 
 class Collector:

@@ -15,7 +15,7 @@ import numpy as np
 import soundfile
 
 from engine.app import Engine
-from tests.conftest import collect, make_config, send
+from tests.conftest import collect, make_config, send, spawn_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTOGLM = [sys.executable, "-m", "engine.cli"]
@@ -108,13 +108,7 @@ async def test_run_drains_on_sigterm(nats_url: str, nc: Any, prefix: str, tmp_pa
         '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
     )
     out = await collect(nc, f"{prefix}.out.>")
-    proc = await asyncio.create_subprocess_exec(
-        *AUTOGLM, "run", "--config", str(cfg), "--nats-url", nats_url, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 60)
-    assert b"engine running" in line
+    proc = await spawn_engine("--config", str(cfg), "--nats-url", nats_url)
     await send(nc, prefix, "cam", "text", b"held in a 60 s window", time.time_ns(), event_id="held")
     await nc.flush()
     await asyncio.sleep(0.3)
@@ -136,12 +130,7 @@ async def test_health_finds_an_embedded_engine_and_fails_without_one(tmp_path: P
     )
     code, _, err = await run_cli("health", "--config", str(cfg), "--timeout", "1")
     assert code == 1 and "no NATS url and no running embedded engine" in err
-    proc = await asyncio.create_subprocess_exec(
-        *AUTOGLM, "run", "--config", str(cfg), cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    assert b"engine running" in await asyncio.wait_for(proc.stdout.readline(), 60)
+    proc = await spawn_engine("--config", str(cfg))
     try:
         code, out, err = await run_cli("health", "--config", str(cfg))
         assert code == 0, err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,21 +11,14 @@ from typing import Any
 import orjson
 
 from engine.app import Engine
-from tests.conftest import make_config, send
+from tests.conftest import make_config, send, spawn_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 MS = 1_000_000
 
 
 async def start_engine(cfg: Path, url: str) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "run", "--config", str(cfg), "--nats-url", url,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 60)
-    assert b"engine running" in line
-    return proc
+    return await spawn_engine("--config", str(cfg), "--nats-url", url)
 
 
 async def stored_results(nc: Any, prefix: str) -> list[tuple[str, dict[str, Any]]]:

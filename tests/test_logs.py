@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from engine.logs import JsonFormatter
-from tests.conftest import send
+from tests.conftest import send, spawn_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,13 +38,9 @@ async def test_engine_logs_json_without_payload_bytes(
     cfg.write_text(
         f'[nats]\nsubject_prefix = "{prefix}"\n[[routes]]\nmodality = "text"\nprocessor = "minilm"\n'
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "--log-level", "INFO", "--log-format", "json",
-        "run", "--config", str(cfg), "--nats-url", nats_url,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    await asyncio.wait_for(proc.stdout.readline(), 60)
+    proc = await spawn_engine(
+        "--config", str(cfg), "--nats-url", nats_url, options=("--log-level", "INFO", "--log-format", "json")
+    )
     await send(nc, prefix, "cam1", "text", b"SECRET-PAYLOAD \xff", time.time_ns(), event_id="bad-1")
     await nc.flush()
     await asyncio.sleep(1.0)
