@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
 from typing import Any
 
@@ -46,9 +48,6 @@ async def test_srv_ping_info_stats_health_and_config(nc: Any, nats_url: str, pre
 
 
 async def test_status_command_lists_running_engines(nc: Any, nats_url: str, prefix: str) -> None:
-    import asyncio
-    import sys
-
     engine = Engine(make_config(prefix))
     await engine.start(nats_url)
     try:
