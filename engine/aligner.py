@@ -50,6 +50,8 @@ class _Slot:
     process_ns: Nanos = 0
     arrived: Nanos = 0
     traceparent: str | None = None
+    #: Engine-clock time its features arrived (for the event's trace span).
+    done: Nanos = 0
 
 
 @dataclass(slots=True)
@@ -170,7 +172,9 @@ class Aligner(AlignerBase[_Source]):
             win = src.windows[start] = _Window(start, start + self.window_ns, now)
             self._cap_windows(src)
         self._order += 1
-        win.slots[event.event_id] = _Slot(event.event_id, event.modality, ts, self._order)
+        win.slots[event.event_id] = _Slot(
+            event.event_id, event.modality, ts, self._order, arrived=now, traceparent=event.traceparent
+        )
         win.pending += 1
         if win.traceparent is None:
             win.traceparent = event.traceparent
@@ -188,6 +192,7 @@ class Aligner(AlignerBase[_Source]):
         src, slot, win = self._slot(source, event_id)
         slot.features = features
         slot.process_ns = process_ns
+        slot.done = self.clock()
         win.pending -= 1
         if win.sealed and not win.pending:
             self._ready[id(src)] = src
@@ -380,6 +385,9 @@ def fuse_modality(slots: Iterable[_Slot]) -> ModalityFusion:
         embedding=embedding,
         per_event=tuple(f.stats for f in feats),
         attachment=_middle([f.attachment for f in feats if f.attachment is not None]),
+        arrivals=tuple(s.arrived for s in items),
+        done=tuple(s.done for s in items),
+        traceparents=tuple(s.traceparent for s in items),
     )
 
 

@@ -37,6 +37,7 @@ from engine.publish import sync_with_server
 from engine.router import Route, Router
 from engine.server import EmbeddedServer
 from engine.stats import EngineStats
+from engine.tracing import Tracing
 from engine.types import Clock, FusedFrame, InputEvent
 
 log = logging.getLogger("autoglm.engine")
@@ -75,6 +76,7 @@ class Engine:
         *,
         clock: Clock = time.time_ns,
         routes: list[Route] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.prefix = config.nats.subject_prefix
@@ -85,6 +87,7 @@ class Engine:
         self.aligner: Aligner | NearestAligner = config.aligner.build(clock)
         self.glm: GLMStage = config.glm.build(self._send_result)
         self.stats = EngineStats()
+        self.tracing = tracing or config.tracing.build()
         self.url: str | None = None
         self._server: EmbeddedServer | None = None
         self._broker: NatsBroker | None = None
@@ -199,6 +202,7 @@ class Engine:
             route.close()
         if self.metrics is not None:
             self.metrics.close()
+        await asyncio.to_thread(self.tracing.shutdown)
         await self._stop_server()
 
     async def _stop_server(self) -> None:
@@ -392,9 +396,11 @@ class Engine:
         }
         for stage, ms in lat.items():
             self.stats.observe(stage, ms / 1000)
-        headers = {ID_HEADER: frame.key or f"{frame.source}:{frame.start_ns}"}
-        if frame.traceparent:
-            headers["traceparent"] = frame.traceparent
+        result_id = frame.key or f"{frame.source}:{frame.start_ns}"
+        headers = {ID_HEADER: result_id}
+        traceparent = self.tracing.frame_spans(frame, record, result_id, now)
+        if traceparent:
+            headers["traceparent"] = traceparent
         await self._send(f"{self.prefix}.out.{frame.source}", orjson.dumps(record), headers=headers)
         self.stats.results += 1
         for mod, fused in frame.modalities.items():

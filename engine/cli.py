@@ -53,7 +53,7 @@ def _quiet_libraries() -> None:
 async def _run(args: argparse.Namespace) -> int:
     from engine.app import Engine
 
-    cfg = _config(args.config)
+    cfg = _with_trace_file(_config(args.config), args.trace_file)
     engine = Engine(cfg)
     url = await engine.start(args.nats_url)
     print(f"autoglm: engine running on {url}; inputs on {cfg.nats.subject_prefix}.in.<source>.<modality>")
@@ -67,6 +67,12 @@ async def _run(args: argparse.Namespace) -> int:
     await engine.stop()
     print(f"autoglm: stopped; {engine.stats.results} results, {engine.stats.dlq_published} rejected")
     return 0
+
+
+def _with_trace_file(cfg: EngineConfig, path: str | None) -> EngineConfig:
+    if not path:
+        return cfg
+    return cfg.model_copy(update={"tracing": cfg.tracing.model_copy(update={"file": path})})
 
 
 async def _publish(args: argparse.Namespace) -> int:
@@ -88,6 +94,7 @@ async def _publish(args: argparse.Namespace) -> int:
         chunk_ms=args.chunk_ms,
         event_id=args.id,
         wait=args.wait,
+        traceparent=args.traceparent,
     )
     return 0 if sent else 1
 
@@ -158,7 +165,7 @@ async def _demo(args: argparse.Namespace) -> int:
     from engine.demo import run_demo
 
     return await run_demo(
-        _config(args.config),
+        _with_trace_file(_config(args.config), args.trace_file),
         seconds=args.seconds,
         sources=args.sources,
         nats_url=args.nats_url,
@@ -176,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the engine until SIGINT/SIGTERM, then drain")
     run.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG})")
     run.add_argument("--nats-url", help=f"use this server instead of the embedded one (or {NATS_URL_ENV})")
+    run.add_argument("--trace-file", help="append OpenTelemetry spans to this file as JSON lines")
 
     pub = sub.add_parser("publish", help="publish one event (audio files are split into chunks)")
     pub.add_argument("--source", required=True, help="source name, 1-64 of [A-Za-z0-9_-]")
@@ -189,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--chunk-ms", type=int, default=100, help="audio chunk length (default 100)")
     pub.add_argument("--id", help="Nats-Msg-Id for the event (audio: a prefix for each chunk)")
     pub.add_argument("--wait", type=float, default=0.0, help="wait up to N s for the result or DLQ record")
+    pub.add_argument("--traceparent", help="W3C trace context to continue (default: a new trace)")
 
     st = sub.add_parser("status", help="a live table of the engines found through NATS discovery")
     st.add_argument("--nats-url", help=f"server to look on (or {NATS_URL_ENV})")
@@ -208,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sources", type=int, default=2)
     demo.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
     demo.add_argument("--nats-url", help="use this server instead of the embedded one")
+    demo.add_argument("--trace-file", help="append OpenTelemetry spans (producer and engine) as JSON lines")
     demo.add_argument("--width", type=int, default=320, help="frame width (default 320)")
     demo.add_argument("--height", type=int, default=240, help="frame height (default 240)")
     return p

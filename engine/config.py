@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from engine.glm_stage import GLMStage, Publish
     from engine.nearest import NearestAligner
     from engine.router import Route
+    from engine.tracing import Tracing
 
 NATS_URL_ENV = "AUTOGLM_NATS_URL"
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -227,6 +228,29 @@ class MetricsConfig(_Frozen):
     per_source: bool = False
 
 
+class TracingConfig(_Frozen):
+    """OpenTelemetry spans (engine/tracing.py); on when an exporter is set.
+
+    ``endpoint`` is an OTLP/HTTP traces URL (``http://collector:4318/v1/traces``);
+    the standard ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    variables work too. ``file`` appends spans as JSON lines (no collector needed).
+    """
+
+    endpoint: str = ""
+    file: str = ""
+    service_name: str = Field("autoglm", min_length=1)
+    #: For traces the engine starts; a producer's sampled flag is obeyed as sent.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    #: Spans buffered for export; beyond it the SDK drops (and counts) them.
+    max_queue: int = Field(8192, ge=1)
+    export_timeout_s: float = Field(10.0, gt=0)
+
+    def build(self) -> Tracing:
+        from engine.tracing import Tracing
+
+        return Tracing(self)
+
+
 class EngineConfig(_Frozen):
     nats: NatsConfig = NatsConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -234,6 +258,7 @@ class EngineConfig(_Frozen):
     aligner: AlignerConfig = AlignerConfig()
     glm: GLMConfig = GLMConfig()
     metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
 
 
 def _key(loc: Sequence[int | str]) -> str:

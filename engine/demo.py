@@ -20,10 +20,12 @@ from typing import Any
 import cv2
 import numpy as np
 import orjson
+from opentelemetry.trace import SpanKind
 
 from engine.codec import encode_headers, input_subject
 from engine.config import EngineConfig, RouteConfig
 from engine.publish import connect, sync_with_server
+from engine.tracing import traceparent_of
 
 FPS = 30
 AUDIO_CHUNK_MS = 100
@@ -113,7 +115,14 @@ class Tally:
 
 
 async def _source_loop(
-    nc: Any, prefix: str, index: int, seconds: float, tally: Tally, frames: list[bytes], inject_bad: bool
+    nc: Any,
+    prefix: str,
+    index: int,
+    seconds: float,
+    tally: Tally,
+    frames: list[bytes],
+    inject_bad: bool,
+    tracer: Any = None,
 ) -> None:
     name = f"cam{index}"
     t0 = time.time_ns()
@@ -149,7 +158,14 @@ async def _source_loop(
             eid, body, ct, mod = f"{name}-badtxt-{k}", b"caption \xc3\x28 broken", "text/plain", "text"
         tally.published[mod] += 1
         tally.sent_ts[eid] = ts
-        await nc.publish(input_subject(prefix, name, mod), body, headers=encode_headers(ts, ct, event_id=eid))  # type: ignore[arg-type]
+        traceparent = None
+        if tracer is not None:  # the producer's own span, so a trace starts before the engine
+            attrs = {"autoglm.event_id": eid}
+            span = tracer.start_span("demo.publish", kind=SpanKind.PRODUCER, attributes=attrs)
+            traceparent = traceparent_of(span)
+            span.end()
+        hdrs = encode_headers(ts, ct, event_id=eid, traceparent=traceparent)
+        await nc.publish(input_subject(prefix, name, mod), body, headers=hdrs)  # type: ignore[arg-type]
 
 
 def _line(elapsed: float, tally: Tally, stats: Any) -> str:
@@ -221,7 +237,9 @@ async def _demo_on(
     frames = [shapes_frames(i, FPS * 2, width, height) for i in range(sources)]
     started = time.monotonic()
     pubs = [
-        asyncio.create_task(_source_loop(nc, prefix, i, seconds, tally, frames[i], inject_bad))
+        asyncio.create_task(
+            _source_loop(nc, prefix, i, seconds, tally, frames[i], inject_bad, engine.tracing.tracer)
+        )
         for i in range(sources)
     ]
     tty = sys.stdout.isatty()

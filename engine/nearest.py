@@ -103,6 +103,7 @@ class NearestAligner(AlignerBase[_NSource]):
         src, slot = self._find(source, event_id)
         slot.features = features
         slot.process_ns = process_ns
+        slot.done = self.clock()
         self._dirty[id(src)] = src
 
     def discard(self, source: str, event_id: str) -> None:

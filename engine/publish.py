@@ -14,6 +14,7 @@ import soundfile
 
 from engine.codec import encode_headers, input_subject
 from engine.errors import AutoGLMError, TransportError
+from engine.tracing import new_traceparent
 from engine.types import Modality
 
 
@@ -80,8 +81,12 @@ async def publish_file(
     chunk_ms: int = 100,
     event_id: str | None = None,
     wait: float = 0.0,
+    traceparent: str | None = None,
 ) -> int:
-    """Publish one image, text, or an audio file as chunks; print what comes back."""
+    """Publish one image, text, or an audio file as chunks; print what comes back.
+
+    Every event carries ``traceparent`` (a new trace when none is given), so
+    the engine's spans and the result continue the producer's trace."""
     bodies: list[bytes]
     modality: Modality
     if image is not None:
@@ -104,7 +109,8 @@ async def publish_file(
         replies: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
 
         async def on_reply(msg: Any) -> None:
-            await replies.put((msg.subject, orjson.loads(msg.data)))
+            tp = (msg.headers or {}).get("traceparent", "-")
+            await replies.put((f"{msg.subject} traceparent={tp}", orjson.loads(msg.data)))
 
         if wait > 0:
             await nc.subscribe(f"{prefix}.out.{source}", cb=on_reply)
@@ -114,10 +120,12 @@ async def publish_file(
         t0 = time.time_ns()
         base_id = event_id or f"{source}-{modality}-{t0}"
         ids = [base_id if len(bodies) == 1 else f"{base_id}-{i}" for i in range(len(bodies))]
+        traceparent = traceparent or new_traceparent()
         for i, (eid, body) in enumerate(zip(ids, bodies, strict=True)):
-            await nc.publish(subject, body, headers=encode_headers(t0 + i * step, ct, event_id=eid, seq=i))
+            hdrs = encode_headers(t0 + i * step, ct, event_id=eid, seq=i, traceparent=traceparent)
+            await nc.publish(subject, body, headers=hdrs)
         await nc.flush()
-        print(f"published {len(bodies)} {modality} event(s) on {subject} ({ct})")
+        print(f"published {len(bodies)} {modality} event(s) on {subject} ({ct}), trace {traceparent}")
         deadline = time.monotonic() + wait
         waiting = set(ids)
         while wait > 0 and waiting and (left := deadline - time.monotonic()) > 0:

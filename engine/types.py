@@ -95,6 +95,11 @@ class ModalityFusion:
     per_event: tuple[Stats, ...] = ()
     #: The window's key frame (middle one) as JPEG, when the route keeps them.
     attachment: bytes | None = None
+    #: Per event, in the order of ``event_ids``: engine-clock arrival and
+    #: features-ready times, and the producer's ``traceparent`` (for tracing).
+    arrivals: tuple[Nanos, ...] = ()
+    done: tuple[Nanos, ...] = ()
+    traceparents: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import orjson
 import soundfile
 
 from engine.app import Engine
@@ -35,7 +36,10 @@ async def test_demo_runs_and_accounts_for_every_event(tmp_path: Path) -> None:
     cfg.write_text(
         (ROOT / "routing.toml").read_text().replace('data_dir = ".autoglm"', f'data_dir = "{tmp_path}"')
     )
-    code, out, err = await run_cli("demo", "--seconds", "3", "--sources", "2", "--config", str(cfg))
+    spans = tmp_path / "spans.jsonl"
+    code, out, err = await run_cli(
+        "demo", "--seconds", "3", "--sources", "2", "--config", str(cfg), "--trace-file", str(spans)
+    )
     assert code == 0, err + out
     assert "autoglm demo summary (3 s, 2 source(s))" in out
     sent = next(line for line in out.splitlines() if "events published" in line)
@@ -43,6 +47,13 @@ async def test_demo_runs_and_accounts_for_every_event(tmp_path: Path) -> None:
     assert "rejected (DLQ)" in out and "p99" in out
     counted = next(line for line in out.splitlines() if "accounted for" in line).split()
     assert counted[2] == counted[4]  # "accounted for N of N events"
+    # --trace-file: each fused window continues a producer's trace (producer -> engine -> result)
+    records = [orjson.loads(line) for line in spans.read_text().splitlines()]
+    producers = {
+        r["context"]["span_id"]: r["context"]["trace_id"] for r in records if r["name"] == "demo.publish"
+    }
+    windows = [r for r in records if r["name"] == "autoglm.window"]
+    assert windows and all(producers[w["parent_id"]] == w["context"]["trace_id"] for w in windows)
 
 
 async def test_publish_text_image_and_audio_and_wait_for_results(
