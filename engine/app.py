@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -77,6 +78,7 @@ class Engine:
         clock: Clock = time.time_ns,
         routes: list[Route] | None = None,
         tracing: Tracing | None = None,
+        config_path: str | Path | None = None,
     ) -> None:
         self.config = config
         self.prefix = config.nats.subject_prefix
@@ -85,7 +87,7 @@ class Engine:
         self.routes = routes or [rc.build(f"routes[{i}]") for i, rc in enumerate(config.routes)]
         self.router = Router(self.routes)
         self.aligner: Aligner | NearestAligner = config.aligner.build(clock)
-        self.glm: GLMStage = config.glm.build(self._send_result)
+        self.glm: GLMStage = config.glm.build(self.send_result)
         self.stats = EngineStats()
         self.tracing = tracing or config.tracing.build()
         self.url: str | None = None
@@ -97,8 +99,12 @@ class Engine:
         self.intake: DurableIntake | None = None
         self.metrics: MetricsServer | None = None
         self.service: Any = None
-        self._workers: dict[str, BatchWorker[InputEvent]] = {}
-        self._pools: list[ThreadPoolExecutor] = []
+        #: id(route) -> its batch worker and model threads.
+        self._workers: dict[int, tuple[BatchWorker[InputEvent], ThreadPoolExecutor]] = {}
+        #: Routes and GLM stages replaced by a reload, finishing their queues.
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.config_path = config_path
+        self.reload_lock = asyncio.Lock()
         self._kick = asyncio.Event()
         self._emitter: asyncio.Task[None] | None = None
         self._stopping = False
@@ -131,16 +137,7 @@ class Engine:
             await self._stop_server()
             raise TransportError(f"cannot connect to NATS at {url}: {exc}") from exc
         for route in self.routes:
-            pool = ThreadPoolExecutor(route.config.workers, thread_name_prefix=f"autoglm-{route.name}")
-            self._pools.append(pool)
-            worker = BatchWorker(
-                route.batcher,
-                lambda batch, r=route, p=pool: self._run_batch(r, p, batch),  # type: ignore[misc]
-                self._fail_batch,
-                concurrency=route.config.workers,
-            )
-            worker.start()
-            self._workers[route.name] = worker
+            self.launch_route(route)
         self.glm.start()
         self._emitter = asyncio.get_running_loop().create_task(self._emit_loop())
         if self.config.metrics.port is not None:
@@ -165,6 +162,37 @@ class Engine:
         await sync_with_server(self._nc)
         return url
 
+    def launch_route(self, route: Route) -> None:
+        """Give a route its model threads and a running batch worker."""
+        pool = ThreadPoolExecutor(route.config.workers, thread_name_prefix=f"autoglm-{route.name}")
+        worker = BatchWorker(
+            route.batcher,
+            lambda batch: self._run_batch(route, pool, batch),
+            self._fail_batch,
+            concurrency=route.config.workers,
+        )
+        worker.start()
+        self._workers[id(route)] = (worker, pool)
+
+    async def retire_route(self, route: Route) -> None:
+        """Finish what a route has queued (its events still reach the aligner), then free it."""
+        worker, pool = self._workers.pop(id(route))
+        await worker.drain()
+        await asyncio.to_thread(pool.shutdown, True)
+        await asyncio.to_thread(route.close)
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the routing file and swap what can change live (see engine/reload.py)."""
+        from engine.reload import reload_from_file
+
+        return await reload_from_file(self)
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (a retiring route or GLM stage); :meth:`stop` waits for it."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     async def _use_jetstream(self) -> bool:
         if self.config.nats.durable is not None:
             return self.config.nats.durable
@@ -185,7 +213,9 @@ class Engine:
             await self._sub.drain()
         if self.service is not None:
             await self.service.stop()
-        for worker in self._workers.values():
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        for worker, _ in self._workers.values():
             await worker.drain()
         await self._publish(self.aligner.flush())
         if self._emitter is not None:
@@ -196,7 +226,7 @@ class Engine:
             await self._nc.flush()
         if self._broker is not None:
             await self._broker.stop()
-        for pool in self._pools:
+        for _, pool in self._workers.values():
             pool.shutdown(wait=True)
         for route in self.routes:
             route.close()
@@ -221,7 +251,7 @@ class Engine:
 
     async def idle(self) -> None:
         """Wait until every batch queue is empty (tests and the demo)."""
-        for worker in self._workers.values():
+        for worker, _ in list(self._workers.values()):
             await worker.idle()
 
     # -- intake -------------------------------------------------------------------
@@ -270,7 +300,7 @@ class Engine:
             await self._reject(event.subject, msg.headers, exc, event.modality)
             return None
         try:
-            dropped = self._workers[route.name].submit(event)
+            dropped = self._workers[id(route)][0].submit(event)
         except BackpressureError as exc:
             await self._abandon(event, EventRejected("overloaded", str(exc)))
             return None
@@ -381,11 +411,11 @@ class Engine:
 
     async def _publish(self, frames: list[FusedFrame]) -> None:
         """Hand each closed frame to the GLM stage, which publishes it (now, or
-        once the model answered) through :meth:`_send_result`."""
+        once the model answered) through :meth:`send_result`."""
         for frame in frames:
             await self.glm.submit(frame, frame_record(frame))
 
-    async def _send_result(self, frame: FusedFrame, record: dict[str, Any]) -> None:
+    async def send_result(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         now = self.clock()
         latest = max(ts for f in frame.modalities.values() for ts in f.timestamps)
         record["latency_ms"] = lat = {

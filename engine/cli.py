@@ -54,19 +54,62 @@ async def _run(args: argparse.Namespace) -> int:
     from engine.app import Engine
 
     cfg = _with_trace_file(_config(args.config), args.trace_file)
-    engine = Engine(cfg)
+    path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)  # noqa: ASYNC240
+    engine = Engine(cfg, config_path=path)
     url = await engine.start(args.nats_url)
     print(f"autoglm: engine running on {url}; inputs on {cfg.nats.subject_prefix}.in.<source>.<modality>")
-    print("autoglm: Ctrl-C (SIGINT) or SIGTERM drains and exits", flush=True)
+    print("autoglm: Ctrl-C (SIGINT) or SIGTERM drains and exits; SIGHUP reloads the routing file", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    async def reload() -> None:
+        report = await engine.reload()
+        print(f"autoglm: reload {_reload_line(report)}", flush=True)
+
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     print("autoglm: draining...", flush=True)
     await engine.stop()
     print(f"autoglm: stopped; {engine.stats.results} results, {engine.stats.dlq_published} rejected")
     return 0
+
+
+def _reload_line(report: dict[str, Any]) -> str:
+    if not report["ok"]:
+        return "refused, the running config stays:\n  " + "\n  ".join(report["errors"])
+    line = f"applied: {', '.join(report['applied']) or 'nothing changed'}"
+    if report["restart_required"]:
+        line += f"; needs a restart (running values kept): {', '.join(report['restart_required'])}"
+    return line
+
+
+async def _reload(args: argparse.Namespace) -> int:
+    from engine.discovery import reload_all
+    from engine.publish import connect
+
+    url = args.nats_url or os.environ.get(NATS_URL_ENV)
+    if not url:
+        raise ConfigError([f"no NATS url: pass --nats-url or set {NATS_URL_ENV}"])
+    nc = await connect(url)
+    try:
+        reports = await reload_all(nc, args.prefix, timeout=args.timeout)
+    finally:
+        await nc.close()
+    for r in reports:
+        print(f"{r['id']} ({r['prefix']}): {_reload_line(r)}")
+    if not reports:
+        print("no engine answered", file=sys.stderr)
+        return 1
+    return 0 if all(r["ok"] for r in reports) else 2
 
 
 def _with_trace_file(cfg: EngineConfig, path: str | None) -> EngineConfig:
@@ -204,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--once", action="store_true", help="print the table once and exit")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
 
+    rl = sub.add_parser("reload", help="every engine found re-reads its routing file (like SIGHUP)")
+    rl.add_argument("--nats-url", help=f"server to look on (or {NATS_URL_ENV})")
+    rl.add_argument("--prefix", help="only the engines of this subject prefix")
+    rl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each engine")
+
     hl = sub.add_parser("health", help="exit 0 if an engine answers its health endpoint")
     hl.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
     hl.add_argument("--nats-url", help=f"server to ask (or {NATS_URL_ENV})")
@@ -232,9 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args)
         if args.command in ("run", "demo"):
             _quiet_libraries()
-        runner = {"run": _run, "publish": _publish, "demo": _demo, "status": _status, "health": _health}[
-            args.command
-        ]
+        runner = {
+            "run": _run,
+            "publish": _publish,
+            "demo": _demo,
+            "status": _status,
+            "health": _health,
+            "reload": _reload,
+        }[args.command]
         return _run_async(runner(args))
     except ConfigError as exc:
         print("autoglm: configuration error:", file=sys.stderr)

@@ -4,7 +4,8 @@
 for every running engine (the stats carry the engine's counters), and two
 endpoints answer requests: ``<prefix>.svc.health`` and ``<prefix>.svc.config``
 (the running configuration as JSON; it holds the *name* of the API-key
-variable, never a key).
+variable, never a key), and each engine answers ``<prefix>.svc.reload.<id>``
+(a hot reload of its routing file, see engine/reload.py).
 """
 
 from __future__ import annotations
@@ -79,14 +80,37 @@ async def register(engine: Engine, nc: Any) -> Any:
     )
     await service.add_endpoint(name="health", subject=f"{prefix}.svc.health", handler=health)
     await service.add_endpoint(name="config", subject=f"{prefix}.svc.config", handler=config)
+
+    async def reload(req: Request) -> None:
+        await req.respond(orjson.dumps(await engine.reload()))
+
+    # Per instance, so `autoglm reload` reaches every engine, not one of a queue group.
+    await service.add_endpoint(name="reload", subject=reload_subject(prefix, service.id), handler=reload)
     return service
 
 
-async def find_engines(nc: Any, wait: float = 0.5) -> list[dict[str, Any]]:
-    """Every engine's ``$SRV.STATS`` reply on this NATS."""
+def reload_subject(prefix: str, service_id: str) -> str:
+    return f"{prefix}.svc.reload.{service_id}"
+
+
+async def reload_all(nc: Any, prefix: str | None = None, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Ask every engine found on this NATS (of ``prefix``, when given) to reload;
+    one report per engine, with its id and prefix."""
+    reports = []
+    for info in await find_engines(nc, verb="INFO"):
+        their = (info.get("metadata") or {}).get("subject_prefix", "")
+        if prefix is not None and their != prefix:
+            continue
+        msg = await nc.request(reload_subject(their, info["id"]), b"", timeout=timeout)
+        reports.append({"id": info["id"], "prefix": their, **orjson.loads(msg.data)})
+    return reports
+
+
+async def find_engines(nc: Any, wait: float = 0.5, verb: str = "STATS") -> list[dict[str, Any]]:
+    """Every engine's ``$SRV.STATS`` (or ``INFO``, ``PING``) reply on this NATS."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
-    await nc.publish(f"$SRV.STATS.{SERVICE_NAME}", b"", reply=inbox)
+    await nc.publish(f"$SRV.{verb}.{SERVICE_NAME}", b"", reply=inbox)
     found = []
     deadline = time.monotonic() + wait
     while (left := deadline - time.monotonic()) > 0:

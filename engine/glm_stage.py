@@ -123,6 +123,12 @@ class GLMStage:
         batchable = self.client is not None and isinstance(self.client.backend, TransformersBackend)
         self._batch = config.batch_size if batchable else 1
 
+    def adopt(self, old: GLMStage) -> None:
+        """Carry a replaced stage's per-source history and counters (hot reload)."""
+        self.stats = old.stats
+        self._histories = old._histories
+        self._last = old._last
+
     # -- prompts -----------------------------------------------------------------------
 
     def history(self, source: str) -> History:

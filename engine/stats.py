@@ -51,6 +51,9 @@ class EngineStats:
     slow_consumer: int = 0
     batch_errors: int = 0
     emit_errors: int = 0
+    #: Hot reloads applied, and refused (invalid file or a model that failed to load).
+    reloads: int = 0
+    reloads_failed: int = 0
     #: Per stage (process, align, glm, event_to_result) latency of each result.
     latency: dict[str, Histogram] = field(default_factory=dict)
 
@@ -72,4 +75,6 @@ class EngineStats:
             "slow_consumer": self.slow_consumer,
             "batch_errors": self.batch_errors,
             "emit_errors": self.emit_errors,
+            "reloads": self.reloads,
+            "reloads_failed": self.reloads_failed,
         }

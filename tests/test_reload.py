@@ -1,0 +1,150 @@
+"""Hot reload: routes, batching and GLM swapped live, nothing dropped; bad files refused."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.app import Engine
+from engine.config import load_config
+from tests.conftest import ROOT, collect, send, spawn_engine
+
+MS = 1_000_000
+
+
+def routing(prefix: str, *, text_batch: int = 4, template: str = "v1 {source}", window_ms: int = 50) -> str:
+    return (
+        f'[nats]\nsubject_prefix = "{prefix}"\ndurable = false\n'
+        f"[aligner]\nwindow_ms = {window_ms}\nidle_timeout_ms = 200\n"
+        f'[glm]\ntemplate = "{template}"\n'
+        '[[routes]]\nmodality = "image"\nprocessor = "passthrough"\n'
+        '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+        f"[routes.batch]\nmax_batch_size = {text_batch}\n"
+    )
+
+
+async def stream(nc: Any, prefix: str, n: int, sent: set[str], pause: float = 0.002) -> None:
+    """Publish n text+image pairs from two sources with advancing event time."""
+    base = time.time_ns()
+    for i in range(n):
+        for s in ("a", "b"):
+            for mod in ("text", "image"):
+                eid = f"{s}-{mod}-{i}"
+                sent.add(eid)
+                await send(nc, prefix, s, mod, b"x" * 10, base + i * 5 * MS, event_id=eid)
+        await asyncio.sleep(pause)
+
+
+async def test_reload_under_load_swaps_routes_and_glm_and_loses_nothing(
+    nc: Any, nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "routing.toml"
+    cfg.write_text(routing(prefix))
+    out = await collect(nc, f"{prefix}.out.>")
+    engine = Engine(load_config(cfg, env={}), config_path=cfg)
+    await engine.start(nats_url)
+    image_route, text_route = engine.routes
+    sent: set[str] = set()
+    producer = asyncio.create_task(stream(nc, prefix, 400, sent))
+    await asyncio.sleep(0.3)
+    cfg.write_text(routing(prefix, text_batch=16, template="v2 {source}"))
+    report = await engine.reload()
+    assert report["ok"] and report["applied"] == ["routes", "glm"], report
+    assert report["routes"] == {"kept": 1, "new": 1, "retired": 1}
+    await producer
+    await nc.flush()
+    await asyncio.sleep(0.5)
+    await engine.stop()
+    await asyncio.sleep(0.2)
+    results = [body for _, _, body in out.items]
+    fused = [e for r in results for group in r["events"].values() for e in group]
+    assert len(fused) == len(set(fused)) and set(fused) == sent  # every event once, none dropped
+    assert engine.routes[0] is image_route and engine.routes[1] is not text_route  # unchanged route kept
+    assert engine.routes[1].batcher.max_batch_size == 16
+    prompts = [r["prompt"].split()[0] for r in results]
+    assert prompts[0] == "v1" and prompts[-1] == "v2"  # the new GLM template took over
+    assert engine.stats.reloads == 1 and engine.config.glm.template == "v2 {source}"
+
+
+async def test_invalid_file_is_refused_with_its_errors_and_the_running_config_stays(
+    nc: Any, nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "routing.toml"
+    cfg.write_text(routing(prefix))
+    out = await collect(nc, f"{prefix}.out.>")
+    engine = Engine(load_config(cfg, env={}), config_path=cfg)
+    await engine.start(nats_url)
+    before, routes = engine.config, list(engine.routes)
+    cfg.write_text(routing(prefix).replace("max_batch_size = 4", "max_batch_size = 4\nmax_wait_ms = -5"))
+    report = await engine.reload()
+    assert not report["ok"]
+    assert report["errors"] == ["routes[1].batch.max_wait_ms = -5: must be >= 0"]
+    # a model that cannot be built refuses the reload too
+    cfg.write_text(
+        routing(prefix).replace(
+            '"passthrough"\n[routes.batch]', '"minilm"\nparams = {model = "/nope"}\n[routes.batch]'
+        )
+    )
+    report = await engine.reload()
+    assert not report["ok"] and "/nope" in report["errors"][0], report
+    assert engine.config is before and engine.routes == routes and engine.stats.reloads_failed == 2
+    sent: set[str] = set()
+    await stream(nc, prefix, 10, sent)  # still running on the old config
+    await nc.flush()
+    await asyncio.sleep(0.4)
+    await engine.stop()
+    fused = {e for _, _, r in out.items for group in r["events"].values() for e in group}
+    assert fused == sent
+
+
+async def test_sections_that_need_a_restart_are_reported_and_kept(
+    nc: Any, nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "routing.toml"
+    cfg.write_text(routing(prefix))
+    engine = Engine(load_config(cfg, env={}), config_path=cfg)
+    await engine.start(nats_url)
+    cfg.write_text(routing(prefix, window_ms=500))
+    report = await engine.reload()
+    await engine.stop()
+    assert report["ok"] and report["applied"] == [] and report["restart_required"] == ["aligner"]
+    assert engine.config.aligner.window_ms == 50
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.cli", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_sighup_and_autoglm_reload_reach_a_running_engine(
+    nc: Any, nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "routing.toml"
+    cfg.write_text(routing(prefix))
+    engine = await spawn_engine("--config", str(cfg), "--nats-url", nats_url)
+    assert engine.stdout is not None
+    await engine.stdout.readline()  # "Ctrl-C ... SIGHUP reloads"
+    cfg.write_text(routing(prefix, text_batch=32))
+    engine.send_signal(signal.SIGHUP)
+    line = await asyncio.wait_for(engine.stdout.readline(), 30)
+    assert b"autoglm: reload applied: routes" in line, line
+    reply = await nc.request(f"{prefix}.svc.config", b"", timeout=5)
+    assert b'"max_batch_size":32' in reply.data
+
+    cfg.write_text(routing(prefix, text_batch=32, template="v3 {source}"))
+    code, out, err = await run_cli("reload", "--nats-url", nats_url, "--prefix", prefix)
+    assert code == 0 and out.endswith(f"({prefix}): applied: glm\n"), out + err
+    cfg.write_text(routing(prefix).replace('template = "v1 {source}"', 'template = "{nope}"'))
+    code, out, err = await run_cli("reload", "--nats-url", nats_url, "--prefix", prefix)
+    assert code == 2 and "refused" in out and "glm.template" in out, out + err
+
+    engine.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(engine.wait(), 30) == 0
