@@ -68,6 +68,12 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "autoglm_slow_consumer", "Messages NATS dropped for us", value=s.slow_consumer
         )
+        reloads = CounterMetricFamily(
+            "autoglm_reloads", "Hot reloads of the routing file", labels=["outcome"]
+        )
+        reloads.add_metric(["applied"], s.reloads)
+        reloads.add_metric(["refused"], s.reloads_failed)
+        yield reloads
         sizes = HistogramMetricFamily("autoglm_batch_size", "Items per processor batch", labels=["route"])
         wait = HistogramMetricFamily(
             "autoglm_queue_wait_seconds", "Time items waited for a batch", labels=["route"]
