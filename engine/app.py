@@ -27,7 +27,7 @@ from nats.errors import SlowConsumerError
 from engine.aligner import Aligner
 from engine.batcher import BatchWorker
 from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, source_of
-from engine.config import EngineConfig
+from engine.config import EngineConfig, Overrides
 from engine.discovery import register
 from engine.durable import DurableIntake, Key
 from engine.errors import BackpressureError, EventRejected, TransportError
@@ -79,6 +79,7 @@ class Engine:
         routes: list[Route] | None = None,
         tracing: Tracing | None = None,
         config_path: str | Path | None = None,
+        overrides: Overrides | None = None,
     ) -> None:
         self.config = config
         self.prefix = config.nats.subject_prefix
@@ -104,6 +105,7 @@ class Engine:
         #: Routes and GLM stages replaced by a reload, finishing their queues.
         self._retiring: set[asyncio.Task[None]] = set()
         self.config_path = config_path
+        self.overrides: Overrides = overrides or {}
         self.reload_lock = asyncio.Lock()
         self._kick = asyncio.Event()
         self._emitter: asyncio.Task[None] | None = None

@@ -12,7 +12,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from engine.config import NATS_URL_ENV, EngineConfig, load_config
+from engine.config import NATS_URL_ENV, EngineConfig, load_config, with_overrides
 from engine.errors import AutoGLMError, ConfigError
 from engine.logs import setup_logging
 
@@ -53,9 +53,10 @@ def _quiet_libraries() -> None:
 async def _run(args: argparse.Namespace) -> int:
     from engine.app import Engine
 
-    cfg = _with_trace_file(_config(args.config), args.trace_file)
+    overrides = _overrides(args)
+    cfg = with_overrides(_config(args.config), overrides)
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)  # noqa: ASYNC240
-    engine = Engine(cfg, config_path=path)
+    engine = Engine(cfg, config_path=path, overrides=overrides)
     url = await engine.start(args.nats_url)
     print(f"autoglm: engine running on {url}; inputs on {cfg.nats.subject_prefix}.in.<source>.<modality>")
     print("autoglm: Ctrl-C (SIGINT) or SIGTERM drains and exits; SIGHUP reloads the routing file", flush=True)
@@ -112,10 +113,14 @@ async def _reload(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in reports) else 2
 
 
-def _with_trace_file(cfg: EngineConfig, path: str | None) -> EngineConfig:
-    if not path:
-        return cfg
-    return cfg.model_copy(update={"tracing": cfg.tracing.model_copy(update={"file": path})})
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Command-line values that win over the routing file, now and on every reload."""
+    out: dict[str, dict[str, Any]] = {}
+    if args.trace_file:
+        out["tracing"] = {"file": args.trace_file}
+    if getattr(args, "metrics_port", None) is not None:
+        out["metrics"] = {"port": args.metrics_port}
+    return out
 
 
 async def _publish(args: argparse.Namespace) -> int:
@@ -143,6 +148,8 @@ async def _publish(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    import orjson
+
     from engine.discovery import find_engines, status_table
     from engine.publish import connect
 
@@ -151,6 +158,10 @@ async def _status(args: argparse.Namespace) -> int:
         raise ConfigError([f"no NATS url: pass --nats-url or set {NATS_URL_ENV}"])
     nc = await connect(url)
     try:
+        if args.info:  # the raw $SRV.INFO replies, as NATS tooling sees them
+            for info in await find_engines(nc, verb="INFO"):
+                print(orjson.dumps(info).decode())
+            return 0
         while True:
             table = status_table(await find_engines(nc))
             if args.once:
@@ -207,8 +218,12 @@ def _validate(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from engine.demo import run_demo
 
+    overrides = _overrides(args)
+    path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)  # noqa: ASYNC240
     return await run_demo(
-        _with_trace_file(_config(args.config), args.trace_file),
+        with_overrides(_config(args.config), overrides),
+        config_path=path,
+        overrides=overrides,
         seconds=args.seconds,
         sources=args.sources,
         nats_url=args.nats_url,
@@ -245,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="a live table of the engines found through NATS discovery")
     st.add_argument("--nats-url", help=f"server to look on (or {NATS_URL_ENV})")
     st.add_argument("--once", action="store_true", help="print the table once and exit")
+    st.add_argument("--info", action="store_true", help="print each engine's $SRV.INFO reply (JSON) and exit")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
 
     rl = sub.add_parser("reload", help="every engine found re-reads its routing file (like SIGHUP)")
@@ -265,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sources", type=int, default=2)
     demo.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
     demo.add_argument("--nats-url", help="use this server instead of the embedded one")
+    demo.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any)")
     demo.add_argument("--trace-file", help="append OpenTelemetry spans (producer and engine) as JSON lines")
     demo.add_argument("--width", type=int, default=320, help="frame width (default 320)")
     demo.add_argument("--height", type=int, default=240, help="frame height (default 240)")

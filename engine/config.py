@@ -387,6 +387,16 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
     return cfg
 
 
+#: ``{section: {key: value}}`` set on the command line (``--metrics-port``...).
+Overrides = Mapping[str, Mapping[str, Any]]
+
+
+def with_overrides(cfg: EngineConfig, overrides: Overrides) -> EngineConfig:
+    """``cfg`` with command-line values on top; re-applied on every hot reload."""
+    update = {s: getattr(cfg, s).model_copy(update=dict(kv)) for s, kv in overrides.items() if kv}
+    return cfg.model_copy(update=update) if update else cfg
+
+
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> EngineConfig:
     """Read and validate ``routing.toml``; :class:`ConfigError` names each bad key."""
     p = Path(path)

@@ -23,7 +23,7 @@ import orjson
 from opentelemetry.trace import SpanKind
 
 from engine.codec import encode_headers, input_subject
-from engine.config import EngineConfig, RouteConfig
+from engine.config import EngineConfig, Overrides, RouteConfig
 from engine.publish import connect, sync_with_server
 from engine.tracing import traceparent_of
 
@@ -188,12 +188,15 @@ async def run_demo(
     width: int = 320,
     height: int = 240,
     inject_bad: bool = True,
+    config_path: str | None = None,
+    overrides: Overrides | None = None,
 ) -> int:
     from engine.app import Engine
     from engine.server import EmbeddedServer
 
     print(f"autoglm demo: {sources} source(s) for {seconds:g} s; loading models...", flush=True)
-    engine = Engine(config)
+    # With its routing file, so `autoglm reload` works on the demo too.
+    engine = Engine(config, config_path=config_path, overrides=overrides)
     # The demo owns the embedded server so its own subscriber outlives the
     # engine's drain and sees the last results; a fresh store each time, so an
     # earlier interrupted demo's stream is not replayed into this one.
@@ -222,6 +225,9 @@ async def _demo_on(
     url = await engine.start(nats_url)
     prefix = config.nats.subject_prefix
     print(f"autoglm demo: engine up on {url}", flush=True)
+    if engine.metrics is not None:
+        where = f"http://{config.metrics.host}:{engine.metrics.port}/metrics"
+        print(f"autoglm demo: metrics on {where}", flush=True)
     tally = Tally()
     nc = await connect(url)
 

@@ -26,7 +26,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from engine.codec import Limits
-from engine.config import EngineConfig, load_config
+from engine.config import EngineConfig, load_config, with_overrides
 from engine.errors import ConfigError
 from engine.router import Route, Router
 
@@ -54,7 +54,7 @@ async def reload_from_file(engine: Engine) -> dict[str, Any]:
     if engine.config_path is None:
         return refused(["this engine was not started from a routing file"])
     try:
-        new = await asyncio.to_thread(load_config, engine.config_path)
+        new = with_overrides(await asyncio.to_thread(load_config, engine.config_path), engine.overrides)
     except ConfigError as exc:
         engine.stats.reloads_failed += 1
         log.error("reload of %s refused: %s", engine.config_path, "; ".join(exc.problems))

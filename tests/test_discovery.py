@@ -32,7 +32,7 @@ async def test_srv_ping_info_stats_health_and_config(nc: Any, nats_url: str, pre
         assert len(mine) == 1 and mine[0]["name"] == "autoglm"
         sid = mine[0]["id"]
         info = orjson.loads((await nc.request(f"$SRV.INFO.autoglm.{sid}", b"", timeout=2)).data)
-        assert {e["name"] for e in info["endpoints"]} == {"health", "config"}
+        assert {e["name"] for e in info["endpoints"]} == {"health", "config", "reload"}
         stats = orjson.loads((await nc.request(f"$SRV.STATS.autoglm.{sid}", b"", timeout=2)).data)
         data = stats["endpoints"][0]["data"]
         assert data["rejected"] == {"text:unsupported_content_type": 1}
@@ -59,9 +59,19 @@ async def test_status_command_lists_running_engines(nc: Any, nats_url: str, pref
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), 30)
+        info_proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.cli", "status", "--info", "--nats-url", nats_url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        info_out, _ = await asyncio.wait_for(info_proc.communicate(), 30)
+        service_id = engine.service.id
     finally:
         await engine.stop()
     assert proc.returncode == 0, err.decode()
+    infos = [orjson.loads(line) for line in info_out.decode().splitlines()]
+    [mine] = [i for i in infos if i["id"] == service_id]
+    assert mine["type"] == "io.nats.micro.v1.info_response" and mine["metadata"]["subject_prefix"] == prefix
+    assert {e["name"] for e in mine["endpoints"]} == {"health", "config", "reload"}
     lines = out.decode().splitlines()
     assert lines[0].split()[:3] == ["engine", "prefix", "recv"]
     [row] = [line for line in lines if f" {prefix} " in f" {line} "]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.app import Engine
-from engine.config import load_config
+from engine.config import load_config, with_overrides
 from tests.conftest import ROOT, collect, send, spawn_engine
 
 MS = 1_000_000
@@ -113,6 +113,20 @@ async def test_sections_that_need_a_restart_are_reported_and_kept(
     await engine.stop()
     assert report["ok"] and report["applied"] == [] and report["restart_required"] == ["aligner"]
     assert engine.config.aligner.window_ms == 50
+
+
+async def test_command_line_overrides_survive_a_reload(
+    nc: Any, nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "routing.toml"
+    cfg.write_text(routing(prefix))
+    overrides = {"metrics": {"port": 0}}  # `--metrics-port 0`
+    engine = Engine(with_overrides(load_config(cfg, env={}), overrides), config_path=cfg, overrides=overrides)
+    await engine.start(nats_url)
+    report = await engine.reload()  # the file has no [metrics]: not a change
+    await engine.stop()
+    assert report["ok"] and report["applied"] == [] and report["restart_required"] == []
+    assert engine.config.metrics.port == 0
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
