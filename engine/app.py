@@ -36,6 +36,7 @@ from engine.metrics import MetricsServer
 from engine.nearest import NearestAligner
 from engine.publish import sync_with_server
 from engine.router import Route, Router
+from engine.security import security_for
 from engine.server import EmbeddedServer
 from engine.stats import EngineStats
 from engine.tracing import Tracing
@@ -116,7 +117,10 @@ class Engine:
     async def start(self, url: str | None = None) -> str:
         url = url or self.config.nats.url
         if not url:
-            self._server = EmbeddedServer(self.config.nats.data_dir)
+            conf = self.config.nats.server_config
+            self._server = EmbeddedServer(
+                self.config.nats.data_dir, extra_args=["-c", conf] if conf else None
+            )
             url = await asyncio.to_thread(self._server.start)
             log.info("embedded nats-server on %s", url)
             # `autoglm health` (the container HEALTHCHECK) finds the server here.
@@ -130,6 +134,7 @@ class Engine:
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             name="autoglm-engine",
+            security=security_for(self.config.nats),
         )
         try:
             # nats-py keeps retrying the first connect when reconnects are

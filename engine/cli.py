@@ -12,7 +12,17 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from engine.config import NATS_URL_ENV, EngineConfig, load_config, with_overrides
+from pydantic import SecretStr
+
+from engine.config import (
+    NATS_URL_ENV,
+    EngineConfig,
+    NatsConfig,
+    load_config,
+    nats_from_env,
+    nats_problems,
+    with_overrides,
+)
 from engine.errors import AutoGLMError, ConfigError
 from engine.logs import setup_logging
 
@@ -26,6 +36,35 @@ def _config(path: str | None) -> EngineConfig:
 
         return default_config()
     return load_config(path or DEFAULT_CONFIG)
+
+
+def _client_nats(args: argparse.Namespace) -> NatsConfig:
+    """A tool's connection: ``--config``'s ``[nats]`` if given, then the
+    environment, then ``--auth-file`` (an env file such as ``--secure`` writes),
+    then ``--nats-url``."""
+    from engine.security import read_env_file
+
+    env = dict(os.environ)
+    if getattr(args, "auth_file", None):
+        env.update(read_env_file(args.auth_file))
+    base = load_config(args.config).nats if getattr(args, "config", None) else NatsConfig()
+    nats = nats_from_env(base, env)
+    if getattr(args, "nats_url", None):
+        nats = nats.model_copy(update={"url": args.nats_url})
+    problems = nats_problems(nats)
+    if problems:
+        raise ConfigError(problems)
+    return nats
+
+
+async def _open(args: argparse.Namespace, timeout: float = 5.0) -> tuple[Any, NatsConfig]:
+    from engine.publish import connect
+    from engine.security import connect_kwargs
+
+    nats = _client_nats(args)
+    if not nats.url:
+        raise ConfigError([f"no NATS url: pass --nats-url or set {NATS_URL_ENV}"])
+    return await connect(nats.url, timeout=timeout, **connect_kwargs(nats)), nats
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -53,12 +92,32 @@ def _quiet_libraries() -> None:
 async def _run(args: argparse.Namespace) -> int:
     from engine.app import Engine
 
-    overrides = _overrides(args)
+    overrides: dict[str, dict[str, Any]] = _overrides(args)
     cfg = with_overrides(_config(args.config), overrides)
+    locked = None
+    if args.secure:
+        if args.nats_url or cfg.nats.url:
+            raise ConfigError(["--secure locks down the embedded server: drop --nats-url / nats.url"])
+        from engine.config import AuthConfig
+        from engine.security import lock_down
+
+        locked = lock_down(Path(cfg.nats.data_dir) / "secure", cfg.nats.subject_prefix)
+        auth = AuthConfig(user="engine", password=SecretStr(locked.passwords["engine"]))
+        overrides["nats"] = {"server_config": str(locked.server_config), "auth": auth}
+        cfg = with_overrides(cfg, overrides)
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)  # noqa: ASYNC240
     engine = Engine(cfg, config_path=path, overrides=overrides)
     url = await engine.start(args.nats_url)
     print(f"autoglm: engine running on {url}; inputs on {cfg.nats.subject_prefix}.in.<source>.<modality>")
+    if locked is not None:
+        env = locked.env_files
+        print(
+            "autoglm: --secure: anonymous clients are refused. Credentials (0600): "
+            f"producer {env['producer']}, results reader {env['reader']}, tools {env['engine']}. "
+            "Publish with:\n"
+            f"  autoglm publish --nats-url {url} --auth-file {env['producer']} --source cam1 --text hello",
+            flush=True,
+        )
     print("autoglm: Ctrl-C (SIGINT) or SIGTERM drains and exits; SIGHUP reloads the routing file", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,12 +154,8 @@ def _reload_line(report: dict[str, Any]) -> str:
 
 async def _reload(args: argparse.Namespace) -> int:
     from engine.discovery import reload_all
-    from engine.publish import connect
 
-    url = args.nats_url or os.environ.get(NATS_URL_ENV)
-    if not url:
-        raise ConfigError([f"no NATS url: pass --nats-url or set {NATS_URL_ENV}"])
-    nc = await connect(url)
+    nc, _ = await _open(args)
     try:
         reports = await reload_all(nc, args.prefix, timeout=args.timeout)
     finally:
@@ -125,16 +180,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 async def _publish(args: argparse.Namespace) -> int:
     from engine.publish import publish_file
+    from engine.security import connect_kwargs
 
-    url = args.nats_url or os.environ.get(NATS_URL_ENV)
-    if not url:
-        cfg = _config(args.config)
-        url = cfg.nats.url
-    if not url:
+    nats = _client_nats(args)
+    if not nats.url:
         raise ConfigError([f"no NATS url: pass --nats-url or set {NATS_URL_ENV}"])
     sent = await publish_file(
-        url,
+        nats.url,
         args.source,
+        connect_opts=connect_kwargs(nats),
         image=args.image,
         audio=args.audio,
         text=args.text,
@@ -151,12 +205,9 @@ async def _status(args: argparse.Namespace) -> int:
     import orjson
 
     from engine.discovery import find_engines, status_table
-    from engine.publish import connect
 
-    url = args.nats_url or os.environ.get(NATS_URL_ENV)
-    if not url:
-        raise ConfigError([f"no NATS url: pass --nats-url or set {NATS_URL_ENV}"])
-    nc = await connect(url)
+    nc, nats = await _open(args)
+    url = nats.url or ""
     try:
         if args.info:  # the raw $SRV.INFO replies, as NATS tooling sees them
             for info in await find_engines(nc, verb="INFO"):
@@ -177,17 +228,19 @@ async def _health(args: argparse.Namespace) -> int:
     """Exit 0 when an engine answers on ``<prefix>.svc.health`` (container HEALTHCHECK)."""
     import orjson
 
-    from engine.publish import connect
-
     cfg = _config(args.config)
     url = args.nats_url or os.environ.get(NATS_URL_ENV) or cfg.nats.url
     if not url:  # an engine on its embedded server writes the URL beside its data
         url_file = Path(cfg.nats.data_dir) / "run" / "engine.url"
         url = url_file.read_text().strip() if url_file.exists() else None
+        secure_env = Path(cfg.nats.data_dir) / "secure" / "engine.env"
+        if url and not args.auth_file and secure_env.exists():  # started with --secure
+            args.auth_file = str(secure_env)
     if not url:
         print("autoglm health: no NATS url and no running embedded engine found", file=sys.stderr)
         return 1
-    nc = await connect(url, timeout=args.timeout)
+    args.nats_url = url
+    nc, _ = await _open(args, timeout=args.timeout)
     try:
         reply = await nc.request(f"{cfg.nats.subject_prefix}.svc.health", b"", timeout=args.timeout)
     except Exception as exc:  # no responders / timeout: no healthy engine
@@ -241,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the engine until SIGINT/SIGTERM, then drain")
     run.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG})")
     run.add_argument("--nats-url", help=f"use this server instead of the embedded one (or {NATS_URL_ENV})")
+    run.add_argument(
+        "--secure",
+        action="store_true",
+        help="embedded server with generated users (producer, engine, reader); anonymous refused",
+    )
     run.add_argument("--trace-file", help="append OpenTelemetry spans to this file as JSON lines")
 
     pub = sub.add_parser("publish", help="publish one event (audio files are split into chunks)")
@@ -249,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--image", type=Path, help="a JPEG or PNG file")
     what.add_argument("--audio", type=Path, help="a WAV (or any file libsndfile reads)")
     what.add_argument("--text", help="a UTF-8 string")
+    pub.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
     pub.add_argument("--nats-url", help=f"server to publish to (or {NATS_URL_ENV})")
     pub.add_argument("--config", help="read nats.url and the subject prefix from this file")
     pub.add_argument("--prefix", default="autoglm", help="subject prefix (default autoglm)")
@@ -258,18 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--traceparent", help="W3C trace context to continue (default: a new trace)")
 
     st = sub.add_parser("status", help="a live table of the engines found through NATS discovery")
+    st.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
     st.add_argument("--nats-url", help=f"server to look on (or {NATS_URL_ENV})")
     st.add_argument("--once", action="store_true", help="print the table once and exit")
     st.add_argument("--info", action="store_true", help="print each engine's $SRV.INFO reply (JSON) and exit")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
 
     rl = sub.add_parser("reload", help="every engine found re-reads its routing file (like SIGHUP)")
+    rl.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
     rl.add_argument("--nats-url", help=f"server to look on (or {NATS_URL_ENV})")
     rl.add_argument("--prefix", help="only the engines of this subject prefix")
     rl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each engine")
 
     hl = sub.add_parser("health", help="exit 0 if an engine answers its health endpoint")
     hl.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
+    hl.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
     hl.add_argument("--nats-url", help=f"server to ask (or {NATS_URL_ENV})")
     hl.add_argument("--timeout", type=float, default=3.0)
 

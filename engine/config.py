@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from engine.errors import ConfigError
 from engine.types import Clock, Modality
@@ -43,10 +43,46 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class AuthConfig(_Frozen):
+    """How the engine proves who it is: at most one of password, token, NKey, creds.
+
+    Secrets are better given by environment (``AUTOGLM_NATS_PASSWORD``,
+    ``AUTOGLM_NATS_TOKEN``) than in the file; either way they are never logged
+    and ``<prefix>.svc.config`` shows them as ``**********``.
+    """
+
+    user: str = ""
+    password: SecretStr = SecretStr("")
+    token: SecretStr = SecretStr("")
+    #: A file holding an NKey user seed (``SU...``).
+    nkey_seed_file: str = ""
+    #: A ``.creds`` file (user JWT + NKey seed) from nsc or a NATS operator.
+    creds_file: str = ""
+
+
+class TlsConfig(_Frozen):
+    """TLS to the server: ``ca`` to verify it, ``cert``/``key`` for mutual TLS."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    #: Name to verify the server's certificate against, when not the URL's host.
+    hostname: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca or self.cert)
+
+
 class NatsConfig(_Frozen):
     """Where NATS is. No ``url`` (and no ``AUTOGLM_NATS_URL``) starts the embedded server."""
 
     url: str | None = None
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig = TlsConfig()
+    #: Embedded server only: a nats-server config file to start it with
+    #: (authorization, TLS); ``autoglm run --secure`` writes one.
+    server_config: str = ""
     subject_prefix: str = "autoglm"
     #: Embedded server: JetStream store and ports file live under here.
     data_dir: str = ".autoglm"
@@ -277,6 +313,7 @@ def _value(v: object) -> str:
         return repr(v)
 
 
+_SECRETS = ("password", "token")
 _CMP = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 _CMP_CTX = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}
 
@@ -303,7 +340,9 @@ def format_errors(exc: ValidationError, prefix: Sequence[int | str] = ()) -> lis
     lines = []
     for err in exc.errors():
         key = _key([*prefix, *err["loc"]])
-        if err["type"] == "missing":
+        if err["loc"] and err["loc"][-1] in _SECRETS:
+            lines.append(f"{key} = (hidden): {_reason(err)}")  # never echo a secret
+        elif err["type"] == "missing":
             lines.append(f"{key}: {_reason(err)}")
         else:
             lines.append(f"{key} = {_value(err.get('input'))}: {_reason(err)}")
@@ -368,8 +407,70 @@ def _glm_problems(data: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+#: Environment variables for the connection's identity and TLS (containers,
+#: secrets managers), over the file's ``[nats.auth]`` / ``[nats.tls]``.
+AUTH_ENV = {
+    "AUTOGLM_NATS_USER": ("auth", "user"),
+    "AUTOGLM_NATS_PASSWORD": ("auth", "password"),
+    "AUTOGLM_NATS_TOKEN": ("auth", "token"),
+    "AUTOGLM_NATS_NKEY_SEED_FILE": ("auth", "nkey_seed_file"),
+    "AUTOGLM_NATS_CREDS_FILE": ("auth", "creds_file"),
+    "AUTOGLM_NATS_TLS_CA": ("tls", "ca"),
+    "AUTOGLM_NATS_TLS_CERT": ("tls", "cert"),
+    "AUTOGLM_NATS_TLS_KEY": ("tls", "key"),
+    "AUTOGLM_NATS_TLS_HOSTNAME": ("tls", "hostname"),
+}
+
+
+def nats_from_env(nats: NatsConfig, env: Mapping[str, str]) -> NatsConfig:
+    """``nats`` with ``AUTOGLM_NATS_URL`` and the ``AUTH_ENV`` variables applied."""
+    update: dict[str, Any] = {}
+    if env.get(NATS_URL_ENV):
+        update["url"] = env[NATS_URL_ENV]
+    for section in ("auth", "tls"):
+        values = {key: env[var] for var, (sec, key) in AUTH_ENV.items() if sec == section and env.get(var)}
+        if values:
+            model = getattr(nats, section)
+            update[section] = type(model).model_validate({**model.model_dump(), **values})
+    return nats.model_copy(update=update) if update else nats
+
+
+def nats_problems(nats: NatsConfig, where: str = "nats") -> list[str]:
+    """Cross-field checks of auth and TLS; the messages never hold a secret."""
+    a, t = nats.auth, nats.tls
+    problems = []
+    methods = [
+        name
+        for name, on in (
+            ("password", bool(a.password.get_secret_value())),
+            ("token", bool(a.token.get_secret_value())),
+            ("nkey_seed_file", bool(a.nkey_seed_file)),
+            ("creds_file", bool(a.creds_file)),
+        )
+        if on
+    ]
+    if len(methods) > 1:
+        problems.append(f"{where}.auth: give one way to authenticate, not {' and '.join(methods)}")
+    if a.password.get_secret_value() and not a.user:
+        problems.append(f"{where}.auth.user: is required with a password")
+    if bool(t.cert) != bool(t.key):
+        problems.append(f"{where}.tls: cert and key go together (mutual TLS)")
+    for key, path in (
+        ("auth.nkey_seed_file", a.nkey_seed_file),
+        ("auth.creds_file", a.creds_file),
+        ("tls.ca", t.ca),
+        ("tls.cert", t.cert),
+        ("tls.key", t.key),
+        ("server_config", nats.server_config),
+    ):
+        if path and not Path(path).is_file():
+            problems.append(f"{where}.{key} = {_value(path)}: file not found")
+    return problems
+
+
 def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
-    """Validate a parsed TOML document; ``AUTOGLM_NATS_URL`` overrides ``nats.url``."""
+    """Validate a parsed TOML document; ``AUTOGLM_NATS_URL`` overrides ``nats.url``
+    and the ``AUTH_ENV`` variables the auth and TLS settings."""
     env = os.environ if env is None else env
     problems: list[str] = []
     cfg: EngineConfig | None = None
@@ -381,9 +482,13 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
     problems.extend(_glm_problems(data))
     if problems or cfg is None:
         raise ConfigError(problems)
-    url = env.get(NATS_URL_ENV)
-    if url:
-        cfg = cfg.model_copy(update={"nats": cfg.nats.model_copy(update={"url": url})})
+    try:
+        cfg = cfg.model_copy(update={"nats": nats_from_env(cfg.nats, env)})
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, ("env",))) from None
+    problems = nats_problems(cfg.nats)
+    if problems:
+        raise ConfigError(problems)
     return cfg
 
 

@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind
 from engine.codec import encode_headers, input_subject
 from engine.config import EngineConfig, Overrides, RouteConfig
 from engine.publish import connect, sync_with_server
+from engine.security import connect_kwargs
 from engine.tracing import traceparent_of
 
 FPS = 30
@@ -229,7 +230,7 @@ async def _demo_on(
         where = f"http://{config.metrics.host}:{engine.metrics.port}/metrics"
         print(f"autoglm demo: metrics on {where}", flush=True)
     tally = Tally()
-    nc = await connect(url)
+    nc = await connect(url, **connect_kwargs(config.nats))
 
     async def on_out(msg: Any) -> None:
         tally.on_result(orjson.loads(msg.data), time.time_ns())

@@ -53,13 +53,16 @@ async def sync_with_server(nc: Any) -> None:
     await nc.flush()
 
 
-async def _ignore(exc: Exception) -> None:
-    """nats-py prints every failed attempt; the caller reports the outcome once."""
-
-
 async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:
     """nats-py connect with one clear error instead of an endless first-connect loop."""
-    kwargs.setdefault("error_cb", _ignore)
+    seen: list[Exception] = []
+
+    async def remember(exc: Exception) -> None:
+        # nats-py reports each failed attempt here and then raises a generic
+        # "no servers"; keep the real cause (authorization violation, TLS) for the message.
+        seen.append(exc)
+
+    kwargs.setdefault("error_cb", remember)
     # nats-py retries a refused first connect forever unless the attempts are
     # bounded (0 means unbounded there): two tries, half a second apart.
     kwargs.setdefault("max_reconnect_attempts", 1)
@@ -67,7 +70,8 @@ async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:
     try:
         return await asyncio.wait_for(nats.connect(url, connect_timeout=2, **kwargs), timeout)
     except Exception as exc:  # nats-py raises several unrelated types here
-        raise TransportError(f"cannot connect to NATS at {url}: {exc}") from exc
+        cause = f" ({seen[-1]})" if seen and str(seen[-1]) != str(exc) else ""
+        raise TransportError(f"cannot connect to NATS at {url}: {exc}{cause}") from exc
 
 
 async def publish_file(
@@ -82,6 +86,7 @@ async def publish_file(
     event_id: str | None = None,
     wait: float = 0.0,
     traceparent: str | None = None,
+    connect_opts: dict[str, Any] | None = None,
 ) -> int:
     """Publish one image, text, or an audio file as chunks; print what comes back.
 
@@ -99,7 +104,7 @@ async def publish_file(
         bodies, ct, modality, step = [text.encode("utf-8")], "text/plain;charset=utf-8", "text", 0
     else:
         raise AutoGLMError("nothing to publish: give --image, --audio or --text")
-    nc = await connect(url)
+    nc = await connect(url, **(connect_opts or {}))
     try:
         for body in bodies:
             if len(body) > nc.max_payload:

@@ -1,0 +1,154 @@
+"""Who the engine and its tools are on NATS, and a locked-down embedded server.
+
+:func:`security_for` turns ``[nats.auth]`` / ``[nats.tls]`` (after the
+``AUTOGLM_NATS_*`` environment) into FastStream's NATS security object; the
+engine's broker takes it as is and the command-line tools pass
+:func:`connect_kwargs` (the same thing as nats-py arguments) to
+``nats.connect``, so there is one reading of the settings.
+
+:func:`lock_down` is ``autoglm run --secure``: random passwords for two users
+with the least each needs, as a nats-server ``authorization`` block, and an
+env file per user (0600) that the tools read.
+
+    producer  publish <prefix>.in.> (and the claim-check bucket); nothing else:
+              it cannot read results, other producers' events or the DLQ
+    engine    subscribe <prefix>.in.>, publish results/DLQ/late, JetStream,
+              its micro-service endpoints; used by ``autoglm status/reload/health``
+    reader    subscribe <prefix>.out.>, .dlq.>, .late.>: a results consumer
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from faststream.nats.security import (
+    NatsCredentials,
+    NatsNKey,
+    NatsSecurity,
+    NatsToken,
+    NatsUserPassword,
+    parse_security,
+)
+
+from engine.config import NatsConfig, TlsConfig
+from engine.errors import ConfigError
+
+#: The Object Store bucket for claim-checked payloads (engine/claimcheck.py).
+DEFAULT_BUCKET = "autoglm-payloads"
+
+
+def ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    if not tls.enabled:
+        return None
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca or None)
+        if tls.cert:
+            ctx.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError([f"nats.tls: cannot load {tls.ca or tls.cert}: {exc}"]) from exc
+    return ctx
+
+
+def security_for(nats: NatsConfig) -> NatsSecurity | None:
+    """FastStream's security object for these settings (``None``: anonymous, plain)."""
+    a, ctx = nats.auth, ssl_context(nats.tls)
+    tls: dict[str, Any] = {"ssl_context": ctx, "tls_hostname": nats.tls.hostname or None}
+    if a.creds_file:
+        return NatsCredentials.from_file(a.creds_file, **tls)
+    if a.nkey_seed_file:
+        return NatsNKey.from_file(a.nkey_seed_file, **tls)
+    if a.token.get_secret_value():
+        return NatsToken(a.token.get_secret_value(), **tls)
+    if a.user:
+        return NatsUserPassword(a.user, a.password.get_secret_value(), **tls)
+    return NatsSecurity(**tls) if ctx is not None else None
+
+
+def connect_kwargs(nats: NatsConfig) -> dict[str, Any]:
+    """The same settings as ``nats.connect`` keyword arguments."""
+    return {k: v for k, v in parse_security(security_for(nats)).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class LockedDown:
+    """What ``--secure`` wrote: the server config and one env file per user."""
+
+    server_config: Path
+    env_files: dict[str, Path]
+    passwords: dict[str, str]
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+
+
+def _list(subjects: list[str]) -> str:
+    return "[" + ", ".join(f'"{s}"' for s in subjects) + "]"
+
+
+def permissions(prefix: str, bucket: str = DEFAULT_BUCKET) -> dict[str, dict[str, list[str]]]:
+    """Least privilege per user, as nats-server publish/subscribe allow lists."""
+    # The Object Store of a bucket is the stream OBJ_<bucket> on $O.<bucket>.>;
+    # a put also looks the stream up and reads its reply on an inbox.
+    objects = [f"$O.{bucket}.>", f"$JS.API.STREAM.INFO.OBJ_{bucket}", f"$JS.API.STREAM.MSG.GET.OBJ_{bucket}"]
+    return {
+        "producer": {"publish": [f"{prefix}.in.>", *objects], "subscribe": ["_INBOX.>"]},
+        "engine": {
+            "publish": [
+                f"{prefix}.out.>", f"{prefix}.dlq.>", f"{prefix}.late.>", f"{prefix}.svc.>",
+                "$JS.API.>", "$JS.ACK.>", "$SRV.>", "_INBOX.>", f"$O.{bucket}.>",
+            ],
+            "subscribe": [f"{prefix}.in.>", f"{prefix}.svc.>", "$SRV.>", "_INBOX.>", f"$O.{bucket}.>"],
+        },
+        "reader": {
+            "publish": ["$JS.API.>", "$JS.ACK.>", "_INBOX.>"],
+            "subscribe": [f"{prefix}.out.>", f"{prefix}.dlq.>", f"{prefix}.late.>", "_INBOX.>"],
+        },
+    }  # fmt: skip
+
+
+def lock_down(directory: str | Path, prefix: str, bucket: str = DEFAULT_BUCKET) -> LockedDown:
+    """Write ``server.conf`` and ``<user>.env`` (0600) under ``directory``.
+
+    Fresh passwords on every call: a leaked env file stops working at the
+    next ``--secure`` start.
+    """
+    root = Path(directory)
+    passwords = {user: secrets.token_urlsafe(24) for user in ("producer", "engine", "reader")}
+    users = []
+    for user, perms in permissions(prefix, bucket).items():
+        users.append(
+            f'    {{ user: "{user}", password: "{passwords[user]}", permissions: {{ '
+            f"publish: {{ allow: {_list(perms['publish'])} }}, "
+            f"subscribe: {{ allow: {_list(perms['subscribe'])} }} }} }}"
+        )
+    conf = root / "server.conf"
+    body = "\n".join(users)
+    _write_private(
+        conf, f"# written by autoglm run --secure\nauthorization {{\n  users = [\n{body}\n  ]\n}}\n"
+    )
+    env_files = {}
+    for user, password in passwords.items():
+        env_files[user] = root / f"{user}.env"
+        _write_private(env_files[user], f"AUTOGLM_NATS_USER={user}\nAUTOGLM_NATS_PASSWORD={password}\n")
+    return LockedDown(conf, env_files, passwords)
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines (what :func:`lock_down` writes), for ``--auth-file``."""
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,188 @@
+"""Access control against real servers: --secure users, wrong passwords, permissions, TLS, NKeys."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import nkeys
+import orjson
+import pytest
+import trustme
+
+from engine.app import Engine
+from engine.config import parse_config
+from engine.errors import ConfigError, TransportError
+from engine.publish import connect
+from engine.security import connect_kwargs, read_env_file
+from engine.server import EmbeddedServer
+from tests.conftest import Collector, make_config, send, spawn_engine
+
+
+def test_auth_from_environment_and_secrets_never_shown() -> None:
+    env = {"AUTOGLM_NATS_USER": "cam", "AUTOGLM_NATS_PASSWORD": "s3cret-pw"}
+    cfg = parse_config({"routes": [{"modality": "text", "processor": "passthrough"}]}, env=env)
+    assert cfg.nats.auth.user == "cam" and cfg.nats.auth.password.get_secret_value() == "s3cret-pw"
+    assert "s3cret-pw" not in cfg.model_dump_json() and "s3cret-pw" not in repr(cfg)
+    kwargs = connect_kwargs(cfg.nats)
+    assert kwargs["user"] == "cam" and kwargs["password"] == "s3cret-pw" and "tls" not in kwargs
+
+
+@pytest.mark.parametrize(
+    ("nats", "problem"),
+    [
+        ({"auth": {"token": "t", "user": "u", "password": "p"}}, "nats.auth: give one way to authenticate"),
+        ({"auth": {"password": "p"}}, "nats.auth.user: is required with a password"),
+        ({"tls": {"cert": "/etc/hostname"}}, "nats.tls: cert and key go together"),
+        ({"tls": {"ca": "/nope/ca.pem"}}, 'nats.tls.ca = "/nope/ca.pem": file not found'),
+        ({"auth": {"password": 12345}}, "nats.auth.password = (hidden): "),
+    ],
+)
+def test_bad_auth_settings_are_named_without_their_secrets(nats: dict[str, Any], problem: str) -> None:
+    data = {"nats": nats, "routes": [{"modality": "text", "processor": "passthrough"}]}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, env={})
+    assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+    assert "12345" not in str(err.value.problems)
+
+
+async def _refused(url: str, **kwargs: Any) -> str:
+    with pytest.raises(TransportError) as err:
+        nc = await connect(url, **kwargs)
+        await nc.close()
+    return str(err.value)
+
+
+async def test_secure_run_refuses_strangers_and_confines_each_user(tmp_path: Path) -> None:
+    prefix = "sec"
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        f'[nats]\nsubject_prefix = "{prefix}"\ndata_dir = "{tmp_path / "data"}"\n'
+        "[aligner]\nwindow_ms = 100\nidle_timeout_ms = 300\n"
+        '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+    )
+    engine = await spawn_engine("--config", str(cfg), "--secure")
+    try:
+        assert engine.stdout is not None
+        banner = (await asyncio.wait_for(engine.stdout.readline(), 10)).decode()
+        assert "anonymous clients are refused" in banner
+        banner = (await asyncio.wait_for(engine.stdout.readline(), 10)).decode()  # how to publish
+        url = next(w for w in banner.split() if w.startswith("nats://"))
+        secure = tmp_path / "data" / "secure"
+        for name in ("server.conf", "producer.env", "engine.env", "reader.env"):
+            assert stat.S_IMODE(os.stat(secure / name).st_mode) == 0o600, name
+        producer = read_env_file(secure / "producer.env")
+        reader = read_env_file(secure / "reader.env")
+
+        assert "Authorization Violation" in await _refused(url)  # anonymous
+        assert "Authorization Violation" in await _refused(url, user="producer", password="wrong")
+
+        errors: list[Exception] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
+
+        pub = await connect(
+            url, user="producer", password=producer["AUTOGLM_NATS_PASSWORD"], error_cb=on_error
+        )
+        snooped = Collector()
+        await pub.subscribe(f"{prefix}.out.>", cb=snooped.cb)  # the server refuses this
+        sub = await connect(url, user="reader", password=reader["AUTOGLM_NATS_PASSWORD"])
+        results = Collector()
+        await sub.subscribe(f"{prefix}.out.>", cb=results.cb)
+        await sub.flush()
+        await sub.flush()
+        await send(pub, prefix, "cam", "text", b"hello", time.time_ns(), event_id="s1")
+        await pub.publish(f"{prefix}.out.cam", b'{"forged": true}')  # not allowed either
+        await pub.flush()
+        [record] = await results.wait_for(1)
+        assert record["events"] == {"text": ["s1"]}
+        await asyncio.sleep(0.3)
+        assert snooped.items == []  # the producer cannot read results ...
+        assert len(results.items) == 1  # ... nor forge them
+        violations = " ".join(str(e) for e in errors).lower()
+        assert f'permissions violation for subscription to "{prefix}.out.>"' in violations
+        assert f'permissions violation for publish to "{prefix}.out.cam"' in violations
+        await pub.close()
+        await sub.close()
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(engine.wait(), 30) == 0
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Any:
+    """A nats-server that requires TLS with a client certificate, from a CA the test makes."""
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1", "localhost")
+    client_cert = ca.issue_cert("engine.autoglm.test")
+    files = {
+        name: tmp_path / f"{name}.pem" for name in ("ca", "server", "server_key", "client", "client_key")
+    }
+    ca.cert_pem.write_to_path(files["ca"])
+    server_cert.cert_chain_pems[0].write_to_path(files["server"])
+    server_cert.private_key_pem.write_to_path(files["server_key"])
+    client_cert.cert_chain_pems[0].write_to_path(files["client"])
+    client_cert.private_key_pem.write_to_path(files["client_key"])
+    conf = tmp_path / "tls.conf"
+    conf.write_text(
+        f'tls {{\n  cert_file: "{files["server"]}"\n  key_file: "{files["server_key"]}"\n'
+        f'  ca_file: "{files["ca"]}"\n  verify: true\n  timeout: 2\n}}\n'
+    )
+    server = EmbeddedServer(tmp_path / "js", extra_args=["-c", str(conf)])
+    server.start()
+    yield server.url, files
+    server.stop()
+
+
+async def test_engine_over_mutual_tls_with_a_test_made_ca(tls_server: Any) -> None:
+    url, files = tls_server
+    prefix = "tls"
+    tls = {"ca": str(files["ca"]), "cert": str(files["client"]), "key": str(files["client_key"])}
+    cfg = make_config(prefix, nats={"subject_prefix": prefix, "tls": tls})
+    assert "Secure" not in await _refused(url)  # plain client: the server wants TLS
+    no_client_cert = make_config(prefix, nats={"subject_prefix": prefix, "tls": {"ca": str(files["ca"])}})
+    await _refused(url, **connect_kwargs(no_client_cert.nats))  # verify = true: no cert, no entry
+    engine = Engine(cfg)
+    await engine.start(url)
+    try:
+        nc = await connect(url, **connect_kwargs(cfg.nats))
+        out = Collector()
+        await nc.subscribe(f"{prefix}.out.>", cb=out.cb)
+        await nc.flush()
+        await nc.flush()
+        await send(nc, prefix, "cam", "text", b"over tls", time.time_ns(), event_id="t1")
+        [record] = await out.wait_for(1)
+        assert record["events"] == {"text": ["t1"]}
+        await nc.close()
+    finally:
+        await engine.stop()
+
+
+async def test_engine_authenticates_with_an_nkey(tmp_path: Path) -> None:
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "engine.nk"
+    seed_file.write_bytes(seed)
+    conf = tmp_path / "nkey.conf"
+    conf.write_text(f'authorization {{\n  users = [ {{ nkey: "{public}" }} ]\n}}\n')
+    server = EmbeddedServer(tmp_path / "js", extra_args=["-c", str(conf)])
+    url = await asyncio.to_thread(server.start)
+    try:
+        await _refused(url)  # no NKey: no entry
+        prefix = "nk"
+        cfg = make_config(prefix, nats={"subject_prefix": prefix, "auth": {"nkey_seed_file": str(seed_file)}})
+        engine = Engine(cfg)
+        await engine.start(url)
+        nc = await connect(url, **connect_kwargs(cfg.nats))
+        reply = await nc.request(f"{prefix}.svc.health", b"", timeout=5)
+        assert orjson.loads(reply.data)["status"] == "ok"
+        await nc.close()
+        await engine.stop()
+    finally:
+        await asyncio.to_thread(server.stop)
