@@ -24,6 +24,7 @@ from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
 
+from engine import claimcheck
 from engine.aligner import Aligner
 from engine.batcher import BatchWorker
 from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, source_of
@@ -99,6 +100,7 @@ class Engine:
         self._sub: Any = None
         self._js: Any = None
         self.intake: DurableIntake | None = None
+        self.claims: claimcheck.ClaimChecks | None = None
         self.metrics: MetricsServer | None = None
         self.service: Any = None
         #: id(route) -> its batch worker and model threads.
@@ -151,6 +153,7 @@ class Engine:
             self.metrics = MetricsServer(self, self.config.metrics.host, self.config.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics.port)
         self.service = await register(self, self._nc)
+        await self._claim_checks()
         if await self._use_jetstream():
             self.intake = DurableIntake(self._nc, self.config.nats)
             await self.intake.setup()
@@ -199,6 +202,21 @@ class Engine:
         task = asyncio.get_running_loop().create_task(work)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    async def _claim_checks(self) -> None:
+        """Make the claim-check bucket when the server has JetStream; without it
+        a reference event is refused as ``object_missing``."""
+        js = self._nc.jetstream()
+        try:
+            await js.account_info()
+        except Exception:  # no JetStream here
+            return
+        nats = self.config.nats
+        try:
+            await claimcheck.bucket(js, nats.object_bucket, nats.object_ttl_s)
+        except Exception as exc:  # e.g. a user not allowed to create streams: producers must make it
+            log.warning("claim-check bucket %s not created: %s", nats.object_bucket, exc)
+        self.claims = claimcheck.ClaimChecks(js, self.config.limits.max_payload_bytes)
 
     async def _use_jetstream(self) -> bool:
         if self.config.nats.durable is not None:
@@ -277,11 +295,18 @@ class Engine:
         (durable intake acks it once its result is stored), ``None`` once it
         is finished (rejected with a DLQ record, or rate-limited)."""
         now = self.clock()
+        headers, data = msg.headers, msg.data
         try:
+            if claimcheck.is_ref(headers):
+                if self.claims is None:
+                    raise EventRejected(
+                        "object_missing", "an object reference, but this server has no JetStream"
+                    )
+                headers, data = await self.claims.resolve(headers or {}, data)
             event = decode_event(
                 msg.subject,
-                msg.headers,
-                msg.data,
+                headers,
+                data,
                 prefix=self.prefix,
                 limits=self.limits,
                 received_ns=now,

@@ -101,7 +101,9 @@ async def _run(args: argparse.Namespace) -> int:
         from engine.config import AuthConfig
         from engine.security import lock_down
 
-        locked = lock_down(Path(cfg.nats.data_dir) / "secure", cfg.nats.subject_prefix)
+        locked = lock_down(
+            Path(cfg.nats.data_dir) / "secure", cfg.nats.subject_prefix, cfg.nats.object_bucket
+        )
         auth = AuthConfig(user="engine", password=SecretStr(locked.passwords["engine"]))
         overrides["nats"] = {"server_config": str(locked.server_config), "auth": auth}
         cfg = with_overrides(cfg, overrides)
@@ -189,6 +191,8 @@ async def _publish(args: argparse.Namespace) -> int:
         nats.url,
         args.source,
         connect_opts=connect_kwargs(nats),
+        claim_check=args.claim_check,
+        bucket=nats.object_bucket,
         image=args.image,
         audio=args.audio,
         text=args.text,
@@ -314,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--chunk-ms", type=int, default=100, help="audio chunk length (default 100)")
     pub.add_argument("--id", help="Nats-Msg-Id for the event (audio: a prefix for each chunk)")
     pub.add_argument("--wait", type=float, default=0.0, help="wait up to N s for the result or DLQ record")
+    pub.add_argument(
+        "--claim-check",
+        action="store_true",
+        help="send the bytes through the Object Store even when they fit (automatic above max_payload)",
+    )
     pub.add_argument("--traceparent", help="W3C trace context to continue (default: a new trace)")
 
     st = sub.add_parser("status", help="a live table of the engines found through NATS discovery")

@@ -80,6 +80,10 @@ class NatsConfig(_Frozen):
     url: str | None = None
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig = TlsConfig()
+    #: Claim check: the Object Store bucket for payloads over the server's
+    #: max payload (engine/claimcheck.py); the engine makes it with this TTL.
+    object_bucket: str = Field("autoglm-payloads", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    object_ttl_s: float = Field(3600.0, gt=0)
     #: Embedded server only: a nats-server config file to start it with
     #: (authorization, TLS); ``autoglm run --secure`` writes one.
     server_config: str = ""

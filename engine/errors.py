@@ -47,6 +47,8 @@ REASONS: Final[frozenset[str]] = frozenset(
         "overloaded",
         "processor_error",
         "no_route",
+        "bad_object_ref",
+        "object_missing",
     }
 )
 

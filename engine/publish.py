@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 import soundfile
 
+from engine.claimcheck import OBJECT_REF, put_payload
 from engine.codec import encode_headers, input_subject
 from engine.errors import AutoGLMError, TransportError
 from engine.tracing import new_traceparent
@@ -87,6 +88,8 @@ async def publish_file(
     wait: float = 0.0,
     traceparent: str | None = None,
     connect_opts: dict[str, Any] | None = None,
+    claim_check: bool = False,
+    bucket: str = "autoglm-payloads",
 ) -> int:
     """Publish one image, text, or an audio file as chunks; print what comes back.
 
@@ -106,11 +109,14 @@ async def publish_file(
         raise AutoGLMError("nothing to publish: give --image, --audio or --text")
     nc = await connect(url, **(connect_opts or {}))
     try:
-        for body in bodies:
-            if len(body) > nc.max_payload:
-                raise AutoGLMError(
-                    f"event is {len(body)} bytes, over the server's max_payload of {nc.max_payload}"
-                )
+        cts = [ct] * len(bodies)
+        for i, body in enumerate(bodies):
+            # Over the server's limit (or asked to): the bytes go to the Object
+            # Store and the event carries a reference (engine/claimcheck.py).
+            if claim_check or len(body) > nc.max_payload - 4096:
+                ref = await put_payload(nc.jetstream(), bucket, body, ct, max_payload=nc.max_payload)
+                bodies[i], cts[i] = ref.encode(), OBJECT_REF
+                print(f"stored {len(body)} bytes as {bucket}/{ref.name} (claim check)")
         replies: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
 
         async def on_reply(msg: Any) -> None:
@@ -127,7 +133,7 @@ async def publish_file(
         ids = [base_id if len(bodies) == 1 else f"{base_id}-{i}" for i in range(len(bodies))]
         traceparent = traceparent or new_traceparent()
         for i, (eid, body) in enumerate(zip(ids, bodies, strict=True)):
-            hdrs = encode_headers(t0 + i * step, ct, event_id=eid, seq=i, traceparent=traceparent)
+            hdrs = encode_headers(t0 + i * step, cts[i], event_id=eid, seq=i, traceparent=traceparent)
             await nc.publish(subject, body, headers=hdrs)
         await nc.flush()
         print(f"published {len(bodies)} {modality} event(s) on {subject} ({ct}), trace {traceparent}")

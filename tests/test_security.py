@@ -16,6 +16,7 @@ import pytest
 import trustme
 
 from engine.app import Engine
+from engine.claimcheck import OBJECT_REF, put_payload
 from engine.config import parse_config
 from engine.errors import ConfigError, TransportError
 from engine.publish import connect
@@ -65,6 +66,7 @@ async def test_secure_run_refuses_strangers_and_confines_each_user(tmp_path: Pat
         f'[nats]\nsubject_prefix = "{prefix}"\ndata_dir = "{tmp_path / "data"}"\n'
         "[aligner]\nwindow_ms = 100\nidle_timeout_ms = 300\n"
         '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+        '[[routes]]\nmodality = "image"\nprocessor = "passthrough"\n'
     )
     engine = await spawn_engine("--config", str(cfg), "--secure")
     try:
@@ -102,9 +104,18 @@ async def test_secure_run_refuses_strangers_and_confines_each_user(tmp_path: Pat
         await pub.flush()
         [record] = await results.wait_for(1)
         assert record["events"] == {"text": ["s1"]}
+        # its permissions are enough for a claim check into the engine's bucket
+        ref = await put_payload(pub.jetstream(), "autoglm-payloads", b"y" * 300_000, "image/png")
+        await send(
+            pub, prefix, "cam", "image", ref.encode(), time.time_ns(), content_type=OBJECT_REF, event_id="big"
+        )
+        records = await results.wait_for(2)
+        assert (
+            records[1]["events"] == {"image": ["big"]} and records[1]["features"]["image"]["bytes"] == 300_000
+        )
         await asyncio.sleep(0.3)
         assert snooped.items == []  # the producer cannot read results ...
-        assert len(results.items) == 1  # ... nor forge them
+        assert len(results.items) == 2  # ... nor forge them
         violations = " ".join(str(e) for e in errors).lower()
         assert f'permissions violation for subscription to "{prefix}.out.>"' in violations
         assert f'permissions violation for publish to "{prefix}.out.cam"' in violations
