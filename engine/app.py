@@ -331,8 +331,12 @@ class Engine:
                 return key  # a redelivery of an event still in a window: its newest copy is acked later
             await self._reject(event.subject, msg.headers, exc, event.modality)
             return None
+        worker = self._workers[id(route)][0]
+        if route.config.intake == "complete" and len(route.batcher) >= route.batcher.max_queue:
+            self.stats.intake_waits += 1
+            await worker.wait_for_room()  # the backlog stays in NATS, nothing is dropped
         try:
-            dropped = self._workers[id(route)][0].submit(event)
+            dropped = worker.submit(event)
         except BackpressureError as exc:
             await self._abandon(event, EventRejected("overloaded", str(exc)))
             return None
@@ -403,6 +407,10 @@ class Engine:
     # -- processing -----------------------------------------------------------------
 
     async def _run_batch(self, route: Route, pool: ThreadPoolExecutor, events: list[InputEvent]) -> None:
+        if route.config.intake == "real_time":
+            events = await self._skip_stale(route, events)
+            if not events:
+                return
         t0 = time.perf_counter_ns()
         outcomes = await asyncio.get_running_loop().run_in_executor(pool, route.process, events)
         took = time.perf_counter_ns() - t0
@@ -413,6 +421,22 @@ class Engine:
                 self.stats.processed[event.modality] += 1
                 self.aligner.complete(event.source, event.event_id, outcome, took)
         self._kick.set()
+
+    async def _skip_stale(self, route: Route, events: list[InputEvent]) -> list[InputEvent]:
+        """``real_time``: drop what is already older than ``max_staleness_ms``, so a
+        machine that is too slow falls behind by skipping, not by queueing."""
+        limit = self.clock() - route.config.max_staleness_ms * 1_000_000
+        fresh = [e for e in events if e.ts_ns >= limit]
+        if len(fresh) < len(events):
+            for event in events:
+                if event.ts_ns < limit:
+                    self.stats.stale[event.modality] += 1
+                    self.aligner.note(event.source, event.modality, "stale")
+                    self.aligner.discard(event.source, event.event_id)
+                    if self.intake is not None:
+                        await self.intake.ack((event.source, event.event_id))
+            self._kick.set()
+        return fresh
 
     async def _fail_batch(self, events: list[InputEvent], exc: BaseException) -> None:
         self.stats.batch_errors += 1

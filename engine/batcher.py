@@ -144,11 +144,18 @@ class BatchWorker(Generic[T]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._room = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def wait_for_room(self) -> None:
+        """Return once the queue has room (the ``complete`` intake policy)."""
+        while len(self.batcher) >= self.batcher.max_queue:
+            self._room.clear()
+            await self._room.wait()
 
     def submit(self, item: T) -> T | None:
         """Queue one item; returns an item dropped for room (see :meth:`Batcher.offer`)."""
@@ -163,6 +170,7 @@ class BatchWorker(Generic[T]):
             if self._busy < self._slots:
                 batch = self.batcher.take(now, force=self._closing)
                 if batch:
+                    self._room.set()
                     self._launch(batch)
                     continue
             if self._closing and not self.batcher and not self._busy:

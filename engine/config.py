@@ -152,6 +152,14 @@ class RouteConfig(_Frozen):
     prepare_threads: int = Field(1, ge=1, le=64)
     params: dict[str, Any] = Field(default_factory=dict)
     batch: BatchConfig = BatchConfig()
+    #: What happens when this route cannot keep up. ``complete``: nothing is
+    #: skipped; intake waits for room in the batch queue, so the backlog stays
+    #: in NATS (JetStream holds it and stops delivering at max_ack_pending).
+    #: ``real_time``: an event older than ``max_staleness_ms`` (event time vs
+    #: the engine clock) when its batch starts is skipped and counted as
+    #: ``stale``, and a full queue applies ``batch.overload``: latency stays flat.
+    intake: Literal["complete", "real_time"] = "complete"
+    max_staleness_ms: int = Field(1000, gt=0)
 
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 

@@ -4,7 +4,7 @@ Each of K sources sends moving-shapes frames at 30 fps, 16 kHz audio in 100 ms
 chunks and a caption every second, plus (every 5 s) one corrupt frame and one
 invalid UTF-8 caption so the DLQ path shows too. The demo then checks that
 every event it published is accounted for: fused into a result, rejected with
-a reason, or rate-limited.
+a reason, rate-limited, or skipped as stale (``real_time`` routes).
 """
 
 from __future__ import annotations
@@ -273,7 +273,8 @@ def summary(tally: Tally, engine: Any, seconds: float, sources: int) -> int:
 
     sent = sum(tally.published.values())
     limited = sum(stats.rate_limited.values())
-    accounted = len(tally.seen) + limited
+    stale = sum(stats.stale.values())
+    accounted = len(tally.seen) + limited + stale
     print(f"\nautoglm demo summary ({seconds:g} s, {sources} source(s))")
     print(f"  events published      {per(tally.published)}")
     print(f"  engine received       {per(stats.received)}")
@@ -281,6 +282,8 @@ def summary(tally: Tally, engine: Any, seconds: float, sources: int) -> int:
     rej = ", ".join(f"{r} {n}" for r, n in sorted(tally.rejected.items())) or "none"
     print(f"  rejected (DLQ)        {rej}")
     print(f"  rate-limited          {limited}")
+    if stale:
+        print(f"  skipped as stale      {stale} (real_time routes)")
     outcomes: Counter[str] = Counter()
     for (_, outcome), n in aligner_counts.items():
         outcomes[outcome] += n

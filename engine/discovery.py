@@ -46,6 +46,7 @@ def summary(engine: Engine) -> dict[str, Any]:
         },
         "durable": engine.intake is not None,
         "unacked": len(engine.intake.held) if engine.intake is not None else 0,
+        "stalled": engine.intake is not None and engine.intake.stalled_since is not None,
     }
 
 

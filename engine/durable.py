@@ -50,6 +50,9 @@ class DurableIntake:
         self.held: dict[Key, tuple[Any, float]] = {}
         self.acked = 0
         self.redelivered = 0
+        #: max_ack_pending reached: the server delivers nothing until acks free room.
+        self.stalled_since: float | None = None
+        self.stalls = 0
         self.replayed_from: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._beat: asyncio.Task[None] | None = None
@@ -137,11 +140,18 @@ class DurableIntake:
             try:
                 msgs = await self.sub.fetch(batch, timeout=0.05)
             except (NatsTimeoutError, TimeoutError):
+                self._check_stall()
                 continue
             except Exception as exc:  # reconnecting, server restarting: try again shortly
                 log.warning("JetStream fetch failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
+            if not msgs:
+                self._check_stall()
+                continue
+            if self.stalled_since is not None:
+                log.warning("intake resumed after a %.1f s stall", time.monotonic() - self.stalled_since)
+                self.stalled_since = None
             for msg in msgs:
                 meta = msg.metadata
                 if meta.num_delivered > 1:
@@ -151,6 +161,19 @@ class DurableIntake:
                     await self._ack(msg)
                 else:
                     self.held[key] = (msg, time.monotonic())
+
+    def _check_stall(self) -> None:
+        """Say so, once per stall, when max_ack_pending stops delivery: events wait
+        in windows (long windows, many sources, a slow GLM) and none can be acked yet."""
+        if self.stalled_since is None and len(self.held) >= self.config.max_ack_pending:
+            self.stalled_since = time.monotonic()
+            self.stalls += 1
+            log.warning(
+                "intake stalled: %d events held unacked = nats.max_ack_pending (%d); JetStream delivers "
+                "nothing more until their windows publish. Raise max_ack_pending, or shorten windows.",
+                len(self.held),
+                self.config.max_ack_pending,
+            )
 
     async def _heartbeat(self) -> None:
         """``in_progress`` for events held longer than a third of AckWait."""

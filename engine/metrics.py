@@ -63,6 +63,15 @@ class EngineCollector(Collector):
                 for (mod, outcome), n in e.aligner.source_counts(name).items():
                     per.add_metric([name, mod, outcome], n)
             yield per
+        stale = CounterMetricFamily(
+            "autoglm_events_stale", "Events skipped as older than max_staleness_ms", labels=["modality"]
+        )
+        for mod, n in s.stale.items():
+            stale.add_metric([mod], n)
+        yield stale
+        yield CounterMetricFamily(
+            "autoglm_intake_waits", "Times intake waited for room (complete policy)", value=s.intake_waits
+        )
         yield CounterMetricFamily("autoglm_results", "Results published", value=s.results)
         yield CounterMetricFamily("autoglm_dlq_records", "DLQ records published", value=s.dlq_published)
         yield CounterMetricFamily(
@@ -122,6 +131,14 @@ class EngineCollector(Collector):
                 "autoglm_jetstream_redelivered", "Redelivered input messages", value=e.intake.redelivered
             )
             yield CounterMetricFamily("autoglm_jetstream_acked", "Input messages acked", value=e.intake.acked)
+            yield GaugeMetricFamily(
+                "autoglm_jetstream_stalled",
+                "1 while max_ack_pending stops delivery",
+                value=float(e.intake.stalled_since is not None),
+            )
+            yield CounterMetricFamily(
+                "autoglm_jetstream_stalls", "Times max_ack_pending stopped delivery", value=e.intake.stalls
+            )
 
 
 class MetricsServer:

@@ -36,14 +36,19 @@ class Histogram:
 @dataclass
 class EngineStats:
     """Every event that reached the engine ends in exactly one of: fused into a
-    published result, rejected (a DLQ record, by reason), rate-limited, or
-    dropped by the aligner's ``on_missing = "drop"``."""
+    published result, rejected (a DLQ record, by reason), rate-limited,
+    skipped as stale (``real_time`` routes), or dropped by the aligner's
+    ``on_missing = "drop"``."""
 
     received: Counter[str] = field(default_factory=Counter)
     processed: Counter[str] = field(default_factory=Counter)
     #: (modality or "?", reason) -> count; each also got a DLQ record.
     rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
     rate_limited: Counter[str] = field(default_factory=Counter)
+    #: ``real_time`` routes: events skipped as older than max_staleness_ms.
+    stale: Counter[str] = field(default_factory=Counter)
+    #: ``complete`` routes: times intake waited for room in a batch queue.
+    intake_waits: int = 0
     results: int = 0
     results_events: Counter[str] = field(default_factory=Counter)
     dlq_published: int = 0
@@ -69,6 +74,8 @@ class EngineStats:
             "processed": dict(self.processed),
             "rejected": {f"{m}:{r}": n for (m, r), n in sorted(self.rejected.items())},
             "rate_limited": dict(self.rate_limited),
+            "stale": dict(self.stale),
+            "intake_waits": self.intake_waits,
             "results": self.results,
             "results_events": dict(self.results_events),
             "dlq_published": self.dlq_published,

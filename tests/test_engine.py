@@ -153,7 +153,14 @@ async def test_overload_drops_are_reported_never_silent(nc: Any, nats_url: str, 
     cfg = make_config(
         prefix,
         routes=[
-            {"modality": "text", "processor": "test-slow", "batch": {"max_batch_size": 1, "max_queue": 2}}
+            {
+                "modality": "text",
+                "processor": "test-slow",
+                "batch": {"max_batch_size": 1, "max_queue": 2},
+                # real_time applies the queue's overload policy (complete would wait)
+                "intake": "real_time",
+                "max_staleness_ms": 60_000,
+            }
         ],
     )
     engine = Engine(cfg)
