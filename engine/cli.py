@@ -170,6 +170,34 @@ async def _reload(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in reports) else 2
 
 
+async def _replay(args: argparse.Namespace) -> int:
+    from engine.replay import parse_since, replay, stderr, summary
+
+    since = parse_since(args.since)
+    if args.speed == "max":
+        speed = None
+    else:
+        try:
+            speed = float(args.speed)
+        except ValueError:
+            speed = -1.0
+        if speed <= 0:
+            raise ConfigError([f"--speed {args.speed!r}: a positive number (1 = as recorded) or max"])
+    cfg = _config(args.config)
+    nc, _ = await _open(args)
+    started = time.monotonic()
+    try:
+        if args.out and args.out != "-":
+            with open(args.out, "wb") as out:  # noqa: ASYNC230 (a local file, written as frames close)
+                stats = await replay(nc, cfg, since, speed, out)
+        else:
+            stats = await replay(nc, cfg, since, speed, sys.stdout.buffer)
+    finally:
+        await nc.close()
+    stderr(summary(stats, time.monotonic() - started))
+    return 0
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Command-line values that win over the routing file, now and on every reload."""
     out: dict[str, dict[str, Any]] = {}
@@ -338,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--prefix", help="only the engines of this subject prefix")
     rl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each engine")
 
+    rp = sub.add_parser("replay", help="re-feed the recorded input stream through a fresh aligner")
+    rp.add_argument("--since", required=True, help="all, a duration ago (15m, 2h), or an ISO time with zone")
+    rp.add_argument("--speed", default="max", help="X times the recorded pace, or max (default)")
+    rp.add_argument("--out", help="write the JSON lines here (default stdout)")
+    rp.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
+    rp.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
+    rp.add_argument("--nats-url", help=f"server holding the recording (or {NATS_URL_ENV})")
+
     hl = sub.add_parser("health", help="exit 0 if an engine answers its health endpoint")
     hl.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
     hl.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
@@ -366,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args)
-        if args.command in ("run", "demo"):
+        if args.command in ("run", "demo", "replay"):
             _quiet_libraries()
         runner = {
             "run": _run,
@@ -375,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             "status": _status,
             "health": _health,
             "reload": _reload,
+            "replay": _replay,
         }[args.command]
         return _run_async(runner(args))
     except ConfigError as exc:

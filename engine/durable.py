@@ -36,6 +36,12 @@ Key = tuple[str, str]
 Handler = Callable[[Any, str], Awaitable[Key | None]]
 
 
+def stream_names(config: NatsConfig) -> tuple[str, str]:
+    """The input and result streams: ``<STREAM>_IN`` and ``<STREAM>_OUT``."""
+    base = config.stream or config.subject_prefix.replace(".", "_").upper()
+    return f"{base}_IN", f"{base}_OUT"
+
+
 class DurableIntake:
     """Streams, the pull consumer, and the acks the engine still owes."""
 
@@ -44,9 +50,7 @@ class DurableIntake:
         self.js = nc.jetstream()
         self.config = config
         self.prefix = config.subject_prefix
-        base = config.stream or self.prefix.replace(".", "_").upper()
-        self.in_stream = f"{base}_IN"
-        self.out_stream = f"{base}_OUT"
+        self.in_stream, self.out_stream = stream_names(config)
         self.held: dict[Key, tuple[Any, float]] = {}
         self.acked = 0
         self.redelivered = 0
