@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install demo test lint typecheck unit bench soak clean
 
 install: $(STAMP)
 
@@ -35,7 +35,13 @@ test: lint typecheck unit
 bench: $(STAMP)
 	$(BIN)/python benchmarks/processors.py
 	$(BIN)/python benchmarks/aligner.py
-	$(BIN)/python benchmarks/bus.py
+	$(BIN)/python benchmarks/bus.py --json benchmarks/bus.json
+	$(BIN)/python benchmarks/plot.py benchmarks/bus.json benchmarks/bus.png
+	$(BIN)/python benchmarks/e2e.py
+
+# Five minutes of a stream with the engine SIGKILLed every minute.
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) .autoglm .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -48,6 +48,8 @@ log = logging.getLogger("autoglm.engine")
 #: Messages nats-py may buffer for our ingest subscription before it reports a
 #: slow consumer (and drops, which we count).
 PENDING_MSGS = 200_000
+#: Durable mode: results whose PubAcks are awaited together.
+PUBLISH_BATCH = 256
 
 
 def trace_id_of(frame: FusedFrame) -> str:
@@ -467,9 +469,25 @@ class Engine:
 
     async def _publish(self, frames: list[FusedFrame]) -> None:
         """Hand each closed frame to the GLM stage, which publishes it (now, or
-        once the model answered) through :meth:`send_result`."""
-        for frame in frames:
-            await self.glm.submit(frame, frame_record(frame))
+        once the model answered) through :meth:`send_result`.
+
+        In durable mode each store waits for its PubAck; one closing poll can
+        hand over hundreds of frames, so their publishes go out together and
+        the acks are awaited together (the server still stores them in the
+        order they were sent: each publish is written before the next starts)."""
+        if self._js is None or len(frames) < 2:
+            for frame in frames:
+                await self.glm.submit(frame, frame_record(frame))
+            return
+        for chunk in range(0, len(frames), PUBLISH_BATCH):
+            outcomes = await asyncio.gather(
+                *(self.glm.submit(f, frame_record(f)) for f in frames[chunk : chunk + PUBLISH_BATCH]),
+                return_exceptions=True,
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    self.stats.emit_errors += 1
+                    log.error("publishing a fused frame failed: %s", outcome)
 
     async def send_result(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         now = self.clock()

@@ -32,6 +32,7 @@ def summary(engine: Engine) -> dict[str, Any]:
             f"{r.config.modality}:{r.config.processor}": {
                 "batches": sum(r.batcher.stats.sizes.values()),
                 "mean_size": round(r.batcher.stats.mean_batch, 2),
+                "sizes": {str(k): v for k, v in sorted(r.batcher.stats.sizes.items())},
                 "queue": len(r.batcher),
             }
             for r in engine.routes

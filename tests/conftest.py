@@ -72,12 +72,27 @@ def make_config(prefix: str, **overrides: Any) -> EngineConfig:
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_spawned: list[asyncio.subprocess.Process] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_engine_outlives_its_test() -> Iterator[None]:
+    """A test that fails half way must not leave an ``autoglm run`` behind."""
+    yield
+    while _spawned:
+        proc = _spawned.pop()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+
 async def spawn_engine(*args: str, options: tuple[str, ...] = ()) -> asyncio.subprocess.Process:
     """``autoglm [options] run ARGS`` as its own process, returned once it says it is running."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.cli", *options, "run", *args,
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    _spawned.append(proc)
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)
     assert b"engine running" in line, line
