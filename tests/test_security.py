@@ -23,6 +23,7 @@ from engine.publish import connect
 from engine.security import connect_kwargs, read_env_file
 from engine.server import EmbeddedServer
 from tests.conftest import Collector, make_config, send, spawn_engine
+from tests.natsjwt import operator_setup
 
 
 def test_auth_from_environment_and_secrets_never_shown() -> None:
@@ -193,6 +194,30 @@ async def test_engine_authenticates_with_an_nkey(tmp_path: Path) -> None:
         nc = await connect(url, **connect_kwargs(cfg.nats))
         reply = await nc.request(f"{prefix}.svc.health", b"", timeout=5)
         assert orjson.loads(reply.data)["status"] == "ok"
+        await nc.close()
+        await engine.stop()
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def test_engine_authenticates_with_a_creds_file(tmp_path: Path) -> None:
+    conf, creds = operator_setup(tmp_path)
+    server = EmbeddedServer(tmp_path / "js", jetstream=False, extra_args=["-c", str(conf)])
+    url = await asyncio.to_thread(server.start)
+    try:
+        assert "Authorization Violation" in await _refused(url)
+        prefix = "jwt"
+        cfg = make_config(prefix, nats={"subject_prefix": prefix, "auth": {"creds_file": str(creds)}})
+        engine = Engine(cfg)
+        await engine.start(url)
+        nc = await connect(url, **connect_kwargs(cfg.nats))
+        out = Collector()
+        await nc.subscribe(f"{prefix}.out.>", cb=out.cb)
+        await nc.flush()
+        await nc.flush()
+        await send(nc, prefix, "cam", "text", b"signed", time.time_ns(), event_id="j1")
+        [record] = await out.wait_for(1)
+        assert record["events"] == {"text": ["j1"]}
         await nc.close()
         await engine.stop()
     finally:
