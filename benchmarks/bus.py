@@ -9,9 +9,11 @@ One nats-server (the embedded binary), three runs on it:
    latency of the same paced load the engine gets;
 2. the engine (``autoglm run`` in its own process) with the ``passthrough``
    text processor, window mode, ``window_ms = 10``, no allowed lateness, GLM
-   ``none``, in core mode (plain subscription) and in durable mode (JetStream
-   stream, pull consumer, results stored with PubAcks): paced loads from
-   ``--sources`` sources at each ``--steps`` multiple of ``--rate``.
+   ``none`` (``include_prompt = false``: no prompt text in the results), in
+   core mode (plain subscription) and in durable mode (JetStream stream, pull
+   consumer, results stored with PubAcks): paced loads from ``--sources``
+   sources at each ``--steps`` multiple of ``--rate``. ``--modes
+   core,core+prompt`` measures what building the prompt costs.
 
 The raw baseline is paced at the same offered loads, so the two can be drawn
 on one chart (``--json`` writes every figure; ``benchmarks/plot.py`` draws it).
@@ -64,6 +66,7 @@ idle_timeout_ms = {idle}
 max_sources = 100000
 [glm]
 backend = "none"
+include_prompt = {prompt}
 template = "{{source}} {{text}}"
 """
 
@@ -139,11 +142,15 @@ async def baseline(url: str, rates: list[int], seconds: float, burst: int) -> di
 
 
 async def engine_run(
-    url: str, rates: list[int], seconds: float, sources: int, idle: int, durable: bool
+    url: str, rates: list[int], seconds: float, sources: int, idle: int, mode: str
 ) -> list[dict[str, float]]:
-    """Paced loads at each rate in turn against one ``autoglm run`` process."""
+    """Paced loads at each rate in turn against one ``autoglm run`` process.
+
+    ``mode``: ``core`` or ``durable``, with ``+prompt`` to build the (unused)
+    prompt of every result as ``include_prompt = true`` does."""
     cfg = Path(tempfile.mkdtemp()) / "bench.toml"
-    cfg.write_text(CONFIG.format(idle=idle, durable=str(durable).lower()))
+    durable, prompt = mode.startswith("durable"), mode.endswith("+prompt")
+    cfg.write_text(CONFIG.format(idle=idle, durable=str(durable).lower(), prompt=str(prompt).lower()))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.cli", "run", "--config", str(cfg), "--nats-url", url,
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -207,7 +214,9 @@ async def main() -> None:
     ap.add_argument("--burst", type=int, default=100_000, help="messages for the raw nats-py ceiling")
     ap.add_argument("--steps", default="0.5,1,1.5,2", help="offered loads as multiples of --rate")
     ap.add_argument("--idle-ms", type=int, default=20, help="aligner idle_timeout_ms for the engine run")
-    ap.add_argument("--modes", default="core,durable", help="engine modes to run")
+    ap.add_argument(
+        "--modes", default="core,durable", help="engine runs: core, durable, and either with +prompt"
+    )
     ap.add_argument("--json", type=Path, help="write every figure here (for benchmarks/plot.py)")
     args = ap.parse_args()
     rates = [int(args.rate * float(m)) for m in args.steps.split(",")]
@@ -219,9 +228,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedServer(tmp) as server:
         base = await baseline(server.url, rates, args.seconds, args.burst)
         for mode in modes:
-            runs[mode] = await engine_run(
-                server.url, rates, args.seconds, args.sources, args.idle_ms, durable=mode == "durable"
-            )
+            runs[mode] = await engine_run(server.url, rates, args.seconds, args.sources, args.idle_ms, mode)
     head = (
         f"{'offered/s':>10}{'done/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'lost':>9}{'vs raw':>8}"
     )

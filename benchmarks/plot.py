@@ -25,6 +25,8 @@ STYLE = {
     "raw": ("raw nats-py pub → sub", "tab:gray", "o"),
     "core": ("engine, core mode", "tab:blue", "s"),
     "durable": ("engine, durable mode (JetStream)", "tab:orange", "^"),
+    "core+prompt": ("engine, core mode, prompt built", "tab:purple", "D"),
+    "durable+prompt": ("engine, durable mode, prompt built", "tab:brown", "v"),
 }
 
 

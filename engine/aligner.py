@@ -352,6 +352,10 @@ def fuse_modality(slots: Iterable[_Slot]) -> ModalityFusion:
     text: the texts in time order + mean embedding.
     """
     items = [s for s in slots if s.features is not None]
+    return _fuse_one(items[0]) if len(items) == 1 else _fuse_many(items)
+
+
+def _fuse_many(items: list[_Slot]) -> ModalityFusion:
     feats = [s.features for s in items if s.features is not None]
     summary: dict[str, object] = {"count": len(items)}
     embedding = None
@@ -388,6 +392,38 @@ def fuse_modality(slots: Iterable[_Slot]) -> ModalityFusion:
         arrivals=tuple(s.arrived for s in items),
         done=tuple(s.done for s in items),
         traceparents=tuple(s.traceparent for s in items),
+    )
+
+
+def _fuse_one(slot: _Slot) -> ModalityFusion:
+    """:func:`fuse_modality` of a single event, without the list work: with
+    short windows and many sources most windows hold one event per modality
+    (benchmarks/RESULTS.md, bus). Same output as the general path."""
+    f = slot.features
+    assert f is not None
+    summary: dict[str, object] = {"count": 1}
+    if f.embedding is not None:
+        summary["embedding_dim"] = int(f.embedding.shape[0])
+        summary["embedding_norm"] = _r(float(np.linalg.norm(f.embedding)))
+    for key in sorted(f.stats):
+        summary[key] = _r(f.stats[key])
+    if f.frames is not None and f.frames.size:
+        summary["mfcc_mean"] = [_r(v) for v in f.frames.mean(axis=1)]
+        summary["mfcc_std"] = [_r(v) for v in f.frames.std(axis=1)]
+    if f.text is not None:
+        summary["texts"] = [f.text]
+    if f.labels:
+        summary["labels"] = list(dict.fromkeys(f.labels))[:10]
+    return ModalityFusion(
+        event_ids=(slot.event_id,),
+        timestamps=(slot.ts,),
+        summary=summary,
+        embedding=f.embedding,
+        per_event=(f.stats,),
+        attachment=f.attachment,
+        arrivals=(slot.arrived,),
+        done=(slot.done,),
+        traceparents=(slot.traceparent,),
     )
 
 

@@ -238,6 +238,10 @@ class GLMConfig(_Frozen):
     breaker_cooldown_s: float = Field(30.0, gt=0)
     #: openai: attach the window's key frame (needs the image route's params.thumbnail).
     attach_images: bool = False
+    #: Put the prompt in results that made no model call (backend "none",
+    #: skipped frames). Building it is a good part of the per-window cost on a
+    #: fast stream; false leaves ``"prompt": null`` there.
+    include_prompt: bool = True
     #: Per source: the last ``history`` answers go into the next prompt.
     history: int = Field(3, ge=0, le=100)
     history_chars: int = Field(2000, ge=0)

@@ -144,6 +144,10 @@ class GLMStage:
         values = prompt_values(frame, self.history(frame.source).render())
         return self.template.format(**{k: values[k] for k in self.template.variables})
 
+    def _shown_prompt(self, frame: FusedFrame) -> str | None:
+        """The prompt of a result that made no call: built only when asked for."""
+        return self.prompt(frame) if self.config.include_prompt else None
+
     # -- intake ------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -167,7 +171,7 @@ class GLMStage:
                 self._last.popitem(last=False)
         self.stats.sent += 1
         if self.client is None:
-            record.update(prompt=self.prompt(frame), answer=None, glm={"backend": "none"})
+            record.update(prompt=self._shown_prompt(frame), answer=None, glm={"backend": "none"})
             await self.publish(frame, record)
             return
         if self.breaker.state == "open":
@@ -187,7 +191,7 @@ class GLMStage:
         assert self.stats.skipped is not None
         self.stats.skipped[why] += 1
         record.update(
-            prompt=self.prompt(frame),
+            prompt=self._shown_prompt(frame),
             answer=None,
             glm={"backend": self.config.backend, "skipped": why, **extra},
         )

@@ -276,3 +276,28 @@ def test_the_readme_timeline() -> None:
     assert ids(frame) == {"image": ["i100", "i950"], "text": ["t900"]}
     with pytest.raises(EventRejected, match="too_late"):
         a.admit(ev("s", "text", T0 + 800 * MS, "t800"))
+
+
+def test_the_one_event_fast_path_fuses_exactly_like_the_general_one() -> None:
+    from engine.aligner import _fuse_many, _fuse_one, _Slot
+
+    rng = np.random.default_rng(3)
+    feats = Features(
+        "audio",
+        embedding=rng.normal(size=8).astype(np.float32),
+        frames=rng.normal(size=(13, 5)).astype(np.float32),
+        stats={"loudness_dbfs": -12.345678, "voice_ratio": 0.5},
+        text="words",
+        labels=("a", "b", "a"),
+        attachment=b"jpeg",
+    )
+    slot = _Slot("e1", "audio", 5, 1, features=feats, arrived=7, traceparent=None, done=9)
+    one, many = _fuse_one(slot), _fuse_many([slot])
+    assert one.summary == many.summary and one.per_event == many.per_event
+    assert (one.event_ids, one.timestamps, one.arrivals, one.done) == (
+        many.event_ids,
+        many.timestamps,
+        many.arrivals,
+        many.done,
+    )
+    assert one.attachment == many.attachment and np.array_equal(one.embedding, many.embedding)

@@ -134,3 +134,14 @@ async def test_drain_publishes_what_it_could_not_finish() -> None:
         await asyncio.sleep(0.1)
         await s.drain(0.2)
     assert sorted(r["glm"].get("skipped", "in flight") for r in sink.records) == ["shutdown", "shutdown"]
+
+
+async def test_include_prompt_false_leaves_the_prompt_out_of_call_free_results() -> None:
+    published: list[dict[str, Any]] = []
+
+    async def publish(frame: FusedFrame, record: dict[str, Any]) -> None:
+        published.append(record)
+
+    stage = GLMConfig(include_prompt=False).build(publish)
+    await stage.submit(frame(0), {})
+    assert published == [{"prompt": None, "answer": None, "glm": {"backend": "none"}}]
