@@ -31,7 +31,7 @@ STYLE = {
 
 
 def draw(data: dict[str, Any], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     for key, (label, color, marker) in STYLE.items():
         steps = data.get(key)
         if not steps:
@@ -53,7 +53,7 @@ def draw(data: dict[str, Any], out: Path) -> None:
         f"1 KB text events, {data.get('cores', '?')} cores; raw ceiling {data['raw_burst']:,.0f} msg/s"
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
