@@ -104,7 +104,13 @@ class DurableIntake:
                 ),
             )
         except Exception as exc:  # nats-py raises APIError, TimeoutError, NoRespondersError...
-            raise TransportError(f"JetStream setup failed: {exc}") from exc
+            hint = ""
+            if "insufficient storage" in str(exc):
+                hint = (
+                    f" (each stream reserves nats.stream_max_bytes = {cfg.stream_max_bytes} bytes of the "
+                    "server's JetStream store: lower it, or give the server more max_file_store)"
+                )
+            raise TransportError(f"JetStream setup failed: {exc}{hint}") from exc
 
     async def _replay_point(self) -> int | None:
         """After a crash, restart the consumer at its ack floor.

@@ -71,7 +71,10 @@ async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:
     try:
         return await asyncio.wait_for(nats.connect(url, connect_timeout=2, **kwargs), timeout)
     except Exception as exc:  # nats-py raises several unrelated types here
-        cause = f" ({seen[-1]})" if seen and str(seen[-1]) != str(exc) else ""
+        # The server's -ERR says why; a reset read first (a TCP race) says nothing.
+        telling = [e for e in seen if "Violation" in str(e) or "SSL" in str(e) or "certificate" in str(e)]
+        pick = telling or seen
+        cause = f" ({pick[-1]})" if pick and str(pick[-1]) != str(exc) else ""
         raise TransportError(f"cannot connect to NATS at {url}: {exc}{cause}") from exc
 
 

@@ -26,8 +26,16 @@ _prefixes = itertools.count()
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    """A real nats-server with JetStream on a free loopback port."""
-    server = EmbeddedServer(tmp_path_factory.mktemp("nats"))
+    """A real nats-server with JetStream on a free loopback port.
+
+    Every durable test engine reserves its streams' ``stream_max_bytes``
+    (1 GiB each by default) against the server's file store, which defaults
+    to 75 % of the free disk: a session of tests would run out of room to
+    reserve on a small disk, so the test server may reserve more than it has."""
+    root = tmp_path_factory.mktemp("nats")
+    conf = root / "test-server.conf"
+    conf.write_text("jetstream {\n  max_file_store: 10TB\n}\n")
+    server = EmbeddedServer(root, extra_args=["-c", str(conf)])
     server.start()
     yield server
     server.stop()
