@@ -416,6 +416,10 @@ class Engine:
         t0 = time.perf_counter_ns()
         outcomes = await asyncio.get_running_loop().run_in_executor(pool, route.process, events)
         took = time.perf_counter_ns() - t0
+        while route.timings:
+            decode_s, model_s = route.timings.popleft()
+            self.stats.observe("decode", decode_s)
+            self.stats.observe("model", model_s)
         for event, outcome in zip(events, outcomes, strict=True):
             if isinstance(outcome, EventRejected):
                 await self._abandon(event, outcome)
@@ -505,7 +509,9 @@ class Engine:
         traceparent = self.tracing.frame_spans(frame, record, result_id, now)
         if traceparent:
             headers["traceparent"] = traceparent
+        t0 = time.perf_counter()
         await self._send(f"{self.prefix}.out.{frame.source}", orjson.dumps(record), headers=headers)
+        self.stats.observe("publish", time.perf_counter() - t0)
         self.stats.results += 1
         for mod, fused in frame.modalities.items():
             self.stats.results_events[mod] += len(fused.event_ids)

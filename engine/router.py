@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class Route:
     #: Threads that run ``prepare`` (decode) for the items of one batch in
     #: parallel: OpenCV and numpy release the GIL, so decode scales with cores.
     prepare_pool: ThreadPoolExecutor | None = field(default=None)
+    #: (decode seconds, model seconds) of each batch, for the stage histograms.
+    timings: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=1024))
 
     def __post_init__(self) -> None:
         max_fps = getattr(self.processor, "max_fps", None)
@@ -94,6 +97,7 @@ class Route:
         out: list[Outcome | None] = [None] * len(events)
         ready: list[Any] = []
         index: list[int] = []
+        t0 = time.perf_counter()
         if self.prepare_pool is not None and len(events) > 1:
             prepared = list(self.prepare_pool.map(self._prepare, events))
         else:
@@ -104,11 +108,14 @@ class Route:
             else:
                 ready.append(item)
                 index.append(i)
+        t1 = time.perf_counter()
         if ready:
             feats = self.processor.run(ready)
             check_outputs(ready, feats, f"processor {self.config.processor!r}")
             for i, f in zip(index, feats, strict=True):
                 out[i] = f
+        # Read by the engine on its loop (deque appends and pops are thread-safe).
+        self.timings.append((t1 - t0, time.perf_counter() - t1))
         return [o if o is not None else EventRejected("processor_error", "no outcome") for o in out]
 
     def _prepare(self, event: InputEvent) -> Any:
