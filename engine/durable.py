@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from engine.errors import TransportError
@@ -73,6 +73,9 @@ class DurableIntake:
                 max_age=cfg.stream_max_age_s,
                 max_bytes=cfg.stream_max_bytes,
                 duplicate_window=cfg.duplicate_window_s,
+                # Full: refuse new events (a producer's PubAck says so) rather
+                # than silently drop the oldest, which may not be processed yet.
+                discard=DiscardPolicy.NEW,
             ),
             StreamConfig(
                 name=self.out_stream,

@@ -129,3 +129,30 @@ async def test_max_ack_pending_stall_is_reported_and_clears(nc: Any, nats_url: s
     assert fused_ids(out) | {r["event_id"] for r in late} == sent
     assert {r["reason"] for r in late} == {"too_late"}
     assert engine.intake.stalled_since is None and engine.intake.stalls == 1
+
+
+async def test_a_full_input_stream_refuses_new_events_and_keeps_every_accepted_one(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    out = await collect(nc, f"{prefix}.out.>")
+    cfg = make_config(prefix, nats={"subject_prefix": prefix, "stream_max_bytes": 20_000})
+    engine = Engine(cfg)
+    await engine.start(nats_url)  # makes the streams
+    await engine.stop()  # and is away while the producer keeps sending
+    js = nc.jetstream()
+    accepted, refused = set(), 0
+    base = time.time_ns()
+    for i in range(100):
+        hdrs = {"AutoGLM-Timestamp": str(base + i * MS), "Content-Type": "text/plain", "Nats-Msg-Id": f"x{i}"}
+        try:
+            await js.publish(f"{prefix}.in.cam.text", b"y" * 500, headers=hdrs)
+            accepted.add(f"x{i}")
+        except Exception as exc:  # nats: maximum bytes exceeded
+            assert "maximum bytes exceeded" in str(exc)
+            refused += 1
+    assert refused and accepted  # the producer was held back, told by its PubAck
+    engine = Engine(cfg)
+    await engine.start(nats_url)
+    await asyncio.sleep(1.0)
+    await engine.stop()
+    assert fused_ids(out) == accepted  # none of the accepted ones was discarded to make room
