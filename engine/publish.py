@@ -110,7 +110,13 @@ async def publish_file(
         bodies, ct, modality, step = [text.encode("utf-8")], "text/plain;charset=utf-8", "text", 0
     else:
         raise AutoGLMError("nothing to publish: give --image, --audio or --text")
-    nc = await connect(url, **(connect_opts or {}))
+    refusals: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            refusals.append(str(exc))
+
+    nc = await connect(url, error_cb=on_error, **(connect_opts or {}))
     try:
         cts = [ct] * len(bodies)
         for i, body in enumerate(bodies):
@@ -130,6 +136,9 @@ async def publish_file(
             await nc.subscribe(f"{prefix}.out.{source}", cb=on_reply)
             await nc.subscribe(f"{prefix}.dlq.{source}", cb=on_reply)
             await sync_with_server(nc)
+            if refusals:  # e.g. the --secure producer user: it may not read results
+                print(f"--wait: this user may not read results ({refusals[0]}); publishing without waiting")
+                wait = 0.0
         subject = input_subject(prefix, source, modality)
         t0 = time.time_ns()
         base_id = event_id or f"{source}-{modality}-{t0}"

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,15 @@ async def test_secure_run_refuses_strangers_and_confines_each_user(tmp_path: Pat
         assert f'permissions violation for publish to "{prefix}.out.cam"' in violations
         await pub.close()
         await sub.close()
+        # `autoglm publish` with the producer's file works, and says plainly that it cannot --wait
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.cli", "publish", "--nats-url", url, "--prefix", prefix,
+            "--auth-file", str(secure / "producer.env"), "--source", "cam", "--text", "hi", "--wait", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        assert "may not read results" in out.decode() and "published 1 text event" in out.decode()
     finally:
         engine.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(engine.wait(), 30) == 0
