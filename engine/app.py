@@ -22,7 +22,8 @@ from typing import Any
 import orjson
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
-from nats.errors import SlowConsumerError
+from nats.errors import NoRespondersError, SlowConsumerError
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from engine import claimcheck
 from engine.aligner import Aligner
@@ -31,7 +32,7 @@ from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_
 from engine.config import EngineConfig, Overrides
 from engine.discovery import register
 from engine.durable import DurableIntake, Key
-from engine.errors import BackpressureError, EventRejected, TransportError
+from engine.errors import BackpressureError, ConfigError, EventRejected, TransportError
 from engine.glm_stage import GLMStage
 from engine.metrics import MetricsServer
 from engine.nearest import NearestAligner
@@ -147,6 +148,12 @@ class Engine:
         except Exception as exc:  # nats-py raises OSError, TimeoutError, NoServersError...
             await self._stop_server()
             raise TransportError(f"cannot connect to NATS at {url}: {exc}") from exc
+        try:
+            await self._refuse_a_second_engine(url)
+        except ConfigError:
+            await self._broker.stop()
+            await self._stop_server()
+            raise
         for route in self.routes:
             self.launch_route(route)
         self.glm.start()
@@ -204,6 +211,23 @@ class Engine:
         task = asyncio.get_running_loop().create_task(work)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    async def _refuse_a_second_engine(self, url: str) -> None:
+        """One engine per subject prefix: a second one would split sources'
+        windows between two aligners (durable: the halves share a result id and
+        the results stream keeps one, losing events; core: duplicates)."""
+        try:
+            msg = await self._nc.request(f"{self.prefix}.svc.health", b"", timeout=0.5)
+        except (NoRespondersError, NatsTimeoutError):
+            return
+        other = orjson.loads(msg.data) if msg.data.startswith(b"{") else {}
+        raise ConfigError(
+            [
+                f"nats.subject_prefix = {self.prefix!r}: another engine already serves it on {url} "
+                f"(up {other.get('uptime_s', '?')} s). Run one engine per prefix, or give this one "
+                "its own subject_prefix."
+            ]
+        )
 
     async def _claim_checks(self) -> None:
         """Make the claim-check bucket when the server has JetStream; without it

@@ -11,9 +11,11 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pytest
 import soundfile
 
 from engine.app import Engine
+from engine.errors import ConfigError
 from engine.types import Features, InputEvent, Modality
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec, register
@@ -298,3 +300,22 @@ async def test_results_carry_real_answers_from_an_openai_compatible_server(
         assert r["latency_ms"]["glm"] > 0
         assert f"Source {r['source']}" in r["prompt"]
     assert len(srv.requests) == 3
+
+
+async def test_a_second_engine_on_the_same_prefix_is_refused(nats_url: str, prefix: str) -> None:
+    first = Engine(make_config(prefix))
+    await first.start(nats_url)
+    try:
+        second = Engine(make_config(prefix))
+        with pytest.raises(
+            ConfigError, match=f"nats.subject_prefix = '{prefix}': another engine already serves"
+        ):
+            await second.start(nats_url)
+        other = Engine(make_config(prefix + "x"))  # another prefix on the same server is fine
+        await other.start(nats_url)
+        await other.stop()
+    finally:
+        await first.stop()
+    again = Engine(make_config(prefix))  # once the first has stopped, the prefix is free
+    await again.start(nats_url)
+    await again.stop()
