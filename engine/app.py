@@ -31,7 +31,7 @@ from engine.batcher import BatchWorker
 from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, source_of
 from engine.config import EngineConfig, Overrides
 from engine.discovery import register
-from engine.durable import DurableIntake, Key
+from engine.durable import DurableIntake, Key, ResultStore
 from engine.errors import BackpressureError, ConfigError, EventRejected, TransportError
 from engine.glm_stage import GLMStage
 from engine.metrics import MetricsServer
@@ -49,8 +49,6 @@ log = logging.getLogger("autoglm.engine")
 #: Messages nats-py may buffer for our ingest subscription before it reports a
 #: slow consumer (and drops, which we count).
 PENDING_MSGS = 200_000
-#: Durable mode: results whose PubAcks are awaited together.
-PUBLISH_BATCH = 256
 
 
 def trace_id_of(frame: FusedFrame) -> str:
@@ -104,6 +102,7 @@ class Engine:
         self._js: Any = None
         self.intake: DurableIntake | None = None
         self.claims: claimcheck.ClaimChecks | None = None
+        self.results: ResultStore | None = None
         self.metrics: MetricsServer | None = None
         self.service: Any = None
         #: id(route) -> its batch worker and model threads.
@@ -167,6 +166,8 @@ class Engine:
             self.intake = DurableIntake(self._nc, self.config.nats)
             await self.intake.setup()
             self._js = self.intake.js
+            self.results = ResultStore(self._js, self._stored, self._send)
+            self.results.start()
             self.intake.start(self._ingest)
             log.info(
                 "durable intake: stream %s, consumer %s", self.intake.in_stream, self.config.nats.consumer
@@ -273,6 +274,8 @@ class Engine:
             self._kick.set()
             await self._emitter
         await self.glm.drain(self.config.glm.call_timeout_s)
+        if self.results is not None:
+            await self.results.drain()  # every stored result's inputs acked before we leave
         if self._nc is not None:
             await self._nc.flush()
         if self._broker is not None:
@@ -497,25 +500,10 @@ class Engine:
 
     async def _publish(self, frames: list[FusedFrame]) -> None:
         """Hand each closed frame to the GLM stage, which publishes it (now, or
-        once the model answered) through :meth:`send_result`.
-
-        In durable mode each store waits for its PubAck; one closing poll can
-        hand over hundreds of frames, so their publishes go out together and
-        the acks are awaited together (the server still stores them in the
-        order they were sent: each publish is written before the next starts)."""
-        if self._js is None or len(frames) < 2:
-            for frame in frames:
-                await self.glm.submit(frame, frame_record(frame))
-            return
-        for chunk in range(0, len(frames), PUBLISH_BATCH):
-            outcomes = await asyncio.gather(
-                *(self.glm.submit(f, frame_record(f)) for f in frames[chunk : chunk + PUBLISH_BATCH]),
-                return_exceptions=True,
-            )
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    self.stats.emit_errors += 1
-                    log.error("publishing a fused frame failed: %s", outcome)
+        once the model answered) through :meth:`send_result`. In durable mode
+        that does not wait for the store: :class:`ResultStore` confirms it."""
+        for frame in frames:
+            await self.glm.submit(frame, frame_record(frame))
 
     async def send_result(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         now = self.clock()
@@ -533,15 +521,22 @@ class Engine:
         traceparent = self.tracing.frame_spans(frame, record, result_id, now)
         if traceparent:
             headers["traceparent"] = traceparent
+        subject, payload = f"{self.prefix}.out.{frame.source}", orjson.dumps(record)
         t0 = time.perf_counter()
-        await self._send(f"{self.prefix}.out.{frame.source}", orjson.dumps(record), headers=headers)
+        if self.results is not None:  # durable: acked once the server confirms the store
+            keys = [(frame.source, eid) for f in frame.modalities.values() for eid in f.event_ids]
+            await self.results.put(subject, payload, headers, keys)
+        else:
+            await self._send(subject, payload, headers=headers)
         self.stats.observe("publish", time.perf_counter() - t0)
         self.stats.results += 1
         for mod, fused in frame.modalities.items():
             self.stats.results_events[mod] += len(fused.event_ids)
-            if self.intake is not None:
-                for eid in fused.event_ids:
-                    await self.intake.ack((frame.source, eid))
+
+    async def _stored(self, keys: list[Key]) -> None:
+        assert self.intake is not None
+        for key in keys:
+            await self.intake.ack(key)
 
 
 def _event_headers(event: InputEvent) -> dict[str, str]:

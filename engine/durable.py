@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from engine.codec import ID_HEADER
 from engine.errors import TransportError
 
 if TYPE_CHECKING:
@@ -225,3 +227,81 @@ class DurableIntake:
         # its whole timeout (30 s): the durable consumer stays on the server.
         with contextlib.suppress(Exception):
             await self.sub.unsubscribe()
+
+
+Store = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
+Stored = Callable[[list[Key]], Awaitable[None]]
+
+
+class ResultStore:
+    """Durable mode's results, published without waiting for each PubAck.
+
+    ``put`` hands the result to JetStream (``publish_async``) and returns; a
+    confirmer task takes the PubAcks in publish order and acks the result's
+    input events once it is stored. A result whose PubAck is an error or does
+    not come within ``timeout`` goes through ``retry`` (the awaited, retrying
+    store; the same ``Nats-Msg-Id`` keeps a late first copy from counting
+    twice). One timer per waiting head of the line instead of one per result:
+    by the time the confirmer looks, most PubAcks are in.
+    """
+
+    def __init__(self, js: Any, stored: Stored, retry: Store, *, timeout: float = 2.0) -> None:
+        self.js = js
+        self.stored = stored
+        self.retry = retry
+        self.timeout = timeout
+        self.retried = 0
+        self._pending: deque[tuple[Any, str, bytes, dict[str, str], list[Key], float]] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._confirm())
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def put(self, subject: str, payload: bytes, headers: dict[str, str], keys: list[Key]) -> None:
+        try:
+            fut = await self.js.publish_async(subject, payload, headers=headers)
+        except Exception as exc:  # connection trouble right now: the awaited path
+            log.warning("publishing %s failed (%s); storing it the slow way", subject, exc)
+            await self.retry(subject, payload, headers)
+            await self.stored(keys)
+            return
+        self._pending.append((fut, subject, payload, headers, keys, time.monotonic()))
+        self._wake.set()
+
+    async def _confirm(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            fut, subject, payload, headers, keys, since = self._pending[0]
+            if not fut.done():
+                left = since + self.timeout - time.monotonic()
+                if left > 0:
+                    await asyncio.wait([fut], timeout=left)
+                    continue
+                fut.cancel()  # frees its slot in nats-py's pending-publish limit
+            self._pending.popleft()
+            if fut.cancelled() or fut.exception() is not None:
+                self.retried += 1
+                try:
+                    await self.retry(subject, payload, headers)
+                except Exception as exc:  # gone for longer than ack_wait: inputs stay unacked
+                    log.error("result %s not stored: %s", headers.get(ID_HEADER), exc)
+                    continue
+            await self.stored(keys)
+
+    async def drain(self) -> None:
+        """Wait until every put result is confirmed (or given up on)."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task

@@ -131,6 +131,17 @@ class EngineCollector(Collector):
                 "autoglm_jetstream_redelivered", "Redelivered input messages", value=e.intake.redelivered
             )
             yield CounterMetricFamily("autoglm_jetstream_acked", "Input messages acked", value=e.intake.acked)
+            if e.results is not None:
+                yield GaugeMetricFamily(
+                    "autoglm_results_unconfirmed",
+                    "Results published, PubAck not in yet",
+                    value=e.results.pending,
+                )
+                yield CounterMetricFamily(
+                    "autoglm_results_retried",
+                    "Results stored again after a failed PubAck",
+                    value=e.results.retried,
+                )
             yield GaugeMetricFamily(
                 "autoglm_jetstream_stalled",
                 "1 while max_ack_pending stops delivery",

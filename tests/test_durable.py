@@ -186,3 +186,32 @@ async def test_a_hanging_glm_never_stops_ingestion_or_loses_results(
     assert all(r["answer"] is None and ("error" in r["glm"] or "skipped" in r["glm"]) for _, r in results)
     assert any(r["glm"].get("skipped") == "breaker_open" for _, r in results)
     assert engine.glm.queued == 0 and engine.intake is not None and not engine.intake.held
+
+
+async def test_result_store_acks_after_the_pubacks_and_retries_what_was_not_stored(
+    nc: Any, prefix: str
+) -> None:
+    from engine.durable import ResultStore
+
+    js = nc.jetstream()
+    await js.add_stream(name=f"{prefix.upper()}_RS", subjects=[f"{prefix}.rs.>"])
+    stored: list[Any] = []
+    retried: list[str] = []
+
+    async def on_stored(keys: list[Any]) -> None:
+        stored.extend(keys)
+
+    async def retry(subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        retried.append(subject)  # the awaited path; here it "succeeds"
+
+    store = ResultStore(js, on_stored, retry, timeout=1.0)
+    store.start()
+    for i in range(50):
+        await store.put(f"{prefix}.rs.a", b"r", {"Nats-Msg-Id": f"r{i}"}, [("a", f"e{i}")])
+    # no stream takes this subject: the PubAck is a 'no responders' error -> retried, then acked
+    await store.put(f"{prefix}.nostream", b"r", {"Nats-Msg-Id": "lost"}, [("b", "x")])
+    await store.drain()
+    assert stored[:50] == [("a", f"e{i}") for i in range(50)]  # in publish order
+    assert stored[50:] == [("b", "x")] and retried == [f"{prefix}.nostream"] and store.retried == 1
+    info = await js.stream_info(f"{prefix.upper()}_RS")
+    assert info.state.messages == 50  # each stored once
