@@ -245,7 +245,7 @@ async def main() -> int:
             best = r
         await asyncio.to_thread(server.stop)
     if best is None:
-        print("\nnot even K=1 was sustained")
+        print(f"\nnot even K={args.start} was sustained")
         return 1
     k = best["k"]
     print(

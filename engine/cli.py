@@ -1,4 +1,4 @@
-"""``autoglm``: run the engine, publish events, validate config, run the demo."""
+"""``autoglm``: run, publish, status, reload, replay, health, validate and the demo."""
 
 from __future__ import annotations
 
