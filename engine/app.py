@@ -22,15 +22,14 @@ from typing import Any
 import orjson
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError, SlowConsumerError
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.errors import SlowConsumerError
 
 from engine import claimcheck
 from engine.aligner import Aligner
 from engine.batcher import BatchWorker
 from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, source_of
 from engine.config import EngineConfig, Overrides
-from engine.discovery import register
+from engine.discovery import refuse_a_second_engine, register
 from engine.durable import DurableIntake, Key, ResultStore
 from engine.errors import BackpressureError, ConfigError, EventRejected, TransportError
 from engine.glm_stage import GLMStage
@@ -148,7 +147,7 @@ class Engine:
             await self._stop_server()
             raise TransportError(f"cannot connect to NATS at {url}: {exc}") from exc
         try:
-            await self._refuse_a_second_engine(url)
+            await refuse_a_second_engine(self._nc, self.prefix, url)
         except ConfigError:
             await self._broker.stop()
             await self._stop_server()
@@ -161,7 +160,12 @@ class Engine:
             self.metrics = MetricsServer(self, self.config.metrics.host, self.config.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics.port)
         self.service = await register(self, self._nc)
-        await self._claim_checks()
+        self.claims = await claimcheck.setup(
+            self._nc,
+            self.config.nats.object_bucket,
+            self.config.nats.object_ttl_s,
+            self.limits.max_payload_bytes,
+        )
         if await self._use_jetstream():
             self.intake = DurableIntake(self._nc, self.config.nats)
             await self.intake.setup()
@@ -212,38 +216,6 @@ class Engine:
         task = asyncio.get_running_loop().create_task(work)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
-
-    async def _refuse_a_second_engine(self, url: str) -> None:
-        """One engine per subject prefix: a second one would split sources'
-        windows between two aligners (durable: the halves share a result id and
-        the results stream keeps one, losing events; core: duplicates)."""
-        try:
-            msg = await self._nc.request(f"{self.prefix}.svc.health", b"", timeout=0.5)
-        except (NoRespondersError, NatsTimeoutError):
-            return
-        other = orjson.loads(msg.data) if msg.data.startswith(b"{") else {}
-        raise ConfigError(
-            [
-                f"nats.subject_prefix = {self.prefix!r}: another engine already serves it on {url} "
-                f"(up {other.get('uptime_s', '?')} s). Run one engine per prefix, or give this one "
-                "its own subject_prefix."
-            ]
-        )
-
-    async def _claim_checks(self) -> None:
-        """Make the claim-check bucket when the server has JetStream; without it
-        a reference event is refused as ``object_missing``."""
-        js = self._nc.jetstream()
-        try:
-            await js.account_info()
-        except Exception:  # no JetStream here
-            return
-        nats = self.config.nats
-        try:
-            await claimcheck.bucket(js, nats.object_bucket, nats.object_ttl_s)
-        except Exception as exc:  # e.g. a user not allowed to create streams: producers must make it
-            log.warning("claim-check bucket %s not created: %s", nats.object_bucket, exc)
-        self.claims = claimcheck.ClaimChecks(js, self.config.limits.max_payload_bytes)
 
     async def _use_jetstream(self) -> bool:
         if self.config.nats.durable is not None:

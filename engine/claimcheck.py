@@ -16,6 +16,7 @@ bucket's TTL (``nats.object_ttl_s``, set when the bucket is made) expires them.
 from __future__ import annotations
 
 import io
+import logging
 import re
 import uuid
 from collections.abc import Mapping
@@ -28,6 +29,8 @@ from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 
 from engine.codec import CONTENT_TYPE_HEADER
 from engine.errors import EventRejected
+
+log = logging.getLogger("autoglm.claimcheck")
 
 OBJECT_REF: Final = "application/vnd.autoglm.object-ref"
 #: A reference is a few hundred bytes; anything much larger is not one.
@@ -128,6 +131,22 @@ class ClaimChecks:
         self.fetched += 1
         self.fetched_bytes += len(data)
         return {**headers, CONTENT_TYPE_HEADER: ref.content_type}, data
+
+
+async def setup(nc: Any, bucket_name: str, ttl_s: float, max_bytes: int) -> ClaimChecks | None:
+    """The engine's claim checks: the bucket made (with its TTL) when the
+    server has JetStream; ``None`` without JetStream, so a reference event is
+    refused as ``object_missing``."""
+    js = nc.jetstream()
+    try:
+        await js.account_info()
+    except Exception:  # no JetStream here
+        return None
+    try:
+        await bucket(js, bucket_name, ttl_s)
+    except Exception as exc:  # e.g. a user not allowed to make streams: producers must make it
+        log.warning("claim-check bucket %s not created: %s", bucket_name, exc)
+    return ClaimChecks(js, max_bytes)
 
 
 async def bucket(js: Any, name: str, ttl_s: float) -> Any:

@@ -14,8 +14,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.micro import add_service
 from nats.micro.request import Request
+
+from engine.errors import ConfigError
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -89,6 +93,25 @@ async def register(engine: Engine, nc: Any) -> Any:
     # Per instance, so `autoglm reload` reaches every engine, not one of a queue group.
     await service.add_endpoint(name="reload", subject=reload_subject(prefix, service.id), handler=reload)
     return service
+
+
+async def refuse_a_second_engine(nc: Any, prefix: str, url: str) -> None:
+    """One engine per subject prefix: a second one would split sources'
+    windows between two aligners (durable: the halves share a result id and
+    the results stream keeps one, losing events; core: duplicates). A request
+    to the health endpoint: 'no responders' comes back at once when free."""
+    try:
+        msg = await nc.request(f"{prefix}.svc.health", b"", timeout=0.5)
+    except (NoRespondersError, NatsTimeoutError):
+        return
+    other = orjson.loads(msg.data) if msg.data.startswith(b"{") else {}
+    raise ConfigError(
+        [
+            f"nats.subject_prefix = {prefix!r}: another engine already serves it on {url} "
+            f"(up {other.get('uptime_s', '?')} s). Run one engine per prefix, or give this one "
+            "its own subject_prefix."
+        ]
+    )
 
 
 def reload_subject(prefix: str, service_id: str) -> str:

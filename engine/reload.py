@@ -94,6 +94,8 @@ async def apply(engine: Engine, new: EngineConfig) -> dict[str, Any]:
         engine.routes = routes
         engine.router = Router(routes)
         engine.limits = Limits(max_payload_bytes=new.limits.max_payload_bytes)
+        if engine.claims is not None:
+            engine.claims.max_bytes = new.limits.max_payload_bytes
         for route in retired:
             engine.in_background(engine.retire_route(route))
         if stage is not None:
