@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +56,21 @@ async def sync_with_server(nc: Any) -> None:
 
 
 async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:
-    """nats-py connect with one clear error instead of an endless first-connect loop."""
-    seen: list[Exception] = []
+    """nats-py connect with one clear error instead of an endless first-connect loop.
+
+    A caller's ``error_cb`` still gets every error; this one only keeps the
+    last few to name the cause of a failed connect."""
+    seen: deque[Exception] = deque(maxlen=8)
+    theirs = kwargs.pop("error_cb", None)
 
     async def remember(exc: Exception) -> None:
         # nats-py reports each failed attempt here and then raises a generic
         # "no servers"; keep the real cause (authorization violation, TLS) for the message.
         seen.append(exc)
+        if theirs is not None:
+            await theirs(exc)
 
-    kwargs.setdefault("error_cb", remember)
+    kwargs["error_cb"] = remember
     # nats-py retries a refused first connect forever unless the attempts are
     # bounded (0 means unbounded there): two tries, half a second apart.
     kwargs.setdefault("max_reconnect_attempts", 1)

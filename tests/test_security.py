@@ -72,6 +72,16 @@ async def _refused_login(url: str, **kwargs: Any) -> None:
     assert any(r in message for r in REFUSED), message
 
 
+async def publish_cli(url: str, prefix: str, *extra: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.cli", "publish", "--nats-url", url, "--prefix", prefix,
+        "--source", "cam", "--text", "hi", *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
 async def test_secure_run_refuses_strangers_and_confines_each_user(tmp_path: Path) -> None:
     prefix = "sec"
     cfg = tmp_path / "r.toml"
@@ -135,14 +145,14 @@ async def test_secure_run_refuses_strangers_and_confines_each_user(tmp_path: Pat
         await pub.close()
         await sub.close()
         # `autoglm publish` with the producer's file works, and says plainly that it cannot --wait
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.cli", "publish", "--nats-url", url, "--prefix", prefix,
-            "--auth-file", str(secure / "producer.env"), "--source", "cam", "--text", "hi", "--wait", "2",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0, err.decode()
-        assert "may not read results" in out.decode() and "published 1 text event" in out.decode()
+        code, out, err = await publish_cli(
+            url, prefix, "--auth-file", str(secure / "producer.env"), "--wait", "2"
+        )
+        assert code == 0, err
+        assert "may not read results" in out and "published 1 text event" in out
+        # without it, refused, and the message says why (not just "no servers")
+        code, out, err = await publish_cli(url, prefix)
+        assert code == 1 and any(r in err for r in REFUSED), err
     finally:
         engine.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(engine.wait(), 30) == 0
