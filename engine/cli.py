@@ -224,7 +224,7 @@ async def _publish(args: argparse.Namespace) -> int:
         image=args.image,
         audio=args.audio,
         text=args.text,
-        prefix=args.prefix,
+        prefix=args.prefix or nats.subject_prefix,
         chunk_ms=args.chunk_ms,
         event_id=args.id,
         wait=args.wait,
@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
     pub.add_argument("--nats-url", help=f"server to publish to (or {NATS_URL_ENV})")
     pub.add_argument("--config", help="read nats.url and the subject prefix from this file")
-    pub.add_argument("--prefix", default="autoglm", help="subject prefix (default autoglm)")
+    pub.add_argument("--prefix", help="subject prefix (default: --config's, else autoglm)")
     pub.add_argument("--chunk-ms", type=int, default=100, help="audio chunk length (default 100)")
     pub.add_argument("--id", help="Nats-Msg-Id for the event (audio: a prefix for each chunk)")
     pub.add_argument("--wait", type=float, default=0.0, help="wait up to N s for the result or DLQ record")

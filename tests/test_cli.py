@@ -16,6 +16,7 @@ import orjson
 import soundfile
 
 from engine.app import Engine
+from engine.publish import sync_with_server
 from tests.conftest import collect, make_config, send, spawn_engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +152,21 @@ async def test_health_finds_an_embedded_engine_and_fails_without_one(tmp_path: P
         assert await asyncio.wait_for(proc.wait(), 60) == 0
     code, _, err = await run_cli("health", "--config", str(cfg), "--timeout", "1")
     assert code == 1  # the URL file is left behind, but nothing answers there now
+
+
+async def test_publish_takes_the_prefix_from_its_config(
+    nats_url: str, nc: Any, prefix: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        f'[nats]\nsubject_prefix = "{prefix}"\n[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+    )
+    sub = await nc.subscribe(f"{prefix}.in.>")
+    await sync_with_server(nc)
+    code, out, err = await run_cli(
+        "publish", "--nats-url", nats_url, "--config", str(cfg), "--source", "cfg", "--text", "hi"
+    )
+    assert code == 0, err
+    assert f"on {prefix}.in.cfg.text" in out
+    msg = await sub.next_msg(timeout=5)
+    assert msg.subject == f"{prefix}.in.cfg.text" and msg.data == b"hi"
