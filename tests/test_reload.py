@@ -27,6 +27,13 @@ def routing(prefix: str, *, text_batch: int = 4, template: str = "v1 {source}", 
     )
 
 
+async def started(cfg: Path, url: str) -> Engine:
+    """An engine running from the routing file ``cfg`` (so it can reload it)."""
+    engine = Engine(load_config(cfg, env={}), config_path=cfg)
+    await engine.start(url)
+    return engine
+
+
 async def stream(nc: Any, prefix: str, n: int, sent: set[str], pause: float = 0.002) -> None:
     """Publish n text+image pairs from two sources with advancing event time."""
     base = time.time_ns()
@@ -45,8 +52,7 @@ async def test_reload_under_load_swaps_routes_and_glm_and_loses_nothing(
     cfg = tmp_path / "routing.toml"
     cfg.write_text(routing(prefix))
     out = await collect(nc, f"{prefix}.out.>")
-    engine = Engine(load_config(cfg, env={}), config_path=cfg)
-    await engine.start(nats_url)
+    engine = await started(cfg, nats_url)
     image_route, text_route = engine.routes
     sent: set[str] = set()
     producer = asyncio.create_task(stream(nc, prefix, 400, sent))
@@ -76,8 +82,7 @@ async def test_invalid_file_is_refused_with_its_errors_and_the_running_config_st
     cfg = tmp_path / "routing.toml"
     cfg.write_text(routing(prefix))
     out = await collect(nc, f"{prefix}.out.>")
-    engine = Engine(load_config(cfg, env={}), config_path=cfg)
-    await engine.start(nats_url)
+    engine = await started(cfg, nats_url)
     before, routes = engine.config, list(engine.routes)
     cfg.write_text(routing(prefix).replace("max_batch_size = 4", "max_batch_size = 4\nmax_wait_ms = -5"))
     report = await engine.reload()
@@ -106,8 +111,7 @@ async def test_sections_that_need_a_restart_are_reported_and_kept(
 ) -> None:
     cfg = tmp_path / "routing.toml"
     cfg.write_text(routing(prefix))
-    engine = Engine(load_config(cfg, env={}), config_path=cfg)
-    await engine.start(nats_url)
+    engine = await started(cfg, nats_url)
     cfg.write_text(routing(prefix, window_ms=500))
     report = await engine.reload()
     await engine.stop()

@@ -18,12 +18,12 @@ import trustme
 
 from engine.app import Engine
 from engine.claimcheck import OBJECT_REF, put_payload
-from engine.config import parse_config
+from engine.config import EngineConfig, parse_config
 from engine.errors import ConfigError, TransportError
-from engine.publish import connect
+from engine.publish import connect, sync_with_server
 from engine.security import connect_kwargs, read_env_file
 from engine.server import EmbeddedServer
-from tests.conftest import Collector, make_config, send, spawn_engine
+from tests.conftest import Collector, collect, make_config, send, spawn_engine
 from tests.natsjwt import operator_setup
 
 
@@ -120,8 +120,7 @@ async def test_secure_run_refuses_strangers_and_confines_each_user(tmp_path: Pat
         sub = await connect(url, user="reader", password=reader["AUTOGLM_NATS_PASSWORD"])
         results = Collector()
         await sub.subscribe(f"{prefix}.out.>", cb=results.cb)
-        await sub.flush()
-        await sub.flush()
+        await sync_with_server(sub)
         await send(pub, prefix, "cam", "text", b"hello", time.time_ns(), event_id="s1")
         await pub.publish(f"{prefix}.out.cam", b'{"forged": true}')  # not allowed either
         await pub.flush()
@@ -158,6 +157,22 @@ async def test_secure_run_refuses_strangers_and_confines_each_user(tmp_path: Pat
         assert await asyncio.wait_for(engine.wait(), 30) == 0
 
 
+async def one_result(url: str, cfg: EngineConfig, event_id: str) -> Any:
+    """An engine and a client, both connecting with ``cfg.nats``: one text event in, its result."""
+    prefix = cfg.nats.subject_prefix
+    engine = Engine(cfg)
+    await engine.start(url)
+    nc = await connect(url, **connect_kwargs(cfg.nats))
+    try:
+        out = await collect(nc, f"{prefix}.out.>")
+        await send(nc, prefix, "cam", "text", b"hello", time.time_ns(), event_id=event_id)
+        [record] = await out.wait_for(1)
+        return record
+    finally:
+        await nc.close()
+        await engine.stop()
+
+
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Any:
     """A nats-server that requires TLS with a client certificate, from a CA the test makes."""
@@ -191,20 +206,8 @@ async def test_engine_over_mutual_tls_with_a_test_made_ca(tls_server: Any) -> No
     assert "Secure" not in await _refused(url)  # plain client: the server wants TLS
     no_client_cert = make_config(prefix, nats={"subject_prefix": prefix, "tls": {"ca": str(files["ca"])}})
     await _refused(url, **connect_kwargs(no_client_cert.nats))  # verify = true: no cert, no entry
-    engine = Engine(cfg)
-    await engine.start(url)
-    try:
-        nc = await connect(url, **connect_kwargs(cfg.nats))
-        out = Collector()
-        await nc.subscribe(f"{prefix}.out.>", cb=out.cb)
-        await nc.flush()
-        await nc.flush()
-        await send(nc, prefix, "cam", "text", b"over tls", time.time_ns(), event_id="t1")
-        [record] = await out.wait_for(1)
-        assert record["events"] == {"text": ["t1"]}
-        await nc.close()
-    finally:
-        await engine.stop()
+    record = await one_result(url, cfg, "t1")
+    assert record["events"] == {"text": ["t1"]}
 
 
 async def test_engine_authenticates_with_an_nkey(tmp_path: Path) -> None:
@@ -239,17 +242,7 @@ async def test_engine_authenticates_with_a_creds_file(tmp_path: Path) -> None:
         await _refused_login(url)
         prefix = "jwt"
         cfg = make_config(prefix, nats={"subject_prefix": prefix, "auth": {"creds_file": str(creds)}})
-        engine = Engine(cfg)
-        await engine.start(url)
-        nc = await connect(url, **connect_kwargs(cfg.nats))
-        out = Collector()
-        await nc.subscribe(f"{prefix}.out.>", cb=out.cb)
-        await nc.flush()
-        await nc.flush()
-        await send(nc, prefix, "cam", "text", b"signed", time.time_ns(), event_id="j1")
-        [record] = await out.wait_for(1)
+        record = await one_result(url, cfg, "j1")
         assert record["events"] == {"text": ["j1"]}
-        await nc.close()
-        await engine.stop()
     finally:
         await asyncio.to_thread(server.stop)
