@@ -9,7 +9,7 @@ outcome, route and stage — no per-source labels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -23,36 +23,33 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 BREAKER = {"closed": 0.0, "half_open": 0.5, "open": 1.0}
 
 
+def _counter(name: str, doc: str, labels: list[str], counts: Mapping[Any, int]) -> CounterMetricFamily:
+    """One labelled counter family from a Counter keyed by a label value or a tuple of them."""
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, n in counts.items():
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], n)
+    return family
+
+
 class EngineCollector(Collector):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Any]:
         e, s = self.engine, self.engine.stats
-        received = CounterMetricFamily(
-            "autoglm_events_received", "Events that reached the engine", labels=["modality"]
+        yield _counter("autoglm_events_received", "Events that reached the engine", ["modality"], s.received)
+        yield _counter(
+            "autoglm_events_processed", "Events a processor turned into features", ["modality"], s.processed
         )
-        for mod, n in s.received.items():
-            received.add_metric([mod], n)
-        yield received
-        processed = CounterMetricFamily(
-            "autoglm_events_processed", "Events a processor turned into features", labels=["modality"]
+        yield _counter(
+            "autoglm_events_rejected", "Events refused, by DLQ reason", ["modality", "reason"], s.rejected
         )
-        for mod, n in s.processed.items():
-            processed.add_metric([mod], n)
-        yield processed
-        rejected = CounterMetricFamily(
-            "autoglm_events_rejected", "Events refused, by DLQ reason", labels=["modality", "reason"]
+        yield _counter(
+            "autoglm_aligner_outcomes",
+            "Aligner outcomes per event",
+            ["modality", "outcome"],
+            e.aligner.counts,
         )
-        for (mod, reason), n in s.rejected.items():
-            rejected.add_metric([mod, reason], n)
-        yield rejected
-        outcomes = CounterMetricFamily(
-            "autoglm_aligner_outcomes", "Aligner outcomes per event", labels=["modality", "outcome"]
-        )
-        for (mod, outcome), n in e.aligner.counts.items():
-            outcomes.add_metric([mod, outcome], n)
-        yield outcomes
         if e.config.metrics.per_source:
             per = CounterMetricFamily(
                 "autoglm_source_outcomes",
@@ -63,12 +60,9 @@ class EngineCollector(Collector):
                 for (mod, outcome), n in e.aligner.source_counts(name).items():
                     per.add_metric([name, mod, outcome], n)
             yield per
-        stale = CounterMetricFamily(
-            "autoglm_events_stale", "Events skipped as older than max_staleness_ms", labels=["modality"]
+        yield _counter(
+            "autoglm_events_stale", "Events skipped as older than max_staleness_ms", ["modality"], s.stale
         )
-        for mod, n in s.stale.items():
-            stale.add_metric([mod], n)
-        yield stale
         yield CounterMetricFamily(
             "autoglm_intake_waits", "Times intake waited for room (complete policy)", value=s.intake_waits
         )
@@ -111,12 +105,7 @@ class EngineCollector(Collector):
         g = e.glm.stats
         yield CounterMetricFamily("autoglm_glm_calls", "GLM backend calls", value=g.calls)
         yield CounterMetricFamily("autoglm_glm_errors", "GLM calls that failed", value=g.errors)
-        skipped = CounterMetricFamily(
-            "autoglm_glm_skipped", "Frames published without a call", labels=["reason"]
-        )
-        for reason, n in (g.skipped or {}).items():
-            skipped.add_metric([reason], n)
-        yield skipped
+        yield _counter("autoglm_glm_skipped", "Frames published without a call", ["reason"], g.skipped or {})
         yield GaugeMetricFamily("autoglm_glm_queue_depth", "Frames waiting for the GLM", value=e.glm.queued)
         yield GaugeMetricFamily(
             "autoglm_glm_breaker_open", "0 closed, 0.5 half open, 1 open", value=BREAKER[e.glm.breaker.state]
