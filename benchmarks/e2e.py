@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nats
 import numpy as np
 import orjson
+from bus import pct
+from soak import peak_rss_kib
 
 from engine.codec import encode_headers
 from engine.demo import shapes_frames
@@ -89,16 +91,6 @@ def _toml(v: Any) -> str:
 def audio_chunks(n: int) -> list[bytes]:
     t = np.arange(RATE * CHUNK_MS // 1000) / RATE
     return [(np.sin(2 * math.pi * (200 + 40 * k) * t) * 8000).astype("<i2").tobytes() for k in range(n)]
-
-
-def peak_rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 async def source(
@@ -176,7 +168,7 @@ async def trial(
     ]
     while not all(p.done() for p in pubs):
         await asyncio.sleep(1.0)
-        peak = max(peak, peak_rss_mib(proc.pid))
+        peak = max(peak, peak_rss_kib(proc.pid) / 1024)
     await asyncio.gather(*pubs)
     await nc.flush()
     deadline = time.monotonic() + 10  # windows close, the last batches finish
@@ -186,7 +178,7 @@ async def trial(
         r for r in await find_engines(nc) if (r.get("metadata") or {}).get("subject_prefix") == "e2e"
     ] or [{}]
     data = (stats.get("endpoints") or [{}])[0].get("data") or {}
-    peak = max(peak, peak_rss_mib(proc.pid))
+    peak = max(peak, peak_rss_kib(proc.pid) / 1024)
     await nc.close()
     proc.send_signal(signal.SIGTERM)
     await proc.wait()
@@ -196,10 +188,6 @@ async def trial(
     return {"k": k, "sent": len(sent), "fused": len(fused & sent.keys()), "rejected": len(rejected),
             "stale": stale, "rate_limited": limited, "lost": lost, "peak_rss_mib": peak, "lat": lat,
             "batches": data.get("batches", {})}  # fmt: skip
-
-
-def pct(xs: list[float], q: float) -> float:
-    return sorted(xs)[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else float("nan")
 
 
 async def main() -> int:
