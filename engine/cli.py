@@ -317,6 +317,12 @@ async def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _connection_options(parser: argparse.ArgumentParser, server: str) -> None:
+    """What every tool that connects takes (read by :func:`_client_nats`)."""
+    parser.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings, as --secure writes")
+    parser.add_argument("--nats-url", help=f"{server} (or {NATS_URL_ENV})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoglm", description=__doc__)
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
@@ -339,8 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--image", type=Path, help="a JPEG or PNG file")
     what.add_argument("--audio", type=Path, help="a WAV (or any file libsndfile reads)")
     what.add_argument("--text", help="a UTF-8 string")
-    pub.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
-    pub.add_argument("--nats-url", help=f"server to publish to (or {NATS_URL_ENV})")
+    _connection_options(pub, "server to publish to")
     pub.add_argument("--config", help="read nats.url and the subject prefix from this file")
     pub.add_argument("--prefix", help="subject prefix (default: --config's, else autoglm)")
     pub.add_argument("--chunk-ms", type=int, default=100, help="audio chunk length (default 100)")
@@ -354,15 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--traceparent", help="W3C trace context to continue (default: a new trace)")
 
     st = sub.add_parser("status", help="a live table of the engines found through NATS discovery")
-    st.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
-    st.add_argument("--nats-url", help=f"server to look on (or {NATS_URL_ENV})")
+    _connection_options(st, "server to look on")
     st.add_argument("--once", action="store_true", help="print the table once and exit")
     st.add_argument("--info", action="store_true", help="print each engine's $SRV.INFO reply (JSON) and exit")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
 
     rl = sub.add_parser("reload", help="every engine found re-reads its routing file (like SIGHUP)")
-    rl.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
-    rl.add_argument("--nats-url", help=f"server to look on (or {NATS_URL_ENV})")
+    _connection_options(rl, "server to look on")
     rl.add_argument("--prefix", help="only the engines of this subject prefix")
     rl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each engine")
 
@@ -371,13 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--speed", default="max", help="X times the recorded pace, or max (default)")
     rp.add_argument("--out", help="write the JSON lines here (default stdout)")
     rp.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
-    rp.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
-    rp.add_argument("--nats-url", help=f"server holding the recording (or {NATS_URL_ENV})")
+    _connection_options(rp, "server holding the recording")
 
     hl = sub.add_parser("health", help="exit 0 if an engine answers its health endpoint")
     hl.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
-    hl.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings (--secure writes them)")
-    hl.add_argument("--nats-url", help=f"server to ask (or {NATS_URL_ENV})")
+    _connection_options(hl, "server to ask")
     hl.add_argument("--timeout", type=float, default=3.0)
 
     val = sub.add_parser("validate", help="check a routing file; exit 2 with each problem")
