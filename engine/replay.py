@@ -111,7 +111,7 @@ class Replayer:
                 default_id=default_id,
             )
         except EventRejected as exc:
-            self._reject(subject, (headers or {}).get("Nats-Msg-Id"), exc)
+            self.reject(subject, (headers or {}).get("Nats-Msg-Id"), exc)
             return
         self.clock.now = max(self.clock.now, event.ts_ns)
         try:
@@ -122,7 +122,7 @@ class Replayer:
                 return
             self.aligner.admit(event)
         except EventRejected as exc:
-            self._reject(subject, event.event_id, exc)
+            self.reject(subject, event.event_id, exc)
             return
         batch = self._pending.setdefault(id(route), [])
         batch.append(event)
@@ -150,7 +150,7 @@ class Replayer:
         for event, outcome in zip(events, outcomes, strict=True):
             if isinstance(outcome, EventRejected):
                 self.aligner.discard(event.source, event.event_id)
-                self._reject(event.subject, event.event_id, outcome)
+                self.reject(event.subject, event.event_id, outcome)
             else:
                 self.aligner.complete(event.source, event.event_id, outcome)
 
@@ -161,7 +161,8 @@ class Replayer:
             self.stats.fused += sum(len(ids) for ids in record["events"].values())
             self.out.write(orjson.dumps(record) + b"\n")
 
-    def _reject(self, subject: str, event_id: str | None, exc: EventRejected) -> None:
+    def reject(self, subject: str, event_id: str | None, exc: EventRejected) -> None:
+        """Count a refused event and write its line (the engine would send a DLQ record)."""
         self.stats.rejected[exc.reason] += 1
         record = {
             "rejected": {
@@ -236,7 +237,7 @@ async def replay(
                     headers, data = await claims.resolve(headers or {}, data)
                 except EventRejected as exc:
                     r.stats.read += 1
-                    r._reject(msg.subject, (msg.headers or {}).get("Nats-Msg-Id"), exc)
+                    r.reject(msg.subject, (msg.headers or {}).get("Nats-Msg-Id"), exc)
                     continue
             if speed is not None:
                 ts = _ts(headers)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from opentelemetry import trace
@@ -90,7 +90,7 @@ class JsonLinesExporter(SpanExporter):
         self.out.close()
 
 
-def _exporters(config: TracingConfig, env: dict[str, str] | os._Environ[str]) -> list[SpanExporter]:
+def _exporters(config: TracingConfig, env: Mapping[str, str]) -> list[SpanExporter]:
     out: list[SpanExporter] = []
     endpoint = config.endpoint or env.get(OTLP_ENV[0]) or env.get(OTLP_ENV[1])
     if endpoint:
@@ -112,7 +112,7 @@ class Tracing:
         config: TracingConfig,
         *,
         exporters: Sequence[SpanExporter] | None = None,
-        env: dict[str, str] | os._Environ[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         if exporters is None:
