@@ -63,6 +63,8 @@ class _Window:
     pending: int = 0
     sealed: bool = False
     traceparent: str | None = None
+    #: why -> ids of events counted but not fused (rate-limited, stale).
+    skipped: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
@@ -101,10 +103,66 @@ class AlignerBase(Generic[S]):
         self.idle_closed = 0
         #: Tracked sources, least recently seen first.
         self._sources: OrderedDict[str, S] = OrderedDict()
+        #: The idle clock: engine time less the time intake was held back.
+        self._pauses = 0
+        self._paused_at: Nanos = 0
+        self._paused_total: Nanos = 0
+        #: Skipped events not tied to a window (nearest mode): source -> why -> ids.
+        self._loose: dict[str, dict[str, list[str]]] = {}
 
     def note(self, source: str, modality: Modality, outcome: str) -> None:
-        """Count an outcome decided before the aligner (``rate_limited``)."""
+        """Count an outcome decided before the aligner."""
         self._count(self._sources.get(source), modality, outcome)
+
+    def discard(self, source: str, event_id: str) -> None:
+        raise NotImplementedError
+
+    # -- the idle clock ---------------------------------------------------------
+
+    def pause_idle(self) -> None:
+        """Intake is held back (waiting for room, a store retrying): events that
+        exist are not being read, so a quiet source is not idle. Nested calls nest."""
+        if self._pauses == 0:
+            self._paused_at = self.clock()
+        self._pauses += 1
+
+    def resume_idle(self) -> None:
+        self._pauses -= 1
+        if self._pauses == 0:
+            self._paused_total += self.clock() - self._paused_at
+
+    def _idle_now(self, now: Nanos) -> Nanos:
+        """``now`` on the idle clock, which stands still while paused."""
+        return (self._paused_at if self._pauses else now) - self._paused_total
+
+    # -- skipped events -----------------------------------------------------------
+
+    def skip(self, event: InputEvent, why: str, *, admitted: bool) -> None:
+        """``event`` is counted as ``why`` and not fused; its id is listed in a
+        result so the producer can tell. ``admitted``: it holds a slot (stale)."""
+        if admitted:
+            self.discard(event.source, event.event_id)
+        self.note(event.source, event.modality, why)
+        self._loose.setdefault(event.source, {}).setdefault(why, []).append(event.event_id)
+
+    def _loose_frames(self, now: Nanos) -> list[FusedFrame]:
+        """One result per source listing its loose skipped events."""
+        out = [
+            FusedFrame(
+                source=source,
+                start_ns=now,
+                end_ns=now,
+                modalities={},
+                missing=tuple(self.config.expect),
+                traceparent=None,
+                first_arrival_ns=now,
+                closed_ns=now,
+                skipped={why: tuple(ids) for why, ids in groups.items()},
+            )
+            for source, groups in self._loose.items()
+        ]
+        self._loose = {}
+        return out
 
     def source_names(self) -> list[str]:
         return list(self._sources)
@@ -155,6 +213,26 @@ class Aligner(AlignerBase[_Source]):
         ts = event.ts_ns
         self._check_clock(event, now)
         src = self._source(event.source, now)
+        win = self._join(src, event, now)
+        self._order += 1
+        win.slots[event.event_id] = _Slot(
+            event.event_id, event.modality, ts, self._order, arrived=now, traceparent=event.traceparent
+        )
+        win.pending += 1
+        if win.traceparent is None:
+            win.traceparent = event.traceparent
+        src.ids[event.event_id] = win.start
+        src.last_seen = self._idle_now(now)
+        self._active[src.name] = src
+        self._active.move_to_end(src.name)
+        if src.max_ts is None or ts > src.max_ts:
+            src.max_ts = ts
+            watermark = ts - self.lateness_ns
+            self._seal_before(src, watermark - watermark % self.window_ns)
+
+    def _join(self, src: _Source, event: InputEvent, now: Nanos) -> _Window:
+        """The window ``event`` belongs to; ``duplicate`` / ``too_late`` when it cannot join."""
+        ts = event.ts_ns
         if not event.generated_id and event.event_id in src.ids:
             self._count(src, event.modality, "duplicate")
             raise EventRejected("duplicate", f"event id {event.event_id!r} is already in an open window")
@@ -171,21 +249,7 @@ class Aligner(AlignerBase[_Source]):
         if win is None:
             win = src.windows[start] = _Window(start, start + self.window_ns, now)
             self._cap_windows(src)
-        self._order += 1
-        win.slots[event.event_id] = _Slot(
-            event.event_id, event.modality, ts, self._order, arrived=now, traceparent=event.traceparent
-        )
-        win.pending += 1
-        if win.traceparent is None:
-            win.traceparent = event.traceparent
-        src.ids[event.event_id] = start
-        src.last_seen = now
-        self._active[src.name] = src
-        self._active.move_to_end(src.name)
-        if src.max_ts is None or ts > src.max_ts:
-            src.max_ts = ts
-            watermark = ts - self.lateness_ns
-            self._seal_before(src, watermark - watermark % self.window_ns)
+        return win
 
     def complete(self, source: str, event_id: str, features: Features, process_ns: Nanos = 0) -> None:
         """Fill an admitted event's slot with its features."""
@@ -205,14 +269,40 @@ class Aligner(AlignerBase[_Source]):
         if win.sealed and not win.pending:
             self._ready[id(src)] = src
 
+    def skip(self, event: InputEvent, why: str, *, admitted: bool) -> None:
+        """List ``event`` as ``why`` in its window's result instead of fusing it.
+
+        Not admitted (rate-limited): it is checked like an admitted event
+        (``too_late``, ``duplicate`` raise) but does not move the watermark.
+        """
+        if admitted:
+            src, _, win = self._slot(event.source, event.event_id)
+            del win.slots[event.event_id]
+            win.pending -= 1
+            if win.sealed and not win.pending:
+                self._ready[id(src)] = src
+        else:
+            now = self.clock()
+            self._check_clock(event, now)
+            src = self._source(event.source, now)
+            win = self._join(src, event, now)
+            src.ids[event.event_id] = win.start
+            src.last_seen = self._idle_now(now)
+            if not win.sealed:
+                self._active[src.name] = src
+                self._active.move_to_end(src.name)
+        win.skipped.setdefault(why, []).append(event.event_id)
+        self._count(src, event.modality, why)
+
     # -- output ---------------------------------------------------------------
 
     def poll(self) -> list[FusedFrame]:
         """Seal windows of idle sources, then emit every finished sealed window."""
         now = self.clock()
+        idle_now = self._idle_now(now)
         while self._active:
             _name, src = next(iter(self._active.items()))
-            if now - src.last_seen < self.idle_ns:
+            if idle_now - src.last_seen < self.idle_ns:
                 break
             self._seal_before(src, None)
             self.idle_closed += 1
@@ -246,7 +336,7 @@ class Aligner(AlignerBase[_Source]):
             return src
         if len(self._sources) >= self.config.max_sources:
             self._evict_oldest()
-        src = self._sources[name] = _Source(name, last_seen=now)
+        src = self._sources[name] = _Source(name, last_seen=self._idle_now(now))
         return src
 
     def _evict_oldest(self) -> None:
@@ -305,6 +395,9 @@ class Aligner(AlignerBase[_Source]):
                 del src.windows[start]
                 for eid in win.slots:
                     src.ids.pop(eid, None)
+                for ids in win.skipped.values():
+                    for eid in ids:
+                        src.ids.pop(eid, None)
                 frame = self._fuse(src, win, now)
                 if frame is not None:
                     out.append(frame)
@@ -313,7 +406,7 @@ class Aligner(AlignerBase[_Source]):
         return out
 
     def _fuse(self, src: _Source, win: _Window, now: Nanos) -> FusedFrame | None:
-        if not win.slots:
+        if not win.slots and not win.skipped:
             return None  # every event of it was rejected by its processor
         by_mod: dict[Modality, list[_Slot]] = {}
         for slot in sorted(win.slots.values(), key=lambda s: (s.ts, s.order)):
@@ -336,7 +429,8 @@ class Aligner(AlignerBase[_Source]):
             traceparent=win.traceparent,
             first_arrival_ns=win.first_arrival,
             closed_ns=now,
-            process_ns=max(s.process_ns for s in win.slots.values()),
+            process_ns=max((s.process_ns for s in win.slots.values()), default=0),
+            skipped={why: tuple(ids) for why, ids in win.skipped.items()},
         )
 
 

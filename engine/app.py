@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -30,16 +29,19 @@ from engine.batcher import BatchWorker
 from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, source_of
 from engine.config import EngineConfig, Overrides
 from engine.discovery import refuse_a_second_engine, register
-from engine.durable import DurableIntake, Key, ResultStore
+from engine.durable import DurableIntake, Key, dlq_msg_id
 from engine.errors import BackpressureError, ConfigError, EventRejected, TransportError
 from engine.glm_stage import GLMStage
 from engine.metrics import MetricsServer
 from engine.nearest import NearestAligner
 from engine.publish import sync_with_server
+from engine.records import event_ids, frame_record, result_id
+from engine.resultstore import ResultStore
 from engine.router import Route, Router
 from engine.security import security_for
 from engine.server import EmbeddedServer
 from engine.stats import EngineStats
+from engine.supervisor import Supervisor
 from engine.tracing import Tracing
 from engine.types import Clock, FusedFrame, InputEvent
 
@@ -50,24 +52,11 @@ log = logging.getLogger("autoglm.engine")
 PENDING_MSGS = 200_000
 
 
-def trace_id_of(frame: FusedFrame) -> str:
-    """The producer's W3C trace id, or one derived from the window (stable
-    across a rebuild of the same window, unlike a random one)."""
-    if frame.traceparent:
-        return frame.traceparent.split("-")[1]
-    return hashlib.sha256(f"{frame.source}:{frame.start_ns}".encode()).hexdigest()[:32]
+__all__ = ["Engine", "frame_record"]
 
-
-def frame_record(frame: FusedFrame) -> dict[str, Any]:
-    """The deterministic part of a result: same events + same clock -> same bytes."""
-    return {
-        "source": frame.source,
-        "window": {"start_ns": frame.start_ns, "end_ns": frame.end_ns},
-        "events": {m: list(f.event_ids) for m, f in frame.modalities.items()},
-        "missing": list(frame.missing),
-        "features": {m: dict(f.summary) for m, f in frame.modalities.items()},
-        "trace_id": trace_id_of(frame),
-    }
+#: Seconds a store keeps retrying once the engine is stopping; past it the
+#: inputs stay unacked and JetStream delivers them to the next engine.
+STOP_RETRY_S = 10.0
 
 
 class Engine:
@@ -114,6 +103,8 @@ class Engine:
         self._kick = asyncio.Event()
         self._emitter: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stop_deadline = 0.0
+        self.supervisor = Supervisor()
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -155,7 +146,9 @@ class Engine:
         for route in self.routes:
             self.launch_route(route)
         self.glm.start()
-        self._emitter = asyncio.get_running_loop().create_task(self._emit_loop())
+        for task in self.glm.tasks:
+            self.supervisor.watch("glm-worker", task)
+        self._emitter = self.supervisor.spawn("emit", self._emit_loop())
         if self.config.metrics.port is not None:
             self.metrics = MetricsServer(self, self.config.metrics.host, self.config.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics.port)
@@ -172,7 +165,10 @@ class Engine:
             self._js = self.intake.js
             self.results = ResultStore(self._js, self._stored, self._send)
             self.results.start()
-            self.intake.start(self._ingest)
+            self.supervisor.watch("result-store", self.results.task)
+            self.intake.start(self._ingest, self._poison)
+            for name, loop_task in self.intake.tasks.items():
+                self.supervisor.watch(name, loop_task)
             log.info(
                 "durable intake: stream %s, consumer %s", self.intake.in_stream, self.config.nats.consumer
             )
@@ -196,11 +192,13 @@ class Engine:
             concurrency=route.config.workers,
         )
         worker.start()
+        self.supervisor.watch(f"batch-{route.name}", worker.task)
         self._workers[id(route)] = (worker, pool)
 
     async def retire_route(self, route: Route) -> None:
         """Finish what a route has queued (its events still reach the aligner), then free it."""
         worker, pool = self._workers.pop(id(route))
+        self.supervisor.release(worker.task)
         await worker.drain()
         await asyncio.to_thread(pool.shutdown, True)
         await asyncio.to_thread(route.close)
@@ -230,7 +228,8 @@ class Engine:
         """Stop intake, finish what is queued, flush every open window, publish, close."""
         if self._stopping:
             return
-        self._stopping = True
+        self._stopping = self.supervisor.stopping = True
+        self._stop_deadline = time.monotonic() + STOP_RETRY_S
         if self.intake is not None:
             await self.intake.stop_fetching()
         if self._sub is not None:
@@ -241,10 +240,15 @@ class Engine:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         for worker, _ in self._workers.values():
             await worker.drain()
-        await self._publish(self.aligner.flush())
+        if self.intake is None:
+            # Core mode: nothing would deliver these events again. Durable mode
+            # leaves unfinished windows unacked instead: the next engine
+            # rebuilds them whole, where publishing them now would split them.
+            await self._publish(self.aligner.flush())
         if self._emitter is not None:
             self._kick.set()
-            await self._emitter
+            with contextlib.suppress(Exception):  # a dead emitter was reported when it died
+                await self._emitter
         await self.glm.drain(self.config.glm.call_timeout_s)
         if self.results is not None:
             await self.results.drain()  # every stored result's inputs acked before we leave
@@ -260,6 +264,12 @@ class Engine:
             self.metrics.close()
         await asyncio.to_thread(self.tracing.shutdown)
         await self._stop_server()
+
+    async def flush_windows(self) -> None:
+        """End of stream: close and publish every open window now. For a caller
+        that knows no more events will come (the demo, a bounded benchmark);
+        a stop in durable mode does not, so that a restart rebuilds them whole."""
+        await self._publish(self.aligner.flush())
 
     async def _stop_server(self) -> None:
         if self._server is not None:
@@ -294,9 +304,40 @@ class Engine:
     async def _ingest(self, msg: Msg, default_id: str | None = None) -> Key | None:
         """Take one input message. Returns its key while it waits in a window
         (durable intake acks it once its result is stored), ``None`` once it
-        is finished (rejected with a DLQ record, or rate-limited)."""
+        is finished (rejected with a DLQ record).
+
+        Nothing one message carries may stop intake: whatever goes wrong while
+        handling it that is not a refusal (a bug, a library's surprise) becomes
+        its DLQ record, reason ``internal_error``, and the loop goes on."""
+        held: list[InputEvent] = []
+        try:
+            return await self._take(msg, default_id, held)
+        except Exception as exc:
+            self.stats.internal_errors += 1
+            log.exception("internal error on %s", msg.subject, extra={"subject": msg.subject})
+            for event in held:  # admitted before the failure: free its slot
+                with contextlib.suppress(KeyError):
+                    self.aligner.discard(event.source, event.event_id)
+            modality = msg.subject.rsplit(".", 1)[-1] if source_of(msg.subject, self.prefix) else "?"
+            why = EventRejected("internal_error", f"{type(exc).__name__}: {exc}"[:500])
+            await self._reject(msg.subject, _safe_headers(msg), why, modality, default_id)
+            return None
+
+    async def _poison(self, msg: Msg, default_id: str) -> None:
+        """A message delivered ``nats.max_deliver`` times: its DLQ record, then it is ended."""
+        modality = msg.subject.rsplit(".", 1)[-1] if source_of(msg.subject, self.prefix) else "?"
+        why = EventRejected(
+            "poison",
+            f"delivered {self.config.nats.max_deliver} times without an outcome (nats.max_deliver); "
+            "given up so it cannot block intake",
+        )
+        await self._reject(msg.subject, _safe_headers(msg), why, modality, default_id)
+
+    async def _take(self, msg: Msg, default_id: str | None, held: list[InputEvent]) -> Key | None:
         now = self.clock()
         headers, data = msg.headers, msg.data
+        if self._stored_before(None, default_id):
+            return None  # its DLQ record was stored before a crash lost the ack
         try:
             if claimcheck.is_ref(headers):
                 if self.claims is None:
@@ -316,26 +357,37 @@ class Engine:
         except EventRejected as exc:
             modality = msg.subject.rsplit(".", 1)[-1] if source_of(msg.subject, self.prefix) else "?"
             self.stats.received[modality] += 1
-            await self._reject(msg.subject, msg.headers, exc, modality)
+            await self._reject(msg.subject, _safe_headers(msg), exc, modality, default_id)
             return None
         self.stats.received[event.modality] += 1
         key = (event.source, event.event_id)
+        if self._stored_before(key, default_id):
+            return None  # in a result stored before a crash lost its ack
         try:
             route = self.router.route_for(event)
             if route.limiter is not None and not route.limiter.allow(event.source, event.ts_ns):
                 self.stats.rate_limited[event.modality] += 1
-                self.aligner.note(event.source, event.modality, "rate_limited")
-                return None
+                self.aligner.skip(event, "rate_limited", admitted=False)
+                return key  # listed in its window's result, acked with it
             self.aligner.admit(event)
         except EventRejected as exc:
             if exc.reason == "duplicate" and self.intake is not None and key in self.intake.held:
                 return key  # a redelivery of an event still in a window: its newest copy is acked later
-            await self._reject(event.subject, msg.headers, exc, event.modality)
+            if exc.reason == "duplicate":
+                self.stats.duplicates[event.modality] += 1
+            await self._reject(event.subject, _safe_headers(msg), exc, event.modality, default_id)
             return None
+        held.append(event)
         worker = self._workers[id(route)][0]
         if route.config.intake == "complete" and len(route.batcher) >= route.batcher.max_queue:
             self.stats.intake_waits += 1
-            await worker.wait_for_room()  # the backlog stays in NATS, nothing is dropped
+            # The backlog stays in NATS, nothing is dropped; and while intake
+            # waits, quiet sources are not idle: their events are not read yet.
+            self.aligner.pause_idle()
+            try:
+                await worker.wait_for_room()
+            finally:
+                self.aligner.resume_idle()
         try:
             dropped = worker.submit(event)
         except BackpressureError as exc:
@@ -349,6 +401,11 @@ class Engine:
             self._kick.set()
         return key
 
+    def _stored_before(self, key: Key | None, default_id: str | None) -> bool:
+        return (
+            self.intake is not None and default_id is not None and self.intake.already_stored(key, default_id)
+        )
+
     async def _abandon(self, event: InputEvent, exc: EventRejected) -> None:
         self.aligner.discard(event.source, event.event_id)
         await self._reject(event.subject, _event_headers(event), exc, event.modality)
@@ -356,28 +413,44 @@ class Engine:
             await self.intake.ack((event.source, event.event_id))
         self._kick.set()
 
-    async def _send(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
-        """Durable mode: into the results stream, confirmed, retried while the
-        server is away (the inputs stay unacked meanwhile); core mode: fire
-        and forget."""
+    async def _send(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> Any:
+        """Durable mode: into the results stream, confirmed, retried with backoff
+        for as long as the server is away (the inputs stay unacked and
+        heartbeated meanwhile; ``health`` says ``degraded``); returns the
+        PubAck. Core mode: fire and forget. Only a stopping engine gives up,
+        after :data:`STOP_RETRY_S`: its inputs are then delivered again."""
         if self._js is None:
             await self._nc.publish(subject, payload, headers=headers)
-            return
-        deadline = time.monotonic() + self.config.nats.ack_wait_s
+            return None
         delay = 0.05
-        while True:
-            try:
-                await self._js.publish(subject, payload, headers=headers, timeout=2.0)
-                return
-            except Exception as exc:  # no responders, timeout, reconnecting
-                if time.monotonic() > deadline:
-                    raise TransportError(f"could not store {subject} in JetStream: {exc}") from exc
-                log.warning("storing %s failed (%s); retrying", subject, exc)
-                await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
+        retrying = False
+        try:
+            while True:
+                try:
+                    return await self._js.publish(subject, payload, headers=headers, timeout=2.0)
+                except Exception as exc:  # no responders, timeout, reconnecting
+                    if self._stopping and time.monotonic() > self._stop_deadline:
+                        raise TransportError(f"could not store {subject} in JetStream: {exc}") from exc
+                    if not retrying:
+                        retrying = True
+                        self.supervisor.degrade("store_retrying")
+                        self.aligner.pause_idle()
+                    self.stats.store_retries += 1
+                    log.warning("storing %s failed (%s); retrying in %.2f s", subject, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(2.0, delay * 2)
+        finally:
+            if retrying:
+                self.aligner.resume_idle()
+                self.supervisor.recover("store_retrying")
 
     async def _reject(
-        self, subject: str, headers: dict[str, str] | None, exc: EventRejected, modality: str
+        self,
+        subject: str,
+        headers: dict[str, str] | None,
+        exc: EventRejected,
+        modality: str,
+        default_id: str | None = None,
     ) -> None:
         """Publish one DLQ record naming the subject, event id, reason and what was wrong."""
         self.stats.rejected[(modality, exc.reason)] += 1
@@ -402,7 +475,10 @@ class Engine:
         target = dlq_subject(self.prefix, source)
         if exc.reason == "too_late" and self.config.aligner.late_to == "late" and source:
             target = f"{self.prefix}.late.{source}"
-        await self._send(target, orjson.dumps(record))
+        dedup = None
+        if self.intake is not None and default_id is not None and default_id.startswith("js"):
+            dedup = {ID_HEADER: dlq_msg_id(self.intake.in_stream, int(default_id[2:]))}
+        await self._send(target, orjson.dumps(record), headers=dedup)
         self.stats.dlq_published += 1
 
     # -- processing -----------------------------------------------------------------
@@ -436,10 +512,8 @@ class Engine:
             for event in events:
                 if event.ts_ns < limit:
                     self.stats.stale[event.modality] += 1
-                    self.aligner.note(event.source, event.modality, "stale")
-                    self.aligner.discard(event.source, event.event_id)
-                    if self.intake is not None:
-                        await self.intake.ack((event.source, event.event_id))
+                    # Listed in its window's result (and acked with it).
+                    self.aligner.skip(event, "stale", admitted=True)
             self._kick.set()
         return fresh
 
@@ -475,11 +549,16 @@ class Engine:
         once the model answered) through :meth:`send_result`. In durable mode
         that does not wait for the store: :class:`ResultStore` confirms it."""
         for frame in frames:
-            await self.glm.submit(frame, frame_record(frame))
+            if frame.modalities:
+                await self.glm.submit(frame, frame_record(frame))
+            else:  # only skipped events: nothing to ask the model about
+                record = frame_record(frame)
+                record.update(prompt=None, answer=None, glm={"backend": self.config.glm.backend})
+                await self.send_result(frame, record)
 
     async def send_result(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         now = self.clock()
-        latest = max(ts for f in frame.modalities.values() for ts in f.timestamps)
+        latest = max((ts for f in frame.modalities.values() for ts in f.timestamps), default=now)
         record["latency_ms"] = lat = {
             "process": round(frame.process_ns / 1e6, 3),
             "align": round((frame.closed_ns - frame.first_arrival_ns) / 1e6, 3),
@@ -488,15 +567,15 @@ class Engine:
         }
         for stage, ms in lat.items():
             self.stats.observe(stage, ms / 1000)
-        result_id = frame.key or f"{frame.source}:{frame.start_ns}"
-        headers = {ID_HEADER: result_id}
-        traceparent = self.tracing.frame_spans(frame, record, result_id, now)
+        rid = record.get("result_id") or result_id(frame)
+        headers = {ID_HEADER: rid}
+        traceparent = self.tracing.frame_spans(frame, record, rid, now)
         if traceparent:
             headers["traceparent"] = traceparent
         subject, payload = f"{self.prefix}.out.{frame.source}", orjson.dumps(record)
         t0 = time.perf_counter()
         if self.results is not None:  # durable: acked once the server confirms the store
-            keys = [(frame.source, eid) for f in frame.modalities.values() for eid in f.event_ids]
+            keys = [(frame.source, eid) for eid in event_ids(frame)]
             await self.results.put(subject, payload, headers, keys)
         else:
             await self._send(subject, payload, headers=headers)
@@ -511,8 +590,16 @@ class Engine:
             await self.intake.ack(key)
 
 
+def _safe_headers(msg: Msg) -> dict[str, str] | None:
+    """The message's headers for its DLQ record, or none when they cannot be read."""
+    try:
+        headers = msg.headers
+    except Exception:  # nats-py parses lazily on some paths; never fail a rejection on it
+        return None
+    return headers if isinstance(headers, dict) else None
+
+
 def _event_headers(event: InputEvent) -> dict[str, str]:
-    hdrs = {TIMESTAMP_HEADER: str(event.ts_ns)}
-    if not event.generated_id:
-        hdrs[ID_HEADER] = event.event_id
-    return hdrs
+    """What a DLQ record of an admitted event names: its time and the engine's id
+    for it (the producer's, or the one the transport gave)."""
+    return {TIMESTAMP_HEADER: str(event.ts_ns), ID_HEADER: event.event_id}

@@ -30,15 +30,23 @@ class Window(BaseModel):
 
 
 class Result(BaseModel):
-    """One fused window, on ``autoglm.out.<source>``; ``Nats-Msg-Id: <source>:<start_ns>``."""
+    """One fused window (or one part of it), on ``autoglm.out.<source>``;
+    ``Nats-Msg-Id`` = ``result_id``. Parts of one window share ``source`` and
+    ``window.start_ns``, hold disjoint events, and are merged by the consumer."""
 
+    result_id: str = Field(
+        description="<source>:<window start_ns>:<32 hex of sha256 over the sorted event ids>"
+    )
     source: str
     window: Window
     events: dict[str, list[str]] = Field(description="Event ids per modality, in time order")
     missing: list[str]
     features: dict[str, dict[str, Any]] = Field(description="Compact per-modality summary")
     trace_id: str
-    prompt: str
+    skipped: dict[str, list[str]] | None = Field(
+        None, description="Ids of this window's events counted but not fused: rate_limited, stale"
+    )
+    prompt: str | None = Field(description="null when glm.include_prompt = false")
     answer: str | None = Field(description="null with backend none, on error, or when skipped")
     glm: dict[str, Any] = Field(description="backend, model, latency_ms, and error or skipped")
     latency_ms: dict[str, float] = Field(description="process, align, glm, event_to_result")

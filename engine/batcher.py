@@ -151,6 +151,10 @@ class BatchWorker(Generic[T]):
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
     async def wait_for_room(self) -> None:
         """Return once the queue has room (the ``complete`` intake policy)."""
         while len(self.batcher) >= self.batcher.max_queue:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -120,7 +121,6 @@ async def _run(args: argparse.Namespace) -> int:
             f"  autoglm publish --nats-url {url} --auth-file {env['producer']} --source cam1 --text hello",
             flush=True,
         )
-    print("autoglm: Ctrl-C (SIGINT) or SIGTERM drains and exits; SIGHUP reloads the routing file", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -138,7 +138,18 @@ async def _run(args: argparse.Namespace) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await stop.wait()
+    # Said once the handlers are in place: a SIGHUP sent on reading it must not kill the engine.
+    print("autoglm: Ctrl-C (SIGINT) or SIGTERM drains and exits; SIGHUP reloads the routing file", flush=True)
+    failed = loop.create_task(engine.supervisor.failed.wait())
+    await asyncio.wait([loop.create_task(stop.wait()), failed], return_when=asyncio.FIRST_COMPLETED)
+    if failed.done():
+        from engine.supervisor import EXIT_FAILED
+
+        print(f"autoglm: engine failed ({engine.supervisor.failure}); stopping", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(engine.stop(), 30)
+        return EXIT_FAILED
+    failed.cancel()
     print("autoglm: draining...", flush=True)
     await engine.stop()
     print(f"autoglm: stopped; {engine.stats.results} results, {engine.stats.dlq_published} rejected")
@@ -280,7 +291,11 @@ async def _health(args: argparse.Namespace) -> int:
         return 1
     finally:
         await nc.close()
-    print(orjson.loads(reply.data))
+    report = orjson.loads(reply.data)
+    print(report)
+    if report.get("status") == "unhealthy":
+        print(f"autoglm health: engine unhealthy: {report.get('failure')}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -118,10 +118,20 @@ class NatsConfig(_Frozen):
     consumer: str = Field("autoglm-engine", pattern=r"^[A-Za-z0-9_-]+$")
     ack_wait_s: float = Field(30.0, gt=0)
     max_ack_pending: int = Field(20_000, ge=1)
+    #: Deliveries of one input before it is given up as ``poison`` (a DLQ
+    #: record, then ``term``): an event that kills its handler is not retried forever.
+    max_deliver: int = Field(5, ge=2, le=1000)
     fetch_batch: int = Field(500, ge=1, le=10_000)
+    #: Limits of the *unprocessed* backlog (``<stream>_IN`` is a work queue:
+    #: an event leaves it once its result or DLQ record is stored) and of the
+    #: results stream.
     stream_max_age_s: float = Field(24 * 3600.0, gt=0)
     stream_max_bytes: int = Field(1024**3, gt=0)
     duplicate_window_s: float = Field(120.0, gt=0)
+    #: Replay history: ``<stream>_REC`` mirrors the inputs with its own limits
+    #: and drops its oldest when full (it never refuses an event). 0 = no recording.
+    record_max_age_s: float = Field(24 * 3600.0, ge=0)
+    record_max_bytes: int = Field(1024**3, ge=0)
 
     @field_validator("subject_prefix")
     @classmethod

@@ -31,6 +31,7 @@ def summary(engine: Engine) -> dict[str, Any]:
     """What ``$SRV.STATS`` and ``autoglm status`` show for one engine."""
     s, g = engine.stats, engine.glm
     return {
+        **health_report(engine),
         **s.as_dict(),
         "batches": {
             f"{r.config.modality}:{r.config.processor}": {
@@ -55,6 +56,21 @@ def summary(engine: Engine) -> dict[str, Any]:
     }
 
 
+#: Seconds without a turn of the fetch loop before ``health`` calls intake blocked.
+BLOCKED_AFTER_S = 60.0
+
+
+def health_report(engine: Engine) -> dict[str, Any]:
+    """``ok``, ``degraded`` (alive but held up: a store retrying, intake blocked)
+    or ``unhealthy`` (a supervised task died; the process is on its way out)."""
+    report = engine.supervisor.report()
+    if engine.intake is not None and report["status"] == "ok":
+        blocked = time.monotonic() - engine.intake.last_turn
+        if blocked > BLOCKED_AFTER_S:
+            report = {"status": "degraded", "degraded": {"intake_blocked": round(blocked, 1)}}
+    return report
+
+
 async def register(engine: Engine, nc: Any) -> Any:
     from engine import __version__
 
@@ -65,7 +81,7 @@ async def register(engine: Engine, nc: Any) -> Any:
         await req.respond(
             orjson.dumps(
                 {
-                    "status": "ok",
+                    **health_report(engine),
                     "uptime_s": round(time.monotonic() - started, 1),
                     "durable": engine.intake is not None,
                     "open_windows": engine.aligner.open_windows,

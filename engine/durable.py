@@ -1,12 +1,21 @@
-"""Durable intake: a JetStream stream over the inputs and a durable pull consumer.
+"""Durable intake: a work-queue stream over the inputs and a durable pull consumer.
 
-An event is acked only once what it turned into is safely stored: the result
-that holds it (published to the results stream, which deduplicates on
-``Nats-Msg-Id = <source>:<window start>``) or its DLQ record. A crash before
-that means redelivery, never loss; a window rebuilt after a redelivery gets
-the same ``Nats-Msg-Id`` and is dropped by the stream as a duplicate.
+``<STREAM>_IN`` holds the *unprocessed* backlog: an event leaves it when it
+is acked, and it is acked only once what it turned into is safely stored —
+the result that holds it (``<STREAM>_OUT``) or its DLQ record. So the
+stream's limits bound the backlog, never the history: it refuses new events
+(the producer's PubAck says so) only when that many are still waiting.
+Replay history is ``<STREAM>_REC``, a mirror with its own limits that drops
+its oldest when full. A crash before the store means redelivery, never loss.
+
 While an event waits in an open window, ``in_progress`` keeps ``AckWait``
-from firing.
+from firing. A message delivered ``max_deliver`` times is ``poison``: a DLQ
+record, then ``term``, so one event can never wedge intake.
+
+After a crash the consumer is rebuilt to deliver the unacked backlog in
+stream order (see :meth:`DurableIntake._replay_point`), and the results
+stored since the oldest unacked event are read back so that an event whose
+result was stored but whose ack was lost is acked, not fused a second time.
 """
 
 from __future__ import annotations
@@ -15,15 +24,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamSource,
+)
 from nats.js.errors import NotFoundError
 
-from engine.codec import ID_HEADER
 from engine.errors import TransportError
 
 if TYPE_CHECKING:
@@ -34,14 +52,27 @@ log = logging.getLogger("autoglm.durable")
 #: ``(source, event id)``: how the engine names an event it still owes an ack.
 Key = tuple[str, str]
 #: Handles one fetched message; returns its key when it must wait for a
-#: result, or ``None`` when it is finished (rejected, rate-limited) and can be acked.
+#: result, or ``None`` when it is finished (rejected) and can be acked.
 Handler = Callable[[Any, str], Awaitable[Key | None]]
+#: Publishes the ``poison`` DLQ record of a message delivered max_deliver times.
+Poison = Callable[[Any, str], Awaitable[None]]
 
 
 def stream_names(config: NatsConfig) -> tuple[str, str]:
     """The input and result streams: ``<STREAM>_IN`` and ``<STREAM>_OUT``."""
     base = config.stream or config.subject_prefix.replace(".", "_").upper()
     return f"{base}_IN", f"{base}_OUT"
+
+
+def record_stream(config: NatsConfig) -> str:
+    """The replay history: ``<STREAM>_REC``, a mirror of the input stream."""
+    return stream_names(config)[0][: -len("_IN")] + "_REC"
+
+
+def dlq_msg_id(stream: str, seq: int) -> str:
+    """``Nats-Msg-Id`` of the DLQ record of input ``seq``: a second record of the
+    same input (a redelivery after a lost ack) is dropped by the results stream."""
+    return f"dlq:{stream}:{seq}"
 
 
 class DurableIntake:
@@ -53,9 +84,21 @@ class DurableIntake:
         self.config = config
         self.prefix = config.subject_prefix
         self.in_stream, self.out_stream = stream_names(config)
+        self.rec_stream = record_stream(config)
+        #: Events waiting in windows: key -> (newest delivered copy, last in_progress).
         self.held: dict[Key, tuple[Any, float]] = {}
+        #: Stream sequence of each held message -> its key (redeliveries of held events).
+        self._seqs: dict[int, Key] = {}
+        #: Messages being handled right now, heartbeated too (a store may retry long).
+        self._handling: dict[int, tuple[Any, float]] = {}
         self.acked = 0
         self.redelivered = 0
+        self.poisoned = 0
+        self.handler_errors = 0
+        #: Found already stored at recovery: acked without being processed again.
+        self.recovered = 0
+        self._stored_keys: set[Key] = set()
+        self._stored_seqs: set[int] = set()
         #: max_ack_pending reached: the server delivers nothing until acks free room.
         self.stalled_since: float | None = None
         self.stalls = 0
@@ -63,38 +106,51 @@ class DurableIntake:
         self._task: asyncio.Task[None] | None = None
         self._beat: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        #: Monotonic second of the fetch loop's last turn (watched by health).
+        self.last_turn = time.monotonic()
+
+    @property
+    def tasks(self) -> dict[str, asyncio.Task[None] | None]:
+        return {"jetstream-fetch": self._task, "jetstream-heartbeat": self._beat}
 
     async def setup(self) -> None:
-        """Create or update both streams and the durable consumer."""
+        """Create or update the streams and the durable consumer."""
         cfg = self.config
-        streams = [
-            StreamConfig(
-                name=self.in_stream,
-                subjects=[f"{self.prefix}.in.>"],
-                storage=StorageType.FILE,
-                max_age=cfg.stream_max_age_s,
-                max_bytes=cfg.stream_max_bytes,
-                duplicate_window=cfg.duplicate_window_s,
-                # Full: refuse new events (a producer's PubAck says so) rather
-                # than silently drop the oldest, which may not be processed yet.
-                discard=DiscardPolicy.NEW,
-            ),
-            StreamConfig(
-                name=self.out_stream,
-                subjects=[f"{self.prefix}.out.>", f"{self.prefix}.dlq.>", f"{self.prefix}.late.>"],
-                storage=StorageType.FILE,
-                max_age=cfg.stream_max_age_s,
-                max_bytes=cfg.stream_max_bytes,
-                duplicate_window=cfg.duplicate_window_s,
-            ),
-        ]
+        inputs = StreamConfig(
+            name=self.in_stream,
+            subjects=[f"{self.prefix}.in.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            max_age=cfg.stream_max_age_s,
+            max_bytes=cfg.stream_max_bytes,
+            duplicate_window=cfg.duplicate_window_s,
+            # Full: refuse new events (the producer's PubAck says so); what
+            # fills it is unprocessed, so dropping the oldest would lose data.
+            discard=DiscardPolicy.NEW,
+        )
+        outputs = StreamConfig(
+            name=self.out_stream,
+            subjects=[f"{self.prefix}.out.>", f"{self.prefix}.dlq.>", f"{self.prefix}.late.>"],
+            storage=StorageType.FILE,
+            max_age=cfg.stream_max_age_s,
+            max_bytes=cfg.stream_max_bytes,
+            duplicate_window=cfg.duplicate_window_s,
+        )
         try:
-            for stream in streams:
-                try:
-                    await self.js.stream_info(stream.name)
-                    await self.js.update_stream(stream)
-                except NotFoundError:
-                    await self.js.add_stream(stream)
+            await self._ensure(inputs)
+            await self._ensure(outputs)
+            if cfg.record_max_bytes > 0:
+                await self._ensure(
+                    StreamConfig(
+                        name=self.rec_stream,
+                        mirror=StreamSource(name=self.in_stream),
+                        storage=StorageType.FILE,
+                        max_age=cfg.record_max_age_s,
+                        max_bytes=cfg.record_max_bytes,
+                        discard=DiscardPolicy.OLD,
+                    )
+                )
+                await self._mirror_attached()
             start = await self._replay_point()
             self.sub = await self.js.pull_subscribe(
                 f"{self.prefix}.in.>",
@@ -104,28 +160,60 @@ class DurableIntake:
                     ack_policy=AckPolicy.EXPLICIT,
                     ack_wait=cfg.ack_wait_s,
                     max_ack_pending=cfg.max_ack_pending,
-                    deliver_policy=DeliverPolicy.ALL if start is None else DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=start,
+                    max_deliver=cfg.max_deliver,
+                    deliver_policy=DeliverPolicy.ALL,
                 ),
             )
+            if start is not None:
+                await self._recover(start)
+        except TransportError:
+            raise
         except Exception as exc:  # nats-py raises APIError, TimeoutError, NoRespondersError...
             hint = ""
             if "insufficient storage" in str(exc):
                 hint = (
                     f" (each stream reserves nats.stream_max_bytes = {cfg.stream_max_bytes} bytes of the "
-                    "server's JetStream store: lower it, or give the server more max_file_store)"
+                    "server's JetStream store, the recording nats.record_max_bytes: lower them, or give "
+                    "the server more max_file_store)"
                 )
             raise TransportError(f"JetStream setup failed: {exc}{hint}") from exc
 
-    async def _replay_point(self) -> int | None:
-        """After a crash, restart the consumer at its ack floor.
+    async def _ensure(self, stream: StreamConfig) -> None:
+        try:
+            info = await self.js.stream_info(stream.name)
+        except NotFoundError:
+            await self.js.add_stream(stream)
+            return
+        have = info.config.retention
+        if stream.retention is not None and have != stream.retention:
+            raise TransportError(
+                f"stream {stream.name} has retention {have.value if have else '?'} but the engine "
+                f"needs {stream.retention.value}; it was made by an older version: "
+                f"delete it (nats stream rm {stream.name}) or set nats.stream to a new name"
+            )
+        if stream.mirror is None:  # a mirror's configuration cannot be updated
+            await self.js.update_stream(stream)
+
+    async def _mirror_attached(self, timeout: float = 5.0) -> None:
+        """Wait until the recording mirror follows the input stream: events acked
+        before it attaches would leave the work queue unrecorded."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await self.js.stream_info(self.rec_stream)
+            if info.mirror is not None and info.mirror.active is not None and info.mirror.active >= 0:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("the recording stream %s has not attached to %s yet", self.rec_stream, self.in_stream)
+
+    async def _replay_point(self) -> datetime | None:
+        """After a crash, rebuild the consumer to deliver the backlog in stream order.
 
         Events the dead engine held unacked would otherwise come back only
         when their AckWait ran out — after newer events had moved the
-        watermark, so they would be refused as too late. Replaying from the
-        first unacked event in stream order rebuilds the same windows
-        (the aligner is deterministic); the ones already published carry the
-        same ``Nats-Msg-Id`` and the results stream drops them.
+        watermark, so they would be refused as too late. The work queue holds
+        only unacked events, so a new consumer that delivers all of it
+        rebuilds the open windows in order. Returns the stream time of the
+        oldest unacked event: results stored since then are read back.
         """
         try:
             info = await self.js.consumer_info(self.in_stream, self.config.consumer)
@@ -134,24 +222,86 @@ class DurableIntake:
         if not info.num_ack_pending:
             return None
         start = int(info.ack_floor.stream_seq) + 1
+        oldest = await self.js.get_msg(self.in_stream, seq=start, next=True)
         log.warning(
             "%d events were unacked at the last stop: replaying %s from sequence %d",
             info.num_ack_pending,
             self.in_stream,
-            start,
+            oldest.seq,
         )
         await self.js.delete_consumer(self.in_stream, self.config.consumer)
-        self.replayed_from = start
-        return start
+        self.replayed_from = oldest.seq
+        when: datetime | None = oldest.time
+        return when
 
-    def start(self, handle: Handler) -> None:
+    async def _recover(self, since: datetime) -> None:
+        """Read the results and DLQ records stored since ``since``: their inputs
+        are done, whatever became of their acks."""
+        sub = await self.js.pull_subscribe(
+            f"{self.prefix}.>",
+            stream=self.out_stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.BY_START_TIME,
+                opt_start_time=since - timedelta(seconds=1),
+                inactive_threshold=30.0,
+            ),
+        )
+        try:
+            while True:
+                try:
+                    batch = await sub.fetch(500, timeout=1.0)
+                except (NatsTimeoutError, TimeoutError):
+                    break
+                for msg in batch:
+                    self._remember(msg)
+                if not batch or batch[-1].metadata.num_pending == 0:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        log.warning(
+            "recovery: %d events and %d rejected inputs were already stored since %s",
+            len(self._stored_keys),
+            len(self._stored_seqs),
+            since.isoformat(),
+        )
+
+    def _remember(self, msg: Any) -> None:
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+        if msg_id.startswith(f"dlq:{self.in_stream}:"):
+            with contextlib.suppress(ValueError):
+                self._stored_seqs.add(int(msg_id.rsplit(":", 1)[1]))
+            return
+        try:
+            record = orjson.loads(msg.data)
+            source = record["source"]
+            groups = [*(record.get("events") or {}).values(), *(record.get("skipped") or {}).values()]
+            if record.get("event_id"):  # a DLQ record
+                groups.append([record["event_id"]])
+            self._stored_keys.update((source, eid) for group in groups for eid in group)
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            log.warning("recovery: unreadable record on %s", msg.subject)
+
+    def already_stored(self, key: Key | None, seq_id: str) -> bool:
+        """Recovery found this input's result or DLQ record stored."""
+        if not self._stored_keys and not self._stored_seqs:
+            return False
+        seq = int(seq_id[2:])
+        if seq in self._stored_seqs or (key is not None and key in self._stored_keys):
+            self.recovered += 1
+            return True
+        return False
+
+    def start(self, handle: Handler, poison: Poison) -> None:
         loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._fetch(handle))
-        self._beat = loop.create_task(self._heartbeat())
+        self._task = loop.create_task(self._fetch(handle, poison), name="autoglm:jetstream-fetch")
+        self._beat = loop.create_task(self._heartbeat(), name="autoglm:jetstream-heartbeat")
 
-    async def _fetch(self, handle: Handler) -> None:
+    async def _fetch(self, handle: Handler, poison: Poison) -> None:
         batch = self.config.fetch_batch
         while not self._stop.is_set():
+            self.last_turn = time.monotonic()
             try:
                 msgs = await self.sub.fetch(batch, timeout=0.05)
             except (NatsTimeoutError, TimeoutError):
@@ -168,14 +318,37 @@ class DurableIntake:
                 log.warning("intake resumed after a %.1f s stall", time.monotonic() - self.stalled_since)
                 self.stalled_since = None
             for msg in msgs:
-                meta = msg.metadata
-                if meta.num_delivered > 1:
-                    self.redelivered += 1
-                key = await handle(msg, f"js{meta.sequence.stream}")
-                if key is None:
-                    await self._ack(msg)
-                else:
-                    self.held[key] = (msg, time.monotonic())
+                await self._one(msg, handle, poison)
+
+    async def _one(self, msg: Any, handle: Handler, poison: Poison) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        if meta.num_delivered > 1:
+            self.redelivered += 1
+            key = self._seqs.get(seq)
+            if key is not None:  # still in a window: its newest copy is the one to ack
+                self.held[key] = (msg, time.monotonic())
+                return
+        seq_id = f"js{seq}"
+        if meta.num_delivered >= self.config.max_deliver:
+            self.poisoned += 1
+            await poison(msg, seq_id)
+            await self._settle(msg, term=True)
+            return
+        self._handling[seq] = (msg, time.monotonic())
+        try:
+            key = await handle(msg, seq_id)
+        except Exception:  # the handler turns errors into DLQ records; this is its own failure
+            self.handler_errors += 1
+            log.exception("handling %s (sequence %d) failed; it will be redelivered", msg.subject, seq)
+            return
+        finally:
+            self._handling.pop(seq, None)
+        if key is None:
+            await self._settle(msg)
+        else:
+            self.held[key] = (msg, time.monotonic())
+            self._seqs[seq] = key
 
     def _check_stall(self) -> None:
         """Say so, once per stall, when max_ack_pending stops delivery: events wait
@@ -191,117 +364,42 @@ class DurableIntake:
             )
 
     async def _heartbeat(self) -> None:
-        """``in_progress`` for events held longer than a third of AckWait."""
+        """``in_progress`` for events held (or being handled) longer than a third of AckWait."""
         period = max(0.5, self.config.ack_wait_s / 3)
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), period)
             now = time.monotonic()
-            for key, (msg, since) in list(self.held.items()):
-                if now - since >= period:
-                    try:
-                        await msg.in_progress()
-                        self.held[key] = (msg, now)
-                    except Exception as exc:  # the connection is down; redelivery covers it
-                        log.debug("in_progress failed: %s", exc)
+            for table in (self.held, self._handling):
+                for key, (msg, since) in list(table.items()):
+                    if now - since >= period:
+                        try:
+                            await msg.in_progress()
+                            if key in table:
+                                table[key] = (msg, now)  # type: ignore[index]
+                        except Exception as exc:  # the connection is down; redelivery covers it
+                            log.debug("in_progress failed: %s", exc)
 
     async def ack(self, key: Key) -> None:
         """The result or DLQ record of ``key`` is stored: ack its message."""
         held = self.held.pop(key, None)
         if held is not None:
-            await self._ack(held[0])
+            self._seqs.pop(held[0].metadata.sequence.stream, None)
+            await self._settle(held[0])
 
-    async def _ack(self, msg: Any) -> None:
+    async def _settle(self, msg: Any, *, term: bool = False) -> None:
         try:
-            await msg.ack()
+            await (msg.term() if term else msg.ack())
             self.acked += 1
-        except Exception as exc:  # a lost ack means a redelivery, deduplicated downstream
+        except Exception as exc:  # a lost ack means a redelivery, recognised by recovery or dedup
             log.warning("ack failed: %s", exc)
 
     async def stop_fetching(self) -> None:
         self._stop.set()
         for task in (self._task, self._beat):
-            if task is not None:
+            if task is not None and not task.done():
                 await task
         # A pull subscription left open makes the connection's drain wait for
         # its whole timeout (30 s): the durable consumer stays on the server.
         with contextlib.suppress(Exception):
             await self.sub.unsubscribe()
-
-
-Store = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
-Stored = Callable[[list[Key]], Awaitable[None]]
-
-
-class ResultStore:
-    """Durable mode's results, published without waiting for each PubAck.
-
-    ``put`` hands the result to JetStream (``publish_async``) and returns; a
-    confirmer task takes the PubAcks in publish order and acks the result's
-    input events once it is stored. A result whose PubAck is an error or does
-    not come within ``timeout`` goes through ``retry`` (the awaited, retrying
-    store; the same ``Nats-Msg-Id`` keeps a late first copy from counting
-    twice). One timer per waiting head of the line instead of one per result:
-    by the time the confirmer looks, most PubAcks are in.
-    """
-
-    def __init__(self, js: Any, stored: Stored, retry: Store, *, timeout: float = 2.0) -> None:
-        self.js = js
-        self.stored = stored
-        self.retry = retry
-        self.timeout = timeout
-        self.retried = 0
-        self._pending: deque[tuple[Any, str, bytes, dict[str, str], list[Key], float]] = deque()
-        self._wake = asyncio.Event()
-        self._closing = False
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._confirm())
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    async def put(self, subject: str, payload: bytes, headers: dict[str, str], keys: list[Key]) -> None:
-        try:
-            fut = await self.js.publish_async(subject, payload, headers=headers)
-        except Exception as exc:  # connection trouble right now: the awaited path
-            log.warning("publishing %s failed (%s); storing it the slow way", subject, exc)
-            await self.retry(subject, payload, headers)
-            await self.stored(keys)
-            return
-        self._pending.append((fut, subject, payload, headers, keys, time.monotonic()))
-        self._wake.set()
-
-    async def _confirm(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            fut, subject, payload, headers, keys, since = self._pending[0]
-            if not fut.done():
-                left = since + self.timeout - time.monotonic()
-                if left > 0:
-                    await asyncio.wait([fut], timeout=left)
-                    continue
-                fut.cancel()  # frees its slot in nats-py's pending-publish limit
-            self._pending.popleft()
-            if fut.cancelled() or fut.exception() is not None:
-                self.retried += 1
-                try:
-                    await self.retry(subject, payload, headers)
-                except Exception as exc:  # gone for longer than ack_wait: inputs stay unacked
-                    log.error("result %s not stored: %s", headers.get(ID_HEADER), exc)
-                    continue
-            await self.stored(keys)
-
-    async def drain(self) -> None:
-        """Wait until every put result is confirmed (or given up on)."""
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task

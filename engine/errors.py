@@ -49,6 +49,11 @@ REASONS: Final[frozenset[str]] = frozenset(
         "no_route",
         "bad_object_ref",
         "object_missing",
+        # A bug met while handling this message (its type and message follow);
+        # the engine went on. Report it.
+        "internal_error",
+        # Delivered nats.max_deliver times without an outcome: given up.
+        "poison",
     }
 )
 

@@ -155,6 +155,11 @@ class GLMStage:
             loop = asyncio.get_running_loop()
             self._workers = [loop.create_task(self._work()) for _ in range(self.config.max_in_flight)]
 
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The running call workers (the engine supervises them)."""
+        return list(self._workers)
+
     async def submit(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         """Take one frame; its result is published now or once the model answered."""
         if self.config.trigger == "on_change":

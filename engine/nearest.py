@@ -82,7 +82,7 @@ class NearestAligner(AlignerBase[_NSource]):
         slot = _Slot(event.event_id, mod, ts, self._order, arrived=now, traceparent=event.traceparent)
         bisect.insort(src.pivots if mod == self.pivot else src.cands.setdefault(mod, []), slot, key=_key)
         src.slots[event.event_id] = slot
-        src.last_seen = now
+        src.last_seen = self._idle_now(now)
         if src.max_ts is None or ts > src.max_ts:
             src.max_ts = ts
         # Seal here, not in poll(): what is too late must not depend on when
@@ -115,8 +115,9 @@ class NearestAligner(AlignerBase[_NSource]):
 
     def poll(self) -> list[FusedFrame]:
         now = self.clock()
+        idle_now = self._idle_now(now)
         for src in list(self._sources.values()):
-            if now - src.last_seen < self.idle_ns:
+            if idle_now - src.last_seen < self.idle_ns:
                 break  # least recently seen first: the rest are younger
             if src.slots:
                 self.idle_closed += 1
@@ -125,18 +126,18 @@ class NearestAligner(AlignerBase[_NSource]):
             self._decide(src)
         self._dirty.clear()
         out, self._out = self._out, []
-        return out
+        return out + self._loose_frames(now)
 
     def flush(self) -> list[FusedFrame]:
         for src in [*self._sources.values(), *self._retired]:
             self._close(src)
         self._retired = [r for r in self._retired if r.slots]
         out, self._out = self._out, []
-        return out
+        return out + self._loose_frames(self.clock())
 
     @property
     def has_ready(self) -> bool:
-        return bool(self._dirty) or bool(self._out)
+        return bool(self._dirty) or bool(self._out) or bool(self._loose)
 
     @property
     def open_windows(self) -> int:
@@ -161,7 +162,7 @@ class NearestAligner(AlignerBase[_NSource]):
             self._close(old)
             if old.slots:  # still processing: finish later
                 self._retired.append(old)
-        src = self._sources[name] = _NSource(name, last_seen=now)
+        src = self._sources[name] = _NSource(name, last_seen=self._idle_now(now))
         return src
 
     def _find(self, source: str, event_id: str) -> tuple[_NSource, _Slot]:

@@ -102,6 +102,10 @@ async def apply(engine: Engine, new: EngineConfig) -> dict[str, Any]:
             old_stage, engine.glm = engine.glm, stage
             stage.adopt(old_stage)
             stage.start()
+            for task in stage.tasks:
+                engine.supervisor.watch("glm-worker", task)
+            for task in old_stage.tasks:
+                engine.supervisor.release(task)
             engine.in_background(old_stage.drain(old.glm.call_timeout_s))
         engine.config = new.model_copy(update={k: getattr(old, k) for k in restart})
         engine.stats.reloads += 1

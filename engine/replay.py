@@ -1,9 +1,10 @@
 """``autoglm replay``: re-feed the recorded input stream through fresh routes and a fresh aligner.
 
-Durable mode keeps every input in the JetStream stream ``<PREFIX>_IN``
-(``stream_max_age_s``). Replay reads it from ``--since`` in stream order with
-an ephemeral consumer (the engine's durable consumer is not touched, so it is
-safe beside a running engine) and writes one JSON line per fused frame (the
+Durable mode records every input in the JetStream stream ``<PREFIX>_REC``, a
+mirror of the input work queue (``record_max_age_s``, ``record_max_bytes``).
+Replay reads it from ``--since`` in stream order with an ephemeral consumer
+(the engine's durable consumer is not touched, so it is safe beside a running
+engine) and writes one JSON line per fused frame (the
 same record the engine publishes, without the GLM) and one per rejected event.
 
 Replaying the same events gives the same bytes: the aligner runs on a clock
@@ -33,7 +34,7 @@ from engine import claimcheck
 from engine.app import frame_record
 from engine.codec import Limits, decode_event, source_of
 from engine.config import EngineConfig
-from engine.durable import stream_names
+from engine.durable import record_stream
 from engine.errors import ConfigError, EventRejected, TransportError
 from engine.router import Route, Router
 from engine.types import FusedFrame, InputEvent, Nanos
@@ -101,6 +102,13 @@ class Replayer:
     def feed(self, subject: str, headers: dict[str, str] | None, data: bytes, default_id: str) -> None:
         self.stats.read += 1
         try:
+            self._feed(subject, headers, data, default_id)
+        except Exception as exc:  # as in the engine: one message never stops the run
+            why = EventRejected("internal_error", f"{type(exc).__name__}: {exc}"[:500])
+            self.reject(subject, (headers or {}).get("Nats-Msg-Id"), why)
+
+    def _feed(self, subject: str, headers: dict[str, str] | None, data: bytes, default_id: str) -> None:
+        try:
             event = decode_event(
                 subject,
                 headers,
@@ -118,7 +126,7 @@ class Replayer:
             route = self.router.route_for(event)
             if route.limiter is not None and not route.limiter.allow(event.source, event.ts_ns):
                 self.stats.rate_limited += 1
-                self.aligner.note(event.source, event.modality, "rate_limited")
+                self.aligner.skip(event, "rate_limited", admitted=False)
                 return
             self.aligner.admit(event)
         except EventRejected as exc:
@@ -180,12 +188,13 @@ async def recorded(nc: Any, config: EngineConfig, since: datetime | None) -> Asy
     """Every message of the input stream from ``since`` to its end at the time
     of the call, fetched 500 at a time (a day of recording never sits in memory)."""
     js = nc.jetstream()
-    stream, _ = stream_names(config.nats)
+    stream = record_stream(config.nats)
     try:
         info = await js.stream_info(stream)
     except Exception as exc:  # not found: core mode, or another prefix
         raise TransportError(
-            f"no recorded input stream {stream} on this server (durable mode records inputs): {exc}"
+            f"no recorded input stream {stream} on this server (durable mode records inputs "
+            f"unless nats.record_max_bytes = 0): {exc}"
         ) from exc
     last = info.state.last_seq
     if not info.state.messages:

@@ -56,6 +56,14 @@ class EngineStats:
     slow_consumer: int = 0
     batch_errors: int = 0
     emit_errors: int = 0
+    #: Messages whose handling raised something other than a refusal
+    #: (each got an ``internal_error`` DLQ record).
+    internal_errors: int = 0
+    #: Events refused as ``duplicate`` (an id already in an open window): two
+    #: producers numbering alike, or one resending.
+    duplicates: Counter[str] = field(default_factory=Counter)
+    #: Stores of results/DLQ records retried while JetStream was away.
+    store_retries: int = 0
     #: Hot reloads applied, and refused (invalid file or a model that failed to load).
     reloads: int = 0
     reloads_failed: int = 0
@@ -82,6 +90,9 @@ class EngineStats:
             "slow_consumer": self.slow_consumer,
             "batch_errors": self.batch_errors,
             "emit_errors": self.emit_errors,
+            "internal_errors": self.internal_errors,
+            "duplicates": dict(self.duplicates),
+            "store_retries": self.store_retries,
             "reloads": self.reloads,
             "reloads_failed": self.reloads_failed,
         }

@@ -119,6 +119,9 @@ class FusedFrame:
     process_ns: Nanos = 0
     #: The result's ``Nats-Msg-Id``; ``<source>:<start_ns>`` when empty.
     key: str = ""
+    #: Events of this window that were counted but not fused, by why
+    #: (``rate_limited``, ``stale``): listed so every event ends in one record.
+    skipped: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 T = TypeVar("T")

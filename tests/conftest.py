@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,46 @@ class Collector:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._event.wait(), left)
         return [body for _, _, body in self.items]
+
+    async def wait_until(self, done: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+        """Wait for a condition over what was collected so far."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not done():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {what}; got {len(self.items)} messages")
+            self._event.clear()
+            with contextlib.suppress(TimeoutError):  # re-checked often: it may read other collectors
+                await asyncio.wait_for(self._event.wait(), min(left, 0.1))
+
+    def event_ids(self) -> list[str]:
+        """Every event id the collected results account for (fused and skipped)."""
+        out = []
+        for _, _, body in self.items:
+            for group in (*(body.get("events") or {}).values(), *(body.get("skipped") or {}).values()):
+                out.extend(group)
+        return out
+
+    async def wait_events(self, ids: set[str], timeout: float = 15.0) -> None:
+        await self.wait_until(
+            lambda: ids <= set(self.event_ids()), f"results holding {len(ids)} events", timeout
+        )
+
+
+async def engine_health(
+    nc: Any, prefix: str, done: Callable[[dict[str, Any]], bool], timeout: float = 20.0
+) -> None:
+    """Ask ``<prefix>.svc.health`` until its answer satisfies ``done`` (an engine in
+    another process: the condition is all a test can see of it)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: Any = None
+    while asyncio.get_running_loop().time() < deadline:
+        with contextlib.suppress(Exception):  # not registered yet
+            last = orjson.loads((await nc.request(f"{prefix}.svc.health", b"", timeout=1.0)).data)
+            if done(last):
+                return
+        await asyncio.sleep(0.05)  # a poll interval, not a synchronisation
+    raise AssertionError(f"engine health never satisfied the condition; last answer: {last}")
 
 
 async def collect(nc: Any, subject: str) -> Collector:

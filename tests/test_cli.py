@@ -17,7 +17,7 @@ import soundfile
 
 from engine.app import Engine
 from engine.publish import sync_with_server
-from tests.conftest import collect, make_config, send, spawn_engine
+from tests.conftest import collect, engine_health, make_config, send, spawn_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTOGLM = [sys.executable, "-m", "engine.cli"]
@@ -113,17 +113,24 @@ async def test_publish_without_a_server_fails_clearly() -> None:
             os.environ["AUTOGLM_NATS_URL"] = env_url
 
 
-async def test_run_drains_on_sigterm(nats_url: str, nc: Any, prefix: str, tmp_path: Path) -> None:
-    cfg = tmp_path / "r.toml"
-    cfg.write_text(
-        f'[nats]\nsubject_prefix = "{prefix}"\n[aligner]\nwindow_ms = 60000\nidle_timeout_ms = 60000\n'
+def _held_window_config(path: Path, prefix: str, durable: bool, idle_ms: int = 60000) -> Path:
+    path.write_text(
+        f'[nats]\nsubject_prefix = "{prefix}"\ndurable = {str(durable).lower()}\n'
+        f"[aligner]\nwindow_ms = 60000\nidle_timeout_ms = {idle_ms}\n"
         '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
     )
+    return path
+
+
+async def test_run_drains_on_sigterm_in_core_mode(
+    nats_url: str, nc: Any, prefix: str, tmp_path: Path
+) -> None:
+    """Core mode: nothing would deliver the events again, so SIGTERM publishes open windows."""
+    cfg = _held_window_config(tmp_path / "r.toml", prefix, durable=False)
     out = await collect(nc, f"{prefix}.out.>")
     proc = await spawn_engine("--config", str(cfg), "--nats-url", nats_url)
     await send(nc, prefix, "cam", "text", b"held in a 60 s window", time.time_ns(), event_id="held")
-    await nc.flush()
-    await asyncio.sleep(0.3)
+    await engine_health(nc, prefix, lambda h: h["open_windows"] == 1)
     assert out.items == []  # the window is still open
     proc.send_signal(signal.SIGTERM)
     rest, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -131,6 +138,31 @@ async def test_run_drains_on_sigterm(nats_url: str, nc: Any, prefix: str, tmp_pa
     assert b"stopped; 1 results" in rest
     [result] = await out.wait_for(1)
     assert result["events"] == {"text": ["held"]}
+
+
+async def test_sigterm_in_durable_mode_leaves_open_windows_to_the_next_engine(
+    nats_url: str, nc: Any, prefix: str, tmp_path: Path
+) -> None:
+    """A window published early at shutdown and rebuilt after the restart used to
+    get the same result id, so the second part was dropped as a duplicate and its
+    events lost. Now the window stays unacked and the next engine builds it whole."""
+    cfg = _held_window_config(tmp_path / "r.toml", prefix, durable=True)
+    out = await collect(nc, f"{prefix}.out.>")
+    proc = await spawn_engine("--config", str(cfg), "--nats-url", nats_url)
+    t0 = time.time_ns()
+    await send(nc, prefix, "cam", "text", b"before the restart", t0, event_id="cam-before")
+    await engine_health(nc, prefix, lambda h: h["open_windows"] == 1)
+    proc.send_signal(signal.SIGTERM)
+    rest, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert b"stopped; 0 results" in rest
+    cfg = _held_window_config(tmp_path / "r.toml", prefix, durable=True, idle_ms=500)
+    proc = await spawn_engine("--config", str(cfg), "--nats-url", nats_url)
+    await send(nc, prefix, "cam", "text", b"after the restart", t0 + 1000, event_id="cam-after")
+    await out.wait_events({"cam-before", "cam-after"})
+    proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(proc.communicate(), 60)
+    assert [body["events"] for _, _, body in out.items] == [{"text": ["cam-before", "cam-after"]}]
 
 
 async def test_health_finds_an_embedded_engine_and_fails_without_one(tmp_path: Path) -> None:

@@ -191,7 +191,7 @@ async def test_a_hanging_glm_never_stops_ingestion_or_loses_results(
 async def test_result_store_acks_after_the_pubacks_and_retries_what_was_not_stored(
     nc: Any, prefix: str
 ) -> None:
-    from engine.durable import ResultStore
+    from engine.resultstore import ResultStore
 
     js = nc.jetstream()
     await js.add_stream(name=f"{prefix.upper()}_RS", subjects=[f"{prefix}.rs.>"])

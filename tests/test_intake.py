@@ -68,9 +68,12 @@ async def run(
     engine = Engine(cfg)
     await engine.start(nats_url)
     sent = await stream(nc, prefix, n, 0.004)  # 250 frames/s offered, 50/s possible
-    await asyncio.sleep(0.5)
+    await out.wait_until(
+        lambda: set(out.event_ids()) | {r["event_id"] for _, _, r in dlq.items} >= sent,
+        "every frame in a result (fused or skipped) or a DLQ record",
+        timeout=30,
+    )
     await engine.stop()
-    await asyncio.sleep(0.2)
     return engine, out, dlq, sent
 
 
@@ -89,6 +92,9 @@ async def test_real_time_skips_stale_frames_and_keeps_latency_flat(
     assert stale > 0, "5x the processor's rate must leave frames behind"
     assert len(fused) + stale == len(sent) and fused <= sent  # every frame: a result or counted as stale
     assert not dlq.items  # skipping is a counter, not a DLQ record per frame
+    # ... and each skipped frame is named in the result of its window
+    listed = [e for _, _, r in out.items for e in (r.get("skipped") or {}).get("stale", [])]
+    assert len(listed) == stale and set(listed) == sent - fused
     assert engine.aligner.counts[("image", "stale")] == stale
     # a frame that was processed was at most max_staleness old when it started
     worst = max(r["latency_ms"]["event_to_result"] for _, _, r in out.items)

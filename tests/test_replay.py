@@ -126,5 +126,5 @@ async def test_replay_command_writes_json_lines(nc: Any, nats_url: str, prefix: 
 async def test_replay_without_a_recording_says_so(nc: Any, nats_url: str, tmp_path: Path) -> None:
     cfg_path = tmp_path / "routing.toml"
     cfg_path.write_text(routing("never_recorded"))
-    with pytest.raises(Exception, match="no recorded input stream NEVER_RECORDED_IN"):
+    with pytest.raises(Exception, match="no recorded input stream NEVER_RECORDED_REC"):
         await replay(nc, load_config(cfg_path, env={}), None, None, io.BytesIO())
