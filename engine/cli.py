@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
@@ -26,6 +26,9 @@ from engine.config import (
 )
 from engine.errors import AutoGLMError, ConfigError
 from engine.logs import setup_logging
+
+if TYPE_CHECKING:
+    from engine.app import Engine
 
 DEFAULT_CONFIG = "routing.toml"
 
@@ -140,11 +143,21 @@ async def _run(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     # Said once the handlers are in place: a SIGHUP sent on reading it must not kill the engine.
     print("autoglm: Ctrl-C (SIGINT) or SIGTERM drains and exits; SIGHUP reloads the routing file", flush=True)
-    failed = loop.create_task(engine.supervisor.failed.wait())
-    await asyncio.wait([loop.create_task(stop.wait()), failed], return_when=asyncio.FIRST_COMPLETED)
-    if failed.done():
-        from engine.supervisor import EXIT_FAILED
+    return await serve(engine, stop)
 
+
+async def serve(engine: Engine, stop: asyncio.Event) -> int:
+    """Run until ``stop`` (drain, exit 0) or until a supervised task dies: then
+    stop without acking what is held and exit non-zero, so that whatever runs
+    the engine (a container, systemd) starts a fresh one."""
+    from engine.supervisor import EXIT_FAILED
+
+    loop = asyncio.get_running_loop()
+    failed = loop.create_task(engine.supervisor.failed.wait())
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+    if failed.done():
+        stopped.cancel()
         print(f"autoglm: engine failed ({engine.supervisor.failure}); stopping", file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(engine.stop(), 30)

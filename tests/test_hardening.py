@@ -1,0 +1,452 @@
+"""What a hostile review broke, each made to happen again against a real server.
+
+One event must never stop intake; a dead task must never hide behind an "ok";
+a window's second part must never be deduplicated away; processed events must
+never crowd out unprocessed ones; every event ends in one record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nats.js.errors
+import orjson
+import pytest
+
+from engine import app as engine_app
+from engine.app import Engine
+from engine.codec import encode_headers
+from engine.types import Features, InputEvent, Modality
+from processors.params import PassthroughParams
+from processors.registry import ProcessorSpec, register
+from tests.conftest import collect, make_config, send
+
+MS = 1_000_000
+
+
+def durable(prefix: str, **nats_kw: Any) -> dict[str, Any]:
+    return {"subject_prefix": prefix, "durable": True, **nats_kw}
+
+
+async def health(nc: Any, prefix: str) -> dict[str, Any]:
+    reply = await nc.request(f"{prefix}.svc.health", b"", timeout=2)
+    data: dict[str, Any] = orjson.loads(reply.data)
+    return data
+
+
+async def consumer_done(nc: Any, prefix: str) -> Any:
+    return await nc.jetstream().consumer_info(f"{prefix.upper()}_IN", "autoglm-engine")
+
+
+async def stored_records(nc: Any, subject: str) -> list[dict[str, Any]]:
+    """What the results stream kept on ``subject``: what a durable consumer reads."""
+    sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+    out = []
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=1.0)
+        except Exception:  # nats TimeoutError: read to the end
+            break
+        out.append(orjson.loads(msg.data))
+    await sub.unsubscribe()
+    return out
+
+
+def a_bug_on(payload: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plant a bug in the engine's decode step for one payload: what the
+    Unicode-digit timestamp did (a ValueError where only refusals were expected)."""
+    real = engine_app.decode_event
+
+    def decode(subject: str, headers: Any, data: bytes, **kw: Any) -> InputEvent:
+        if data == payload:
+            raise ValueError("invalid literal for int() with base 10: '179596339822592701²'")
+        return real(subject, headers, data, **kw)
+
+    monkeypatch.setattr(engine_app, "decode_event", decode)
+
+
+@pytest.mark.parametrize("mode", ["core", "durable"])
+async def test_a_bug_on_one_message_becomes_its_dlq_record_and_intake_goes_on(
+    nc: Any, nats_url: str, prefix: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a_bug_on(b"boom", monkeypatch)
+    out = await collect(nc, f"{prefix}.out.>")
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    engine = Engine(make_config(prefix, nats=durable(prefix) | {"durable": mode == "durable"}))
+    await engine.start(nats_url)
+    t = time.time_ns()
+    await send(nc, prefix, "cam", "text", b"boom", t, event_id="cam-boom")
+    for i in range(5):
+        await send(nc, prefix, "cam", "text", b"fine", t + i * MS, event_id=f"cam-{i}")
+    await nc.flush()
+    [record] = await dlq.wait_for(1)
+    assert record["reason"] == "internal_error" and record["event_id"] == "cam-boom"
+    assert record["message"].startswith("ValueError: invalid literal")
+    await out.wait_events({f"cam-{i}" for i in range(5)})
+    assert (await health(nc, prefix))["status"] == "ok"
+    assert engine.stats.internal_errors == 1
+    if mode == "durable":
+        info = await consumer_done(nc, prefix)
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+    await engine.stop()
+
+
+async def test_unicode_digits_in_every_number_are_refused_and_durable_intake_survives(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """A 40-byte event used to kill the fetch loop for good: ``int()`` of ``²``."""
+    out = await collect(nc, f"{prefix}.out.>")
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    engine = Engine(make_config(prefix, nats=durable(prefix)))
+    await engine.start(nats_url)
+    t = time.time_ns()
+    hostile = [
+        {"AutoGLM-Timestamp": f"{t}²", "Content-Type": "text/plain"},
+        {"AutoGLM-Timestamp": "١٧٩٥٩٦٣٣٩٨٢٢٥٩٢٧٠١", "Content-Type": "text/plain"},
+        {"AutoGLM-Timestamp": str(t), "AutoGLM-Seq": "①", "Content-Type": "text/plain"},
+        {"AutoGLM-Timestamp": str(t), "Content-Type": "image/x-raw;width=６４;height=1"},
+        {"AutoGLM-Timestamp": str(t), "Content-Type": "audio/pcm;rate=16000;channels=²;format=s16le"},
+    ]
+    subjects = ["text", "text", "text", "image", "audio"]
+    for i, (hdrs, mod) in enumerate(zip(hostile, subjects, strict=True)):
+        await nc.publish(f"{prefix}.in.cam.{mod}", b"x" * 8, headers={**hdrs, "Nats-Msg-Id": f"cam-h{i}"})
+    await send(nc, prefix, "cam", "text", b"after", t + MS, event_id="cam-after")
+    await nc.flush()
+    records = await dlq.wait_for(len(hostile))
+    assert {r["event_id"] for r in records} == {f"cam-h{i}" for i in range(len(hostile))}
+    assert all(r["reason"] in ("bad_timestamp", "bad_header") for r in records), records
+    await out.wait_events({"cam-after"})
+    assert (await health(nc, prefix))["status"] == "ok"
+    await engine.stop()
+
+
+async def test_a_message_that_keeps_failing_is_poison_after_max_deliver(
+    nc: Any, nats_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backstop: even when recording the failure fails, the message is
+    redelivered at most ``max_deliver`` times, then recorded as poison and ended."""
+    a_bug_on(b"boom", monkeypatch)
+    real_reject = Engine._reject
+
+    async def reject(self: Engine, subject: str, headers: Any, exc: Any, *a: Any) -> None:
+        if exc.reason == "internal_error":
+            raise RuntimeError("the DLQ publish itself failed")
+        await real_reject(self, subject, headers, exc, *a)
+
+    monkeypatch.setattr(Engine, "_reject", reject)
+    out = await collect(nc, f"{prefix}.out.>")
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    engine = Engine(make_config(prefix, nats=durable(prefix, ack_wait_s=1, max_deliver=2)))
+    await engine.start(nats_url)
+    t = time.time_ns()
+    await send(nc, prefix, "cam", "text", b"boom", t, event_id="cam-boom")
+    await send(nc, prefix, "cam", "text", b"fine", t + MS, event_id="cam-fine")
+    await nc.flush()
+    [record] = await dlq.wait_for(1)
+    assert record["reason"] == "poison" and record["event_id"] == "cam-boom"
+    await out.wait_events({"cam-fine"})
+    assert engine.intake is not None and engine.intake.poisoned == 1
+    assert engine.intake.handler_errors == 1
+    info = await consumer_done(nc, prefix)
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+    await engine.stop()
+
+
+async def test_a_dead_task_makes_the_engine_unhealthy_and_serve_exit_non_zero(
+    nc: Any, nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    from engine.cli import serve
+    from engine.supervisor import EXIT_FAILED
+
+    engine = Engine(make_config(prefix, nats=durable(prefix)))
+    await engine.start(nats_url)
+    assert (await health(nc, prefix))["status"] == "ok"
+    assert engine.intake is not None
+    fetch = engine.intake.tasks["jetstream-fetch"]
+    assert fetch is not None
+    fetch.cancel()  # as if it had died: it is not stopping
+    await asyncio.wait_for(engine.supervisor.failed.wait(), 10)
+    report = await health(nc, prefix)
+    assert report["status"] == "unhealthy" and report["failure"].startswith("jetstream-fetch")
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        f'[nats]\nsubject_prefix = "{prefix}"\n[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "engine.cli", "health", "--config", str(cfg), "--nats-url", nats_url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode == 1 and b"unhealthy" in err
+    # What ``autoglm run`` does with it: stop, and exit non-zero for its supervisor.
+    assert await asyncio.wait_for(serve(engine, asyncio.Event()), 60) == EXIT_FAILED
+
+
+async def test_a_store_failing_longer_than_ack_wait_delays_records_but_never_kills_intake(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """It used to give up after ack_wait_s: the TransportError killed the fetch
+    loop for good while health said ok. The results stream going away is the
+    store failing as it does while the server is away."""
+    from nats.js.api import StreamConfig
+
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    out = await collect(nc, f"{prefix}.out.>")
+    engine = Engine(make_config(prefix, nats=durable(prefix, ack_wait_s=1)))
+    await engine.start(nats_url)
+    js = nc.jetstream()
+    out_stream = f"{prefix.upper()}_OUT"
+    kept = (await js.stream_info(out_stream)).config
+    await js.delete_stream(out_stream)
+    t = time.time_ns()
+    await send(nc, prefix, "cam", "text", b"x", t, content_type="video/mp4", event_id="cam-bad")
+    for i in range(5):
+        await send(nc, prefix, "cam", "text", b"ok", t + (i + 1) * MS, event_id=f"cam-ok-{i}")
+    await nc.flush()
+    # Retrying for longer than ack_wait (backoff 0.05 s doubling: 5 tries > 1.5 s), and saying so.
+    for _ in range(600):
+        if engine.stats.store_retries >= 5:
+            break
+        await asyncio.sleep(0.05)  # polling a counter of this process, not waiting for time to pass
+    report = await health(nc, prefix)
+    assert report["status"] == "degraded" and "store_retrying" in report["degraded"]
+    await js.add_stream(StreamConfig(name=out_stream, subjects=kept.subjects, duplicate_window=120))
+    await dlq.wait_for(1)
+    await out.wait_events({f"cam-ok-{i}" for i in range(5)}, timeout=30)
+    # Each try reached plain subscribers; the stream kept one (heartbeated: never redelivered).
+    stored = await stored_records(nc, f"{prefix}.dlq.>")
+    assert [r["event_id"] for r in stored] == ["cam-bad"]
+    assert (await health(nc, prefix))["status"] == "ok"
+    assert engine.supervisor.failure is None
+    info = await consumer_done(nc, prefix)
+    assert info.num_pending == 0
+    await engine.stop()
+
+
+async def test_a_window_that_grows_after_it_was_published_is_stored_as_a_second_part(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """``max_sources = 1``: source a is evicted (its window published) when b
+    arrives, then sends again into the same window. Same result id before: the
+    second part was dropped by the results stream and its events acked: lost."""
+    engine = Engine(
+        make_config(
+            prefix,
+            nats=durable(prefix),
+            aligner={"window_ms": 60_000, "idle_timeout_ms": 500, "max_sources": 1},
+        )
+    )
+    await engine.start(nats_url)
+    t = (time.time_ns() // 60_000_000_000) * 60_000_000_000  # the start of this minute's window
+    plan = [("a", "a-1"), ("b", "b-1"), ("a", "a-2"), ("b", "b-2"), ("a", "a-3")]
+    for i, (src, eid) in enumerate(plan):
+        await send(nc, prefix, src, "text", b"x", t + i * MS, event_id=eid)
+        await nc.flush()
+        # One at a time, so each arrival evicts the other source.
+        await _until(lambda n=i + 1: sum(engine.stats.received.values()) >= n)
+    sent = {eid for _, eid in plan}
+    for _ in range(400):
+        stored = await stored_records(nc, f"{prefix}.out.>")
+        if {e for r in stored for g in r["events"].values() for e in g} >= sent:
+            break
+    fused = [e for r in stored for g in r["events"].values() for e in g]
+    assert sorted(fused) == sorted(sent), "an event was lost or fused twice"
+    parts = [r for r in stored if r["source"] == "a"]
+    assert len(parts) == 3 and len({r["result_id"] for r in parts}) == 3
+    assert {r["window"]["start_ns"] for r in parts} == {t}
+    info = await consumer_done(nc, prefix)
+    assert info.num_ack_pending == 0
+    await engine.stop()
+
+
+async def _until(done: Any, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if done():
+            return
+        await asyncio.sleep(0.01)  # polling this process's own counters
+    raise AssertionError("condition not reached")
+
+
+async def test_processed_events_leave_the_input_stream_and_the_recording_keeps_them(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """The input stream used to keep processed events and refuse new ones once
+    full: one camera filled the 1 GiB default in 12 minutes, then every event
+    was refused for a day. Now it bounds only the unprocessed backlog."""
+    js = nc.jetstream()
+    engine = Engine(
+        make_config(prefix, nats=durable(prefix, stream_max_bytes=20_000), aligner={"idle_timeout_ms": 200})
+    )
+    await engine.start(nats_url)
+    out = await collect(nc, f"{prefix}.out.>")
+    t = time.time_ns() - 8 * 10**9
+    # 60 x 1 KiB = three times what the stream may hold: all accepted, since each
+    # leaves once processed and recorded (the mirror confirms about once a second,
+    # so a producer this fast meets a full backlog now and then, and waits).
+    refused = 0
+    for i in range(60):
+        hdrs = encode_headers(t + i * 100 * MS, "text/plain", event_id=f"cam-{i}")
+        for _ in range(300):
+            try:
+                ack = await js.publish(f"{prefix}.in.cam.text", b"x" * 1024, headers=hdrs)
+                break
+            except nats.js.errors.ServiceUnavailableError:  # maximum bytes exceeded: backlog full
+                refused += 1
+                await asyncio.sleep(0.05)  # a producer's backoff
+        assert not ack.duplicate
+    await out.wait_events({f"cam-{i}" for i in range(60)}, timeout=30)
+    for _ in range(600):  # the mirror confirms asynchronously
+        inputs = await js.stream_info(f"{prefix.upper()}_IN")
+        recording = await js.stream_info(f"{prefix.upper()}_REC")
+        if inputs.state.messages == 0 and recording.state.messages == 60:
+            break
+        await asyncio.sleep(0.02)
+    assert (inputs.state.messages, recording.state.messages) == (0, 60)
+    assert refused < 300  # waited at times, never stuck
+    await engine.stop()
+
+
+class Limited:
+    """A passthrough that asks its route to admit at most 10 events/s per source."""
+
+    max_fps = 10.0
+
+    def __init__(self, modality: Modality) -> None:
+        self.modality = modality
+
+    def prepare(self, event: InputEvent) -> int:
+        return len(event.payload)
+
+    def run(self, items: Sequence[int]) -> list[Features]:
+        return [Features(self.modality) for _ in items]
+
+
+class Slow(Limited):
+    max_fps = 0.0
+
+    def run(self, items: Sequence[int]) -> list[Features]:
+        time.sleep(0.05)
+        return super().run(items)
+
+
+def make_limited(params: PassthroughParams, modality: Modality, device: str, dtype: str) -> Limited:
+    return Limited(modality)
+
+
+def make_slow(params: PassthroughParams, modality: Modality, device: str, dtype: str) -> Slow:
+    return Slow(modality)
+
+
+register(ProcessorSpec("test-limited", None, PassthroughParams, "tests.test_hardening:make_limited"))
+register(ProcessorSpec("test-slow50", None, PassthroughParams, "tests.test_hardening:make_slow"))
+
+
+@pytest.mark.parametrize("mode", ["core", "durable"])
+async def test_rate_limited_events_are_named_in_their_windows_result(
+    nc: Any, nats_url: str, prefix: str, mode: str
+) -> None:
+    out = await collect(nc, f"{prefix}.out.>")
+    route = {"modality": "text", "processor": "test-limited", "batch": {"max_wait_ms": 1}}
+    cfg = make_config(
+        prefix,
+        nats={"subject_prefix": prefix, "durable": mode == "durable"},
+        routes=[route],
+        aligner={"window_ms": 1000, "idle_timeout_ms": 300},
+    )
+    engine = Engine(cfg)
+    await engine.start(nats_url)
+    t = (time.time_ns() // 10**9 - 2) * 10**9
+    sent = {f"cam-{i}" for i in range(20)}
+    for i in range(20):  # 20 events in 200 ms at 10/s allowed: most are rate-limited
+        await send(nc, prefix, "cam", "text", b"x", t + i * 10 * MS, event_id=f"cam-{i}")
+    await nc.flush()
+    await out.wait_events(sent)
+    [result] = [body for _, _, body in out.items]
+    limited = result["skipped"]["rate_limited"]
+    assert len(limited) == engine.stats.rate_limited["text"] > 0
+    assert sorted(result["events"]["text"] + limited) == sorted(sent)
+    await engine.stop()
+
+
+@pytest.mark.parametrize("mode", ["core", "durable"])
+async def test_complete_intake_waiting_for_room_does_not_make_sources_idle(
+    nc: Any, nats_url: str, prefix: str, mode: str
+) -> None:
+    """While intake waits for room in a slow route, the events exist but are not
+    read: the idle timeout used to seal the window and refuse them as too_late
+    (149 of 200 in-order frames)."""
+    out = await collect(nc, f"{prefix}.out.>")
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    route = {"modality": "image", "processor": "test-slow50", "batch": {"max_batch_size": 1, "max_queue": 2}}
+    cfg = make_config(
+        prefix,
+        nats={"subject_prefix": prefix, "durable": mode == "durable"},
+        routes=[route],
+        # 40 frames at 50 ms each = 2 s of work in a 10 s window; quiet means idle after 100 ms
+        aligner={"window_ms": 10_000, "idle_timeout_ms": 100, "allowed_lateness_ms": 0},
+    )
+    engine = Engine(cfg)
+    await engine.start(nats_url)
+    t = (time.time_ns() // 10**10) * 10**10
+    sent = {f"cam-{i}" for i in range(40)}
+    for i in range(40):
+        await send(nc, prefix, "cam", "image", b"x", t + i * MS, event_id=f"cam-{i}")
+    await nc.flush()
+    await out.wait_until(
+        lambda: set(out.event_ids()) | {r["event_id"] for _, _, r in dlq.items} >= sent,
+        "every frame in a result or a DLQ record",
+        timeout=30,
+    )
+    assert not dlq.items, [r["reason"] for _, _, r in dlq.items]
+    assert engine.stats.intake_waits > 0
+    assert sorted(out.event_ids()) == sorted(sent)
+    await engine.stop()
+
+
+async def test_after_a_crash_events_already_in_a_stored_result_are_acked_not_fused_again(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """kill -9 between a result's PubAck and its events' acks: the events come back
+    and used to be fused a second time (their rebuilt window has another id)."""
+    engine = Engine(make_config(prefix, nats=durable(prefix)))
+    await engine.start(nats_url)
+    await engine.stop()
+    js = nc.jetstream()
+    t = time.time_ns() - 5 * 10**9
+    t -= t % (100 * MS)
+    for i in range(1, 5):
+        await js.publish(
+            f"{prefix}.in.cam.text",
+            b"x",
+            headers=encode_headers(t + i * MS, "text/plain", event_id=f"cam-{i}"),
+        )
+    # The engine that died: it holds all four unacked, and had stored a result of two.
+    dead = await js.pull_subscribe(f"{prefix}.in.>", durable="autoglm-engine", stream=f"{prefix.upper()}_IN")
+    assert len(await dead.fetch(4, timeout=5)) == 4
+    earlier = {
+        "result_id": f"cam:{t}:earlier",
+        "source": "cam",
+        "window": {"start_ns": t, "end_ns": t + 100 * MS},
+        "events": {"text": ["cam-1", "cam-2"]},
+    }
+    await js.publish(f"{prefix}.out.cam", orjson.dumps(earlier), headers={"Nats-Msg-Id": f"cam:{t}:earlier"})
+    engine = Engine(make_config(prefix, nats=durable(prefix)))
+    await engine.start(nats_url)
+    assert engine.intake is not None and engine.intake.replayed_from is not None
+    stored: list[dict[str, Any]] = []
+    for _ in range(200):
+        stored = await stored_records(nc, f"{prefix}.out.>")
+        if len(stored) >= 2:
+            break
+    fused = sorted(e for r in stored for g in r["events"].values() for e in g)
+    assert fused == ["cam-1", "cam-2", "cam-3", "cam-4"], fused
+    assert engine.intake.recovered == 2
+    info = await consumer_done(nc, prefix)
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+    await engine.stop()
