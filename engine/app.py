@@ -37,7 +37,7 @@ from engine.metrics import MetricsServer
 from engine.nearest import NearestAligner
 from engine.publish import sync_with_server
 from engine.router import Route, Router
-from engine.security import security_for
+from engine.security import redact_url, security_for
 from engine.server import EmbeddedServer
 from engine.stats import EngineStats
 from engine.tracing import Tracing
@@ -145,9 +145,9 @@ class Engine:
             self._nc = await asyncio.wait_for(self._broker.connect(), self.config.nats.connect_timeout_s)
         except Exception as exc:  # nats-py raises OSError, TimeoutError, NoServersError...
             await self._stop_server()
-            raise TransportError(f"cannot connect to NATS at {url}: {exc}") from exc
+            raise TransportError(f"cannot connect to NATS at {redact_url(url)}: {exc}") from exc
         try:
-            await refuse_a_second_engine(self._nc, self.prefix, url)
+            await refuse_a_second_engine(self._nc, self.prefix, redact_url(url))
         except ConfigError:
             await self._broker.stop()
             await self._stop_server()

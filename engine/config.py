@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
 from engine.configcheck import (
     AUTH_ENV,
@@ -129,6 +137,13 @@ class NatsConfig(_Frozen):
         if not _PREFIX_RE.fullmatch(v):
             raise ValueError("must be dot-separated tokens of [A-Za-z0-9_-]")
         return v
+
+    @field_serializer("url", when_used="json")
+    def _shown_url(self, url: str | None) -> str | None:
+        """``<prefix>.svc.config`` shows the configuration: no password in it."""
+        from engine.security import redact_url
+
+        return None if url is None else redact_url(url)
 
 
 class LimitsConfig(_Frozen):

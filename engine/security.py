@@ -42,6 +42,18 @@ from engine.errors import ConfigError
 DEFAULT_BUCKET = "autoglm-payloads"
 
 
+def redact_url(url: str) -> str:
+    """``url`` fit to show: its user info (``user:password@`` or ``token@``)
+    becomes ``***@``. Everything up to the *last* ``@`` goes, so a password
+    holding ``@``, ``/`` or ``,`` does not leak either."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+
+
 def ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
     if not tls.enabled:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import stat
 import sys
 import time
@@ -21,9 +22,9 @@ from engine.claimcheck import OBJECT_REF, put_payload
 from engine.config import EngineConfig, parse_config
 from engine.errors import ConfigError, TransportError
 from engine.publish import connect, sync_with_server
-from engine.security import connect_kwargs, read_env_file
+from engine.security import connect_kwargs, read_env_file, redact_url
 from engine.server import EmbeddedServer
-from tests.conftest import Collector, collect, make_config, send, spawn_engine
+from tests.conftest import ROOT, Collector, collect, make_config, send, spawn_engine
 from tests.natsjwt import operator_setup
 
 
@@ -246,3 +247,98 @@ async def test_engine_authenticates_with_a_creds_file(tmp_path: Path) -> None:
         assert record["events"] == {"text": ["j1"]}
     finally:
         await asyncio.to_thread(server.stop)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://eng:S3cret@10.0.0.1:4222", "nats://***@10.0.0.1:4222"),
+        ("tls://s3cret-token@nats.example:4443", "tls://***@nats.example:4443"),
+        ("nats://eng:p@ss/w,rd@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),  # '@', '/', ',' inside
+        ("eng:S3cret@127.0.0.1:4222", "***@127.0.0.1:4222"),  # no scheme
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+    ],
+)
+def test_redact_url_hides_any_user_info(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    # <prefix>.svc.config answers with the configuration as JSON: the URL in it is redacted
+    routes = [{"modality": "text", "processor": "passthrough"}]
+    cfg = parse_config({"routes": routes}, env={"AUTOGLM_NATS_URL": url})
+    assert cfg.nats.url == url  # connecting still uses it whole
+    assert orjson.loads(cfg.model_dump_json())["nats"]["url"] == shown
+
+
+PASSWORD = "S3cretPassw0rd"
+
+
+async def _autoglm(*args: str, timeout: float = 60) -> tuple[int, str]:
+    """``autoglm --log-level DEBUG ARGS`` to its end: exit code, stdout and stderr together."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.cli", "--log-level", "DEBUG", *args,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode()
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_password_in_the_nats_url_is_never_shown(tmp_path: Path) -> None:
+    conf = tmp_path / "users.conf"
+    conf.write_text(f'authorization {{\n  users = [ {{ user: "eng", password: "{PASSWORD}" }} ]\n}}\n')
+    server = EmbeddedServer(tmp_path / "js", extra_args=["-c", str(conf)])
+    plain = await asyncio.to_thread(server.start)
+    prefix = "pw"
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        f'[nats]\nsubject_prefix = "{prefix}"\ndata_dir = "{tmp_path / "data"}"\nconnect_timeout_s = 1\n'
+        '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+    )
+    secret_url = plain.replace("nats://", f"nats://eng:{PASSWORD}@")
+    dead_url = f"nats://eng:{PASSWORD}@127.0.0.1:{_dead_port()}"
+    shown: list[str] = []
+    try:
+        engine = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.cli", "--log-level", "DEBUG", "run",
+            "--config", str(cfg), "--nats-url", secret_url,
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            assert engine.stdout is not None
+            while b"engine running" not in (line := await asyncio.wait_for(engine.stdout.readline(), 60)):
+                assert line, "the engine exited before it ran"
+                shown.append(line.decode())
+            shown.append(line.decode())
+            assert f"engine running on nats://***@{plain.removeprefix('nats://')}" in shown[-1]
+            # what the engine tells others about itself: its configuration, the tools' output
+            nc = await connect(secret_url)
+            reply = await nc.request(f"{prefix}.svc.config", b"", timeout=5)
+            await nc.close()
+            assert PASSWORD not in reply.data.decode()
+            for tool in (["status", "--once"], ["health", "--config", str(cfg)], ["reload"]):
+                code, out = await _autoglm(*tool, "--nats-url", secret_url)
+                assert code == 0, out
+                shown.append(out)
+        finally:
+            engine.send_signal(signal.SIGTERM)
+            rest, _ = await asyncio.wait_for(engine.communicate(), 30)
+            shown.append(rest.decode())
+        assert engine.returncode == 0, shown
+        # a server that is not there: every command says so, without the password
+        for command in (
+            ["run", "--config", str(cfg)],
+            ["publish", "--source", "cam", "--text", "hi"],
+            ["status", "--once"],
+            ["health"],
+            ["reload"],
+        ):
+            code, out = await _autoglm(*command, "--nats-url", dead_url)
+            assert code != 0 and "nats://***@127.0.0.1:" in out, out
+            shown.append(out)
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert PASSWORD not in "".join(shown)
