@@ -138,6 +138,9 @@ class Engine:
             reconnect_time_wait=1,
             name="autoglm-engine",
             security=security_for(self.config.nats),
+            # every reply to the engine (JetStream fetches, object chunks,
+            # requests) arrives under this prefix, which --secure makes its own
+            inbox_prefix=self.config.nats.inbox_prefix,
         )
         try:
             # nats-py keeps retrying the first connect when reconnects are

@@ -106,6 +106,11 @@ class NatsConfig(_Frozen):
 
     url: str | None = None
     auth: AuthConfig = AuthConfig()
+    #: Replies to this connection's requests (JetStream's included) arrive on
+    #: ``<inbox_prefix>.<unique>``. A server that gives each user its own
+    #: (``autoglm run --secure``: ``_INBOX_<user>``) keeps users from reading
+    #: each other's replies. ``AUTOGLM_NATS_INBOX_PREFIX`` overrides it.
+    inbox_prefix: str = "_INBOX"
     tls: TlsConfig = TlsConfig()
     #: Claim check: the Object Store bucket for payloads over the server's
     #: max payload (engine/claimcheck.py); the engine makes it with this TTL.

@@ -2,9 +2,9 @@
 
 :func:`security_for` turns ``[nats.auth]`` / ``[nats.tls]`` (after the
 ``AUTOGLM_NATS_*`` environment) into FastStream's NATS security object; the
-engine's broker takes it as is and the command-line tools pass
-:func:`connect_kwargs` (the same thing as nats-py arguments) to
-``nats.connect``, so there is one reading of the settings.
+engine's broker takes it as is (with ``nats.inbox_prefix``) and the
+command-line tools pass :func:`connect_kwargs` (the same things as nats-py
+arguments) to ``nats.connect``, so there is one reading of the settings.
 
 :func:`lock_down` is ``autoglm run --secure``: random passwords for two users
 with the least each needs, as a nats-server ``authorization`` block, and an
@@ -82,8 +82,10 @@ def security_for(nats: NatsConfig) -> NatsSecurity | None:
 
 
 def connect_kwargs(nats: NatsConfig) -> dict[str, Any]:
-    """The same settings as ``nats.connect`` keyword arguments."""
-    return {k: v for k, v in parse_security(security_for(nats)).items() if v is not None}
+    """The same settings as ``nats.connect`` keyword arguments, and the inbox prefix."""
+    kwargs = {k: v for k, v in parse_security(security_for(nats)).items() if v is not None}
+    kwargs["inbox_prefix"] = nats.inbox_prefix
+    return kwargs
 
 
 @dataclass(frozen=True)

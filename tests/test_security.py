@@ -29,12 +29,35 @@ from tests.natsjwt import operator_setup
 
 
 def test_auth_from_environment_and_secrets_never_shown() -> None:
-    env = {"AUTOGLM_NATS_USER": "cam", "AUTOGLM_NATS_PASSWORD": "s3cret-pw"}
+    env = {
+        "AUTOGLM_NATS_USER": "cam",
+        "AUTOGLM_NATS_PASSWORD": "s3cret-pw",
+        "AUTOGLM_NATS_INBOX_PREFIX": "_INBOX_cam",
+    }
     cfg = parse_config({"routes": [{"modality": "text", "processor": "passthrough"}]}, env=env)
     assert cfg.nats.auth.user == "cam" and cfg.nats.auth.password.get_secret_value() == "s3cret-pw"
     assert "s3cret-pw" not in cfg.model_dump_json() and "s3cret-pw" not in repr(cfg)
     kwargs = connect_kwargs(cfg.nats)
     assert kwargs["user"] == "cam" and kwargs["password"] == "s3cret-pw" and "tls" not in kwargs
+    assert kwargs["inbox_prefix"] == cfg.nats.inbox_prefix == "_INBOX_cam"  # for nats.connect and the broker
+
+
+async def test_the_engine_and_its_jetstream_use_the_configured_inbox_prefix(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """Every reply to the engine (its fetches, object chunks, requests) arrives
+    under ``nats.inbox_prefix``: a server can then confine it there."""
+    seen: list[bytes] = []
+
+    async def on_reply(msg: Any) -> None:
+        seen.append(msg.data)
+
+    await nc.subscribe("_INBOX_mine.>", cb=on_reply)
+    await sync_with_server(nc)
+    cfg = make_config(prefix, nats={"subject_prefix": prefix, "inbox_prefix": "_INBOX_mine"})
+    assert (await one_result(nats_url, cfg, "p1"))["events"] == {"text": ["p1"]}
+    await sync_with_server(nc)
+    assert b"hello" in seen  # the event, as JetStream delivered it to the engine's fetch
 
 
 @pytest.mark.parametrize(
@@ -45,6 +68,7 @@ def test_auth_from_environment_and_secrets_never_shown() -> None:
         ({"tls": {"cert": "/etc/hostname"}}, "nats.tls: cert and key go together"),
         ({"tls": {"ca": "/nope/ca.pem"}}, 'nats.tls.ca = "/nope/ca.pem": file not found'),
         ({"auth": {"password": 12345}}, "nats.auth.password = (hidden): "),
+        ({"inbox_prefix": "_INBOX.>"}, 'nats.inbox_prefix = "_INBOX.>": must be dot-separated tokens'),
     ],
 )
 def test_bad_auth_settings_are_named_without_their_secrets(nats: dict[str, Any], problem: str) -> None:
