@@ -100,13 +100,15 @@ async def _run(args: argparse.Namespace) -> int:
         if args.nats_url or cfg.nats.url:
             raise ConfigError(["--secure locks down the embedded server: drop --nats-url / nats.url"])
         from engine.config import AuthConfig
-        from engine.security import lock_down
+        from engine.security import inbox_prefix, lock_down
 
-        locked = lock_down(
-            Path(cfg.nats.data_dir) / "secure", cfg.nats.subject_prefix, cfg.nats.object_bucket
-        )
+        locked = lock_down(Path(cfg.nats.data_dir) / "secure", cfg.nats)
         auth = AuthConfig(user="engine", password=SecretStr(locked.passwords["engine"]))
-        overrides["nats"] = {"server_config": str(locked.server_config), "auth": auth}
+        overrides["nats"] = {
+            "server_config": str(locked.server_config),
+            "auth": auth,
+            "inbox_prefix": inbox_prefix("engine"),  # the only inbox it may read
+        }
         cfg = with_overrides(cfg, overrides)
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)  # noqa: ASYNC240
     engine = Engine(cfg, config_path=path, overrides=overrides)
