@@ -38,7 +38,7 @@ from engine.publish import sync_with_server
 from engine.records import event_ids, frame_record, result_id
 from engine.resultstore import ResultStore
 from engine.router import Route, Router
-from engine.security import security_for
+from engine.security import redact_url, security_for
 from engine.server import EmbeddedServer
 from engine.stats import EngineStats
 from engine.supervisor import Supervisor
@@ -129,6 +129,9 @@ class Engine:
             reconnect_time_wait=1,
             name="autoglm-engine",
             security=security_for(self.config.nats),
+            # every reply to the engine (JetStream fetches, object chunks,
+            # requests) arrives under this prefix, which --secure makes its own
+            inbox_prefix=self.config.nats.inbox_prefix,
         )
         try:
             # nats-py keeps retrying the first connect when reconnects are
@@ -136,9 +139,9 @@ class Engine:
             self._nc = await asyncio.wait_for(self._broker.connect(), self.config.nats.connect_timeout_s)
         except Exception as exc:  # nats-py raises OSError, TimeoutError, NoServersError...
             await self._stop_server()
-            raise TransportError(f"cannot connect to NATS at {url}: {exc}") from exc
+            raise TransportError(f"cannot connect to NATS at {redact_url(url)}: {exc}") from exc
         try:
-            await refuse_a_second_engine(self._nc, self.prefix, url)
+            await refuse_a_second_engine(self._nc, self.prefix, redact_url(url))
         except ConfigError:
             await self._broker.stop()
             await self._stop_server()

@@ -4,31 +4,49 @@ The producer puts the bytes in a bucket and publishes a small reference event
 on the usual subject, with the usual headers, but::
 
     Content-Type: application/vnd.autoglm.object-ref
-    body: {"bucket": "autoglm-payloads", "name": "<unique>", "content_type": "image/png", "size": 23554432}
+    body: {"bucket": "autoglm-payloads", "name": "<unique>", "content_type": "image/png",
+           "size": 23554432, "sha256": "<64 hex digits: the payload's SHA-256>"}
 
-The engine checks the reference (bucket, name, declared size against
-``limits.max_payload_bytes``) before fetching anything, fetches the object,
-and carries on as if the bytes had come in the message. Objects are not
-deleted by the engine (a redelivered reference must still resolve); the
+The engine checks the reference (its own bucket, name, declared size against
+``limits.max_payload_bytes``, a digest) before fetching anything, fetches the
+object, checks that its bytes are the ones the digest names (else
+``object_tampered``: someone rewrote the object after the reference was
+made), and carries on as if the bytes had come in the message. Objects are
+not deleted by the engine (a redelivered reference must still resolve); the
 bucket's TTL (``nats.object_ttl_s``, set when the bucket is made) expires them.
+
+The engine makes the bucket refuse rollup headers and deletes or purges
+through the API (:func:`bucket`): a publish into it can add an object but
+never wipe others. Producers store with :func:`put_payload`, which only
+publishes, so the ``--secure`` producer needs no right to read the bucket.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import io
 import logging
 import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
-from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig
-from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
+from nats.js.api import DiscardPolicy, ObjectInfo, ObjectMetaOptions, StorageType, StreamConfig
+from nats.js.errors import (
+    BucketNotFoundError,
+    DigestMismatchError,
+    NoStreamResponseError,
+    NotFoundError,
+    ObjectNotFoundError,
+)
 
 from engine.codec import CONTENT_TYPE_HEADER
-from engine.errors import EventRejected
+from engine.errors import EventRejected, TransportError
 
 log = logging.getLogger("autoglm.claimcheck")
 
@@ -37,6 +55,9 @@ OBJECT_REF: Final = "application/vnd.autoglm.object-ref"
 MAX_REF_BYTES: Final = 4096
 _BUCKET_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.=-]{1,256}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+#: How nats-py and the Go client write an object's digest in its metadata.
+_DIGEST_PREFIX: Final = "SHA-256="
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +66,18 @@ class ObjectRef:
     name: str
     content_type: str
     size: int
+    #: The payload's SHA-256, lower-case hex: the engine refuses other bytes.
+    sha256: str
 
     def encode(self) -> bytes:
         return orjson.dumps(
-            {"bucket": self.bucket, "name": self.name, "content_type": self.content_type, "size": self.size}
+            {
+                "bucket": self.bucket,
+                "name": self.name,
+                "content_type": self.content_type,
+                "size": self.size,
+                "sha256": self.sha256,
+            }
         )
 
 
@@ -70,7 +99,9 @@ def parse_ref(body: bytes, max_bytes: int) -> ObjectRef:
         raise EventRejected("bad_object_ref", f"object reference is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise EventRejected("bad_object_ref", "object reference must be a JSON object")
-    bucket, name, ctype, size = (data.get(k) for k in ("bucket", "name", "content_type", "size"))
+    bucket, name, ctype, size, sha = (
+        data.get(k) for k in ("bucket", "name", "content_type", "size", "sha256")
+    )
     if not isinstance(bucket, str) or not _BUCKET_RE.fullmatch(bucket):
         raise EventRejected(
             "bad_object_ref", f"object reference: bucket={str(bucket)[:80]!r} is not a bucket name"
@@ -87,47 +118,94 @@ def parse_ref(body: bytes, max_bytes: int) -> ObjectRef:
         raise EventRejected(
             "payload_too_large", f"object {bucket}/{name} is {size} bytes, over max_payload_bytes={max_bytes}"
         )
-    return ObjectRef(bucket, name, ctype, size)
+    if sha is None:
+        raise _bad("no sha256: a reference names its payload's SHA-256 (64 hex digits)")
+    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha.lower()):
+        raise _bad(f"sha256={str(sha)[:80]!r} is not 64 hex digits")
+    return ObjectRef(bucket, name, ctype, size, sha.lower())
+
+
+def _tampered(ref: ObjectRef, what: str) -> EventRejected:
+    return EventRejected(
+        "object_tampered", f"object {ref.bucket}/{ref.name} {what}: not the bytes its reference names"
+    )
+
+
+def _stored_sha256(info: Any) -> str | None:
+    """The SHA-256 (hex) an object's metadata claims, ``None`` when it claims none."""
+    digest = info.digest or ""
+    if not digest.upper().startswith(_DIGEST_PREFIX):
+        return None
+    try:
+        return base64.urlsafe_b64decode(digest[len(_DIGEST_PREFIX) :]).hex()
+    except (binascii.Error, ValueError):
+        return None
+
+
+class _Bounded(io.BytesIO):
+    """A buffer that keeps at most ``limit`` bytes: an object that grew
+    after its reference was made cannot make the engine hold more."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.overflow = False
+
+    def write(self, chunk: Any, /) -> int:
+        n = len(chunk)
+        if self.tell() + n > self.limit:
+            self.overflow = True
+            return n
+        return super().write(chunk)
 
 
 class ClaimChecks:
-    """Resolves references for the engine (one JetStream context, stores cached)."""
+    """Resolves references into the engine's bucket (one JetStream context, the store cached)."""
 
-    def __init__(self, js: Any, max_bytes: int) -> None:
+    def __init__(self, js: Any, max_bytes: int, bucket: str) -> None:
         self.js = js
         self.max_bytes = max_bytes
-        self._stores: dict[str, Any] = {}
+        self.bucket = bucket
+        self._store: Any = None
         self.fetched = 0
         self.fetched_bytes = 0
 
     async def resolve(self, headers: Mapping[str, str], body: bytes) -> tuple[dict[str, str], bytes]:
         """Headers with the payload's own Content-Type, and the payload."""
         ref = parse_ref(body, self.max_bytes)
-        store = self._stores.get(ref.bucket)
+        if ref.bucket != self.bucket:  # another bucket is not the producers' to name
+            raise _bad(f"bucket={ref.bucket!r} is not this engine's claim-check bucket")
         try:
-            if store is None:
-                store = await self.js.object_store(ref.bucket)
-                if len(self._stores) < 64:
-                    self._stores[ref.bucket] = store
-            info = await store.get_info(ref.name)
+            if self._store is None:
+                self._store = await self.js.object_store(ref.bucket)
+            info = await self._store.get_info(ref.name)
+            # Before fetching anything: metadata rewritten to other bytes (or
+            # to a link into another bucket) is not what the producer stored.
+            if info.is_link() or _stored_sha256(info) != ref.sha256:
+                raise _tampered(ref, "has another digest")
             if info.size != ref.size:
                 raise EventRejected(
                     "bad_object_ref",
                     f"object {ref.bucket}/{ref.name} is {info.size} bytes, reference says {ref.size}",
                 )
-            buf = io.BytesIO()  # `get` without writeinto concatenates chunk by chunk (quadratic)
-            await store.get(ref.name, writeinto=buf)
+            # `get` without writeinto concatenates chunk by chunk (quadratic)
+            buf = _Bounded(ref.size)
+            await self._store.get(ref.name, writeinto=buf)
         except (BucketNotFoundError, ObjectNotFoundError):
             raise EventRejected(
                 "object_missing", f"no object {ref.bucket}/{ref.name} (expired or never stored)"
             ) from None
+        except DigestMismatchError:  # chunks added or replaced under the metadata
+            raise _tampered(ref, "changed under its metadata") from None
         except EventRejected:
             raise
-        except Exception as exc:  # JetStream unavailable, digest mismatch, timeouts
+        except Exception as exc:  # JetStream unavailable, timeouts
             raise EventRejected(
                 "object_missing", f"cannot fetch {ref.bucket}/{ref.name}: {type(exc).__name__}: {exc}"
             ) from exc
         data = buf.getvalue()
+        if buf.overflow or len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise _tampered(ref, f"holds {'more than ' if buf.overflow else ''}{len(data)} other bytes")
         self.fetched += 1
         self.fetched_bytes += len(data)
         return {**headers, CONTENT_TYPE_HEADER: ref.content_type}, data
@@ -146,15 +224,65 @@ async def setup(nc: Any, bucket_name: str, ttl_s: float, max_bytes: int) -> Clai
         await bucket(js, bucket_name, ttl_s)
     except Exception as exc:  # e.g. a user not allowed to make streams: producers must make it
         log.warning("claim-check bucket %s not created: %s", bucket_name, exc)
-    return ClaimChecks(js, max_bytes)
+    return ClaimChecks(js, max_bytes, bucket_name)
 
 
-async def bucket(js: Any, name: str, ttl_s: float) -> Any:
-    """The claim-check bucket, made (with its TTL) when it does not exist yet."""
+async def bucket(js: Any, name: str, ttl_s: float) -> None:
+    """Make the claim-check bucket (with its TTL) when it does not exist yet;
+    either way, one that refuses rollups, deletes and purges.
+
+    nats-py's own buckets accept a ``Nats-Rollup`` header, with which a
+    single publish on ``$O.<bucket>.M.<any>`` (``all``) or on another
+    object's chunks (``sub``) erases objects: whoever may put an object
+    could wipe everyone's. :func:`put_payload` needs no rollup; the engine
+    never deletes (the TTL does)."""
+    stream = f"OBJ_{name}"
     try:
-        return await js.object_store(name)
-    except BucketNotFoundError:
-        return await js.create_object_store(name, config=ObjectStoreConfig(ttl=ttl_s))
+        config = (await js.stream_info(stream)).config
+    except NotFoundError:
+        await js.add_stream(
+            StreamConfig(
+                name=stream,
+                subjects=[f"$O.{name}.C.>", f"$O.{name}.M.>"],
+                max_age=ttl_s,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.NEW,
+                allow_direct=True,
+                allow_rollup_hdrs=False,
+                deny_delete=True,
+                deny_purge=True,
+            )
+        )
+        return
+    if config.allow_rollup_hdrs or not config.deny_delete or not config.deny_purge:
+        config.allow_rollup_hdrs, config.deny_delete, config.deny_purge = False, True, True
+        await js.update_stream(config)
+        log.info("claim-check bucket %s now refuses rollups, deletes and purges", name)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+async def _put(js: Any, bucket_name: str, data: bytes, content_type: str, chunk: int) -> ObjectRef:
+    name, nuid = uuid.uuid4().hex, uuid.uuid4().hex  # random: no one else can aim at them
+    chunks = 0
+    for at in range(0, len(data), chunk):
+        await js.publish(f"$O.{bucket_name}.C.{nuid}", data[at : at + chunk])
+        chunks += 1
+    sha = hashlib.sha256(data).digest()
+    info = ObjectInfo(
+        name=name,
+        bucket=bucket_name,
+        nuid=nuid,
+        size=len(data),
+        chunks=chunks,
+        digest=_DIGEST_PREFIX + _b64(sha),
+        mtime=datetime.now(UTC).isoformat(),
+        options=ObjectMetaOptions(max_chunk_size=chunk),
+    )
+    await js.publish(f"$O.{bucket_name}.M.{_b64(name.encode())}", orjson.dumps(info.as_dict()))
+    return ObjectRef(bucket_name, name, content_type, len(data), sha.hex())
 
 
 async def put_payload(
@@ -167,10 +295,24 @@ async def put_payload(
 ) -> ObjectRef:
     """Store ``data`` and return the reference to publish in its place (producers).
 
+    The chunks and then the metadata are published as nats-py's
+    ``ObjectStore.put`` writes them, minus its lookup of the name first (a
+    read, which the ``--secure`` producer may not make) and its rollup header
+    (which :func:`bucket` refuses). A missing bucket is made, by a user
+    allowed to, and the put tried again.
+
     ``max_payload`` is the server's (``nc.max_payload``): chunks must fit in it,
     and nats-py's default chunk (128 KiB) does not on a server set lower."""
-    store = await bucket(js, bucket_name, ttl_s)
-    name = uuid.uuid4().hex
     chunk = max(1024, min(128 * 1024, max_payload - 4096))
-    await store.put(name, data, meta=ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=chunk)))
-    return ObjectRef(bucket_name, name, content_type, len(data))
+    try:
+        return await _put(js, bucket_name, data, content_type, chunk)
+    except NoStreamResponseError:  # no bucket yet
+        pass
+    try:
+        await bucket(js, bucket_name, ttl_s)
+    except Exception as exc:  # e.g. the --secure producer: the engine makes the bucket
+        raise TransportError(
+            f"claim-check bucket {bucket_name} does not exist and cannot be made here "
+            f"({type(exc).__name__}: {exc}); start the engine first"
+        ) from exc
+    return await _put(js, bucket_name, data, content_type, chunk)

@@ -95,6 +95,7 @@ def _quiet_libraries() -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     from engine.app import Engine
+    from engine.security import redact_url
 
     overrides: dict[str, dict[str, Any]] = _overrides(args)
     cfg = with_overrides(_config(args.config), overrides)
@@ -103,17 +104,19 @@ async def _run(args: argparse.Namespace) -> int:
         if args.nats_url or cfg.nats.url:
             raise ConfigError(["--secure locks down the embedded server: drop --nats-url / nats.url"])
         from engine.config import AuthConfig
-        from engine.security import lock_down
+        from engine.security import inbox_prefix, lock_down
 
-        locked = lock_down(
-            Path(cfg.nats.data_dir) / "secure", cfg.nats.subject_prefix, cfg.nats.object_bucket
-        )
+        locked = lock_down(Path(cfg.nats.data_dir) / "secure", cfg.nats)
         auth = AuthConfig(user="engine", password=SecretStr(locked.passwords["engine"]))
-        overrides["nats"] = {"server_config": str(locked.server_config), "auth": auth}
+        overrides["nats"] = {
+            "server_config": str(locked.server_config),
+            "auth": auth,
+            "inbox_prefix": inbox_prefix("engine"),  # the only inbox it may read
+        }
         cfg = with_overrides(cfg, overrides)
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)  # noqa: ASYNC240
     engine = Engine(cfg, config_path=path, overrides=overrides)
-    url = await engine.start(args.nats_url)
+    url = redact_url(await engine.start(args.nats_url))  # what is shown: never a password
     print(f"autoglm: engine running on {url}; inputs on {cfg.nats.subject_prefix}.in.<source>.<modality>")
     if locked is not None:
         env = locked.env_files
@@ -261,9 +264,10 @@ async def _status(args: argparse.Namespace) -> int:
     import orjson
 
     from engine.discovery import find_engines, status_table
+    from engine.security import redact_url
 
     nc, nats = await _open(args)
-    url = nats.url or ""
+    url = redact_url(nats.url or "")
     try:
         if args.info:  # the raw $SRV.INFO replies, as NATS tooling sees them
             for info in await find_engines(nc, verb="INFO"):
@@ -284,6 +288,8 @@ async def _health(args: argparse.Namespace) -> int:
     """Exit 0 when an engine answers on ``<prefix>.svc.health`` (container HEALTHCHECK)."""
     import orjson
 
+    from engine.security import redact_url
+
     cfg = _config(args.config)
     url = args.nats_url or os.environ.get(NATS_URL_ENV) or cfg.nats.url
     if not url:  # an engine on its embedded server writes the URL beside its data
@@ -300,7 +306,8 @@ async def _health(args: argparse.Namespace) -> int:
     try:
         reply = await nc.request(f"{cfg.nats.subject_prefix}.svc.health", b"", timeout=args.timeout)
     except Exception as exc:  # no responders / timeout: no healthy engine
-        print(f"autoglm health: no engine answered on {url}: {type(exc).__name__}", file=sys.stderr)
+        shown = redact_url(url)
+        print(f"autoglm health: no engine answered on {shown}: {type(exc).__name__}", file=sys.stderr)
         return 1
     finally:
         await nc.close()

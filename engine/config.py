@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
 from engine.configcheck import (
     AUTH_ENV,
@@ -98,6 +106,11 @@ class NatsConfig(_Frozen):
 
     url: str | None = None
     auth: AuthConfig = AuthConfig()
+    #: Replies to this connection's requests (JetStream's included) arrive on
+    #: ``<inbox_prefix>.<unique>``. A server that gives each user its own
+    #: (``autoglm run --secure``: ``_INBOX_<user>``) keeps users from reading
+    #: each other's replies. ``AUTOGLM_NATS_INBOX_PREFIX`` overrides it.
+    inbox_prefix: str = "_INBOX"
     tls: TlsConfig = TlsConfig()
     #: Claim check: the Object Store bucket for payloads over the server's
     #: max payload (engine/claimcheck.py); the engine makes it with this TTL.
@@ -139,6 +152,13 @@ class NatsConfig(_Frozen):
         if not _PREFIX_RE.fullmatch(v):
             raise ValueError("must be dot-separated tokens of [A-Za-z0-9_-]")
         return v
+
+    @field_serializer("url", when_used="json")
+    def _shown_url(self, url: str | None) -> str | None:
+        """``<prefix>.svc.config`` shows the configuration: no password in it."""
+        from engine.security import redact_url
+
+        return None if url is None else redact_url(url)
 
 
 class LimitsConfig(_Frozen):

@@ -8,6 +8,7 @@ Also the connection settings that come from the environment
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,10 @@ if TYPE_CHECKING:
     from engine.config import NatsConfig
 
 NATS_URL_ENV = "AUTOGLM_NATS_URL"
+#: The connection's inbox prefix (``nats.inbox_prefix``); ``--secure`` writes
+#: one per user into its env file.
+INBOX_PREFIX_ENV = "AUTOGLM_NATS_INBOX_PREFIX"
+_INBOX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 def _key(loc: Sequence[int | str]) -> str:
@@ -146,10 +151,13 @@ AUTH_ENV = {
 
 
 def nats_from_env(nats: NatsConfig, env: Mapping[str, str]) -> NatsConfig:
-    """``nats`` with ``AUTOGLM_NATS_URL`` and the ``AUTH_ENV`` variables applied."""
+    """``nats`` with ``AUTOGLM_NATS_URL``, ``AUTOGLM_NATS_INBOX_PREFIX`` and
+    the ``AUTH_ENV`` variables applied (:func:`nats_problems` checks them)."""
     update: dict[str, Any] = {}
     if env.get(NATS_URL_ENV):
         update["url"] = env[NATS_URL_ENV]
+    if env.get(INBOX_PREFIX_ENV):
+        update["inbox_prefix"] = env[INBOX_PREFIX_ENV]
     for section in ("auth", "tls"):
         values = {key: env[var] for var, (sec, key) in AUTH_ENV.items() if sec == section and env.get(var)}
         if values:
@@ -178,6 +186,11 @@ def nats_problems(nats: NatsConfig, where: str = "nats") -> list[str]:
         problems.append(f"{where}.auth.user: is required with a password")
     if bool(t.cert) != bool(t.key):
         problems.append(f"{where}.tls: cert and key go together (mutual TLS)")
+    if not _INBOX_RE.fullmatch(nats.inbox_prefix):
+        problems.append(
+            f"{where}.inbox_prefix = {_value(nats.inbox_prefix)}: must be dot-separated tokens of "
+            "[A-Za-z0-9_-] (no wildcards)"
+        )
     for key, path in (
         ("auth.nkey_seed_file", a.nkey_seed_file),
         ("auth.creds_file", a.creds_file),

@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind
 from engine.codec import encode_headers, input_subject
 from engine.config import EngineConfig, Overrides, RouteConfig
 from engine.publish import connect, sync_with_server
-from engine.security import connect_kwargs
+from engine.security import connect_kwargs, redact_url
 from engine.tracing import traceparent_of
 
 FPS = 30
@@ -228,7 +228,7 @@ async def _demo_on(
 ) -> int:
     url = await engine.start(nats_url)
     prefix = config.nats.subject_prefix
-    print(f"autoglm demo: engine up on {url}", flush=True)
+    print(f"autoglm demo: engine up on {redact_url(url)}", flush=True)
     if engine.metrics is not None:
         where = f"http://{config.metrics.host}:{engine.metrics.port}/metrics"
         print(f"autoglm demo: metrics on {where}", flush=True)

@@ -49,6 +49,7 @@ REASONS: Final[frozenset[str]] = frozenset(
         "no_route",
         "bad_object_ref",
         "object_missing",
+        "object_tampered",
         # A bug met while handling this message (its type and message follow);
         # the engine went on. Report it.
         "internal_error",

@@ -16,6 +16,7 @@ import soundfile
 from engine.claimcheck import OBJECT_REF, put_payload
 from engine.codec import encode_headers, input_subject
 from engine.errors import AutoGLMError, TransportError
+from engine.security import redact_url
 from engine.tracing import new_traceparent
 from engine.types import Modality
 
@@ -82,7 +83,7 @@ async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:
         telling = [e for e in seen if "Violation" in str(e) or "SSL" in str(e) or "certificate" in str(e)]
         pick = telling or seen
         cause = f" ({pick[-1]})" if pick and str(pick[-1]) != str(exc) else ""
-        raise TransportError(f"cannot connect to NATS at {url}: {exc}{cause}") from exc
+        raise TransportError(f"cannot connect to NATS at {redact_url(url)}: {exc}{cause}") from exc
 
 
 async def publish_file(

@@ -235,7 +235,9 @@ async def replay(
 ) -> ReplayStats:
     """Feed the recorded stream through a fresh pipeline; ``speed=None`` is flat out."""
     r = replayer if replayer is not None else await asyncio.to_thread(Replayer, config, out)
-    claims = claimcheck.ClaimChecks(nc.jetstream(), config.limits.max_payload_bytes)
+    claims = claimcheck.ClaimChecks(
+        nc.jetstream(), config.limits.max_payload_bytes, config.nats.object_bucket
+    )
     first_ts: int | None = None
     started = time.monotonic()
     try:

@@ -2,19 +2,27 @@
 
 :func:`security_for` turns ``[nats.auth]`` / ``[nats.tls]`` (after the
 ``AUTOGLM_NATS_*`` environment) into FastStream's NATS security object; the
-engine's broker takes it as is and the command-line tools pass
-:func:`connect_kwargs` (the same thing as nats-py arguments) to
-``nats.connect``, so there is one reading of the settings.
+engine's broker takes it as is (with ``nats.inbox_prefix``) and the
+command-line tools pass :func:`connect_kwargs` (the same things as nats-py
+arguments) to ``nats.connect``, so there is one reading of the settings.
 
 :func:`lock_down` is ``autoglm run --secure``: random passwords for two users
 with the least each needs, as a nats-server ``authorization`` block, and an
 env file per user (0600) that the tools read.
 
-    producer  publish <prefix>.in.> (and the claim-check bucket); nothing else:
-              it cannot read results, other producers' events or the DLQ
+    producer  publish <prefix>.in.> and new objects into the claim-check
+              bucket; it reads nothing: no results, no DLQ, no object, no
+              other user's replies
     engine    subscribe <prefix>.in.>, publish results/DLQ/late, JetStream,
-              its micro-service endpoints; used by ``autoglm status/reload/health``
-    reader    subscribe <prefix>.out.>, .dlq.>, .late.>: a results consumer
+              its micro-service endpoints (it may answer whoever asks);
+              used by ``autoglm status/reload/health/replay``
+    reader    subscribe <prefix>.out.>, .dlq.>, .late.>, and its own
+              consumers on the results stream: a results consumer
+
+Each user has its own inbox prefix (``_INBOX_<user>``, written into its env
+file as ``AUTOGLM_NATS_INBOX_PREFIX``) and may subscribe only there, so no
+one reads another's replies: JetStream deliveries, object chunks, ``$SRV``
+and ``<prefix>.svc`` answers all travel on the asker's inbox.
 """
 
 from __future__ import annotations
@@ -36,10 +44,31 @@ from faststream.nats.security import (
 )
 
 from engine.config import NatsConfig, TlsConfig
+from engine.configcheck import INBOX_PREFIX_ENV
+from engine.durable import stream_names
 from engine.errors import ConfigError
 
 #: The Object Store bucket for claim-checked payloads (engine/claimcheck.py).
 DEFAULT_BUCKET = "autoglm-payloads"
+USERS = ("producer", "engine", "reader")
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to show: its user info (``user:password@`` or ``token@``)
+    becomes ``***@``. Everything up to the *last* ``@`` goes, so a password
+    holding ``@``, ``/`` or ``,`` does not leak either."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+
+
+def inbox_prefix(user: str) -> str:
+    """The inbox prefix ``--secure`` gives ``user``: its replies arrive under
+    ``<it>.>``, where only it may subscribe."""
+    return f"_INBOX_{user}"
 
 
 def ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
@@ -70,8 +99,10 @@ def security_for(nats: NatsConfig) -> NatsSecurity | None:
 
 
 def connect_kwargs(nats: NatsConfig) -> dict[str, Any]:
-    """The same settings as ``nats.connect`` keyword arguments."""
-    return {k: v for k, v in parse_security(security_for(nats)).items() if v is not None}
+    """The same settings as ``nats.connect`` keyword arguments, and the inbox prefix."""
+    kwargs = {k: v for k, v in parse_security(security_for(nats)).items() if v is not None}
+    kwargs["inbox_prefix"] = nats.inbox_prefix
+    return kwargs
 
 
 @dataclass(frozen=True)
@@ -95,41 +126,69 @@ def _list(subjects: list[str]) -> str:
     return "[" + ", ".join(f'"{s}"' for s in subjects) + "]"
 
 
-def permissions(prefix: str, bucket: str = DEFAULT_BUCKET) -> dict[str, dict[str, list[str]]]:
-    """Least privilege per user, as nats-server publish/subscribe allow lists."""
-    # The Object Store of a bucket is the stream OBJ_<bucket> on $O.<bucket>.>;
-    # a put also looks the stream up and reads its reply on an inbox.
-    objects = [f"$O.{bucket}.>", f"$JS.API.STREAM.INFO.OBJ_{bucket}", f"$JS.API.STREAM.MSG.GET.OBJ_{bucket}"]
+def permissions(nats: NatsConfig) -> dict[str, dict[str, Any]]:
+    """Least privilege per user: nats-server publish/subscribe allow lists
+    (and ``allow_responses`` where a user answers requests)."""
+    prefix, bucket = nats.subject_prefix, nats.object_bucket
+    _, out_stream = stream_names(nats)
+    # An object is chunks on $O.<bucket>.C.<nuid> and then its metadata on
+    # $O.<bucket>.M.<name>: a producer publishes both (one token each) and
+    # reads the PubAcks on its inbox. No $JS.API at all: it cannot look an
+    # object up, read one (STREAM.MSG.GET, DIRECT.GET, a consumer), purge or
+    # delete one; the bucket refuses rollups (claimcheck.bucket), so a
+    # publish cannot wipe objects either; and the engine verifies each
+    # object's sha256 against the reference (object_tampered).
+    objects = [f"$O.{bucket}.C.*", f"$O.{bucket}.M.*"]
+    out = out_stream
     return {
-        "producer": {"publish": [f"{prefix}.in.>", *objects], "subscribe": ["_INBOX.>"]},
+        "producer": {
+            "publish": [f"{prefix}.in.>", *objects],
+            "subscribe": [f"{inbox_prefix('producer')}.>"],
+        },
         "engine": {
             "publish": [
                 f"{prefix}.out.>", f"{prefix}.dlq.>", f"{prefix}.late.>", f"{prefix}.svc.>",
-                "$JS.API.>", "$JS.ACK.>", "$SRV.>", "_INBOX.>", f"$O.{bucket}.>",
+                "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$SRV.>",
             ],
-            "subscribe": [f"{prefix}.in.>", f"{prefix}.svc.>", "$SRV.>", "_INBOX.>", f"$O.{bucket}.>"],
+            "subscribe": [f"{prefix}.in.>", f"{prefix}.svc.>", "$SRV.>", f"{inbox_prefix('engine')}.>"],
+            # It answers $SRV and <prefix>.svc requests on the asker's inbox,
+            # one reply per request, and may publish on no other inbox.
+            "allow_responses": True,
         },
         "reader": {
-            "publish": ["$JS.API.>", "$JS.ACK.>", "_INBOX.>"],
-            "subscribe": [f"{prefix}.out.>", f"{prefix}.dlq.>", f"{prefix}.late.>", "_INBOX.>"],
+            # Its own consumers on the results stream, and message gets there;
+            # nothing on the input stream, no deletes, no purges.
+            # (CREATE.<stream>.<name>.<filter> is how nats-py makes a named
+            # or filtered consumer on a 2.9+ server; INFO, before a durable.)
+            "publish": [
+                f"$JS.API.STREAM.INFO.{out}",
+                f"$JS.API.CONSUMER.CREATE.{out}", f"$JS.API.CONSUMER.CREATE.{out}.>",
+                f"$JS.API.CONSUMER.INFO.{out}.*", f"$JS.API.CONSUMER.MSG.NEXT.{out}.*",
+                f"$JS.API.STREAM.MSG.GET.{out}", f"$JS.API.DIRECT.GET.{out}", f"$JS.API.DIRECT.GET.{out}.>",
+                f"$JS.ACK.{out}.>", f"$JS.FC.{out}.>",
+            ],
+            "subscribe": [
+                f"{prefix}.out.>", f"{prefix}.dlq.>", f"{prefix}.late.>", f"{inbox_prefix('reader')}.>",
+            ],
         },
     }  # fmt: skip
 
 
-def lock_down(directory: str | Path, prefix: str, bucket: str = DEFAULT_BUCKET) -> LockedDown:
+def lock_down(directory: str | Path, nats: NatsConfig) -> LockedDown:
     """Write ``server.conf`` and ``<user>.env`` (0600) under ``directory``.
 
     Fresh passwords on every call: a leaked env file stops working at the
     next ``--secure`` start.
     """
     root = Path(directory)
-    passwords = {user: secrets.token_urlsafe(24) for user in ("producer", "engine", "reader")}
+    passwords = {user: secrets.token_urlsafe(24) for user in USERS}
     users = []
-    for user, perms in permissions(prefix, bucket).items():
+    for user, perms in permissions(nats).items():
+        responses = ", allow_responses: true" if perms.get("allow_responses") else ""
         users.append(
             f'    {{ user: "{user}", password: "{passwords[user]}", permissions: {{ '
             f"publish: {{ allow: {_list(perms['publish'])} }}, "
-            f"subscribe: {{ allow: {_list(perms['subscribe'])} }} }} }}"
+            f"subscribe: {{ allow: {_list(perms['subscribe'])} }}{responses} }} }}"
         )
     conf = root / "server.conf"
     body = "\n".join(users)
@@ -139,7 +198,11 @@ def lock_down(directory: str | Path, prefix: str, bucket: str = DEFAULT_BUCKET) 
     env_files = {}
     for user, password in passwords.items():
         env_files[user] = root / f"{user}.env"
-        _write_private(env_files[user], f"AUTOGLM_NATS_USER={user}\nAUTOGLM_NATS_PASSWORD={password}\n")
+        _write_private(
+            env_files[user],
+            f"AUTOGLM_NATS_USER={user}\nAUTOGLM_NATS_PASSWORD={password}\n"
+            f"{INBOX_PREFIX_ENV}={inbox_prefix(user)}\n",
+        )
     return LockedDown(conf, env_files, passwords)
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from nats.js.errors import APIError
 
 from engine.app import Engine
 from engine.claimcheck import OBJECT_REF, ObjectRef, parse_ref, put_payload
@@ -17,6 +22,8 @@ from engine.errors import EventRejected
 from engine.publish import connect, publish_file
 from engine.server import EmbeddedServer
 from tests.conftest import collect, make_config, send
+
+_REF = b'{"bucket": "b", "name": "x", "content_type": "image/png", "size": 1'
 
 
 @pytest.mark.parametrize(
@@ -38,6 +45,10 @@ from tests.conftest import collect, make_config, send
         (b'{"bucket": "b", "name": "x", "content_type": "image/png", "size": -1}', "bad_object_ref", "size="),
         (b'{"bucket": "b", "name": "x", "content_type": "image/png", "size": 99}', "payload_too_large", "99"),
         (b"{" + b" " * 5000 + b"}", "bad_object_ref", "bytes"),
+        (_REF + b"}", "bad_object_ref", "no sha256"),
+        (_REF + b', "sha256": "' + b"g" * 64 + b'"}', "bad_object_ref", "sha256="),
+        (_REF + b', "sha256": "' + b"a" * 63 + b'"}', "bad_object_ref", "sha256="),
+        (_REF + b', "sha256": 7}', "bad_object_ref", "sha256="),
     ],
 )
 def test_bad_references_are_refused_before_any_fetch(body: bytes, reason: str, words: str) -> None:
@@ -47,7 +58,7 @@ def test_bad_references_are_refused_before_any_fetch(body: bytes, reason: str, w
 
 
 def test_a_reference_round_trips() -> None:
-    ref = ObjectRef("autoglm-payloads", "abc123", "image/png", 42)
+    ref = ObjectRef("autoglm-payloads", "abc123", "image/png", 42, "ab" * 32)
     assert parse_ref(ref.encode(), max_bytes=100) == ref
 
 
@@ -86,10 +97,10 @@ async def test_publish_over_max_payload_goes_by_claim_check_and_the_engine_fetch
         # a reference to nothing, and one whose size lies: each refused with its reason
         js = nc.jetstream()
         ts = time.time_ns()
-        gone = ObjectRef("autoglm-payloads", "gone", "image/png", 10).encode()
+        gone = ObjectRef("autoglm-payloads", "gone", "image/png", 10, "00" * 32).encode()
         await send(nc, prefix, "cam", "image", gone, ts, content_type=OBJECT_REF, event_id="gone1")
         real = await put_payload(js, "autoglm-payloads", b"x" * 1000, "image/png", max_payload=nc.max_payload)
-        liar = ObjectRef(real.bucket, real.name, real.content_type, 999)
+        liar = ObjectRef(real.bucket, real.name, real.content_type, 999, real.sha256)
         await send(nc, prefix, "cam", "image", liar.encode(), ts, content_type=OBJECT_REF, event_id="liar1")
         records = await dlq.wait_for(2)
         reasons = {r["event_id"]: r["reason"] for r in records}
@@ -109,7 +120,7 @@ async def test_without_jetstream_a_reference_is_refused_clearly(tmp_path: Path) 
     engine = Engine(make_config(prefix))
     await engine.start(url)
     try:
-        ref = ObjectRef("autoglm-payloads", "x", "image/png", 10).encode()
+        ref = ObjectRef("autoglm-payloads", "x", "image/png", 10, "00" * 32).encode()
         await send(nc, prefix, "cam", "image", ref, time.time_ns(), content_type=OBJECT_REF, event_id="r1")
         [record] = await dlq.wait_for(1)
         assert record["reason"] == "object_missing" and "JetStream" in record["message"]
@@ -117,3 +128,68 @@ async def test_without_jetstream_a_reference_is_refused_clearly(tmp_path: Path) 
         await engine.stop()
         await nc.close()
         await asyncio.to_thread(server.stop)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+async def rewrite_object(js: Any, bucket: str, name: str, data: bytes) -> None:
+    """What anyone allowed to put objects can do to one whose name it knows:
+    new chunks, then newer metadata for the same name (no rollup needed)."""
+    nuid = uuid.uuid4().hex
+    await js.publish(f"$O.{bucket}.C.{nuid}", data)
+    meta = {"name": name, "bucket": bucket, "nuid": nuid, "size": len(data), "chunks": 1,
+            "digest": "SHA-256=" + _b64(hashlib.sha256(data).digest())}  # fmt: skip
+    await js.publish(f"$O.{bucket}.M.{_b64(name.encode())}", orjson.dumps(meta))
+
+
+async def test_an_object_rewritten_after_its_reference_is_refused_as_tampered(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    bucket = f"{prefix}-objects"
+    js = nc.jetstream()
+    await js.create_object_store(bucket)  # nats-py's kind of bucket: it takes rollup headers
+    out = await collect(nc, f"{prefix}.out.>")
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    engine = Engine(make_config(prefix, nats={"subject_prefix": prefix, "object_bucket": bucket}))
+    await engine.start(nats_url)
+    try:
+        # the engine closed the bucket to publishes that erase: a rollup, a purge, a delete
+        config = (await js.stream_info(f"OBJ_{bucket}")).config
+        assert not config.allow_rollup_hdrs and config.deny_purge and config.deny_delete
+        keep = await put_payload(js, bucket, b"kept", "text/plain")
+        with pytest.raises(APIError, match="rollup not permitted"):
+            await js.publish(f"$O.{bucket}.M.{_b64(b'x')}", b"{}", headers={"Nats-Rollup": "all"})
+        with pytest.raises(APIError):
+            await js.purge_stream(f"OBJ_{bucket}")
+        assert (await (await js.object_store(bucket)).get(keep.name)).data == b"kept"
+
+        ts = time.time_ns()
+        # newer metadata pointing at other bytes
+        rewritten = await put_payload(js, bucket, b"the victim's own words", "text/plain")
+        await rewrite_object(js, bucket, rewritten.name, b"an attacker's words instead")
+        # the same, keeping the size the reference names
+        same_size = await put_payload(js, bucket, b"abc", "text/plain")
+        await rewrite_object(js, bucket, same_size.name, b"xyz")
+        # a chunk added under unchanged metadata
+        grown = await put_payload(js, bucket, b"the victim's other words", "text/plain")
+        info = await (await js.object_store(bucket)).get_info(grown.name)
+        await js.publish(f"$O.{bucket}.C.{info.nuid}", b" and an attacker's")
+        elsewhere = await put_payload(js, "autoglm-payloads", b"words", "text/plain")  # not its bucket
+        honest = await put_payload(js, bucket, b"honest words", "text/plain")
+        refs = {"t1": rewritten, "t2": grown, "t3": elsewhere, "t4": honest, "t5": same_size}
+        for eid, ref in refs.items():
+            await send(nc, prefix, "cam", "text", ref.encode(), ts, content_type=OBJECT_REF, event_id=eid)
+        records = await dlq.wait_for(4)
+        assert {r["event_id"]: r["reason"] for r in records} == {
+            "t1": "object_tampered",
+            "t2": "object_tampered",
+            "t3": "bad_object_ref",
+            "t5": "object_tampered",
+        }, records
+        [result] = await out.wait_for(1)
+        assert result["events"] == {"text": ["t4"]}
+        assert result["features"]["text"]["bytes"] == len(b"honest words")
+    finally:
+        await engine.stop()
