@@ -378,7 +378,7 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> En
     except FileNotFoundError:
         raise ConfigError([f"file not found: {p}"], path=str(p)) from None
     except IsADirectoryError:
-        raise ConfigError([f"is a directory, not a routing file: {p}"], path=str(p)) from None
+        raise ConfigError([f"not a file but a directory: {p}"], path=str(p)) from None
     except OSError as exc:
         raise ConfigError([f"cannot read {p}: {exc.strerror or exc}"], path=str(p)) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
