@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 from engine.errors import BackpressureError, ProcessorError
+from engine.stats import QUEUE_WAIT_BUCKETS, Histogram
 from engine.types import Clock, Nanos
 
 T = TypeVar("T")
@@ -36,6 +37,8 @@ class BatchStats:
     items: int = 0
     wait_ns_total: int = 0
     wait_ns_max: int = 0
+    #: Each item's wait, in seconds (the ``autoglm_queue_wait_seconds`` histogram).
+    wait: Histogram = field(default_factory=lambda: Histogram(QUEUE_WAIT_BUCKETS))
     dropped: int = 0
     rejected: int = 0
 
@@ -105,6 +108,7 @@ class Batcher(Generic[T]):
             wait = max(0, now - enq)
             self.stats.wait_ns_total += wait
             self.stats.wait_ns_max = max(self.stats.wait_ns_max, wait)
+            self.stats.wait.observe(wait / 1e9)
             batch.append(item)
         self.stats.sizes[n] += 1
         self.stats.items += n

@@ -1,20 +1,29 @@
-"""``autoglm``: run, publish, status, reload, replay, health, validate and the demo."""
+"""``autoglm``: run, publish, status, reload, replay, health, validate and the demo.
+
+A mistake on the command line or in a file it names (a flag out of range, a
+missing file, an invalid routing file) ends with one line on stderr,
+``autoglm <command>: <what is wrong>``, and exit code 2; a failure while
+working (NATS unreachable, a file that is not an image) with exit code 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import SecretStr
 
+from engine.codec import SOURCE_RE
 from engine.config import (
     NATS_URL_ENV,
     EngineConfig,
@@ -22,6 +31,7 @@ from engine.config import (
     load_config,
     nats_from_env,
     nats_problems,
+    updated,
     with_overrides,
 )
 from engine.errors import AutoGLMError, ConfigError
@@ -54,7 +64,7 @@ def _client_nats(args: argparse.Namespace) -> NatsConfig:
     base = load_config(args.config).nats if getattr(args, "config", None) else NatsConfig()
     nats = nats_from_env(base, env)
     if getattr(args, "nats_url", None):
-        nats = nats.model_copy(update={"url": args.nats_url})
+        nats = updated(nats, {"url": args.nats_url}, ("nats",))
     problems = nats_problems(nats)
     if problems:
         raise ConfigError(problems)
@@ -117,16 +127,8 @@ async def _run(args: argparse.Namespace) -> int:
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)  # noqa: ASYNC240
     engine = Engine(cfg, config_path=path, overrides=overrides)
     url = redact_url(await engine.start(args.nats_url))  # what is shown: never a password
-    print(f"autoglm: engine running on {url}; inputs on {cfg.nats.subject_prefix}.in.<source>.<modality>")
-    if locked is not None:
-        env = locked.env_files
-        print(
-            "autoglm: --secure: anonymous clients are refused. Credentials (0600): "
-            f"producer {env['producer']}, results reader {env['reader']}, tools {env['engine']}. "
-            "Publish with:\n"
-            f"  autoglm publish --nats-url {url} --auth-file {env['producer']} --source cam1 --text hello",
-            flush=True,
-        )
+    # The handlers go in before the lines that say we run: a supervisor (or a
+    # test) that signals as soon as it reads them must not meet SIGHUP's default, exit.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -144,7 +146,16 @@ async def _run(args: argparse.Namespace) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    # Said once the handlers are in place: a SIGHUP sent on reading it must not kill the engine.
+    print(f"autoglm: engine running on {url}; inputs on {cfg.nats.subject_prefix}.in.<source>.<modality>")
+    if locked is not None:
+        env = locked.env_files
+        print(
+            "autoglm: --secure: anonymous clients are refused. Credentials (0600): "
+            f"producer {env['producer']}, results reader {env['reader']}, tools {env['engine']}. "
+            "Publish with:\n"
+            f"  autoglm publish --nats-url {url} --auth-file {env['producer']} --source cam1 --text hello",
+            flush=True,
+        )
     print("autoglm: Ctrl-C (SIGINT) or SIGTERM drains and exits; SIGHUP reloads the routing file", flush=True)
     return await serve(engine, stop)
 
@@ -198,29 +209,21 @@ async def _reload(args: argparse.Namespace) -> int:
 
 
 async def _replay(args: argparse.Namespace) -> int:
-    from engine.replay import parse_since, replay, stderr, summary
+    from engine.replay import replay, stderr, summary
 
-    since = parse_since(args.since)
-    if args.speed == "max":
-        speed = None
-    else:
-        try:
-            speed = float(args.speed)
-        except ValueError:
-            speed = -1.0
-        if speed <= 0:
-            raise ConfigError([f"--speed {args.speed!r}: a positive number (1 = as recorded) or max"])
     cfg = _config(args.config)
-    nc, _ = await _open(args)
-    started = time.monotonic()
+    # --out is opened before connecting: an unwritable path is refused at once
+    out = open(args.out, "wb") if args.out and args.out != "-" else None  # noqa: ASYNC230, SIM115
     try:
-        if args.out and args.out != "-":
-            with open(args.out, "wb") as out:  # noqa: ASYNC230 (a local file, written as frames close)
-                stats = await replay(nc, cfg, since, speed, out)
-        else:
-            stats = await replay(nc, cfg, since, speed, sys.stdout.buffer)
+        nc, _ = await _open(args)
+        started = time.monotonic()
+        try:
+            stats = await replay(nc, cfg, args.since, args.speed, out or sys.stdout.buffer)
+        finally:
+            await nc.close()
     finally:
-        await nc.close()
+        if out is not None:
+            out.close()
     stderr(summary(stats, time.monotonic() - started))
     return 0
 
@@ -321,6 +324,9 @@ async def _health(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     path = args.file or DEFAULT_CONFIG
+    if not Path(path).is_file():  # one line (main's handler), not a report of one problem
+        what = "is a directory, not a routing file" if Path(path).is_dir() else "no such file"
+        raise ConfigError([f"{path}: {what}"])
     try:
         cfg = load_config(path)
     except ConfigError as exc:
@@ -352,6 +358,102 @@ async def _demo(args: argparse.Namespace) -> int:
     )
 
 
+# -- arguments ----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line, ``autoglm <command>: <what is wrong>``, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text!r}")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text!r}")
+    return value
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}, not {text!r}")
+        return value
+
+    return parse
+
+
+def _speed(text: str) -> float | None:
+    """``max`` (None: as fast as it goes) or X times the recorded pace."""
+    if text == "max":
+        return None
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (a positive number, 1 = as recorded, or max)") from None
+
+
+def _since(text: str) -> datetime | None:
+    from engine.replay import parse_since
+
+    try:
+        return parse_since(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(
+            "; ".join(exc.problems).removeprefix(f"--since {text!r}: ")
+        ) from None
+
+
+def _source(text: str) -> str:
+    if not SOURCE_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a source name: 1-64 of [A-Za-z0-9_-]")
+    return text
+
+
+def _prefix(text: str) -> str:
+    try:
+        updated(NatsConfig(), {"subject_prefix": text})
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a subject prefix: dot-separated tokens of [A-Za-z0-9_-]"
+        ) from None
+    return text
+
+
+def _input_file(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
+
+
+_PORT = _int_in(0, 65535)
+
+
 def _connection_options(parser: argparse.ArgumentParser, server: str) -> None:
     """What every tool that connects takes (read by :func:`_client_nats`)."""
     parser.add_argument("--auth-file", help="KEY=VALUE file of AUTOGLM_NATS_* settings, as --secure writes")
@@ -359,7 +461,7 @@ def _connection_options(parser: argparse.ArgumentParser, server: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="autoglm", description=__doc__)
+    p = _Parser(prog="autoglm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
     p.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -375,17 +477,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-file", help="append OpenTelemetry spans to this file as JSON lines")
 
     pub = sub.add_parser("publish", help="publish one event (audio files are split into chunks)")
-    pub.add_argument("--source", required=True, help="source name, 1-64 of [A-Za-z0-9_-]")
+    pub.add_argument("--source", required=True, type=_source, help="source name, 1-64 of [A-Za-z0-9_-]")
     what = pub.add_mutually_exclusive_group(required=True)
-    what.add_argument("--image", type=Path, help="a JPEG or PNG file")
-    what.add_argument("--audio", type=Path, help="a WAV (or any file libsndfile reads)")
+    what.add_argument("--image", type=_input_file, help="a JPEG or PNG file")
+    what.add_argument("--audio", type=_input_file, help="a WAV (or any file libsndfile reads)")
     what.add_argument("--text", help="a UTF-8 string")
     _connection_options(pub, "server to publish to")
     pub.add_argument("--config", help="read nats.url and the subject prefix from this file")
-    pub.add_argument("--prefix", help="subject prefix (default: --config's, else autoglm)")
-    pub.add_argument("--chunk-ms", type=int, default=100, help="audio chunk length (default 100)")
+    pub.add_argument("--prefix", type=_prefix, help="subject prefix (default: --config's, else autoglm)")
+    pub.add_argument(
+        "--chunk-ms", type=_int_in(1, 3_600_000), default=100, help="audio chunk length (default 100)"
+    )
     pub.add_argument("--id", help="Nats-Msg-Id for the event (audio: a prefix for each chunk)")
-    pub.add_argument("--wait", type=float, default=0.0, help="wait up to N s for the result or DLQ record")
+    pub.add_argument(
+        "--wait", type=_not_negative, default=0.0, help="wait up to N s for the result or DLQ record"
+    )
     pub.add_argument(
         "--claim-check",
         action="store_true",
@@ -397,16 +503,18 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(st, "server to look on")
     st.add_argument("--once", action="store_true", help="print the table once and exit")
     st.add_argument("--info", action="store_true", help="print each engine's $SRV.INFO reply (JSON) and exit")
-    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    st.add_argument("--interval", type=_positive, default=2.0, help="seconds between refreshes")
 
     rl = sub.add_parser("reload", help="every engine found re-reads its routing file (like SIGHUP)")
     _connection_options(rl, "server to look on")
     rl.add_argument("--prefix", help="only the engines of this subject prefix")
-    rl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each engine")
+    rl.add_argument("--timeout", type=_positive, default=60.0, help="seconds to wait for each engine")
 
     rp = sub.add_parser("replay", help="re-feed the recorded input stream through a fresh aligner")
-    rp.add_argument("--since", required=True, help="all, a duration ago (15m, 2h), or an ISO time with zone")
-    rp.add_argument("--speed", default="max", help="X times the recorded pace, or max (default)")
+    rp.add_argument(
+        "--since", required=True, type=_since, help="all, a duration ago (15m, 2h), or an ISO time with zone"
+    )
+    rp.add_argument("--speed", type=_speed, default=None, help="X times the recorded pace, or max (default)")
     rp.add_argument("--out", help="write the JSON lines here (default stdout)")
     rp.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
     _connection_options(rp, "server holding the recording")
@@ -414,21 +522,32 @@ def build_parser() -> argparse.ArgumentParser:
     hl = sub.add_parser("health", help="exit 0 if an engine answers its health endpoint")
     hl.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
     _connection_options(hl, "server to ask")
-    hl.add_argument("--timeout", type=float, default=3.0)
+    hl.add_argument("--timeout", type=_positive, default=3.0, help="seconds (default 3)")
 
     val = sub.add_parser("validate", help="check a routing file; exit 2 with each problem")
     val.add_argument("file", nargs="?", help=f"default ./{DEFAULT_CONFIG}")
 
     demo = sub.add_parser("demo", help="embedded server + engine + a synthetic multimodal stream")
-    demo.add_argument("--seconds", type=float, default=10.0)
-    demo.add_argument("--sources", type=int, default=2)
+    demo.add_argument("--seconds", type=_positive, default=10.0)
+    demo.add_argument("--sources", type=_int_in(1, 10_000), default=2)
     demo.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
     demo.add_argument("--nats-url", help="use this server instead of the embedded one")
-    demo.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any)")
+    demo.add_argument("--metrics-port", type=_PORT, help="serve Prometheus /metrics on this port (0: any)")
     demo.add_argument("--trace-file", help="append OpenTelemetry spans (producer and engine) as JSON lines")
-    demo.add_argument("--width", type=int, default=320, help="frame width (default 320)")
-    demo.add_argument("--height", type=int, default=240, help="frame height (default 240)")
+    demo.add_argument("--width", type=_int_in(16, 7680), default=320, help="frame width (default 320)")
+    demo.add_argument("--height", type=_int_in(16, 4320), default=240, help="frame height (default 240)")
     return p
+
+
+def _fail(command: str, message: str) -> None:
+    """One line on stderr, whatever the message holds."""
+    print(f"autoglm {command}: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _os_error(exc: OSError) -> str:
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,13 +569,15 @@ def main(argv: list[str] | None = None) -> int:
             "replay": _replay,
         }[args.command]
         return _run_async(runner(args))
-    except ConfigError as exc:
-        print("autoglm: configuration error:", file=sys.stderr)
-        for line in exc.problems:
-            print(f"  {line}", file=sys.stderr)
+    except ConfigError as exc:  # the command line or a file it names: the user's to fix
+        text = "; ".join(exc.problems)
+        _fail(args.command, f"{exc.path}: {text}" if exc.path and exc.path not in text else text)
         return 2
-    except AutoGLMError as exc:
-        print(f"autoglm: {exc}", file=sys.stderr)
+    except OSError as exc:  # a path given on the command line (unreadable, unwritable, a directory)
+        _fail(args.command, _os_error(exc))
+        return 2
+    except AutoGLMError as exc:  # it failed while working (NATS unreachable, a bad image...)
+        _fail(args.command, str(exc))
         return 1
     except KeyboardInterrupt:
         print(f"autoglm: interrupted after {time.monotonic() - started:.1f} s", file=sys.stderr)

@@ -31,6 +31,7 @@ from engine.configcheck import (
     nats_from_env,
     nats_problems,
     route_problems,
+    updated,
 )
 from engine.errors import ConfigError
 from engine.types import Clock, Modality
@@ -44,6 +45,7 @@ __all__ = [
     "nats_from_env",
     "nats_problems",
     "parse_config",
+    "updated",
     "with_overrides",
 ]
 
@@ -67,7 +69,11 @@ def _check_device(v: str) -> str:
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Strict: TOML has real numbers and booleans, so ``window_ms = "1000"`` or
+    ``durable = 1`` is a mistake to report, not to guess at (an integer still
+    fills a float field). Lists of TOML arrays become tuples (``Field(strict=False)``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 class AuthConfig(_Frozen):
@@ -239,10 +245,10 @@ class AlignerConfig(_Frozen):
     allowed_lateness_ms: int = Field(0, ge=0)
     idle_timeout_ms: int = Field(2000, gt=0)
     max_future_ms: int = Field(10_000, ge=0)
-    require: tuple[Modality, ...] = ()
+    require: tuple[Modality, ...] = Field((), strict=False)
     on_missing: Literal["emit", "drop"] = "emit"
     #: The modalities a complete frame has; ``missing`` is computed against it.
-    expect: tuple[Modality, ...] = ("image", "audio", "text")
+    expect: tuple[Modality, ...] = Field(("image", "audio", "text"), strict=False)
     #: Where ``too_late`` records go: the DLQ, or ``<prefix>.late.<source>``.
     late_to: Literal["dlq", "late"] = "dlq"
     max_open_windows: int = Field(64, ge=1)
@@ -355,7 +361,7 @@ class TracingConfig(_Frozen):
 class EngineConfig(_Frozen):
     nats: NatsConfig = NatsConfig()
     limits: LimitsConfig = LimitsConfig()
-    routes: tuple[RouteConfig, ...] = Field(min_length=1)
+    routes: tuple[RouteConfig, ...] = Field(min_length=1, strict=False)
     aligner: AlignerConfig = AlignerConfig()
     glm: GLMConfig = GLMConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -376,10 +382,7 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
     problems.extend(glm_problems(data))
     if problems or cfg is None:
         raise ConfigError(problems)
-    try:
-        cfg = cfg.model_copy(update={"nats": nats_from_env(cfg.nats, env)})
-    except ValidationError as exc:
-        raise ConfigError(format_errors(exc, ("env",))) from None
+    cfg = updated(cfg, {"nats": nats_from_env(cfg.nats, env)})
     problems = nats_problems(cfg.nats)
     if problems:
         raise ConfigError(problems)
@@ -391,9 +394,10 @@ Overrides = Mapping[str, Mapping[str, Any]]
 
 
 def with_overrides(cfg: EngineConfig, overrides: Overrides) -> EngineConfig:
-    """``cfg`` with command-line values on top; re-applied on every hot reload."""
-    update = {s: getattr(cfg, s).model_copy(update=dict(kv)) for s, kv in overrides.items() if kv}
-    return cfg.model_copy(update=update) if update else cfg
+    """``cfg`` with command-line values on top, validated like the file's own
+    (:class:`ConfigError` names ``section.key``); re-applied on every hot reload."""
+    update = {s: updated(getattr(cfg, s), kv, (s,)) for s, kv in overrides.items() if kv}
+    return updated(cfg, update) if update else cfg
 
 
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> EngineConfig:
@@ -403,6 +407,10 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> En
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError([f"file not found: {p}"], path=str(p)) from None
+    except IsADirectoryError:
+        raise ConfigError([f"not a file but a directory: {p}"], path=str(p)) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read {p}: {exc.strerror or exc}"], path=str(p)) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"not valid TOML: {exc}"], path=str(p)) from exc
     try:

@@ -11,9 +11,11 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+
+from engine.errors import ConfigError
 
 if TYPE_CHECKING:
     from engine.config import NatsConfig
@@ -23,6 +25,7 @@ NATS_URL_ENV = "AUTOGLM_NATS_URL"
 #: one per user into its env file.
 INBOX_PREFIX_ENV = "AUTOGLM_NATS_INBOX_PREFIX"
 _INBOX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+M = TypeVar("M", bound=BaseModel)
 
 
 def _key(loc: Sequence[int | str]) -> str:
@@ -44,6 +47,19 @@ def _value(v: object) -> str:
 _SECRETS = ("password", "token")
 _CMP = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 _CMP_CTX = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}
+#: Strict types: what a key wants, and what TOML type it got instead.
+_WANTS = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "list_type": "an array",
+    "tuple_type": "an array",
+}
+_TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array",
+               tuple: "an array", dict: "a table"}  # fmt: skip
 
 
 def _reason(err: Mapping[str, Any]) -> str:
@@ -57,6 +73,9 @@ def _reason(err: Mapping[str, Any]) -> str:
         return "is required"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}"
+    if kind in _WANTS:
+        got = _TOML_TYPES.get(type(err.get("input")), type(err.get("input")).__name__)
+        return f"must be {_WANTS[kind]}, not {got}"
     if kind == "too_short":
         return f"needs at least {ctx.get('min_length')} entries"
     msg = str(err["msg"])
@@ -68,13 +87,28 @@ def format_errors(exc: ValidationError, prefix: Sequence[int | str] = ()) -> lis
     lines = []
     for err in exc.errors():
         key = _key([*prefix, *err["loc"]])
+        given = err.get("input")
+        if err["type"] == "too_short" and len(given) >= (err.get("ctx") or {}).get("min_length", 0):
+            continue  # entries were given but were invalid: each is reported on its own
         if err["loc"] and err["loc"][-1] in _SECRETS:
             lines.append(f"{key} = (hidden): {_reason(err)}")  # never echo a secret
         elif err["type"] == "missing":
             lines.append(f"{key}: {_reason(err)}")
+        elif err["type"] in _WANTS:  # the value exactly as given: 1000.0 is not 1000 here
+            lines.append(f"{key} = {json.dumps(given, ensure_ascii=False, default=repr)}: {_reason(err)}")
         else:
-            lines.append(f"{key} = {_value(err.get('input'))}: {_reason(err)}")
+            lines.append(f"{key} = {_value(given)}: {_reason(err)}")
     return lines
+
+
+def updated(model: M, update: Mapping[str, Any], where: Sequence[int | str] = ()) -> M:
+    """``model`` with ``update`` applied *and validated* (``model_copy(update=)``
+    checks nothing, so ``port = 70000`` would pass). :class:`ConfigError` names
+    each bad key, under ``where``."""
+    try:
+        return type(model).model_validate({**dict(model), **update})
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, where)) from None
 
 
 def route_problems(raw_routes: object) -> list[str]:
@@ -161,9 +195,8 @@ def nats_from_env(nats: NatsConfig, env: Mapping[str, str]) -> NatsConfig:
     for section in ("auth", "tls"):
         values = {key: env[var] for var, (sec, key) in AUTH_ENV.items() if sec == section and env.get(var)}
         if values:
-            model = getattr(nats, section)
-            update[section] = type(model).model_validate({**model.model_dump(), **values})
-    return nats.model_copy(update=update) if update else nats
+            update[section] = updated(getattr(nats, section), values, ("env", section))
+    return updated(nats, update, ("env",)) if update else nats
 
 
 def nats_problems(nats: NatsConfig, where: str = "nats") -> list[str]:

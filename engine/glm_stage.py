@@ -120,6 +120,10 @@ class GLMStage:
         self._idle.set()
         self._busy = 0
         self._workers: list[asyncio.Task[None]] = []
+        #: Backend calls in flight: :meth:`drain` cancels those it cannot wait
+        #: for, and their worker publishes the frames as ``skipped: shutdown``.
+        self._calls: set[asyncio.Future[list[str]]] = set()
+        self._closing = False
         batchable = self.client is not None and isinstance(self.client.backend, TransformersBackend)
         self._batch = config.batch_size if batchable else 1
 
@@ -179,6 +183,9 @@ class GLMStage:
             record.update(prompt=self._shown_prompt(frame), answer=None, glm={"backend": "none"})
             await self.publish(frame, record)
             return
+        if self._closing:  # drained (a reload retired this stage): no worker would take it
+            await self._skip(frame, record, "shutdown")
+            return
         if self.breaker.state == "open":
             await self._skip(frame, record, "breaker_open")
             return
@@ -207,11 +214,13 @@ class GLMStage:
     async def _work(self) -> None:
         assert self.client is not None
         while True:
-            while not self._queue:
+            while not self._queue and not self._closing:
                 if not self._busy:
                     self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
+            if self._closing:  # drain publishes what is still queued
+                return
             batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
             self._busy += 1
             try:
@@ -232,14 +241,25 @@ class GLMStage:
         t0 = time.perf_counter()
         answers: list[str] | None = None
         error = None
+        call = asyncio.ensure_future(
+            asyncio.wait_for(self.client.agenerate_batch(prompts, images), self.config.call_timeout_s)
+        )
+        self._calls.add(call)
         try:
-            answers = await asyncio.wait_for(
-                self.client.agenerate_batch(prompts, images), self.config.call_timeout_s
-            )
+            answers = await call
         except TimeoutError:
             error = f"GLM call timed out after {self.config.call_timeout_s} s"
         except GLMError as exc:
             error = str(exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not call.cancelled() or (task is not None and task.cancelling()):
+                raise  # this worker itself is being cancelled
+            for frame, record in batch:  # drain gave up on the call: its frames are still published
+                await self._skip(frame, record, "shutdown")
+            return
+        finally:
+            self._calls.discard(call)
         took = round((time.perf_counter() - t0) * 1000, 3)
         if error is None:
             self.breaker.success()
@@ -275,15 +295,28 @@ class GLMStage:
 
     async def drain(self, timeout: float) -> None:
         """Finish queued and in-flight calls up to ``timeout``; the rest are
-        published as ``skipped: shutdown`` (never dropped)."""
+        published as ``skipped: shutdown`` (never dropped), each frame once.
+
+        After ``timeout`` the workers take nothing new, the calls still in
+        flight are cancelled (a call that has answered by then is published
+        with its answer), and each worker publishes its own frames before it
+        stops, so no publish is cut off half way."""
         if self.client is None:
             return
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
-            log.warning("GLM drain: %d queued frames left after %.1f s", len(self._queue), timeout)
-        for task in self._workers:
-            task.cancel()
+            log.warning(
+                "GLM drain: %d calls in flight and %d frames queued after %.1f s: "
+                "published as skipped: shutdown",
+                len(self._calls),
+                len(self._queue),
+                timeout,
+            )
+        self._closing = True
+        for call in self._calls:
+            call.cancel()
+        self._wake.set()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
         while self._queue:

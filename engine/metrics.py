@@ -12,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -92,7 +98,7 @@ class EngineCollector(Collector):
                 running = sum(n for size, n in b.sizes.items() if size <= bound)
                 buckets.append(("+Inf" if bound == float("inf") else str(bound), float(running)))
             sizes.add_metric([name], buckets, sum_value=float(b.items))
-            wait.add_metric([name], [("+Inf", float(b.items))], sum_value=b.wait_ns_total / 1e9)
+            wait.add_metric([name], b.wait.cumulative(), sum_value=b.wait.total)
             depth.add_metric([name], len(route.batcher))
             dropped.add_metric([name], b.dropped + b.rejected)
         yield from (sizes, wait, depth, dropped)
@@ -142,10 +148,16 @@ class EngineCollector(Collector):
 
 
 class MetricsServer:
-    """``/metrics`` on ``host:port`` in a background thread."""
+    """``/metrics`` on ``host:port`` in a background thread.
+
+    The registry is the engine's own (two engines in one process, as in the
+    tests, must not share series), so the standard ``process_*``,
+    ``python_info`` and ``python_gc_*`` collectors are registered on it too."""
 
     def __init__(self, engine: Engine, host: str, port: int) -> None:
         self.registry = CollectorRegistry()
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(standard)
         self.registry.register(EngineCollector(engine))
         self.server, self.thread = start_http_server(port, host, registry=self.registry)
         self.port = int(self.server.server_port)

@@ -26,7 +26,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from engine.codec import Limits
-from engine.config import EngineConfig, load_config, with_overrides
+from engine.config import EngineConfig, load_config, updated, with_overrides
 from engine.errors import ConfigError
 from engine.router import Route, Router
 
@@ -107,7 +107,7 @@ async def apply(engine: Engine, new: EngineConfig) -> dict[str, Any]:
             for task in old_stage.tasks:
                 engine.supervisor.release(task)
             engine.in_background(old_stage.drain(old.glm.call_timeout_s))
-        engine.config = new.model_copy(update={k: getattr(old, k) for k in restart})
+        engine.config = updated(new, {k: getattr(old, k) for k in restart})
         engine.stats.reloads += 1
         report = {
             "ok": True,

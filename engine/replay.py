@@ -39,7 +39,7 @@ from engine.errors import ConfigError, EventRejected, TransportError
 from engine.router import Route, Router
 from engine.types import FusedFrame, InputEvent, Nanos
 
-_REL = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_REL = re.compile(r"(\d+(?:\.\d+)?)([smhd])", re.ASCII)
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -52,7 +52,10 @@ def parse_since(text: str, now: float | None = None) -> datetime | None:
     now = time.time() if now is None else now
     m = _REL.fullmatch(text)
     if m:
-        return datetime.fromtimestamp(now - float(m[1]) * _UNIT[m[2]], UTC)
+        try:
+            return datetime.fromtimestamp(now - float(m[1]) * _UNIT[m[2]], UTC)
+        except (OverflowError, ValueError, OSError):  # further back than a date reaches
+            raise ConfigError([f"--since {text!r}: too far back; use all for the whole recording"]) from None
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

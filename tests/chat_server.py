@@ -31,6 +31,7 @@ class ChatServer:
         self.active = 0
         self.max_active = 0
         self._server: asyncio.Server | None = None
+        self._arrived = asyncio.Event()
         self.url = ""
 
     async def __aenter__(self) -> ChatServer:
@@ -45,6 +46,13 @@ class ChatServer:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._server.wait_closed(), 1)
 
+    async def wait_for_requests(self, n: int, timeout: float = 10.0) -> None:
+        """Return once ``n`` requests have arrived (a condition, not a sleep)."""
+        async with asyncio.timeout(timeout):
+            while len(self.requests) < n:
+                self._arrived.clear()
+                await self._arrived.wait()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
@@ -55,6 +63,7 @@ class ChatServer:
                 n = len(self.requests)
                 self.requests.append(body)
                 self.headers.append(headers)
+                self._arrived.set()
                 self.active += 1
                 self.max_active = max(self.max_active, self.active)
                 try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,8 @@ from engine.asyncapi import Rejection, Result, document
 from engine.errors import REASONS
 from tests.conftest import collect, make_config, send
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "asyncapi.json"
 
 
 def test_committed_document_is_current() -> None:
@@ -37,3 +41,17 @@ async def test_published_messages_validate_against_the_schemas(nc: Any, nats_url
     await engine.stop()
     assert Result.model_validate(result).events == {"text": ["good"]}
     assert Rejection.model_validate(record).reason == "unsupported_content_type"
+
+
+async def test_the_documented_faststream_command_writes_the_committed_document(tmp_path: Path) -> None:
+    """The README's ``faststream docs gen engine.asyncapi:app`` needs ``faststream[cli]``
+    (typer), which no dependency declared; the dev extra does now."""
+    out = tmp_path / "asyncapi.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "faststream", "docs", "gen", "engine.asyncapi:app", "--out", str(out),
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, (stdout + stderr).decode()
+    assert json.loads(out.read_text()) == json.loads(DOC.read_text())

@@ -202,3 +202,68 @@ async def test_publish_takes_the_prefix_from_its_config(
     assert f"on {prefix}.in.cfg.text" in out
     msg = await sub.next_msg(timeout=5)
     assert msg.subject == f"{prefix}.in.cfg.text" and msg.data == b"hi"
+
+
+async def test_every_mistake_on_the_command_line_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    """Each of these printed a traceback, busy-looped or was taken as given. Now: exit code 2,
+    ``autoglm <command>: <what is wrong>`` on one line, no traceback, nothing started."""
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    strict = tmp_path / "strict.toml"
+    strict.write_text(
+        '[aligner]\nwindow_ms = "1000"\n[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+    )
+    dead = "nats://127.0.0.1:1"  # would fail with exit code 1 if anything got as far as connecting
+    pub = ("publish", "--nats-url", dead)
+    cases: list[tuple[tuple[str, ...], str]] = [
+        ((*pub, "--source", "x", "--image", str(tmp_path / "missing.png")), "no such file"),
+        ((*pub, "--source", "x", "--image", str(a_dir)), "is a directory"),
+        ((*pub, "--source", "x", "--audio", str(a_dir)), "is a directory"),
+        ((*pub, "--source", "a.b", "--text", "t"), "'a.b' is not a source name"),
+        ((*pub, "--source", ">", "--text", "t"), "'>' is not a source name"),
+        ((*pub, "--source", "x" * 65, "--text", "t"), "is not a source name"),
+        ((*pub, "--source", "x", "--prefix", "a.>", "--text", "t"), "is not a subject prefix"),
+        ((*pub, "--source", "x", "--chunk-ms", "0", "--text", "t"), "--chunk-ms: must be 1.."),
+        ((*pub, "--source", "x", "--wait", "nan", "--text", "t"), "--wait: must be a finite number"),
+        (("validate", str(a_dir)), "is a directory"),
+        (("validate", str(tmp_path / "missing.toml")), "no such file"),
+        (("run", "--config", str(a_dir)), "not a file but a directory"),
+        (("run", "--config", str(strict)), 'aligner.window_ms = "1000": must be an integer, not a string'),
+        (("replay", "--since", "99999999999d", "--nats-url", dead), "--since: too far back"),
+        (("replay", "--since", "yesterday", "--nats-url", dead), "--since: use all, a duration"),
+        (
+            ("replay", "--since", "all", "--nats-url", dead, "--out", str(a_file / "o.jsonl")),
+            "Not a directory",
+        ),
+        (("replay", "--since", "all", "--nats-url", dead, "--out", str(a_dir)), "Is a directory"),
+        *(
+            (("replay", "--since", "all", "--nats-url", dead, "--speed", v), f"--speed: must be {why}")
+            for v, why in (("nan", "a finite"), ("inf", "a finite"), ("-1", "> 0"), ("0", "> 0"))
+        ),
+        (("reload", "--nats-url", dead, "--timeout", "-1"), "--timeout: must be > 0"),
+        (("status", "--nats-url", dead, "--interval", "0"), "--interval: must be > 0"),
+        (("status", "--nats-url", dead, "--interval", "inf"), "--interval: must be a finite number"),
+        (("health", "--nats-url", dead, "--timeout", "nan"), "--timeout: must be a finite number"),
+        (("demo", "--metrics-port", "70000"), "--metrics-port: must be 0..65535"),
+        (("demo", "--metrics-port", "-1"), "--metrics-port: must be 0..65535"),
+        (("demo", "--seconds", "nan"), "--seconds: must be a finite number"),
+    ]
+    slots = asyncio.Semaphore(4)
+
+    async def check(args: tuple[str, ...], expected: str) -> str | None:
+        async with slots:
+            code, out, err = await run_cli(*args, cwd=tmp_path, timeout=60)
+        ok = (
+            code == 2
+            and err.count("\n") == 1
+            and err.startswith(f"autoglm {args[0]}: ")
+            and expected in err
+            and "Traceback" not in err + out
+        )
+        return None if ok else f"{' '.join(args)} -> exit {code}, stderr {err!r}"
+
+    failures = [f for f in await asyncio.gather(*(check(*c) for c in cases)) if f]
+    assert not failures, "\n".join(failures)
+    assert not (a_file.parent / "o.jsonl").exists() and list(a_dir.iterdir()) == []

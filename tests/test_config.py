@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from engine.cli import main
-from engine.config import load_config, parse_config
+from engine.config import EngineConfig, load_config, nats_from_env, parse_config, updated, with_overrides
 from engine.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,3 +129,75 @@ def test_glm_settings_are_checked_together() -> None:
     ]
     ok = {"routes": [{"modality": "image", "processor": "cnn", "params": {"thumbnail": 256}}]}
     assert parse_config({**ok, "glm": {"attach_images": True}}, env={}).glm.attach_images
+
+
+def test_numbers_and_booleans_must_have_their_toml_type() -> None:
+    """``window_ms = "1000"`` was taken as 1000: strict types, one line per key."""
+    r = routes(1)
+    assert problems({"routes": r, "aligner": {"window_ms": "1000"}}) == [
+        'aligner.window_ms = "1000": must be an integer, not a string'
+    ]
+    assert problems({"routes": r, "aligner": {"window_ms": 1000.0}}) == [
+        "aligner.window_ms = 1000.0: must be an integer, not a float"
+    ]
+    assert problems({"routes": r, "glm": {"temperature": "0.5"}}) == [
+        'glm.temperature = "0.5": must be a number, not a string'
+    ]
+    assert problems({"routes": r, "nats": {"durable": 1}}) == [
+        "nats.durable = 1: must be true or false, not an integer"
+    ]
+    assert problems({"routes": r, "metrics": {"port": True}}) == [
+        "metrics.port = true: must be an integer, not a boolean"
+    ]
+    assert problems({"routes": r, "aligner": {"require": "image"}}) == [
+        'aligner.require = "image": must be an array, not a string'
+    ]
+    assert problems({"routes": r, "tracing": 5}) == ["tracing = 5: must be a table, not an integer"]
+    # a route whose entries are wrong is reported once, not also as "needs at least 1 entries"
+    bad_route = [{"modality": "text", "processor": "passthrough", "batch": {"max_wait_ms": "5"}}]
+    assert problems({"routes": bad_route}) == [
+        'routes[0].batch.max_wait_ms = "5": must be a number, not a string'
+    ]
+    # an integer still fills a float, and arrays still become tuples
+    cfg = parse_config(
+        {"routes": r, "glm": {"call_timeout_s": 5, "temperature": 1}, "aligner": {"require": ["text"]}},
+        env={},
+    )
+    assert cfg.glm.call_timeout_s == 5.0 and isinstance(cfg.glm.temperature, float)
+    assert cfg.aligner.require == ("text",)
+
+
+def test_every_toml_we_ship_or_document_still_loads() -> None:
+    """routing.toml, and each ```toml block of the README (a fragment: given a route when it
+    has none, checked for types and ranges; files it names need not exist here)."""
+    load_config(ROOT / "routing.toml", env={})
+    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        data = tomllib.loads(block)
+        data.setdefault("routes", routes(1))
+        for route in data["routes"]:
+            route.setdefault("processor", "passthrough")
+        EngineConfig.model_validate(data)
+
+
+def test_command_line_overrides_are_validated_like_the_file() -> None:
+    """``model_copy(update=)`` validated nothing: ``--metrics-port 70000`` was taken."""
+    cfg = parse_config({"routes": routes(1)}, env={})
+    with pytest.raises(ConfigError) as info:
+        with_overrides(cfg, {"metrics": {"port": 70000}})
+    assert info.value.problems == ["metrics.port = 70000: must be <= 65535"]
+    with pytest.raises(ConfigError) as info:
+        with_overrides(cfg, {"tracing": {"file": 7, "colour": "red"}})
+    assert sorted(info.value.problems) == [
+        'tracing.colour = "red": unknown key',
+        "tracing.file = 7: must be a string, not an integer",
+    ]
+    assert with_overrides(cfg, {"metrics": {"port": 9464}}).metrics.port == 9464
+    # the environment's connection settings go through the same check
+    env = {"AUTOGLM_NATS_URL": "nats://10.0.0.1:4222", "AUTOGLM_NATS_USER": "eng"}
+    nats = nats_from_env(cfg.nats, env)
+    assert nats.url == "nats://10.0.0.1:4222" and nats.auth.user == "eng"
+    with pytest.raises(ConfigError) as info:
+        updated(cfg.aligner, {"window_ms": "5"}, ("aligner",))
+    assert info.value.problems == ['aligner.window_ms = "5": must be an integer, not a string']

@@ -10,7 +10,7 @@ import numpy as np
 from engine.config import GLMConfig
 from engine.glm_stage import GLMStage, change_score, snapshot
 from engine.types import FusedFrame, ModalityFusion
-from tests.chat_server import ChatServer
+from tests.chat_server import ChatServer, echo
 
 S = 1_000_000_000
 
@@ -126,14 +126,51 @@ async def test_a_hanging_backend_times_out_opens_the_breaker_and_never_blocks() 
 
 
 async def test_drain_publishes_what_it_could_not_finish() -> None:
+    """The frame whose call is in flight is published too (it was dropped: two records of three)."""
     sink = Sink()
     async with ChatServer(lambda n, b: ("hang", None)) as srv:
         s = stage(srv.url, sink, max_in_flight=1, call_timeout_s=30)
         for i in range(3):
             await s.submit(frame(i, source=f"s{i}"), {})
-        await asyncio.sleep(0.1)
+        await srv.wait_for_requests(1)  # frame 0 is in flight, 1 and 2 are queued
         await s.drain(0.2)
-    assert sorted(r["glm"].get("skipped", "in flight") for r in sink.records) == ["shutdown", "shutdown"]
+        assert s.queued == 0
+        await s.submit(frame(3, source="s3"), {})  # after the drain (a reload retired it): not lost
+    assert sorted(r["window"] for r in sink.records) == [0, 1, 2, 3]  # each exactly once
+    assert all(r["glm"]["skipped"] == "shutdown" and r["answer"] is None for r in sink.records)
+    assert s.stats.skipped is not None and s.stats.skipped["shutdown"] == 4
+    assert len(srv.requests) == 1
+
+
+async def test_an_answer_being_published_when_the_drain_gives_up_is_not_cut_off() -> None:
+    """Drain used to cancel the workers wherever they were: a frame whose call had just
+    answered, half way through its publish, was never published. Now the in-flight call
+    is cancelled (its frame: skipped) and the answered one finishes its publish, once."""
+    entered, released = asyncio.Event(), asyncio.Event()
+    records: list[dict[str, Any]] = []
+
+    async def publish(f: FusedFrame, record: dict[str, Any]) -> None:
+        if record["answer"] is not None:
+            entered.set()
+            await released.wait()  # held until the hanging frame's shutdown record arrives
+        records.append({"window": f.start_ns // S, **record})
+        if record["glm"].get("skipped") == "shutdown":
+            released.set()
+
+    async with ChatServer(lambda n, b: echo(n, b) if n == 0 else ("hang", None)) as srv:
+        base = {"backend": "openai", "base_url": srv.url, "model": "m", "retries": 0}
+        s = GLMStage(GLMConfig(**base, max_in_flight=2, call_timeout_s=30), publish)
+        s.start()
+        await s.submit(frame(0, source="a"), {})
+        await srv.wait_for_requests(1)
+        await s.submit(frame(1, source="b"), {})
+        await srv.wait_for_requests(2)
+        await asyncio.wait_for(entered.wait(), 10)  # 0 answered and is being published; 1 hangs
+        await s.drain(0.1)
+    by_window = {r["window"]: r for r in records}
+    assert len(records) == 2 and set(by_window) == {0, 1}
+    assert by_window[0]["answer"] and "error" not in by_window[0]["glm"]
+    assert by_window[1]["glm"]["skipped"] == "shutdown"
 
 
 async def test_include_prompt_false_leaves_the_prompt_out_of_call_free_results() -> None:

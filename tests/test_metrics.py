@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.app import Engine
-from tests.conftest import make_config, send
+from tests.conftest import collect, make_config, send
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -63,3 +63,46 @@ async def test_per_source_series_only_when_asked(nc: Any, nats_url: str, prefix:
     await engine.stop()
     key = ("autoglm_source_outcomes_total", (("modality", "text"), ("outcome", "fused"), ("source", "camA")))
     assert m[key] == 1
+
+
+async def test_standard_process_and_gc_series_and_a_real_queue_wait_histogram(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """The private registry dropped ``process_*`` and ``python_gc_*``, and queue wait had
+    only a ``+Inf`` bucket: no quantile could be drawn from it."""
+    results = await collect(nc, f"{prefix}.out.>")
+    engine = Engine(make_config(prefix, metrics={"port": 0}, aligner={"idle_timeout_ms": 200}))
+    await engine.start(nats_url)
+    assert engine.metrics is not None
+    base = time.time_ns()
+    for i in range(6):
+        await send(nc, prefix, "cam", "text", b"ok", base + i * 1_000_000, event_id=f"q{i}")
+    await nc.flush()
+    n = 1  # wait until the results hold all six: each went through the text route's batcher
+    while sum(len(r["events"]["text"]) for r in await results.wait_for(n)) < 6:
+        n += 1
+    text = await asyncio.to_thread(
+        lambda: (
+            urllib.request.urlopen(f"http://127.0.0.1:{engine.metrics.port}/metrics", timeout=5)  # type: ignore[union-attr]
+            .read()
+            .decode()
+        )
+    )
+    await engine.stop()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["process_resident_memory_bytes"].samples[0].value > 0
+    assert families["process_cpu_seconds"].samples[0].value > 0
+    assert any(
+        s.name == "python_gc_objects_collected_total" for s in families["python_gc_objects_collected"].samples
+    )
+    assert "python_info" in families
+    route = {"route": "text:passthrough"}
+    buckets = {
+        s.labels["le"]: s.value
+        for s in families["autoglm_queue_wait_seconds"].samples
+        if s.name.endswith("_bucket") and {k: v for k, v in s.labels.items() if k != "le"} == route
+    }
+    finite = {float(le): n for le, n in buckets.items() if le != "+Inf"}
+    assert len(finite) >= 10 and buckets["+Inf"] == 6
+    counts = [finite[le] for le in sorted(finite)]
+    assert counts == sorted(counts) and counts[-1] == 6  # cumulative, and the finite buckets hold them
