@@ -39,8 +39,16 @@ async def health(nc: Any, prefix: str) -> dict[str, Any]:
     return data
 
 
-async def consumer_done(nc: Any, prefix: str) -> Any:
-    return await nc.jetstream().consumer_info(f"{prefix.upper()}_IN", "autoglm-engine")
+async def consumer_done(nc: Any, prefix: str, timeout: float = 10.0) -> Any:
+    """The engine's consumer once nothing is pending or unacked (acks travel
+    asynchronously), or as it is when time runs out."""
+    js = nc.jetstream()
+    for _ in range(int(timeout / 0.02)):
+        info = await js.consumer_info(f"{prefix.upper()}_IN", "autoglm-engine")
+        if info.num_ack_pending == 0 and info.num_pending == 0:
+            break
+        await asyncio.sleep(0.02)  # polling the server's view of the acks
+    return info
 
 
 async def stored_records(nc: Any, subject: str) -> list[dict[str, Any]]:
