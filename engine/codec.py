@@ -26,10 +26,17 @@ TRACE_HEADER: Final = "traceparent"
 
 SOURCE_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TRACEPARENT_RE: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+#: Numbers on the wire are ASCII digits only. ``str.isdigit()`` is also true
+#: for ``²``, ``①``, fullwidth and Arabic-Indic digits, which ``int()`` then
+#: refuses (or, for some, accepts): a ``ValueError`` no caller expects. 19
+#: digits hold every value up to ``2**63 - 1``; the bound also keeps ``int()``
+#: away from long strings.
+_UINT_RE: Final = re.compile(r"[0-9]{1,19}")
 #: Timestamps before 2000-01-01 are almost always seconds or milliseconds sent
 #: by mistake; refusing them keeps one confused producer from wrecking windows.
 MIN_TIMESTAMP_NS: Final = 946_684_800 * 1_000_000_000
 MAX_TIMESTAMP_NS: Final = 2**63 - 1
+MAX_SEQ: Final = 2**63 - 1
 MAX_HEADER_VALUE: Final = 4096
 MAX_ID_LENGTH: Final = 256
 
@@ -99,9 +106,10 @@ def _positive_int(ct: ContentType, key: str, upper: int) -> int:
     raw = ct.params.get(key)
     if raw is None:
         raise EventRejected("bad_header", f"Content-Type {ct.mime} needs the parameter {key}=")
-    if not raw.isdigit() or not 0 < int(raw) <= upper:
+    if not _UINT_RE.fullmatch(raw) or not 0 < int(raw) <= upper:
         raise EventRejected(
-            "bad_header", f"Content-Type parameter {key}={raw!r} must be an integer in 1..{upper}"
+            "bad_header",
+            f"Content-Type parameter {key}={raw[:40]!r} must be an integer in 1..{upper} (ASCII digits)",
         )
     return int(raw)
 
@@ -145,10 +153,12 @@ def parse_timestamp(raw: str | None) -> Nanos:
     if raw is None:
         raise EventRejected("missing_timestamp", f"header {TIMESTAMP_HEADER} is missing")
     raw = raw.strip()
-    if not raw.isdigit():
+    if not _UINT_RE.fullmatch(raw):
+        if raw.isascii() and raw.isdigit():
+            raise EventRejected("bad_timestamp", f"header {TIMESTAMP_HEADER}={raw[:40]!r} is out of range")
         raise EventRejected(
             "bad_timestamp",
-            f"header {TIMESTAMP_HEADER}={raw[:40]!r} is not an integer number of nanoseconds",
+            f"header {TIMESTAMP_HEADER}={raw[:40]!r} is not an integer number of nanoseconds (ASCII digits)",
         )
     ts = int(raw)
     if ts < MIN_TIMESTAMP_NS:
@@ -203,8 +213,12 @@ def decode_event(
     seq: int | None = None
     raw_seq = hdrs.get(SEQ_HEADER)
     if raw_seq is not None:
-        if not raw_seq.strip().isdigit():
-            raise EventRejected("bad_header", f"header {SEQ_HEADER}={raw_seq[:40]!r} is not an integer")
+        raw_seq = raw_seq.strip()
+        if not _UINT_RE.fullmatch(raw_seq) or int(raw_seq) > MAX_SEQ:
+            raise EventRejected(
+                "bad_header",
+                f"header {SEQ_HEADER}={raw_seq[:40]!r} is not an integer in 0..{MAX_SEQ} (ASCII digits)",
+            )
         seq = int(raw_seq)
     trace = hdrs.get(TRACE_HEADER)
     if trace is not None and not _TRACEPARENT_RE.fullmatch(trace.strip().lower()):

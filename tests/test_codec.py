@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine.codec import (
+    MAX_TIMESTAMP_NS,
+    MIN_TIMESTAMP_NS,
     Limits,
     decode_event,
     dlq_subject,
@@ -11,6 +17,7 @@ from engine.codec import (
     parse_subject,
 )
 from engine.errors import REASONS, EventRejected
+from engine.types import InputEvent
 
 TS = 1_764_000_000_000_000_000
 
@@ -140,3 +147,148 @@ def test_parse_helpers() -> None:
 def test_unknown_reason_code_is_a_bug() -> None:
     with pytest.raises(ValueError, match="unknown DLQ reason"):
         EventRejected("made_up", "x")
+
+
+# Digits that str.isdigit() (and int(), for some) accept but the wire contract does not.
+UNICODE_DIGITS = ["²", "①", "１", "٣", "۵", "߃", "४", "𝟗", "⁹", "₇", "Ⅻ", "〇"]
+
+
+@pytest.mark.parametrize("digit", UNICODE_DIGITS)
+def test_numbers_are_ascii_digits_only(digit: str) -> None:
+    """``str.isdigit()`` let ``179596339822592701²`` through to ``int()``, whose
+    ``ValueError`` was no ``EventRejected`` and killed the intake loop."""
+    ts = str(TS)
+    for bad in (ts[:-1] + digit, ts + digit, digit, ts.replace("7", digit)):
+        assert reason_of(headers=encode_headers(1, "image/jpeg") | {"AutoGLM-Timestamp": bad}) == (
+            "bad_timestamp"
+        )
+        assert reason_of(headers={**encode_headers(TS, "image/jpeg"), "AutoGLM-Seq": "12" + digit}) == (
+            "bad_header"
+        )
+    raw = "image/x-raw;format=bgr8;width={};height={}"
+    assert reason_of(headers=encode_headers(TS, raw.format("4" + digit, 2))) == "bad_header"
+    assert reason_of(headers=encode_headers(TS, raw.format(4, digit))) == "bad_header"
+    pcm = "audio/pcm;rate={};channels={};format=f32le"
+    audio = "autoglm.in.mic.audio"
+    assert reason_of(subject=audio, headers=encode_headers(TS, pcm.format("1600" + digit, 1))) == "bad_header"
+    assert reason_of(subject=audio, headers=encode_headers(TS, pcm.format(16000, digit))) == "bad_header"
+
+
+def test_numbers_at_their_limits() -> None:
+    top = str(2**63 - 1)
+    assert decode(headers={**encode_headers(TS, "image/jpeg"), "AutoGLM-Seq": top}).seq == 2**63 - 1
+    assert decode(headers={**encode_headers(TS, "image/jpeg"), "AutoGLM-Seq": " 0 "}).seq == 0
+    for bad in (str(2**63), "9" * 19, "9" * 4000, "+1", "1_000", " ", "0x10"):
+        assert reason_of(headers={**encode_headers(TS, "image/jpeg"), "AutoGLM-Seq": bad}) == "bad_header"
+    assert decode(headers=encode_headers(2**63 - 1, "image/jpeg")).ts_ns == 2**63 - 1
+    for bad in (str(2**63), "9" * 19, "1" * 4000, "1_764_000_000_000_000_000", "+1764000000000000000"):
+        assert reason_of(headers={"AutoGLM-Timestamp": bad, "Content-Type": "image/jpeg"}) == "bad_timestamp"
+
+
+# -- property: any str headers and bytes body end as an event or a refusal ----------
+
+#: Every character ``str.isdigit()`` accepts: ASCII, ``²``, ``①``, fullwidth, Arabic-Indic...
+_ISDIGIT = [c for c in map(chr, range(sys.maxunicode + 1)) if c.isdigit()]
+_NUMERALS = st.one_of(st.sampled_from(_ISDIGIT), st.characters(categories=["Nd", "No", "Nl"]))
+
+
+@st.composite
+def _numbers(draw: st.DrawFn) -> str:
+    """Mostly almost-valid numbers: ASCII digits with other digits, signs,
+    spaces or separators mixed in."""
+    digits = draw(st.text(alphabet=st.one_of(st.sampled_from("0123456789"), _NUMERALS), max_size=25))
+    if draw(st.booleans()):
+        i = draw(st.integers(0, 19))
+        digits = str(TS)[:i] + digits + str(TS)[i + len(digits) :]  # e.g. 179596339822592701²
+    if draw(st.booleans()):
+        return digits
+    pad = draw(st.sampled_from([" ", "+", "-", "_", "\t", "\u3000", "\u00a0", "e3", ".0", "\x1c"]))
+    i = draw(st.integers(0, len(digits)))
+    return digits[:i] + pad + digits[i:]
+
+
+_SAMPLES = [
+    str(TS),
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-" + "0" * 32 + "-" + "0" * 16 + "-00",
+]
+
+
+@st.composite
+def _value(draw: st.DrawFn) -> str:
+    kind = draw(st.integers(0, 19))
+    if kind < 8:
+        return draw(st.text())  # any Unicode but surrogates (header values arrive as UTF-8)
+    if kind < 14:
+        return draw(_numbers())
+    if kind < 19:
+        return draw(st.sampled_from(_SAMPLES))
+    return draw(st.characters()) * draw(st.integers(3000, 70_000))  # huge
+
+
+_values = _value()
+
+
+@st.composite
+def _content_types(draw: st.DrawFn) -> str:
+    kind = draw(st.integers(0, 3))
+    if kind == 0:
+        return draw(_values)
+    if kind == 1:
+        return f"image/x-raw;format=bgr8;width={draw(_values)};height={draw(_numbers())}"
+    if kind == 2:
+        return f"audio/pcm;rate={draw(_numbers())};channels={draw(_values)};format=f32le"
+    return draw(st.sampled_from(["image/jpeg", "audio/wav", "text/plain", "image/png;;=", ";", "=;="]))
+
+
+_NAMES = ["AutoGLM-Timestamp", "Content-Type", "Nats-Msg-Id", "AutoGLM-Seq", "traceparent"]
+
+
+@st.composite
+def _headers(draw: st.DrawFn) -> dict[str, str]:
+    hdrs: dict[str, str] = {}
+    for name in _NAMES:
+        if draw(st.integers(0, 5)) == 0:
+            continue
+        spelling = draw(st.sampled_from([name, name, name, name.lower(), name.upper(), name.swapcase()]))
+        if name == "Content-Type":
+            hdrs[spelling] = draw(_content_types())
+        elif name in ("AutoGLM-Timestamp", "AutoGLM-Seq"):
+            # half valid, so that the checks after this one are reached too
+            kind = draw(st.integers(0, 5))
+            hdrs[spelling] = str(TS) if kind > 2 else draw(_numbers() if kind else _values)
+        else:
+            hdrs[spelling] = draw(_values)
+        if draw(st.integers(0, 9)) == 0:  # the same header twice, spelled two ways
+            hdrs[name.lower() if spelling != name.lower() else name] = draw(_values)
+    for _ in range(draw(st.integers(0, 2))):
+        hdrs[draw(st.text(min_size=1, max_size=20))] = draw(_values)
+    return hdrs
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    subject=st.one_of(
+        st.sampled_from(["autoglm.in.cam.image", "autoglm.in.mic.audio", "autoglm.in.t.text"]),
+        st.text(max_size=80),
+    ),
+    hdrs=st.one_of(st.none(), _headers()),
+    body=st.binary(max_size=64),
+    default_id=st.one_of(st.none(), st.text(max_size=300)),
+)
+def test_decode_event_returns_an_event_or_raises_event_rejected(
+    subject: str, hdrs: dict[str, str] | None, body: bytes, default_id: str | None
+) -> None:
+    """Whatever the header values (Unicode digits, huge strings, odd spellings
+    of the names), decode_event answers with an event or a DLQ reason: any
+    other exception would stop the engine's intake loop."""
+    try:
+        event = decode_event(subject, hdrs, body, default_id=default_id)
+    except EventRejected as exc:
+        assert exc.reason in REASONS and exc.message
+        return
+    assert isinstance(event, InputEvent)
+    assert MIN_TIMESTAMP_NS <= event.ts_ns <= MAX_TIMESTAMP_NS
+    assert event.seq is None or 0 <= event.seq < 2**63
+    assert event.traceparent is None or len(event.traceparent) == 55
