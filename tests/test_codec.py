@@ -13,6 +13,7 @@ from engine.codec import (
     decode_event,
     dlq_subject,
     encode_headers,
+    header,
     parse_content_type,
     parse_subject,
 )
@@ -129,6 +130,34 @@ def test_header_rules() -> None:
     assert reason_of(headers={**encode_headers(TS, "image/jpeg"), "traceparent": "nope"}) == "bad_header"
     assert reason_of(headers={**encode_headers(TS, "image/jpeg"), "X-Big": "a" * 5000}) == "header_too_large"
     assert reason_of(headers=encode_headers(TS, "image/jpeg", event_id="i" * 300)) == "bad_header"
+
+
+@pytest.mark.parametrize("spell", [str.lower, str.upper, str.swapcase])
+def test_header_names_match_regardless_of_case(spell: object) -> None:
+    """NATS header names are case-insensitive like HTTP's: a lower-case
+    ``content-type`` was reported missing."""
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    canonical = encode_headers(TS, "image/png", event_id="e-1", seq=7, traceparent=tp)
+    hdrs = {spell(k): v for k, v in canonical.items()}  # type: ignore[operator]
+    ev = decode(headers={**hdrs, "X-Other": "1"})
+    assert (ev.ts_ns, ev.content_type.mime, ev.event_id, ev.seq, ev.traceparent) == (
+        TS,
+        "image/png",
+        "e-1",
+        7,
+        tp,
+    )
+    assert header(hdrs, "Nats-Msg-Id") == "e-1" and header(hdrs, "nats-msg-ID") == "e-1"
+    assert header(hdrs, "X-Missing") is None and header(None, "Content-Type") is None
+
+
+def test_a_header_given_twice_with_different_values_is_refused() -> None:
+    same = {**encode_headers(TS, "image/png"), "content-type": "image/png"}
+    assert decode(headers=same).content_type.mime == "image/png"
+    clash = {**encode_headers(TS, "image/png"), "CONTENT-TYPE": "text/plain"}
+    with pytest.raises(EventRejected, match=r"Content-Type.*given twice") as info:
+        decode(headers=clash)
+    assert info.value.reason == "bad_header"
 
 
 def test_payload_rules() -> None:
