@@ -32,6 +32,8 @@ _FOLDED: Final = {n.lower(): i for i, n in enumerate(_OURS)}
 
 SOURCE_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TRACEPARENT_RE: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_ZERO_TRACE_ID: Final = "0" * 32
+_ZERO_SPAN_ID: Final = "0" * 16
 #: Timestamps before 2000-01-01 are almost always seconds or milliseconds sent
 #: by mistake; refusing them keeps one confused producer from wrecking windows.
 MIN_TIMESTAMP_NS: Final = 946_684_800 * 1_000_000_000
@@ -314,6 +316,8 @@ def decode_event(
             raise EventRejected(
                 "bad_header", f"header {TRACE_HEADER}={raw_trace[:80]!r} is not W3C trace context"
             )
+        if trace.startswith("ff") or trace[3:35] == _ZERO_TRACE_ID or trace[36:52] == _ZERO_SPAN_ID:
+            trace = None  # invalid by W3C rules, which say: ignore it, as if absent (start a new trace)
     event_id = raw_id
     generated = event_id is None or not event_id.strip()
     if generated and default_id is not None:

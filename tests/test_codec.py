@@ -160,6 +160,22 @@ def test_a_header_given_twice_with_different_values_is_refused() -> None:
     assert info.value.reason == "bad_header"
 
 
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",  # all-zero trace id
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # all-zero parent id
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # version ff
+        " FF-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01 ",
+    ],
+)
+def test_a_traceparent_invalid_by_w3c_rules_is_ignored_not_carried(traceparent: str) -> None:
+    """W3C trace context: such a value must be ignored (a new trace starts);
+    it was carried into the result as if it named a trace."""
+    ev = decode(headers=encode_headers(TS, "image/jpeg", traceparent=traceparent))
+    assert ev.traceparent is None
+
+
 def test_payload_rules() -> None:
     assert reason_of(body=b"") == "empty_payload"
     assert reason_of(body=b"x" * 11, limits=Limits(max_payload_bytes=10)) == "payload_too_large"
