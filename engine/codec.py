@@ -41,6 +41,9 @@ MAX_TIMESTAMP_NS: Final = 2**63 - 1
 MAX_SEQ: Final = 2**63 - 1
 MAX_HEADER_VALUE: Final = 4096
 MAX_ID_LENGTH: Final = 256
+#: The largest header block NATS stores: JetStream refuses a bigger one
+#: (error 10097, "header size exceeds maximum allowed of 64k").
+MAX_HEADER_BLOCK: Final = 65_535
 
 #: Accepted MIME types per modality, and aliases mapped onto them.
 MIME_TYPES: Final[dict[Modality, frozenset[str]]] = {
@@ -189,6 +192,21 @@ def parse_timestamp(raw: str | None) -> Nanos:
     return ts
 
 
+def _check_header_block(hdrs: Mapping[str, str]) -> None:
+    """Refuse a header block that NATS could not store: JetStream refuses one
+    over 64 KiB (error 10097), so core mode refuses it too and both modes
+    accept the same events."""
+    size = 12 + sum(  # b"NATS/1.0\r\n" ... b"\r\n", and b"name: value\r\n" per header
+        len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass")) + 4
+        for k, v in hdrs.items()
+    )
+    if size > MAX_HEADER_BLOCK:
+        raise EventRejected(
+            "header_too_large",
+            f"the header block is {size} bytes in {len(hdrs)} headers (limit {MAX_HEADER_BLOCK})",
+        )
+
+
 def header(headers: Mapping[str, str] | None, name: str) -> str | None:
     """``headers[name]``, the name matched regardless of (ASCII) case, as NATS
     header names are (HTTP's rule); the exact spelling wins when both are there."""
@@ -279,11 +297,16 @@ def decode_event(
     """
     where = _subject(subject, prefix)
     hdrs = headers or {}
+    chars = 0
     for name, value in hdrs.items():
-        if len(value) > MAX_HEADER_VALUE:
+        size = len(value)
+        if size > MAX_HEADER_VALUE:
             raise EventRejected(
-                "header_too_large", f"header {name} is {len(value)} bytes (limit {MAX_HEADER_VALUE})"
+                "header_too_large", f"header {name} is {size} characters (limit {MAX_HEADER_VALUE})"
             )
+        chars += size + len(name)
+    if 4 * (chars + len(hdrs)) + 12 > MAX_HEADER_BLOCK:  # UTF-8 takes at most 4 bytes a character
+        _check_header_block(hdrs)
     get = hdrs.get
     raw_ts, raw_ct, raw_id = get(TIMESTAMP_HEADER), get(CONTENT_TYPE_HEADER), get(ID_HEADER)
     raw_seq, trace = get(SEQ_HEADER), get(TRACE_HEADER)

@@ -176,6 +176,22 @@ def test_a_traceparent_invalid_by_w3c_rules_is_ignored_not_carried(traceparent: 
     assert ev.traceparent is None
 
 
+def test_a_header_block_over_64_kib_is_refused_as_jetstream_would() -> None:
+    """JetStream refuses a header block over 64 KiB (error 10097); core mode
+    accepted it from many headers under 4 KiB each. Counted as UTF-8 bytes."""
+    base = encode_headers(TS, "image/jpeg")
+    fits = {**base, **{f"X-Pad-{i:02}": "a" * 4000 for i in range(16)}}
+    assert decode(headers=fits).ts_ns == TS
+    over = {**base, **{f"X-Pad-{i:02}": "a" * 4000 for i in range(17)}}
+    with pytest.raises(EventRejected, match=r"header block is 68\d{3} bytes in 19 headers") as info:
+        decode(headers=over)
+    assert info.value.reason == "header_too_large"
+    wide = {**base, **{f"X-Pad-{i:02}": "é" * 3000 for i in range(11)}}  # 33,000 characters, 66,000 bytes
+    assert reason_of(headers=wide) == "header_too_large"
+    assert reason_of(headers={**base, "X-" + "n" * 70_000: "1"}) == "header_too_large"  # a long name
+    assert reason_of(headers={**base, "X-Big": "a" * 4097}) == "header_too_large"
+
+
 def test_payload_rules() -> None:
     assert reason_of(body=b"") == "empty_payload"
     assert reason_of(body=b"x" * 11, limits=Limits(max_payload_bytes=10)) == "payload_too_large"
