@@ -7,6 +7,7 @@ motion state around them.
 
 from __future__ import annotations
 
+import re
 import struct
 import threading
 from collections import OrderedDict
@@ -32,6 +33,58 @@ _STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 _MOTION_SOURCES = 4096
 
 
+#: Start-of-frame markers: SOF0-3, 5-7, 9-11, 13-15 (0xC4 is DHT, 0xC8 JPG, 0xCC DAC).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+#: Markers libjpeg takes without a length after them: TEM and RST0-7.
+_JPEG_BARE = frozenset({0x01, *range(0xD0, 0xD8)})
+#: Markers followed by a length that libjpeg skips or reads to the end of:
+#: DHT, DAC, DQT, DNL, DRI, APP0-15, COM.
+_JPEG_SEGMENTS = frozenset({0xC4, 0xCC, 0xDB, 0xDC, 0xDD, *range(0xE0, 0xF0), 0xFE})
+_NOT_FF = re.compile(rb"[^\xff]")
+
+
+def jpeg_size(payload: bytes) -> tuple[int, int]:
+    """(width, height) of a JPEG's first frame header, found the way libjpeg
+    (OpenCV's JPEG decoder) finds it, so that the size checked is the size
+    decoded.
+
+    A walk that reads a length after every marker can be led astray: TEM
+    (0xFF01) and RST0-7 have none, so a hostile file can hide a small fake
+    frame header where such a walk lands, while libjpeg reads the real,
+    huge one. Here markers are found as libjpeg's ``next_marker`` finds them
+    (skipping stray bytes, fill bytes and stuffed zeros), TEM and RSTn take
+    no length, and any marker libjpeg would stop at before a frame header
+    (SOI again, SOS, EOI, reserved ones) ends the walk as ``decode_error``.
+    """
+    if payload[:2] != b"\xff\xd8":
+        raise DecodeError("decode_error", "body is not a JPEG file (no SOI marker)")
+    i, n = 2, len(payload)
+    while True:
+        # libjpeg's next_marker(): skip anything up to an 0xFF, then any 0xFF
+        # fill bytes; the byte after them is the marker (0x00: a stuffed zero).
+        # find() and one search: linear however many 0xFF bytes there are.
+        ff = payload.find(b"\xff", i)
+        after = _NOT_FF.search(payload, ff + 1) if ff >= 0 else None
+        if after is None:
+            raise DecodeError("decode_error", "corrupt JPEG: no frame header found")
+        i = after.end()
+        marker = payload[i - 1]
+        if marker in _JPEG_SOF:  # length (2), precision (1), height (2), width (2)
+            if i + 7 > n:
+                raise DecodeError("decode_error", "truncated JPEG: frame header cut short")
+            h, w = struct.unpack_from(">HH", payload, i + 3)
+            return int(w), int(h)
+        if marker == 0x00 or marker in _JPEG_BARE:
+            continue
+        if marker not in _JPEG_SEGMENTS:
+            raise DecodeError(
+                "decode_error", f"corrupt JPEG: marker 0x{marker:02X} at byte {i - 2} before any frame header"
+            )
+        if i + 2 > n:
+            raise DecodeError("decode_error", "truncated JPEG: segment length cut short")
+        i += max(2, struct.unpack_from(">H", payload, i)[0])  # the length counts its own 2 bytes
+
+
 def image_size(payload: bytes, ct: ContentType) -> tuple[int, int]:
     """(width, height) read from the header alone, so a decompression bomb is
     refused before a single pixel is decoded."""
@@ -42,25 +95,7 @@ def image_size(payload: bytes, ct: ContentType) -> tuple[int, int]:
             raise DecodeError("decode_error", "body is not a PNG file (bad signature or IHDR)")
         w, h = struct.unpack(">II", payload[16:24])
         return int(w), int(h)
-    # JPEG: walk the markers to the first start-of-frame.
-    if payload[:2] != b"\xff\xd8":
-        raise DecodeError("decode_error", "body is not a JPEG file (no SOI marker)")
-    i = 2
-    while i + 4 <= len(payload):
-        if payload[i] != 0xFF:
-            raise DecodeError("decode_error", f"corrupt JPEG: expected a marker at byte {i}")
-        marker = payload[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        length = struct.unpack(">H", payload[i + 2 : i + 4])[0]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 9 > len(payload):
-                break
-            h, w = struct.unpack(">HH", payload[i + 5 : i + 9])
-            return int(w), int(h)
-        i += 2 + length
-    raise DecodeError("decode_error", "corrupt JPEG: no frame header found")
+    return jpeg_size(payload)
 
 
 def decode_image(payload: bytes, ct: ContentType, max_pixels: int, min_side: int = 0) -> U8Image:

@@ -1,0 +1,116 @@
+"""Hostile and awkward images: the pixel limit as the decoder sees it."""
+
+from __future__ import annotations
+
+import struct
+
+import cv2
+import numpy as np
+import pytest
+
+from engine.codec import decode_event, encode_headers
+from engine.errors import EventRejected
+from engine.types import ContentType, InputEvent
+from processors.image import decode_image, jpeg_size
+from processors.registry import lookup
+
+TS = 1_764_000_000_000_000_000
+JPEG = ContentType("image/jpeg")
+
+
+def event(body: bytes, ct: str = "image/jpeg") -> InputEvent:
+    return decode_event("autoglm.in.cam.image", encode_headers(TS, ct), body)
+
+
+def photo(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """Photo-like content: smooth gradients, a few shapes, sensor noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h)], axis=-1).astype(np.uint8)
+    for _ in range(4):
+        c = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        cv2.circle(img, c, int(rng.integers(5, max(6, min(w, h) // 3))), rng.integers(0, 255, 3).tolist(), -1)
+    return cv2.add(img, rng.integers(0, 40, (h, w, 3), dtype=np.uint8))
+
+
+def jpeg(w: int, h: int, seed: int = 0) -> bytes:
+    return bytes(cv2.imencode(".jpg", photo(w, h, seed))[1].tobytes())
+
+
+def sof_at(data: bytes) -> int:
+    """Offset of the encoder's own (first, real) SOF0 marker."""
+    return data.index(b"\xff\xc0")
+
+
+def with_size(data: bytes, w: int, h: int) -> bytes:
+    """The same JPEG with its frame header declaring w x h: libjpeg decodes
+    that many pixels from a few hundred bytes (a decompression bomb)."""
+    k = sof_at(data)
+    return data[: k + 5] + struct.pack(">HH", h, w) + data[k + 9 :]
+
+
+def fake_sof_behind_tem(data: bytes, w: int, h: int) -> bytes:
+    """Issue 12, item 9: SOI, TEM (0xFF01, no length), then an APP1 segment
+    that libjpeg skips. A walk that reads a length after TEM reads the next
+    marker's bytes (0xFFE1 = 65505) and lands inside the APP1, on a fake SOF0
+    declaring w x h; libjpeg goes on to the real frame header."""
+    app1 = bytearray(0xFFFF - 2)
+    land = 2 + 2 + 0xFFE1  # where that walk lands, from the start of the file
+    fake = b"\xff\xc0\x00\x11\x08" + struct.pack(">HH", h, w) + b"\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    app1[land - 8 : land - 8 + len(fake)] = fake  # APP1 data starts at byte 8
+    return data[:2] + b"\xff\x01" + b"\xff\xe1" + struct.pack(">H", 0xFFFF) + bytes(app1) + data[2:]
+
+
+def test_a_frame_header_hidden_behind_tem_cannot_bypass_the_pixel_limit() -> None:
+    """The engine saw 16 x 16 and libjpeg decoded 7000 x 7000 (49 Mpx, over
+    the default 40 Mpx limit); now the size checked is libjpeg's, and the
+    image is refused from its header, before any decoding."""
+    proc = lookup("cnn").create({"faces": False}, "image", "cpu")
+    bomb = fake_sof_behind_tem(with_size(jpeg(64, 48), 7000, 7000), 16, 16)
+    assert len(bomb) < 70_000
+    assert jpeg_size(bomb) == (7000, 7000)
+    with pytest.raises(EventRejected, match="7000x7000 = 49000000 pixels") as info:
+        proc.prepare(event(bomb))
+    assert info.value.reason == "image_too_large"
+
+
+def _variants(data: bytes) -> dict[str, bytes]:
+    k = sof_at(data)
+    return {
+        "as encoded": data,
+        "fake small SOF behind TEM": fake_sof_behind_tem(data, 16, 16),
+        "fake huge SOF behind TEM": fake_sof_behind_tem(data, 9000, 9000),
+        "RST marker before the SOF": data[:k] + b"\xff\xd3" + data[k:],
+        "TEM right after SOI": data[:2] + b"\xff\x01" + data[2:],
+        "fill bytes before the SOF": data[:k] + b"\xff\xff\xff" + data[k:],
+        "stray bytes before the SOF": data[:k] + b"\x00\x12\x34" + data[k:],
+        "stuffed zero before the SOF": data[:k] + b"\xff\x00" + data[k:],
+        "empty COM": data[:2] + b"\xff\xfe\x00\x02" + data[2:],
+        "COM with a length under 2": data[:2] + b"\xff\xfe\x00\x00" + data[2:],
+        "DNL segment": data[:k] + b"\xff\xdc\x00\x04\x00\x10" + data[k:],
+        "second SOI": data[:2] + data,
+        "reserved marker": data[:2] + b"\xff\x02" + data[2:],
+        "SOS before the SOF": data[:2] + b"\xff\xda\x00\x02" + data[2:],
+    }
+
+
+@pytest.mark.parametrize("name", list(_variants(b"\xff\xc0")))
+def test_the_size_checked_is_the_size_libjpeg_decodes(name: str) -> None:
+    """Whenever OpenCV decodes a variant, jpeg_size gave exactly its size;
+    when OpenCV refuses it, so does jpeg_size or the decode."""
+    data = _variants(jpeg(40, 30))[name]
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if decoded is None:
+        with pytest.raises(EventRejected) as info:
+            decode_image(data, JPEG, max_pixels=10_000)
+        assert info.value.reason == "decode_error"
+        return
+    assert jpeg_size(data) == (decoded.shape[1], decoded.shape[0]) == (40, 30)
+    assert decode_image(data, JPEG, max_pixels=10_000).shape == (30, 40, 3)
+
+
+def test_jpeg_walk_is_linear_in_fill_bytes() -> None:
+    data = jpeg(40, 30)
+    padded = data[:2] + b"\xff" * 4_000_000 + data[2:]
+    assert jpeg_size(padded) == (40, 30)  # a quadratic scan would take minutes here
+    assert cv2.imdecode(np.frombuffer(padded, np.uint8), cv2.IMREAD_COLOR).shape == (30, 40, 3)
