@@ -7,6 +7,7 @@ motion state around them.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import threading
@@ -14,18 +15,38 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
-import cv2
-import numpy as np
-import numpy.typing as npt
-import torch
-import torchvision
-from torch import nn
-
-from engine.errors import ConfigError, DecodeError, EventRejected
-from engine.types import ContentType, Features, InputEvent, Modality
-from processors.devices import resolve_device, resolve_dtype, to_device
+from processors import OPENCV_PIXEL_CAP, cap_opencv_pixels
 from processors.params import ImageParams
+
+# Before the first ``import cv2``, which reads the cap once. The registry has
+# usually set it from the route's max_pixels already; this is the default for
+# code that imports this module directly.
+cap_opencv_pixels(ImageParams.model_fields["max_pixels"].default)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+
+from engine.errors import ConfigError, DecodeError, EventRejected  # noqa: E402
+from engine.types import ContentType, Features, InputEvent, Modality  # noqa: E402
+from processors.devices import resolve_device, resolve_dtype, to_device  # noqa: E402
+
+
+def _opencv_cap() -> int | None:
+    """The pixel cap OpenCV read when it loaded (None: a value we cannot read)."""
+    try:
+        return int(os.environ.get(OPENCV_PIXEL_CAP, str(1 << 30)))
+    except ValueError:
+        return None
+
+
+#: OpenCV's own pixel cap in this process: fixed when cv2 loaded.
+OPENCV_MAX_PIXELS: Final = _opencv_cap()
 
 U8Image = npt.NDArray[np.uint8]
 _MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -132,7 +153,15 @@ def decode_image(payload: bytes, ct: ContentType, max_pixels: int, min_side: int
             flag = cv2.IMREAD_REDUCED_COLOR_4
         elif min(w, h) >= 2 * min_side:
             flag = cv2.IMREAD_REDUCED_COLOR_2
-    img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), flag)
+    try:
+        img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), flag)
+    except cv2.error as exc:
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):  # the backstop held where the header check did not
+            raise EventRejected(
+                "image_too_large",
+                f"OpenCV refused to decode it: over its own cap of {OPENCV_MAX_PIXELS} pixels",
+            ) from None
+        raise DecodeError("decode_error", f"OpenCV could not decode the {ct.mime} body: {exc}") from None
     if img is None:
         raise DecodeError("decode_error", f"OpenCV could not decode the {ct.mime} body")
     return np.asarray(img, dtype=np.uint8)
@@ -236,6 +265,15 @@ class ImageProcessor:
     modality: Modality = "image"
 
     def __init__(self, params: ImageParams, device: str = "auto", dtype: str = "float32") -> None:
+        if OPENCV_MAX_PIXELS is not None and params.max_pixels > OPENCV_MAX_PIXELS:
+            raise ConfigError(
+                [
+                    f"params.max_pixels = {params.max_pixels}: over OpenCV's own pixel cap of "
+                    f"{OPENCV_MAX_PIXELS}, which OpenCV read from {OPENCV_PIXEL_CAP} when it loaded "
+                    "(an earlier image route's max_pixels, or the environment); set "
+                    f"{OPENCV_PIXEL_CAP}={params.max_pixels} or more before starting"
+                ]
+            )
         self.params = params
         self.max_fps = params.max_fps
         self.device = resolve_device(device)

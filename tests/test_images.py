@@ -1,8 +1,12 @@
-"""Hostile and awkward images: the pixel limit as the decoder sees it."""
+"""Hostile and awkward images: the pixel limit as the decoder sees it, OpenCV's own cap."""
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,6 +18,7 @@ from engine.types import ContentType, InputEvent
 from processors.image import decode_image, jpeg_size
 from processors.registry import lookup
 
+ROOT = Path(__file__).resolve().parent.parent
 TS = 1_764_000_000_000_000_000
 JPEG = ContentType("image/jpeg")
 
@@ -114,3 +119,54 @@ def test_jpeg_walk_is_linear_in_fill_bytes() -> None:
     padded = data[:2] + b"\xff" * 4_000_000 + data[2:]
     assert jpeg_size(padded) == (40, 30)  # a quadratic scan would take minutes here
     assert cv2.imdecode(np.frombuffer(padded, np.uint8), cv2.IMREAD_COLOR).shape == (30, 40, 3)
+
+
+_CAP_SCRIPT = r"""
+import os, sys
+import engine.app, engine.cli, engine.config, engine.demo, engine.replay, processors.audio, processors.text
+assert "cv2" not in sys.modules, "something imports OpenCV before the routes are built"
+from processors.registry import lookup
+from engine.errors import ConfigError, EventRejected
+from engine.types import ContentType
+
+proc = lookup("cnn").create({"max_pixels": 10_000, "faces": False}, "image", "cpu")
+import cv2, numpy as np
+from processors.image import OPENCV_MAX_PIXELS, decode_image
+print("cap", os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"], OPENCV_MAX_PIXELS)
+body = cv2.imencode(".jpg", np.zeros((200, 200, 3), np.uint8))[1]
+try:  # straight to OpenCV: no header check of ours in the way
+    cv2.imdecode(body, cv2.IMREAD_COLOR)
+    print("opencv decoded")
+except cv2.error as exc:
+    print("opencv refused", "CV_IO_MAX_IMAGE_PIXELS" in str(exc))
+try:  # as if our header check had been fooled into allowing it
+    decode_image(body.tobytes(), ContentType("image/jpeg"), max_pixels=10**9)
+    print("decode_image decoded")
+except EventRejected as exc:
+    print("decode_image refused", exc.reason)
+try:
+    lookup("cnn").create({"max_pixels": 20_000, "faces": False}, "image", "cpu")
+    print("second route built")
+except ConfigError as exc:
+    print("second route refused", "OPENCV_IO_MAX_IMAGE_PIXELS=20000" in str(exc))
+"""
+
+
+def test_opencv_pixel_cap_holds_on_its_own() -> None:
+    """The backstop: the first image route sets OpenCV's own cap from its
+    max_pixels before OpenCV loads; OpenCV then refuses a bigger image even
+    with no header check in front, decode_image reports that as
+    image_too_large, and a route that would need a higher cap is refused at
+    build time rather than failing on every large image."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run(
+        [sys.executable, "-c", _CAP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "cap 10000 10000",
+        "opencv refused True",
+        "decode_image refused image_too_large",
+        "second route refused True",
+    ]
