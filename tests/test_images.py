@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -169,4 +170,86 @@ def test_opencv_pixel_cap_holds_on_its_own() -> None:
         "opencv refused True",
         "decode_image refused image_too_large",
         "second route refused True",
+    ]
+
+
+# -- face detection across prepare threads ------------------------------------------
+
+#: Photo sizes of the issue's report (300 x 451 to 640 x 427), portrait and landscape.
+SIZES = [(300, 451), (640, 427), (480, 360), (427, 640), (512, 512), (333, 500), (451, 300)]
+
+
+def _mixed_frames() -> list[InputEvent]:
+    frames = []
+    for i, (w, h) in enumerate(SIZES):
+        img = photo(w, h, seed=i)
+        frames.append(event(bytes(cv2.imencode(".jpg", img)[1].tobytes())))
+        frames.append(event(bytes(cv2.imencode(".png", img)[1].tobytes()), "image/png"))
+    return frames
+
+
+def test_face_detection_with_mixed_sizes_on_two_prepare_threads_never_fails() -> None:
+    """One CascadeClassifier shared by the prepare threads raised OpenCV
+    assertions (``cascadedetect.hpp``, ``vector::_M_range_check``) with frames
+    of different sizes in flight, reported as the producer's decode_error, and
+    could abort the process. Batches of mixed photos go through a route with
+    prepare_threads = 2, two batches at a time, many times: every frame gets
+    its features, and the same face count as when prepared alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.config import RouteConfig
+    from engine.types import Features
+
+    route = RouteConfig(modality="image", processor="cnn", device="cpu", prepare_threads=2).build("image")
+    frames = _mixed_frames()
+    alone = {ev.event_id: route.processor.prepare(ev).stats["faces"] for ev in frames}
+    batches = [frames[i:] + frames[:i] for i in range(len(frames))] * 3  # every order, 42 batches
+    try:
+        with ThreadPoolExecutor(2) as workers:  # two batches at once, like workers = 2
+            outcomes = [o for batch in workers.map(route.process, batches) for o in batch]
+    finally:
+        route.close()
+    rejected = [o for o in outcomes if isinstance(o, EventRejected)]
+    assert not rejected, rejected[:3]
+    assert len(outcomes) == len(frames) * len(batches)
+    faces = [o.stats["faces"] for o in outcomes if isinstance(o, Features)]
+    assert len(faces) == len(outcomes)
+    assert sorted(set(faces)) == sorted(set(alone.values()))
+    assert route.processor.face_failures == 0  # type: ignore[attr-defined]
+
+
+def test_a_long_thin_png_is_processed_with_no_faces() -> None:
+    """A valid 8000 x 4 PNG failed inside the face detector (scaled to 320
+    pixels its 4 rows became 0, and resize refused)."""
+    proc = lookup("cnn").create({}, "image", "cpu")
+    for w, h in ((8000, 4), (4, 8000), (3000, 30), (24, 24)):
+        png = bytes(cv2.imencode(".png", photo(w, h))[1].tobytes())
+        [feat] = proc.run([proc.prepare(event(png, "image/png"))])
+        assert feat.stats["faces"] == 0.0, (w, h)
+    assert proc.face_failures == 0
+
+
+def test_a_detector_failure_leaves_faces_out_and_is_counted_not_a_decode_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Should OpenCV's detector fail anyway, the frame (which decoded fine)
+    keeps its features without ``faces``; the failure is logged and counted
+    in ``autoglm_processor_faults``, never charged to the producer."""
+    from engine.app import Engine
+    from engine.config import RouteConfig
+    from engine.metrics import EngineCollector
+    from tests.conftest import make_config
+
+    route = RouteConfig(modality="image", processor="cnn", device="cpu").build("image")
+    proc: Any = route.processor
+    proc._local.faces = cv2.CascadeClassifier()  # this thread's detector: real, but with no cascade loaded
+    [outcome] = route.process([event(jpeg(320, 240))])
+    assert not isinstance(outcome, EventRejected), outcome
+    assert "faces" not in outcome.stats and "brightness" in outcome.stats
+    assert proc.face_failures == 1
+    assert "face detection failed on a 320x240 frame" in caplog.text
+    engine = Engine(make_config("faults"), routes=[route])
+    [family] = [f for f in EngineCollector(engine).collect() if f.name == "autoglm_processor_faults"]
+    assert [(s.labels, s.value) for s in family.samples] == [
+        ({"route": "image:cnn", "kind": "face_detection"}, 1.0)
     ]
