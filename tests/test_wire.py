@@ -1,4 +1,4 @@
-"""Limits of the wire that come from NATS itself, over a real nats-server."""
+"""The wire contract end to end, over a real nats-server: hostile headers, NATS's own limits."""
 
 from __future__ import annotations
 
@@ -55,3 +55,40 @@ async def test_durable_mode_the_server_refuses_a_header_block_over_64_kib(
         assert ack.seq == 1  # only this one was stored
     finally:
         await engine.stop()
+
+
+async def test_durable_intake_survives_unicode_digits_and_reads_any_case(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """Issue 12, item 1: a timestamp of ``179596339822592701²`` made int()
+    raise ValueError in the codec, which killed the durable fetch loop: the
+    event was redelivered after a restart and wedged it again. Now every such
+    number is a DLQ record and the events after it are processed; a producer
+    that spells the header names in lower case is understood."""
+    out = await collect(nc, f"{prefix}.out.>")
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    engine = Engine(make_config(prefix))
+    await engine.start(nats_url)
+    assert engine.intake is not None
+    try:
+        now = time.time_ns()
+        subject = f"{prefix}.in.cam.{{}}"
+        hostile = [
+            ("text", {"AutoGLM-Timestamp": f"{now}²", "Content-Type": "text/plain", "Nats-Msg-Id": "ts"}),
+            ("text", {**encode_headers(now, "text/plain", event_id="seq"), "AutoGLM-Seq": "7①"}),
+            ("image", encode_headers(now, "image/x-raw;width=٤;height=1", event_id="width")),
+            ("audio", encode_headers(now, "audio/pcm;rate=16000;channels=１;format=s16le", event_id="ch")),
+        ]
+        for modality, hdrs in hostile:
+            await nc.publish(subject.format(modality), b"\x00\x00\x00", headers=hdrs)
+        lower = {"autoglm-timestamp": str(now + 1), "content-type": "text/plain", "nats-msg-id": "lower"}
+        await nc.publish(subject.format("text"), b"after", headers=lower)
+        await nc.publish(
+            subject.format("text"), b"after", headers=encode_headers(now + 2, "text/plain", event_id="ok")
+        )
+        records = await dlq.wait_for(len(hostile))
+        results = await out.wait_for(1)
+    finally:
+        await engine.stop()
+    assert sorted(r["reason"] for r in records) == ["bad_header", "bad_header", "bad_header", "bad_timestamp"]
+    assert sorted(e for r in results for e in r["events"].get("text", [])) == ["lower", "ok"]
