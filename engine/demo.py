@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import cv2
 import numpy as np
 import orjson
 from opentelemetry.trace import SpanKind
@@ -54,6 +53,8 @@ def default_config() -> EngineConfig:
 
 def shapes_frames(index: int, n: int, width: int, height: int) -> list[bytes]:
     """``n`` JPEG frames of a circle and a square moving over a gradient."""
+    import cv2  # here, not at the top: the engine's image route loads OpenCV first, with its pixel cap
+
     rng = np.random.default_rng(index)
     colour = tuple(int(c) for c in rng.integers(64, 255, 3))
     base = np.tile(np.linspace(30, 90, width, dtype=np.uint8), (height, 1))

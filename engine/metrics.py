@@ -108,6 +108,15 @@ class EngineCollector(Collector):
         for stage, hist in s.latency.items():
             latency.add_metric([stage], hist.cumulative(), sum_value=hist.total)
         yield latency
+        faults = CounterMetricFamily(
+            "autoglm_processor_faults",
+            "Internal processor failures that cost no event (the feature is left out)",
+            labels=["route", "kind"],
+        )
+        for route in e.routes:
+            for kind, n in getattr(route.processor, "faults", {}).items():
+                faults.add_metric([f"{route.config.modality}:{route.config.processor}", kind], n)
+        yield faults
         g = e.glm.stats
         yield CounterMetricFamily("autoglm_glm_calls", "GLM backend calls", value=g.calls)
         yield CounterMetricFamily("autoglm_glm_errors", "GLM calls that failed", value=g.errors)

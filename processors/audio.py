@@ -10,6 +10,7 @@ import io
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import librosa
 import numpy as np
@@ -72,12 +73,28 @@ def decode_audio(payload: bytes, ct: ContentType) -> tuple[F32, int]:
     return np.ascontiguousarray(np.asarray(data, dtype=np.float32).T), int(rate)
 
 
+#: Full scale is 1.0. Floating-point audio may go above it (a float mix keeps
+#: headroom), so samples up to 16.0 (+24 dBFS) are taken as they are. Beyond
+#: that they are not audio but a wrong format (big-endian or integer samples
+#: sent as f32le), and their squares would overflow float32 into an infinite,
+#: ``null`` loudness: such a body is refused, not clipped into a square wave.
+MAX_SAMPLE: Final = 16.0
+
+
 def to_mono(samples: F32, rate: int, target_rate: int, max_seconds: float) -> F32:
-    """``(C, N)`` -> ``(N',)`` mono at ``target_rate``; refuses NaN/inf and overlong audio."""
+    """``(C, N)`` -> ``(N',)`` mono at ``target_rate``; refuses NaN/inf, samples
+    beyond :data:`MAX_SAMPLE` and overlong audio."""
     if samples.shape[1] == 0:
         raise DecodeError("decode_error", "audio has no samples")
-    if not np.isfinite(samples).all():
-        raise EventRejected("invalid_samples", "audio contains NaN or infinite samples")
+    peak = float(max(samples.max(), -samples.min()))  # NaN if any sample is NaN
+    if not peak <= MAX_SAMPLE:
+        if not np.isfinite(samples).all():
+            raise EventRejected("invalid_samples", "audio contains NaN or infinite samples")
+        raise EventRejected(
+            "invalid_samples",
+            f"audio has a sample of magnitude {peak:.3g}, beyond {MAX_SAMPLE:g} "
+            f"(full scale is 1.0): not float audio; big-endian or integer samples sent as f32le?",
+        )
     seconds = samples.shape[1] / rate
     if seconds > max_seconds:
         raise EventRejected("audio_too_long", f"audio is {seconds:.1f} s, over max_seconds = {max_seconds}")

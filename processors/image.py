@@ -7,29 +7,109 @@ motion state around them.
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
-import cv2
-import numpy as np
-import numpy.typing as npt
-import torch
-import torchvision
-from torch import nn
-
-from engine.errors import ConfigError, DecodeError, EventRejected
-from engine.types import ContentType, Features, InputEvent, Modality
-from processors.devices import resolve_device, resolve_dtype, to_device
+from processors import OPENCV_PIXEL_CAP, cap_opencv_pixels
 from processors.params import ImageParams
+
+# Before the first ``import cv2``, which reads the cap once. The registry has
+# usually set it from the route's max_pixels already; this is the default for
+# code that imports this module directly.
+cap_opencv_pixels(ImageParams.model_fields["max_pixels"].default)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+
+from engine.errors import ConfigError, DecodeError, EventRejected  # noqa: E402
+from engine.types import ContentType, Features, InputEvent, Modality  # noqa: E402
+from processors.devices import resolve_device, resolve_dtype, to_device  # noqa: E402
+
+
+def _opencv_cap() -> int | None:
+    """The pixel cap OpenCV read when it loaded (None: a value we cannot read)."""
+    try:
+        return int(os.environ.get(OPENCV_PIXEL_CAP, str(1 << 30)))
+    except ValueError:
+        return None
+
+
+#: OpenCV's own pixel cap in this process: fixed when cv2 loaded.
+OPENCV_MAX_PIXELS: Final = _opencv_cap()
 
 U8Image = npt.NDArray[np.uint8]
 _MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 _MOTION_SOURCES = 4096
+#: Face detection runs on a copy whose longer side is at most _FACE_SIDE
+#: pixels, for faces of at least _FACE_MIN pixels (the cascade's 24 x 24 window).
+_FACE_SIDE = 320.0
+_FACE_MIN = 24
+log = logging.getLogger("autoglm.image")
+
+
+#: Start-of-frame markers: SOF0-3, 5-7, 9-11, 13-15 (0xC4 is DHT, 0xC8 JPG, 0xCC DAC).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+#: Markers libjpeg takes without a length after them: TEM and RST0-7.
+_JPEG_BARE = frozenset({0x01, *range(0xD0, 0xD8)})
+#: Markers followed by a length that libjpeg skips or reads to the end of:
+#: DHT, DAC, DQT, DNL, DRI, APP0-15, COM.
+_JPEG_SEGMENTS = frozenset({0xC4, 0xCC, 0xDB, 0xDC, 0xDD, *range(0xE0, 0xF0), 0xFE})
+_NOT_FF = re.compile(rb"[^\xff]")
+
+
+def jpeg_size(payload: bytes) -> tuple[int, int]:
+    """(width, height) of a JPEG's first frame header, found the way libjpeg
+    (OpenCV's JPEG decoder) finds it, so that the size checked is the size
+    decoded.
+
+    A walk that reads a length after every marker can be led astray: TEM
+    (0xFF01) and RST0-7 have none, so a hostile file can hide a small fake
+    frame header where such a walk lands, while libjpeg reads the real,
+    huge one. Here markers are found as libjpeg's ``next_marker`` finds them
+    (skipping stray bytes, fill bytes and stuffed zeros), TEM and RSTn take
+    no length, and any marker libjpeg would stop at before a frame header
+    (SOI again, SOS, EOI, reserved ones) ends the walk as ``decode_error``.
+    """
+    if payload[:2] != b"\xff\xd8":
+        raise DecodeError("decode_error", "body is not a JPEG file (no SOI marker)")
+    i, n = 2, len(payload)
+    while True:
+        # libjpeg's next_marker(): skip anything up to an 0xFF, then any 0xFF
+        # fill bytes; the byte after them is the marker (0x00: a stuffed zero).
+        # find() and one search: linear however many 0xFF bytes there are.
+        ff = payload.find(b"\xff", i)
+        after = _NOT_FF.search(payload, ff + 1) if ff >= 0 else None
+        if after is None:
+            raise DecodeError("decode_error", "corrupt JPEG: no frame header found")
+        i = after.end()
+        marker = payload[i - 1]
+        if marker in _JPEG_SOF:  # length (2), precision (1), height (2), width (2)
+            if i + 7 > n:
+                raise DecodeError("decode_error", "truncated JPEG: frame header cut short")
+            h, w = struct.unpack_from(">HH", payload, i + 3)
+            return int(w), int(h)
+        if marker == 0x00 or marker in _JPEG_BARE:
+            continue
+        if marker not in _JPEG_SEGMENTS:
+            raise DecodeError(
+                "decode_error", f"corrupt JPEG: marker 0x{marker:02X} at byte {i - 2} before any frame header"
+            )
+        if i + 2 > n:
+            raise DecodeError("decode_error", "truncated JPEG: segment length cut short")
+        i += max(2, struct.unpack_from(">H", payload, i)[0])  # the length counts its own 2 bytes
 
 
 def image_size(payload: bytes, ct: ContentType) -> tuple[int, int]:
@@ -42,25 +122,7 @@ def image_size(payload: bytes, ct: ContentType) -> tuple[int, int]:
             raise DecodeError("decode_error", "body is not a PNG file (bad signature or IHDR)")
         w, h = struct.unpack(">II", payload[16:24])
         return int(w), int(h)
-    # JPEG: walk the markers to the first start-of-frame.
-    if payload[:2] != b"\xff\xd8":
-        raise DecodeError("decode_error", "body is not a JPEG file (no SOI marker)")
-    i = 2
-    while i + 4 <= len(payload):
-        if payload[i] != 0xFF:
-            raise DecodeError("decode_error", f"corrupt JPEG: expected a marker at byte {i}")
-        marker = payload[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        length = struct.unpack(">H", payload[i + 2 : i + 4])[0]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 9 > len(payload):
-                break
-            h, w = struct.unpack(">HH", payload[i + 5 : i + 9])
-            return int(w), int(h)
-        i += 2 + length
-    raise DecodeError("decode_error", "corrupt JPEG: no frame header found")
+    return jpeg_size(payload)
 
 
 def decode_image(payload: bytes, ct: ContentType, max_pixels: int, min_side: int = 0) -> U8Image:
@@ -97,7 +159,15 @@ def decode_image(payload: bytes, ct: ContentType, max_pixels: int, min_side: int
             flag = cv2.IMREAD_REDUCED_COLOR_4
         elif min(w, h) >= 2 * min_side:
             flag = cv2.IMREAD_REDUCED_COLOR_2
-    img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), flag)
+    try:
+        img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), flag)
+    except cv2.error as exc:
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):  # the backstop held where the header check did not
+            raise EventRejected(
+                "image_too_large",
+                f"OpenCV refused to decode it: over its own cap of {OPENCV_MAX_PIXELS} pixels",
+            ) from None
+        raise DecodeError("decode_error", f"OpenCV could not decode the {ct.mime} body: {exc}") from None
     if img is None:
         raise DecodeError("decode_error", f"OpenCV could not decode the {ct.mime} body")
     return np.asarray(img, dtype=np.uint8)
@@ -201,6 +271,15 @@ class ImageProcessor:
     modality: Modality = "image"
 
     def __init__(self, params: ImageParams, device: str = "auto", dtype: str = "float32") -> None:
+        if OPENCV_MAX_PIXELS is not None and params.max_pixels > OPENCV_MAX_PIXELS:
+            raise ConfigError(
+                [
+                    f"params.max_pixels = {params.max_pixels}: over OpenCV's own pixel cap of "
+                    f"{OPENCV_MAX_PIXELS}, which OpenCV read from {OPENCV_PIXEL_CAP} when it loaded "
+                    "(an earlier image route's max_pixels, or the environment); set "
+                    f"{OPENCV_PIXEL_CAP}={params.max_pixels} or more before starting"
+                ]
+            )
         self.params = params
         self.max_fps = params.max_fps
         self.device = resolve_device(device)
@@ -209,28 +288,63 @@ class ImageProcessor:
         self.model = model.to(self.device, self.dtype)
         self.head = head.to(self.device, self.dtype)
         self.labels = labels
-        self._faces = (
-            cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))  # type: ignore[attr-defined]
-            if params.faces
-            else None
-        )
+        # One face detector per thread: a CascadeClassifier keeps per-call
+        # state in the object, and prepare() runs on several threads (the
+        # route's prepare_threads, and its workers); sharing one gave OpenCV
+        # assertion failures and heap corruption with frames of mixed sizes.
+        # Per thread measured faster than one behind a lock: 1.00 vs 1.71 ms a
+        # frame with two threads on two cores (1.60 ms with one thread).
+        self._cascade = str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml")  # type: ignore[attr-defined]
+        self._local = threading.local()
+        if params.faces and self._face_detector().empty():
+            raise ConfigError([f"params.faces = true: OpenCV cannot load {self._cascade}"])
+        #: Frames whose face detection failed inside OpenCV: they keep their
+        #: features without ``faces`` (never a ``decode_error``: the frame is fine).
+        self.face_failures = 0
         self._previous: OrderedDict[str, U8Image] = OrderedDict()
         self._lock = threading.Lock()
 
-    def count_faces(self, bgr: U8Image) -> int:
-        if self._faces is None:
+    def _face_detector(self) -> cv2.CascadeClassifier:
+        detector: cv2.CascadeClassifier | None = getattr(self._local, "faces", None)
+        if detector is None:
+            detector = self._local.faces = cv2.CascadeClassifier(self._cascade)
+        return detector
+
+    @property
+    def faults(self) -> dict[str, int]:
+        """Internal failures that did not cost the event, by kind (for metrics)."""
+        return {"face_detection": self.face_failures}
+
+    def count_faces(self, bgr: U8Image) -> int | None:
+        """Frontal faces of at least 24 pixels on a copy at most 320 pixels
+        wide (0 with ``faces = false``); ``None`` when the detector failed
+        (logged and counted)."""
+        if not self.params.faces:
             return 0
         gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-        scale = 320.0 / max(gray.shape)
+        h, w = gray.shape
+        scale = min(1.0, _FACE_SIDE / max(h, w))
+        if min(h, w) * scale < _FACE_MIN:  # an 8000 x 4 strip: no face fits, and resize would give 0 rows
+            return 0
         if scale < 1.0:
             gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        found = self._faces.detectMultiScale(gray, scaleFactor=1.2, minNeighbors=5, minSize=(24, 24))
+        try:
+            found = self._face_detector().detectMultiScale(
+                gray, scaleFactor=1.2, minNeighbors=5, minSize=(_FACE_MIN, _FACE_MIN)
+            )
+        except Exception as exc:  # OpenCV's own failure, not the producer's: the frame decoded
+            with self._lock:
+                self.face_failures += 1
+            log.warning("face detection failed on a %dx%d frame: %s: %s", w, h, type(exc).__name__, exc)
+            return None
         return len(found)
 
     def prepare(self, event: InputEvent) -> PreparedImage:
         bgr = decode_image(event.payload, event.content_type, self.params.max_pixels, self.params.input_size)
         stats, small = descriptors(bgr)
-        stats["faces"] = float(self.count_faces(bgr))
+        faces = self.count_faces(bgr)
+        if faces is not None:
+            stats["faces"] = float(faces)
         thumb = None
         if self.params.thumbnail:
             scale = min(1.0, self.params.thumbnail / max(bgr.shape[:2]))

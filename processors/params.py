@@ -26,6 +26,9 @@ class ImageParams(_Params):
     weights_path: str | None = None
     input_size: int = Field(224, ge=32, le=1024)
     max_fps: float = Field(30.0, gt=0, le=1000)
+    #: Larger images are refused from their header. It is also OpenCV's own
+    #: cap (``OPENCV_IO_MAX_IMAGE_PIXELS``, read once when OpenCV loads): the
+    #: first image route sets it, and a later route may not ask for more.
     max_pixels: int = Field(40_000_000, gt=0)
     faces: bool = True
     #: Keep a JPEG of each frame at most this many pixels on its longer side,

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from engine.errors import ConfigError
 from engine.types import Modality, Processor
+from processors import cap_opencv_pixels
 from processors.params import AudioParams, ImageParams, PassthroughParams, TextParams
 
 #: ``factory(params, modality, device, dtype) -> Processor``
@@ -30,13 +31,19 @@ class ProcessorSpec:
     #: ``"module:callable"``, imported on first use.
     factory: str
     doc: str = ""
+    #: Called with the validated parameters before the factory's module is
+    #: imported (what must happen before a library loads).
+    before_import: Callable[[Any], None] | None = None
 
     def create(
         self, params: dict[str, Any], modality: Modality, device: str = "auto", dtype: str = "float32"
     ) -> Processor[Any]:
         module_name, _, attr = self.factory.partition(":")
+        validated = self.params.model_validate(params)
+        if self.before_import is not None:
+            self.before_import(validated)
         make: Factory = getattr(importlib.import_module(module_name), attr)
-        return make(self.params.model_validate(params), modality, device, dtype)
+        return make(validated, modality, device, dtype)
 
 
 REGISTRY: dict[str, ProcessorSpec] = {}
@@ -55,7 +62,16 @@ def lookup(name: str) -> ProcessorSpec:
         raise ConfigError([f"processor {name!r} is not registered (known: {known})"]) from None
 
 
-register(ProcessorSpec("cnn", "image", ImageParams, "processors.image:create", "torchvision CNN"))
+def _cap_opencv(params: ImageParams) -> None:
+    """OpenCV's own pixel cap follows the route's max_pixels (read once, when cv2 loads)."""
+    cap_opencv_pixels(params.max_pixels)
+
+
+register(
+    ProcessorSpec(
+        "cnn", "image", ImageParams, "processors.image:create", "torchvision CNN", before_import=_cap_opencv
+    )
+)
 register(ProcessorSpec("mfcc", "audio", AudioParams, "processors.audio:create", "librosa MFCC"))
 register(ProcessorSpec("minilm", "text", TextParams, "processors.text:create", "MiniLM encoder"))
 register(ProcessorSpec("passthrough", None, PassthroughParams, "processors.passthrough:create", "byte count"))

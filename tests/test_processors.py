@@ -121,9 +121,9 @@ def test_imagenet_weights_missing_fail_clearly(tmp_path: Any) -> None:
         lookup("cnn").create({"weights": "imagenet", "weights_path": str(tmp_path / "x.pth")}, "image", "cpu")
 
 
-def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+def wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
     buf = io.BytesIO()
-    soundfile.write(buf, samples, rate, format="WAV", subtype="PCM_16")
+    soundfile.write(buf, samples, rate, format="WAV", subtype=subtype)
     return buf.getvalue()
 
 
@@ -164,10 +164,36 @@ def test_audio_rejections(audio_proc: Any) -> None:
     assert reason(audio_proc, event("audio", nan, "audio/pcm;rate=16000;channels=1;format=f32le")) == (
         "invalid_samples"
     )
+    f32 = "audio/pcm;rate=16000;channels=1;format=f32le"
+    for bad in (np.nan, -np.inf, 1e30, -17.0):
+        body = np.full(1600, 0.1, "<f4")
+        body[800] = bad
+        assert reason(audio_proc, event("audio", body.tobytes(), f32)) == "invalid_samples"
+    huge = np.full((1600, 2), 1e30, "<f4")
+    with pytest.raises(EventRejected, match=r"magnitude 1e\+30.*big-endian") as info:
+        audio_proc.prepare(event("audio", wav_bytes(huge, 16_000, "FLOAT"), "audio/wav"))
+    assert info.value.reason == "invalid_samples"
     long = np.zeros(16_000 * 31, "<i2").tobytes()
     assert reason(audio_proc, event("audio", long, "audio/pcm;rate=16000;channels=1;format=s16le")) == (
         "audio_too_long"
     )
+
+
+def test_float_audio_above_full_scale_keeps_a_finite_loudness(audio_proc: Any) -> None:
+    """A finite f32le body of 1e30 gave a ``null`` loudness (float32 squares
+    overflow); now such a body is refused (above), and float audio with
+    headroom up to 16.0 is measured as it is, on both backends."""
+    from processors.audio import AudioProcessor
+    from processors.params import AudioParams
+
+    f32 = "audio/pcm;rate=16000;channels=1;format=f32le"
+    loud = np.full(1600, 10.0, "<f4")
+    loud[::2] = -10.0  # a +20 dBFS square wave
+    for backend in ("torch", "librosa"):
+        proc = AudioProcessor(AudioParams(backend=backend), "cpu")
+        [f] = proc.run([proc.prepare(event("audio", loud.tobytes(), f32))])
+        assert f.stats["loudness_dbfs"] == pytest.approx(20.0, abs=0.01), backend
+        assert np.isfinite(f.frames).all() and all(np.isfinite(v) for v in f.stats.values())
 
 
 def test_text_embeddings_are_normalised_and_meaningful(text_proc: Any) -> None:
