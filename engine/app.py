@@ -26,7 +26,7 @@ from nats.errors import SlowConsumerError
 from engine import claimcheck
 from engine.aligner import Aligner
 from engine.batcher import BatchWorker
-from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, source_of
+from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, header, source_of
 from engine.config import EngineConfig, Overrides
 from engine.discovery import refuse_a_second_engine, register
 from engine.durable import DurableIntake, Key, dlq_msg_id
@@ -463,8 +463,8 @@ class Engine:
             "subject": subject,
             "source": source,
             "modality": modality if modality != "?" else None,
-            "event_id": hdrs.get(ID_HEADER),
-            "timestamp_ns": hdrs.get(TIMESTAMP_HEADER),
+            "event_id": header(hdrs, ID_HEADER),
+            "timestamp_ns": header(hdrs, TIMESTAMP_HEADER),
             "reason": exc.reason,
             "message": exc.message,
             "rejected_ns": self.clock(),

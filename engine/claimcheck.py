@@ -45,7 +45,7 @@ from nats.js.errors import (
     ObjectNotFoundError,
 )
 
-from engine.codec import CONTENT_TYPE_HEADER
+from engine.codec import CONTENT_TYPE_HEADER, header
 from engine.errors import EventRejected, TransportError
 
 log = logging.getLogger("autoglm.claimcheck")
@@ -82,7 +82,7 @@ class ObjectRef:
 
 
 def is_ref(headers: Mapping[str, str] | None) -> bool:
-    return bool(headers) and (headers or {}).get(CONTENT_TYPE_HEADER, "").startswith(OBJECT_REF)
+    return (header(headers, CONTENT_TYPE_HEADER) or "").strip().lower().startswith(OBJECT_REF)
 
 
 def _bad(what: str) -> EventRejected:

@@ -32,7 +32,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from engine import claimcheck
 from engine.app import frame_record
-from engine.codec import Limits, decode_event, source_of
+from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, header, parse_timestamp, source_of
 from engine.config import EngineConfig
 from engine.durable import record_stream
 from engine.errors import ConfigError, EventRejected, TransportError
@@ -108,7 +108,7 @@ class Replayer:
             self._feed(subject, headers, data, default_id)
         except Exception as exc:  # as in the engine: one message never stops the run
             why = EventRejected("internal_error", f"{type(exc).__name__}: {exc}"[:500])
-            self.reject(subject, (headers or {}).get("Nats-Msg-Id"), why)
+            self.reject(subject, header(headers, ID_HEADER), why)
 
     def _feed(self, subject: str, headers: dict[str, str] | None, data: bytes, default_id: str) -> None:
         try:
@@ -122,7 +122,7 @@ class Replayer:
                 default_id=default_id,
             )
         except EventRejected as exc:
-            self.reject(subject, (headers or {}).get("Nats-Msg-Id"), exc)
+            self.reject(subject, header(headers, ID_HEADER), exc)
             return
         self.clock.now = max(self.clock.now, event.ts_ns)
         try:
@@ -251,7 +251,7 @@ async def replay(
                     headers, data = await claims.resolve(headers or {}, data)
                 except EventRejected as exc:
                     r.stats.read += 1
-                    r.reject(msg.subject, (msg.headers or {}).get("Nats-Msg-Id"), exc)
+                    r.reject(msg.subject, header(msg.headers, ID_HEADER), exc)
                     continue
             if speed is not None:
                 ts = _ts(headers)
@@ -272,9 +272,10 @@ async def replay(
 
 
 def _ts(headers: dict[str, str] | None) -> int | None:
+    """The event time as the engine reads it (pacing only; a bad one is refused later)."""
     try:
-        return int((headers or {}).get("AutoGLM-Timestamp", ""))
-    except ValueError:
+        return parse_timestamp(header(headers, TIMESTAMP_HEADER))
+    except EventRejected:
         return None
 
 
