@@ -52,6 +52,14 @@ def summary(engine: Engine) -> dict[str, Any]:
         },
         "durable": engine.intake is not None,
         "unacked": len(engine.intake.held) if engine.intake is not None else 0,
+        "jetstream": {
+            "redelivered": engine.intake.redelivered,
+            "poisoned": engine.intake.poisoned,
+            "recovered": engine.intake.recovered,
+            "results_duplicate": engine.results.duplicates if engine.results is not None else 0,
+        }
+        if engine.intake is not None
+        else None,
         "stalled": engine.intake is not None and engine.intake.stalled_since is not None,
     }
 

@@ -72,6 +72,19 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "autoglm_intake_waits", "Times intake waited for room (complete policy)", value=s.intake_waits
         )
+        yield GaugeMetricFamily(
+            "autoglm_up", "1 ok, 0.5 degraded (held up, retrying), 0 unhealthy (a task died)",
+            value={"ok": 1.0, "degraded": 0.5}.get(e.supervisor.status, 0.0),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "autoglm_internal_errors", "Messages whose handling hit a bug (internal_error DLQ records)",
+            value=s.internal_errors,
+        )  # fmt: skip
+        yield _counter("autoglm_duplicates", "Events refused as duplicate ids", ["modality"], s.duplicates)
+        yield CounterMetricFamily(
+            "autoglm_store_retries", "Stores of results/DLQ records retried while JetStream was away",
+            value=s.store_retries,
+        )  # fmt: skip
         yield CounterMetricFamily("autoglm_results", "Results published", value=s.results)
         yield CounterMetricFamily("autoglm_dlq_records", "DLQ records published", value=s.dlq_published)
         yield CounterMetricFamily(
@@ -135,6 +148,14 @@ class EngineCollector(Collector):
                 "autoglm_jetstream_redelivered", "Redelivered input messages", value=e.intake.redelivered
             )
             yield CounterMetricFamily("autoglm_jetstream_acked", "Input messages acked", value=e.intake.acked)
+            yield CounterMetricFamily(
+                "autoglm_jetstream_poisoned", "Inputs given up after nats.max_deliver deliveries",
+                value=e.intake.poisoned,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "autoglm_jetstream_recovered", "Inputs found already stored after a crash, acked",
+                value=e.intake.recovered,
+            )  # fmt: skip
             if e.results is not None:
                 yield GaugeMetricFamily(
                     "autoglm_results_unconfirmed",
@@ -145,6 +166,11 @@ class EngineCollector(Collector):
                     "autoglm_results_retried",
                     "Results stored again after a failed PubAck",
                     value=e.results.retried,
+                )
+                yield CounterMetricFamily(
+                    "autoglm_results_duplicate",
+                    "Results the stream already held (same id, so the same events)",
+                    value=e.results.duplicates,
                 )
             yield GaugeMetricFamily(
                 "autoglm_jetstream_stalled",

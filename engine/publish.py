@@ -12,9 +12,12 @@ import nats
 import numpy as np
 import orjson
 import soundfile
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError
 
 from engine.claimcheck import OBJECT_REF, put_payload
-from engine.codec import encode_headers, input_subject
+from engine.codec import ID_HEADER, encode_headers, input_subject
 from engine.errors import AutoGLMError, TransportError
 from engine.security import redact_url
 from engine.tracing import new_traceparent
@@ -86,6 +89,33 @@ async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:
         raise TransportError(f"cannot connect to NATS at {redact_url(url)}: {exc}{cause}") from exc
 
 
+async def send_events(nc: Any, subject: str, events: list[tuple[dict[str, str], bytes]]) -> list[str]:
+    """Publish ``events``; returns the ids the input stream refused as duplicates.
+
+    Where JetStream stores the inputs each event waits for its PubAck, so a
+    refusal (a full backlog) is an error and a ``duplicate`` is reported: the
+    stream deduplicates ``Nats-Msg-Id`` across *all* sources. Where nothing
+    answers (core mode), the events are sent plainly."""
+    js = nc.jetstream()
+    duplicates: list[str] = []
+    acked = True
+    for hdrs, body in events:
+        if not acked:
+            await nc.publish(subject, body, headers=hdrs)
+            continue
+        try:
+            ack = await js.publish(subject, body, headers=hdrs, timeout=2.0)
+        except (NoRespondersError, NatsTimeoutError):
+            acked = False  # no stream: an engine in core mode got it (or no one listens)
+            continue
+        except APIError as exc:
+            raise TransportError(f"the input stream refused {hdrs.get(ID_HEADER)}: {exc}") from exc
+        if ack.duplicate:
+            duplicates.append(hdrs.get(ID_HEADER, "?"))
+    await nc.flush()
+    return duplicates
+
+
 async def publish_file(
     url: str,
     source: str,
@@ -152,11 +182,17 @@ async def publish_file(
         base_id = event_id or f"{source}-{modality}-{t0}"
         ids = [base_id if len(bodies) == 1 else f"{base_id}-{i}" for i in range(len(bodies))]
         traceparent = traceparent or new_traceparent()
-        for i, (eid, body) in enumerate(zip(ids, bodies, strict=True)):
-            hdrs = encode_headers(t0 + i * step, cts[i], event_id=eid, seq=i, traceparent=traceparent)
-            await nc.publish(subject, body, headers=hdrs)
-        await nc.flush()
+        events = [
+            (encode_headers(t0 + i * step, cts[i], event_id=eid, seq=i, traceparent=traceparent), body)
+            for i, (eid, body) in enumerate(zip(ids, bodies, strict=True))
+        ]
+        duplicates = await send_events(nc, subject, events)
         print(f"published {len(bodies)} {modality} event(s) on {subject} ({ct}), trace {traceparent}")
+        if duplicates:
+            raise AutoGLMError(
+                f"the input stream already held event id(s) {', '.join(duplicates[:5])}: it dropped these "
+                "events as duplicates. Ids must be unique across every source (the default ids are)"
+            )
         deadline = time.monotonic() + wait
         waiting = set(ids)
         while wait > 0 and waiting and (left := deadline - time.monotonic()) > 0:

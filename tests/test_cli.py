@@ -267,3 +267,24 @@ async def test_every_mistake_on_the_command_line_is_one_line_and_exit_code_2(tmp
     failures = [f for f in await asyncio.gather(*(check(*c) for c in cases)) if f]
     assert not failures, "\n".join(failures)
     assert not (a_file.parent / "o.jsonl").exists() and list(a_dir.iterdir()) == []
+
+
+async def test_publish_reports_an_id_the_input_stream_already_held(
+    nats_url: str, nc: Any, prefix: str
+) -> None:
+    """Nats-Msg-Id deduplication covers the whole input stream: two sources that
+    number their events alike lose each other's. The publisher must say so."""
+    engine = Engine(make_config(prefix, nats={"subject_prefix": prefix, "durable": True}))
+    await engine.start(nats_url)
+    try:
+        common = ("publish", "--nats-url", nats_url, "--prefix", prefix, "--text", "hi", "--id", "0")
+        code, out, err = await run_cli(*common, "--source", "cam1")
+        assert code == 0, err
+        code, out, err = await run_cli(*common, "--source", "cam2")
+        assert code == 1 and "already held event id(s) 0" in err and "unique across every source" in err
+        # Without --id the ids name their source, so the same call twice is two events.
+        for _ in range(2):
+            code, out, err = await run_cli(*common[:-2], "--source", "cam3")
+            assert code == 0, err
+    finally:
+        await engine.stop()
