@@ -52,6 +52,7 @@ subject_prefix = "bench"
 durable = {durable}
 max_ack_pending = 200000
 fetch_batch = 1000
+record_max_bytes = {record}
 [[routes]]
 modality = "text"
 processor = "passthrough"
@@ -147,10 +148,14 @@ async def engine_run(
     """Paced loads at each rate in turn against one ``autoglm run`` process.
 
     ``mode``: ``core`` or ``durable``, with ``+prompt`` to build the (unused)
-    prompt of every result as ``include_prompt = true`` does."""
+    prompt of every result as ``include_prompt = true`` does; ``durable+norecord``
+    turns off the replay recording (``record_max_bytes = 0``)."""
     cfg = Path(tempfile.mkdtemp()) / "bench.toml"
     durable, prompt = mode.startswith("durable"), mode.endswith("+prompt")
-    cfg.write_text(CONFIG.format(idle=idle, durable=str(durable).lower(), prompt=str(prompt).lower()))
+    record = 0 if "+norecord" in mode else 1024**3
+    cfg.write_text(
+        CONFIG.format(idle=idle, durable=str(durable).lower(), prompt=str(prompt).lower(), record=record)
+    )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.cli", "run", "--config", str(cfg), "--nats-url", url,
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -189,7 +194,9 @@ async def engine_run(
         fused.clear()
         all_in.clear()
         start = time.perf_counter()
-        await paced(nc, lambda s: f"bench.in.s{s}.text", rate, seconds, sources, sent, prefix=f"r{step}-")
+        await paced(
+            nc, lambda s: f"bench.in.s{s}.text", rate, seconds, sources, sent, prefix=f"{mode}-r{step}-"
+        )  # ids unique across runs: the stream dedups them
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_in.wait(), 30)
         ok = len(fused & sent.keys())
@@ -215,7 +222,9 @@ async def main() -> None:
     ap.add_argument("--steps", default="0.5,1,1.5,2", help="offered loads as multiples of --rate")
     ap.add_argument("--idle-ms", type=int, default=20, help="aligner idle_timeout_ms for the engine run")
     ap.add_argument(
-        "--modes", default="core,durable", help="engine runs: core, durable, and either with +prompt"
+        "--modes",
+        default="core,durable",
+        help="engine runs: core, durable (either +prompt), durable+norecord",
     )
     ap.add_argument("--json", type=Path, help="write every figure here (for benchmarks/plot.py)")
     args = ap.parse_args()

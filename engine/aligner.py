@@ -414,9 +414,12 @@ class Aligner(AlignerBase[_Source]):
         missing = tuple(m for m in self.config.expect if m not in by_mod)
         lacking = [m for m in self.config.require if m not in by_mod]
         if lacking and self.config.on_missing == "drop":
+            # Not fused, but named: the result lists them (and acks them, durable).
+            dropped = win.skipped.setdefault("missing_dropped", [])
             for slots in by_mod.values():
                 self._count(src, slots[0].modality, "missing_dropped", len(slots))
-            return None
+                dropped.extend(s.event_id for s in slots)
+            by_mod = {}
         for mod, slots in by_mod.items():
             self._count(src, mod, "fused", len(slots))
         fused = {m: fuse_modality(by_mod[m]) for m in MODALITIES if m in by_mod}
@@ -426,7 +429,7 @@ class Aligner(AlignerBase[_Source]):
             end_ns=win.end,
             modalities=fused,
             missing=missing,
-            traceparent=win.traceparent,
+            traceparent=win.traceparent if by_mod else None,
             first_arrival_ns=win.first_arrival,
             closed_ns=now,
             process_ns=max((s.process_ns for s in win.slots.values()), default=0),

@@ -180,12 +180,17 @@ class NearestAligner(AlignerBase[_NSource]):
         for mod, lst in src.cands.items():
             done = [c for c in lst if c.features is not None]
             for c in done:
-                self._count(src, mod, "unmatched")
-                del src.slots[c.event_id]
+                self._unmatched(src, c)
                 top = c.ts if top is None else max(top, c.ts)
             src.cands[mod] = [c for c in lst if c.features is None]
         if top is not None:  # a pivot that could have taken them would now be too late
             self._raise_floors(src, top + self.slop_ns + 1, top + 1)
+
+    def _unmatched(self, src: _NSource, slot: _Slot) -> None:
+        """No pivot can take it: counted, and named in a result of its source."""
+        del src.slots[slot.event_id]
+        self._count(src, slot.modality, "unmatched")
+        self._loose.setdefault(src.name, {}).setdefault("unmatched", []).append(slot.event_id)
 
     def _raise_floors(self, src: _NSource, pivot_floor: Nanos, cand_floor: Nanos) -> None:
         src.pivot_floor = pivot_floor if src.pivot_floor is None else max(src.pivot_floor, pivot_floor)
@@ -219,17 +224,16 @@ class NearestAligner(AlignerBase[_NSource]):
                     chosen[mod] = best
                 # No later pivot (ts >= p.ts) can reach candidates below p.ts - slop.
                 while lst and lst[0].ts < p.ts - self.slop_ns and lst[0].features is not None:
-                    dead = lst.pop(0)
-                    del src.slots[dead.event_id]
-                    self._count(src, mod, "unmatched")
+                    self._unmatched(src, lst.pop(0))
             self._raise_floors(src, p.ts, limit + 1)
             self._emit(src, p, chosen)
 
     def _emit(self, src: _NSource, p: _Slot, chosen: dict[Modality, _Slot]) -> None:
         missing = tuple(m for m in self.config.expect if m not in chosen)
         if [m for m in self.config.require if m not in chosen] and self.config.on_missing == "drop":
-            for mod in chosen:
+            for mod, slot in chosen.items():
                 self._count(src, mod, "missing_dropped")
+                self._loose.setdefault(src.name, {}).setdefault("missing_dropped", []).append(slot.event_id)
             return
         for mod in chosen:
             self._count(src, mod, "fused")

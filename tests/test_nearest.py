@@ -31,6 +31,19 @@ def ids(frame: FusedFrame) -> dict[str, list[str]]:
     return {m: list(f.event_ids) for m, f in frame.modalities.items()}
 
 
+def fused(frames: list[FusedFrame]) -> list[FusedFrame]:
+    """The frames that fuse events (not those that only name skipped ones)."""
+    return [f for f in frames if f.modalities]
+
+
+def skipped(frames: list[FusedFrame]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for f in frames:
+        for why, group in f.skipped.items():
+            out.setdefault(why, []).extend(group)
+    return out
+
+
 def test_each_pivot_takes_the_nearest_partner_within_slop() -> None:
     a = make(Clock())
     for mod, off, eid in [
@@ -38,7 +51,8 @@ def test_each_pivot_takes_the_nearest_partner_within_slop() -> None:
         ("audio", 40, "a40"), ("image", 66, "p66"), ("audio", 100, "a100"), ("image", 200, "p200"),
     ]:  # fmt: skip
         push(a, mod, off, eid)
-    frames = a.poll()  # watermark 200 ms: p0, p33, p66 decided
+    polled = a.poll()  # watermark 200 ms: p0, p33, p66 decided
+    frames = fused(polled)
     assert [ids(f) for f in frames] == [
         {"image": ["p0"], "audio": ["a5"]},
         {"image": ["p33"], "audio": ["a40"], "text": ["t30"]},
@@ -47,9 +61,11 @@ def test_each_pivot_takes_the_nearest_partner_within_slop() -> None:
     assert frames[2].missing == ("audio", "text")
     assert frames[1].start_ns == T0 + 13 * MS and frames[1].end_ns == T0 + 53 * MS
     assert len({f.key for f in frames}) == 3
-    [last] = a.flush()
+    rest = a.flush()
+    [last] = fused(rest)
     assert ids(last) == {"image": ["p200"]}
     assert a.counts[("audio", "unmatched")] == 1  # a100: no pivot within 20 ms
+    assert skipped(polled + rest) == {"unmatched": ["a100"]}  # named in a result, not only counted
 
 
 def test_ties_go_to_the_earlier_timestamp_then_the_earlier_arrival() -> None:
@@ -59,8 +75,10 @@ def test_ties_go_to_the_earlier_timestamp_then_the_earlier_arrival() -> None:
     push(a, "audio", 40, "earlier")  # same distance, earlier timestamp wins
     push(a, "text", 55, "first")
     push(a, "text", 55, "second")  # same timestamp, earlier arrival wins
-    [frame] = a.flush()
+    out = a.flush()
+    [frame] = fused(out)
     assert ids(frame) == {"image": ["p"], "audio": ["earlier"], "text": ["first"]}
+    assert sorted(skipped(out)["unmatched"]) == ["later", "second"]
     assert a.counts[("audio", "unmatched")] == 1 and a.counts[("text", "unmatched")] == 1
 
 
@@ -105,8 +123,10 @@ def test_idle_source_is_decided_and_its_leftovers_counted() -> None:
     push(a, "image", 0, "p0")
     push(a, "text", 500, "lonely")
     clock.now += 100 * MS
-    [frame] = a.poll()
+    out = a.poll()
+    [frame] = fused(out)
     assert ids(frame) == {"image": ["p0"]}
+    assert skipped(out) == {"unmatched": ["lonely"]}
     assert a.counts[("text", "unmatched")] == 1
     assert a.open_windows == 0 and a.pending == 0
 
@@ -160,10 +180,11 @@ def test_matches_the_offline_reference(
         if polls[i]:
             frames += a.poll()
     frames += a.flush()
-    assert [ids(f) for f in frames] == reference(accepted, 20 * MS)
-    fused = sum(len(f.modalities) for f in frames)
+    assert [ids(f) for f in fused(frames)] == reference(accepted, 20 * MS)
+    n_fused = sum(len(f.modalities) for f in frames)
     unmatched = sum(n for (_, o), n in a.counts.items() if o == "unmatched")
-    assert fused + unmatched + late == len(stream)  # every event: one outcome
+    assert n_fused + unmatched + late == len(stream)  # every event: one outcome
+    assert len(skipped(frames).get("unmatched", [])) == unmatched  # ... named in a result
     # Deterministic: polling after every event gives the very same outcome.
     b = make(Clock(T0 + 10**12), allowed_lateness_ms=lateness, idle_timeout_ms=10**9)
     again = []
@@ -173,7 +194,7 @@ def test_matches_the_offline_reference(
             b.complete("s", eid, feat(mod))
         again += b.poll()
     again += b.flush()
-    assert [ids(f) for f in again] == [ids(f) for f in frames]
+    assert [ids(f) for f in fused(again)] == [ids(f) for f in fused(frames)]
     assert b.counts == a.counts
 
 
@@ -183,7 +204,7 @@ def test_the_readme_example() -> None:
     for mod, off, eid in [("image", 0, "i0"), ("audio", 8, "a8"), ("image", 40, "i40"), ("text", 45, "t45"),
                           ("audio", 70, "a70"), ("image", 200, "i200")]:  # fmt: skip
         push(a, mod, off, eid)
-    frames = a.poll() + a.flush()
+    frames = fused(a.poll() + a.flush())
     assert [ids(f) for f in frames] == [
         {"image": ["i0"], "audio": ["a8"]},
         {"image": ["i40"], "text": ["t45"]},
