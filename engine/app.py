@@ -23,7 +23,7 @@ from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
 
-from engine import claimcheck
+from engine import claimcheck, natsguard
 from engine.aligner import Aligner
 from engine.batcher import BatchWorker
 from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, dlq_subject, header, source_of
@@ -57,6 +57,10 @@ __all__ = ["Engine", "frame_record"]
 #: Seconds a store keeps retrying once the engine is stopping; past it the
 #: inputs stay unacked and JetStream delivers them to the next engine.
 STOP_RETRY_S = 10.0
+#: Seconds the fetch loop may spend on one message (with no reason such as a
+#: store retrying or a full queue) before the engine counts itself hung and
+#: exits for a fresh start. Claim-check fetches are bounded well below it.
+HUNG_AFTER_S = 60.0
 
 
 class Engine:
@@ -72,6 +76,7 @@ class Engine:
         config_path: str | Path | None = None,
         overrides: Overrides | None = None,
     ) -> None:
+        natsguard.install()
         self.config = config
         self.prefix = config.nats.subject_prefix
         self.limits = Limits(max_payload_bytes=config.limits.max_payload_bytes)
@@ -161,6 +166,7 @@ class Engine:
             self.config.nats.object_bucket,
             self.config.nats.object_ttl_s,
             self.limits.max_payload_bytes,
+            timeout=self.config.nats.object_fetch_timeout_s,
         )
         if await self._use_jetstream():
             self.intake = DurableIntake(self._nc, self.config.nats)
@@ -317,7 +323,7 @@ class Engine:
             return await self._take(msg, default_id, held)
         except Exception as exc:
             self.stats.internal_errors += 1
-            log.exception("internal error on %s", msg.subject, extra={"subject": msg.subject})
+            log.exception("internal error on %s", natsguard.printable(msg.subject))
             for event in held:  # admitted before the failure: free its slot
                 with contextlib.suppress(KeyError):
                     self.aligner.discard(event.source, event.event_id)
@@ -387,10 +393,12 @@ class Engine:
             # The backlog stays in NATS, nothing is dropped; and while intake
             # waits, quiet sources are not idle: their events are not read yet.
             self.aligner.pause_idle()
+            self.supervisor.degrade("intake_waiting")
             try:
                 await worker.wait_for_room()
             finally:
                 self.aligner.resume_idle()
+                self.supervisor.recover("intake_waiting")
         try:
             dropped = worker.submit(event)
         except BackpressureError as exc:
@@ -458,9 +466,10 @@ class Engine:
         """Publish one DLQ record naming the subject, event id, reason and what was wrong."""
         self.stats.rejected[(modality, exc.reason)] += 1
         hdrs = headers or {}
+        shown = natsguard.printable(subject)
         source = source_of(subject, self.prefix)
         record = {
-            "subject": subject,
+            "subject": shown,
             "source": source,
             "modality": modality if modality != "?" else None,
             "event_id": header(hdrs, ID_HEADER),
@@ -471,9 +480,9 @@ class Engine:
         }
         log.info(
             "rejected %s: %s",
-            subject,
+            shown,
             exc,
-            extra={"source": source, "subject": subject, "reason": exc.reason},
+            extra={"source": source, "subject": shown, "reason": exc.reason},
         )
         target = dlq_subject(self.prefix, source)
         if exc.reason == "too_late" and self.config.aligner.late_to == "late" and source:
@@ -541,6 +550,10 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), tick)
             self._kick.clear()
+            if natsguard.reader_dead(self._nc):
+                self.supervisor.fail("nats-reader", "the NATS client stopped reading while connected")
+            if self.intake is not None:
+                self.supervisor.check_progress("jetstream-fetch", self.intake.last_turn, HUNG_AFTER_S)
             try:
                 await self._publish(self.aligner.poll())
             except Exception:  # a bug here must not stop every later result

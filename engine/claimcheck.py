@@ -23,6 +23,7 @@ publishes, so the ``--secure`` producer needs no right to read the bucket.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -162,10 +163,14 @@ class _Bounded(io.BytesIO):
 class ClaimChecks:
     """Resolves references into the engine's bucket (one JetStream context, the store cached)."""
 
-    def __init__(self, js: Any, max_bytes: int, bucket: str) -> None:
+    def __init__(self, js: Any, max_bytes: int, bucket: str, *, timeout: float = 15.0) -> None:
         self.js = js
         self.max_bytes = max_bytes
         self.bucket = bucket
+        #: Seconds a fetch may take. nats-py waits for chunks without a limit, and
+        #: metadata whose chunks never come (expired first, or never stored) would
+        #: hold intake for good.
+        self.timeout = timeout
         self._store: Any = None
         self.fetched = 0
         self.fetched_bytes = 0
@@ -190,7 +195,7 @@ class ClaimChecks:
                 )
             # `get` without writeinto concatenates chunk by chunk (quadratic)
             buf = _Bounded(ref.size)
-            await self._store.get(ref.name, writeinto=buf)
+            await asyncio.wait_for(self._store.get(ref.name, writeinto=buf), self.timeout)
         except (BucketNotFoundError, ObjectNotFoundError):
             raise EventRejected(
                 "object_missing", f"no object {ref.bucket}/{ref.name} (expired or never stored)"
@@ -199,7 +204,13 @@ class ClaimChecks:
             raise _tampered(ref, "changed under its metadata") from None
         except EventRejected:
             raise
-        except Exception as exc:  # JetStream unavailable, timeouts
+        except TimeoutError:
+            raise EventRejected(
+                "object_missing",
+                f"the chunks of {ref.bucket}/{ref.name} did not come within {self.timeout:g} s "
+                "(expired before its metadata, or never stored)",
+            ) from None
+        except Exception as exc:  # JetStream unavailable
             raise EventRejected(
                 "object_missing", f"cannot fetch {ref.bucket}/{ref.name}: {type(exc).__name__}: {exc}"
             ) from exc
@@ -211,7 +222,9 @@ class ClaimChecks:
         return {**headers, CONTENT_TYPE_HEADER: ref.content_type}, data
 
 
-async def setup(nc: Any, bucket_name: str, ttl_s: float, max_bytes: int) -> ClaimChecks | None:
+async def setup(
+    nc: Any, bucket_name: str, ttl_s: float, max_bytes: int, *, timeout: float = 15.0
+) -> ClaimChecks | None:
     """The engine's claim checks: the bucket made (with its TTL) when the
     server has JetStream; ``None`` without JetStream, so a reference event is
     refused as ``object_missing``."""
@@ -224,7 +237,7 @@ async def setup(nc: Any, bucket_name: str, ttl_s: float, max_bytes: int) -> Clai
         await bucket(js, bucket_name, ttl_s)
     except Exception as exc:  # e.g. a user not allowed to make streams: producers must make it
         log.warning("claim-check bucket %s not created: %s", bucket_name, exc)
-    return ClaimChecks(js, max_bytes, bucket_name)
+    return ClaimChecks(js, max_bytes, bucket_name, timeout=timeout)
 
 
 async def bucket(js: Any, name: str, ttl_s: float) -> None:

@@ -122,6 +122,9 @@ class NatsConfig(_Frozen):
     #: max payload (engine/claimcheck.py); the engine makes it with this TTL.
     object_bucket: str = Field("autoglm-payloads", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     object_ttl_s: float = Field(3600.0, gt=0)
+    #: A claim-checked payload not fetched within this is ``object_missing``
+    #: (metadata whose chunks expired first, or never came, must not hold intake).
+    object_fetch_timeout_s: float = Field(15.0, gt=0, le=600)
     #: Embedded server only: a nats-server config file to start it with
     #: (authorization, TLS); ``autoglm run --secure`` writes one.
     server_config: str = ""

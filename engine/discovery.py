@@ -64,18 +64,11 @@ def summary(engine: Engine) -> dict[str, Any]:
     }
 
 
-#: Seconds without a turn of the fetch loop before ``health`` calls intake blocked.
-BLOCKED_AFTER_S = 60.0
-
-
 def health_report(engine: Engine) -> dict[str, Any]:
-    """``ok``, ``degraded`` (alive but held up: a store retrying, intake blocked)
-    or ``unhealthy`` (a supervised task died; the process is on its way out)."""
-    report = engine.supervisor.report()
-    if engine.intake is not None and report["status"] == "ok":
-        blocked = time.monotonic() - engine.intake.last_turn
-        if blocked > BLOCKED_AFTER_S:
-            report = {"status": "degraded", "degraded": {"intake_blocked": round(blocked, 1)}}
+    """``ok``, ``degraded`` (alive but held up: a store retrying, intake waiting
+    for room) or ``unhealthy`` (a supervised task died or hung; the process is
+    on its way out)."""
+    report: dict[str, Any] = engine.supervisor.report()
     return report
 
 

@@ -206,31 +206,41 @@ class DurableIntake:
         log.warning("the recording stream %s has not attached to %s yet", self.rec_stream, self.in_stream)
 
     async def _replay_point(self) -> datetime | None:
-        """After a crash, rebuild the consumer to deliver the backlog in stream order.
+        """At start: what is left in the work queue is unfinished. Returns its
+        oldest event's stream time (results stored since then are read back),
+        or ``None`` when the queue is empty.
 
-        Events the dead engine held unacked would otherwise come back only
-        when their AckWait ran out — after newer events had moved the
-        watermark, so they would be refused as too late. The work queue holds
-        only unacked events, so a new consumer that delivers all of it
-        rebuilds the open windows in order. Returns the stream time of the
-        oldest unacked event: results stored since then are read back.
+        The decision rests on the stream, not on the consumer: a crash while
+        the consumer was being rebuilt, or during the read-back, leaves a
+        fresh consumer that knows nothing of what was delivered before.
+
+        The consumer is rebuilt to deliver the whole queue in stream order
+        when it holds unacked events (otherwise they would come back only
+        when their AckWait ran out, after newer events had moved the
+        watermark, and be refused as too late) or when the queue holds
+        events the consumer no longer delivers (it gave up on them at
+        max_deliver while the engine could not hear them).
         """
+        state = (await self.js.stream_info(self.in_stream)).state
+        if not state.messages:
+            return None
         try:
             info = await self.js.consumer_info(self.in_stream, self.config.consumer)
         except NotFoundError:
-            return None
-        if not info.num_ack_pending:
-            return None
-        start = int(info.ack_floor.stream_seq) + 1
-        oldest = await self.js.get_msg(self.in_stream, seq=start, next=True)
-        log.warning(
-            "%d events were unacked at the last stop: replaying %s from sequence %d",
-            info.num_ack_pending,
-            self.in_stream,
-            oldest.seq,
-        )
-        await self.js.delete_consumer(self.in_stream, self.config.consumer)
-        self.replayed_from = oldest.seq
+            info = None
+        oldest = await self.js.get_msg(self.in_stream, seq=state.first_seq, next=True)
+        if info is not None and (
+            info.num_ack_pending or state.messages > info.num_pending + info.num_ack_pending
+        ):
+            log.warning(
+                "%d events unfinished at the last stop (%d unacked): replaying %s from sequence %d",
+                state.messages,
+                info.num_ack_pending,
+                self.in_stream,
+                oldest.seq,
+            )
+            await self.js.delete_consumer(self.in_stream, self.config.consumer)
+            self.replayed_from = oldest.seq
         when: datetime | None = oldest.time
         return when
 
@@ -321,6 +331,7 @@ class DurableIntake:
                 await self._one(msg, handle, poison)
 
     async def _one(self, msg: Any, handle: Handler, poison: Poison) -> None:
+        self.last_turn = time.monotonic()
         meta = msg.metadata
         seq = meta.sequence.stream
         if meta.num_delivered > 1:
@@ -340,7 +351,7 @@ class DurableIntake:
             key = await handle(msg, seq_id)
         except Exception:  # the handler turns errors into DLQ records; this is its own failure
             self.handler_errors += 1
-            log.exception("handling %s (sequence %d) failed; it will be redelivered", msg.subject, seq)
+            log.exception("handling sequence %d failed; it will be redelivered", seq)
             return
         finally:
             self._handling.pop(seq, None)
@@ -394,11 +405,17 @@ class DurableIntake:
         except Exception as exc:  # a lost ack means a redelivery, recognised by recovery or dedup
             log.warning("ack failed: %s", exc)
 
-    async def stop_fetching(self) -> None:
+    async def stop_fetching(self, timeout: float = 30.0) -> None:
         self._stop.set()
         for task in (self._task, self._beat):
             if task is not None and not task.done():
-                await task
+                try:  # a handler stuck for good must not stop the stop: what it holds is redelivered
+                    await asyncio.wait_for(asyncio.shield(task), timeout)
+                except TimeoutError:
+                    log.error("%s did not stop within %.0f s; cancelled", task.get_name(), timeout)
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         # A pull subscription left open makes the connection's drain wait for
         # its whole timeout (30 s): the durable consumer stays on the server.
         with contextlib.suppress(Exception):

@@ -30,7 +30,7 @@ from typing import IO, Any
 import orjson
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from engine import claimcheck
+from engine import claimcheck, natsguard
 from engine.app import frame_record
 from engine.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, header, parse_timestamp, source_of
 from engine.config import EngineConfig
@@ -177,7 +177,7 @@ class Replayer:
         self.stats.rejected[exc.reason] += 1
         record = {
             "rejected": {
-                "subject": subject,
+                "subject": natsguard.printable(subject),
                 "source": source_of(subject, self.config.nats.subject_prefix),
                 "event_id": event_id,
                 "reason": exc.reason,
@@ -237,6 +237,7 @@ async def replay(
     replayer: Replayer | None = None,
 ) -> ReplayStats:
     """Feed the recorded stream through a fresh pipeline; ``speed=None`` is flat out."""
+    natsguard.install()  # a recorded subject that is not UTF-8 must not end the read loop
     r = replayer if replayer is not None else await asyncio.to_thread(Replayer, config, out)
     claims = claimcheck.ClaimChecks(
         nc.jetstream(), config.limits.max_payload_bytes, config.nats.object_bucket

@@ -37,6 +37,9 @@ class Supervisor:
         self.stopping = False
         #: reason -> monotonic second since when it holds.
         self._degraded: dict[str, float] = {}
+        #: Monotonic second the last degraded reason cleared (a loop held up until
+        #: then is not hung).
+        self.calm_since = time.monotonic()
         self._tasks: dict[asyncio.Task[Any], str] = {}
 
     def spawn(self, name: str, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -83,6 +86,18 @@ class Supervisor:
 
     def recover(self, reason: str) -> None:
         self._degraded.pop(reason, None)
+        self.calm_since = time.monotonic()
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self._degraded)
+
+    def check_progress(self, name: str, last: float, limit: float) -> None:
+        """A loop that made no progress for ``limit`` seconds, while nothing
+        explains it (no degraded reason), is hung: as bad as dead."""
+        quiet = time.monotonic() - max(last, self.calm_since)
+        if not self._degraded and quiet > limit:
+            self.fail(name, f"no progress for {quiet:.0f} s")
 
     @property
     def status(self) -> str:

@@ -278,13 +278,13 @@ async def test_publish_reports_an_id_the_input_stream_already_held(
     await engine.start(nats_url)
     try:
         common = ("publish", "--nats-url", nats_url, "--prefix", prefix, "--text", "hi", "--id", "0")
-        code, out, err = await run_cli(*common, "--source", "cam1")
+        code, _, err = await run_cli(*common, "--source", "cam1")
         assert code == 0, err
-        code, out, err = await run_cli(*common, "--source", "cam2")
+        code, _, err = await run_cli(*common, "--source", "cam2")
         assert code == 1 and "already held event id(s) 0" in err and "unique across every source" in err
         # Without --id the ids name their source, so the same call twice is two events.
         for _ in range(2):
-            code, out, err = await run_cli(*common[:-2], "--source", "cam3")
+            code, _, err = await run_cli(*common[:-2], "--source", "cam3")
             assert code == 0, err
     finally:
         await engine.stop()

@@ -8,6 +8,7 @@ never crowd out unprocessed ones; every event ends in one record.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -417,11 +418,14 @@ async def test_complete_intake_waiting_for_room_does_not_make_sources_idle(
     await engine.stop()
 
 
+@pytest.mark.parametrize("then", ["restart", "killed while rebuilding the consumer"])
 async def test_after_a_crash_events_already_in_a_stored_result_are_acked_not_fused_again(
-    nc: Any, nats_url: str, prefix: str
+    nc: Any, nats_url: str, prefix: str, then: str
 ) -> None:
     """kill -9 between a result's PubAck and its events' acks: the events come back
-    and used to be fused a second time (their rebuilt window has another id)."""
+    and used to be fused a second time (their rebuilt window has another id). A
+    second kill, after the consumer was deleted and before it was made again,
+    must not turn the read-back off."""
     engine = Engine(make_config(prefix, nats=durable(prefix)))
     await engine.start(nats_url)
     await engine.stop()
@@ -444,9 +448,11 @@ async def test_after_a_crash_events_already_in_a_stored_result_are_acked_not_fus
         "events": {"text": ["cam-1", "cam-2"]},
     }
     await js.publish(f"{prefix}.out.cam", orjson.dumps(earlier), headers={"Nats-Msg-Id": f"cam:{t}:earlier"})
+    if then != "restart":
+        await js.delete_consumer(f"{prefix.upper()}_IN", "autoglm-engine")
     engine = Engine(make_config(prefix, nats=durable(prefix)))
     await engine.start(nats_url)
-    assert engine.intake is not None and engine.intake.replayed_from is not None
+    assert engine.intake is not None
     stored: list[dict[str, Any]] = []
     for _ in range(200):
         stored = await stored_records(nc, f"{prefix}.out.>")
@@ -457,4 +463,118 @@ async def test_after_a_crash_events_already_in_a_stored_result_are_acked_not_fus
     assert engine.intake.recovered == 2
     info = await consumer_done(nc, prefix)
     assert info.num_ack_pending == 0 and info.num_pending == 0
+    await engine.stop()
+
+
+def raw_publish(url: str, subject: bytes, headers: bytes, body: bytes) -> None:
+    """HPUB with exact bytes, as any non-Python client may send them."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        s.recv(4096)  # INFO
+        hdr = b"NATS/1.0\r\n" + headers + b"\r\n"
+        s.sendall(
+            b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n'
+            + b"HPUB %s %d %d\r\n" % (subject, len(hdr), len(hdr) + len(body))
+            + hdr
+            + body
+            + b"\r\nPING\r\n"
+        )
+        while b"PONG" not in s.recv(4096):  # the server has it
+            pass
+
+
+@pytest.mark.parametrize("mode", ["core", "durable"])
+async def test_a_subject_that_is_not_utf8_is_refused_and_the_engine_still_hears(
+    nc: Any, nats_url: str, prefix: str, mode: str
+) -> None:
+    """nats-py decoded subjects strictly: one ``<prefix>.in.\\xff.text`` ended its read
+    loop while it still said connected. The engine heard nothing more, health
+    requests went unanswered, JetStream gave up on every later event."""
+    out = await collect(nc, f"{prefix}.out.>")
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    engine = Engine(make_config(prefix, nats={"subject_prefix": prefix, "durable": mode == "durable"}))
+    await engine.start(nats_url)
+    t = time.time_ns()
+    hdrs = b"AutoGLM-Timestamp: %d\r\nContent-Type: text/plain\r\nNats-Msg-Id: evil-1\r\n" % t
+    await asyncio.to_thread(raw_publish, nats_url, prefix.encode() + b".in.\xff.text", hdrs, b"boom")
+    for i in range(5):
+        await send(nc, prefix, "cam", "text", b"after", t + i * MS, event_id=f"cam-after-{i}")
+    await nc.flush()
+    [record] = await dlq.wait_for(1)
+    assert record["reason"] == "bad_subject" and record["subject"] == f"{prefix}.in.\ufffd.text"
+    assert dlq.items[0][0] == f"{prefix}.dlq._"
+    await out.wait_events({f"cam-after-{i}" for i in range(5)})
+    assert (await health(nc, prefix))["status"] == "ok"
+    await engine.stop()
+
+
+async def test_a_nats_client_that_stops_reading_fails_the_engine(nc: Any, nats_url: str, prefix: str) -> None:
+    """Connected and deaf is the worst state there is: it must end in a restart."""
+    engine = Engine(make_config(prefix, nats=durable(prefix)))
+    await engine.start(nats_url)
+    engine._nc._reading_task.cancel()  # whatever ends it behind our back
+    await asyncio.wait_for(engine.supervisor.failed.wait(), 10)
+    assert engine.supervisor.failure is not None and engine.supervisor.failure.startswith("nats-reader")
+    await engine.stop()
+
+
+def test_a_loop_with_no_progress_and_no_reason_is_hung() -> None:
+    from engine.supervisor import Supervisor
+
+    sup = Supervisor()
+    now = time.monotonic()
+    sup.check_progress("fetch", now, 60)
+    assert sup.failure is None
+    sup.degrade("store_retrying")  # explained: a store waits for the server
+    sup.check_progress("fetch", now - 120, 60)
+    assert sup.failure is None
+    sup.recover("store_retrying")
+    sup.check_progress("fetch", now - 120, 60)  # it just cleared: the loop gets its time
+    assert sup.failure is None
+    sup.calm_since -= 120
+    sup.check_progress("fetch", now - 120, 60)
+    assert sup.failure is not None and sup.failure.startswith("fetch: no progress")
+
+
+async def test_an_object_whose_chunks_never_come_is_object_missing_and_intake_goes_on(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """nats-py waits for chunks without a limit: metadata alone (chunks expired
+    first, or a producer that publishes only metadata) held the fetch loop for good."""
+    import base64
+    import hashlib
+    import uuid
+
+    from engine.claimcheck import OBJECT_REF
+
+    bucket = f"{prefix}-objects"
+    out = await collect(nc, f"{prefix}.out.>")
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    engine = Engine(make_config(prefix, nats=durable(prefix, object_bucket=bucket, object_fetch_timeout_s=1)))
+    await engine.start(nats_url)
+    js = nc.jetstream()
+    data = b"never stored"
+    digest = hashlib.sha256(data)
+    meta = {
+        "name": "ghost",
+        "bucket": bucket,
+        "nuid": uuid.uuid4().hex,
+        "size": len(data),
+        "chunks": 1,
+        "digest": "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode(),
+    }
+    await js.publish(f"$O.{bucket}.M.{base64.urlsafe_b64encode(b'ghost').decode()}", orjson.dumps(meta))
+    ref = {"bucket": bucket, "name": "ghost", "content_type": "text/plain", "size": len(data)}
+    t = time.time_ns()
+    await nc.publish(
+        f"{prefix}.in.cam.text",
+        orjson.dumps({**ref, "sha256": digest.hexdigest()}),
+        headers=encode_headers(t, OBJECT_REF, event_id="cam-ghost"),
+    )
+    for i in range(3):
+        await send(nc, prefix, "cam", "text", b"after", t + (i + 1) * MS, event_id=f"cam-after-{i}")
+    await nc.flush()
+    [record] = await dlq.wait_for(1)
+    assert record["reason"] == "object_missing" and "did not come within 1 s" in record["message"]
+    await out.wait_events({f"cam-after-{i}" for i in range(3)})
     await engine.stop()
