@@ -170,6 +170,7 @@ class Engine:
         )
         if await self._use_jetstream():
             self.intake = DurableIntake(self._nc, self.config.nats)
+            self.intake.settle = self.idle
             await self.intake.setup()
             self._js = self.intake.js
             self.results = ResultStore(self._js, self._stored, self._send)
@@ -261,6 +262,8 @@ class Engine:
         await self.glm.drain(self.config.glm.call_timeout_s)
         if self.results is not None:
             await self.results.drain()  # every stored result's inputs acked before we leave
+        if self.intake is not None:
+            await self.intake.close(clean=self.supervisor.failure is None)
         if self._nc is not None:
             await self._nc.flush()
         if self._broker is not None:

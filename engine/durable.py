@@ -35,12 +35,13 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
     StreamSource,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from engine.errors import TransportError
 
@@ -69,10 +70,19 @@ def record_stream(config: NatsConfig) -> str:
     return stream_names(config)[0][: -len("_IN")] + "_REC"
 
 
+def state_bucket(config: NatsConfig) -> str:
+    """The KV bucket where an engine notes how its last run ended: ``<STREAM>_STATE``."""
+    return stream_names(config)[0][: -len("_IN")] + "_STATE"
+
+
 def dlq_msg_id(stream: str, seq: int) -> str:
     """``Nats-Msg-Id`` of the DLQ record of input ``seq``: a second record of the
     same input (a redelivery after a lost ack) is dropped by the results stream."""
     return f"dlq:{stream}:{seq}"
+
+
+async def _nothing() -> None:
+    return None
 
 
 class DurableIntake:
@@ -106,6 +116,13 @@ class DurableIntake:
         self._task: asyncio.Task[None] | None = None
         self._beat: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        #: Crash isolation (see :meth:`_crash_guard`): handle inputs up to this
+        #: sequence one by one, each noted in the state bucket while in hand.
+        self.careful_until = 0
+        self._poison_first: list[int] = []
+        self._kv: Any = None
+        #: Set by the engine: returns once what was handed over went through its processors.
+        self.settle: Callable[[], Awaitable[None]] = _nothing
         #: Monotonic second of the fetch loop's last turn (watched by health).
         self.last_turn = time.monotonic()
 
@@ -166,6 +183,7 @@ class DurableIntake:
             )
             if start is not None:
                 await self._recover(start)
+            await self._crash_guard()
         except TransportError:
             raise
         except Exception as exc:  # nats-py raises APIError, TimeoutError, NoRespondersError...
@@ -244,6 +262,79 @@ class DurableIntake:
         when: datetime | None = oldest.time
         return when
 
+    @property
+    def _inflight_key(self) -> str:
+        return f"{self.config.consumer}.inflight"
+
+    @property
+    def _run_key(self) -> str:
+        return f"{self.config.consumer}.run"
+
+    async def _crash_guard(self) -> None:
+        """Catch an input that takes the whole process down.
+
+        A decoder's segfault or the OOM killer escapes every ``try``, and since
+        the consumer is rebuilt at each start, ``max_deliver`` too: restarted
+        by its supervisor, the engine would meet the same input forever, and
+        nothing behind it would ever be processed. So each start notes in the
+        state bucket whether the last run ended cleanly and what the oldest
+        unfinished input was. After ``max_deliver - 1`` crashes in a row with
+        the same oldest input, the backlog is handled one input at a time,
+        each noted while in hand (through its processors): the start after the
+        next crash finds the culprit there, records it as ``poison`` and
+        removes it from the queue.
+        """
+        name = state_bucket(self.config)
+        try:
+            self._kv = await self.js.key_value(name)
+        except BucketNotFoundError:
+            self._kv = await self.js.create_key_value(
+                KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE)
+            )
+        last = await self._read(self._run_key)
+        culprit = await self._read(self._inflight_key)
+        if culprit is not None:
+            log.error("input %s took the engine down while in hand: recording it as poison", culprit)
+            self._poison_first.append(int(culprit))
+            await self._note(self._inflight_key, None)
+        state = (await self.js.stream_info(self.in_stream)).state
+        oldest = state.first_seq if state.messages else None
+        crashes = 0
+        if isinstance(last, dict) and not last.get("clean") and oldest is not None and culprit is None:
+            crashes = int(last.get("crashes", 0)) + 1 if last.get("oldest") == oldest else 1
+        if crashes >= self.config.max_deliver - 1:
+            self.careful_until = state.last_seq
+            log.warning(
+                "%d crashes in a row with input %d unfinished: handling inputs up to %d one at a time "
+                "to find the one that takes the engine down",
+                crashes,
+                oldest,
+                self.careful_until,
+            )
+        await self._note(self._run_key, orjson.dumps({"clean": False, "crashes": crashes, "oldest": oldest}))
+
+    async def _read(self, key: str) -> Any:
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError:
+            return None
+        return orjson.loads(entry.value) if entry.value else None
+
+    async def _note(self, key: str, value: bytes | None) -> None:
+        """Write (``None``: delete) a state entry; trouble here must not stop intake."""
+        try:
+            if value is None:
+                await self._kv.delete(key)
+            else:
+                await self._kv.put(key, value)
+        except Exception as exc:  # the server is away: the guard is best effort
+            log.warning("state bucket: %s", exc)
+
+    async def close(self, clean: bool) -> None:
+        """Note how this run ended (a failed one counts as a crash)."""
+        if self._kv is not None and clean:
+            await self._note(self._run_key, orjson.dumps({"clean": True, "crashes": 0, "oldest": None}))
+
     async def _recover(self, since: datetime) -> None:
         """Read the results and DLQ records stored since ``since``: their inputs
         are done, whatever became of their acks."""
@@ -309,6 +400,15 @@ class DurableIntake:
         self._beat = loop.create_task(self._heartbeat(), name="autoglm:jetstream-heartbeat")
 
     async def _fetch(self, handle: Handler, poison: Poison) -> None:
+        for seq in self._poison_first:  # it took the process down while in hand
+            try:
+                msg = await self.js.get_msg(self.in_stream, seq=seq)
+            except NotFoundError:
+                continue
+            self.poisoned += 1
+            await poison(msg, f"js{seq}")
+            await self.js.delete_msg(self.in_stream, seq)
+        self._poison_first = []
         batch = self.config.fetch_batch
         while not self._stop.is_set():
             self.last_turn = time.monotonic()
@@ -347,8 +447,14 @@ class DurableIntake:
             await self._settle(msg, term=True)
             return
         self._handling[seq] = (msg, time.monotonic())
+        careful = seq <= self.careful_until
+        if careful:  # if this one takes the process down, the next start knows it
+            await self._note(self._inflight_key, str(seq).encode())
         try:
             key = await handle(msg, seq_id)
+            if careful:
+                await self.settle()
+                await self._note(self._inflight_key, None)
         except Exception:  # the handler turns errors into DLQ records; this is its own failure
             self.handler_errors += 1
             log.exception("handling sequence %d failed; it will be redelivered", seq)

@@ -45,7 +45,7 @@ from faststream.nats.security import (
 
 from engine.config import NatsConfig, TlsConfig
 from engine.configcheck import INBOX_PREFIX_ENV
-from engine.durable import stream_names
+from engine.durable import state_bucket, stream_names
 from engine.errors import ConfigError
 
 #: The Object Store bucket for claim-checked payloads (engine/claimcheck.py).
@@ -149,6 +149,7 @@ def permissions(nats: NatsConfig) -> dict[str, dict[str, Any]]:
             "publish": [
                 f"{prefix}.out.>", f"{prefix}.dlq.>", f"{prefix}.late.>", f"{prefix}.svc.>",
                 "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$SRV.>",
+                f"$KV.{state_bucket(nats)}.>",  # how its last run ended (durable.py, crash guard)
             ],
             "subscribe": [f"{prefix}.in.>", f"{prefix}.svc.>", "$SRV.>", f"{inbox_prefix('engine')}.>"],
             # It answers $SRV and <prefix>.svc requests on the asker's inbox,

@@ -8,6 +8,7 @@ never crowd out unprocessed ones; every event ends in one record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 import time
@@ -578,3 +579,65 @@ async def test_an_object_whose_chunks_never_come_is_object_missing_and_intake_go
     assert record["reason"] == "object_missing" and "did not come within 1 s" in record["message"]
     await out.wait_events({f"cam-after-{i}" for i in range(3)})
     await engine.stop()
+
+
+async def test_an_input_that_takes_the_process_down_is_found_and_recorded_as_poison(
+    nc: Any, nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Restarted by its supervisor, the engine met the same input after every
+    start (the rebuilt consumer forgets delivery counts): nothing was processed
+    again. Now, after max_deliver - 1 crashes in a row, it isolates the culprit."""
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        f'[nats]\nsubject_prefix = "{prefix}"\ndurable = true\nmax_deliver = 3\n'
+        "[aligner]\nwindow_ms = 100\nidle_timeout_ms = 300\n"
+        '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+    )
+    out = await collect(nc, f"{prefix}.out.>")
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    js = nc.jetstream()
+    # The streams exist before the first event, as with any running engine.
+    first = Engine(make_config(prefix, nats=durable(prefix)))
+    await first.start(nats_url)
+    await first.stop()
+    t = time.time_ns() - 10**9
+    good = set()
+    for i in range(10):
+        body = b"CRASH" if i == 5 else b"fine"
+        await js.publish(
+            f"{prefix}.in.cam.text",
+            body,
+            headers=encode_headers(t + i * 50 * MS, "text/plain", event_id=f"cam-{i}"),
+        )
+        if i != 5:
+            good.add(f"cam-{i}")
+    starts, exits = 0, []
+    proc = None
+    try:
+        for _ in range(12):  # a restart-always supervisor
+            if proc is None or proc.returncode is not None:
+                if proc is not None:
+                    exits.append(proc.returncode)
+                proc = await asyncio.create_subprocess_exec(
+                    *(sys.executable, "-m", "tests.crashing_engine", "run", "--config", str(cfg)),
+                    *("--nats-url", nats_url),
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+                starts += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 20)
+            if proc.returncode is None:
+                break  # it stays up
+        await out.wait_events(good, timeout=30)
+        await dlq.wait_until(lambda: any(r["event_id"] == "cam-5" for _, _, r in dlq.items), "poison record")
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+    [record] = [r for _, _, r in dlq.items if r["event_id"] == "cam-5"]
+    assert record["reason"] == "poison"
+    assert all(code == -9 for code in exits) and 2 <= len(exits) <= 4, exits
+    stored = await stored_records(nc, f"{prefix}.out.>")
+    fused = [e for r in stored for g in r["events"].values() for e in g]
+    assert sorted(fused) == sorted(good)  # each once, none lost
