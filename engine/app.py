@@ -167,6 +167,7 @@ class Engine:
             self.config.nats.object_ttl_s,
             self.limits.max_payload_bytes,
             timeout=self.config.nats.object_fetch_timeout_s,
+            bucket_bytes=self.config.nats.object_max_bytes,
         )
         if await self._use_jetstream():
             self.intake = DurableIntake(self._nc, self.config.nats)

@@ -223,7 +223,13 @@ class ClaimChecks:
 
 
 async def setup(
-    nc: Any, bucket_name: str, ttl_s: float, max_bytes: int, *, timeout: float = 15.0
+    nc: Any,
+    bucket_name: str,
+    ttl_s: float,
+    max_bytes: int,
+    *,
+    timeout: float = 15.0,
+    bucket_bytes: int = -1,
 ) -> ClaimChecks | None:
     """The engine's claim checks: the bucket made (with its TTL) when the
     server has JetStream; ``None`` without JetStream, so a reference event is
@@ -234,15 +240,16 @@ async def setup(
     except Exception:  # no JetStream here
         return None
     try:
-        await bucket(js, bucket_name, ttl_s)
+        await bucket(js, bucket_name, ttl_s, bucket_bytes)
     except Exception as exc:  # e.g. a user not allowed to make streams: producers must make it
         log.warning("claim-check bucket %s not created: %s", bucket_name, exc)
     return ClaimChecks(js, max_bytes, bucket_name, timeout=timeout)
 
 
-async def bucket(js: Any, name: str, ttl_s: float) -> None:
+async def bucket(js: Any, name: str, ttl_s: float, max_bytes: int = -1) -> None:
     """Make the claim-check bucket (with its TTL) when it does not exist yet;
-    either way, one that refuses rollups, deletes and purges.
+    either way, one that refuses rollups, deletes and purges, and (given
+    ``max_bytes``) holds at most that much: producers cannot fill the store.
 
     nats-py's own buckets accept a ``Nats-Rollup`` header, with which a
     single publish on ``$O.<bucket>.M.<any>`` (``all``) or on another
@@ -258,6 +265,7 @@ async def bucket(js: Any, name: str, ttl_s: float) -> None:
                 name=stream,
                 subjects=[f"$O.{name}.C.>", f"$O.{name}.M.>"],
                 max_age=ttl_s,
+                max_bytes=max_bytes,
                 storage=StorageType.FILE,
                 discard=DiscardPolicy.NEW,
                 allow_direct=True,
@@ -267,8 +275,11 @@ async def bucket(js: Any, name: str, ttl_s: float) -> None:
             )
         )
         return
-    if config.allow_rollup_hdrs or not config.deny_delete or not config.deny_purge:
+    limit_changes = max_bytes > 0 and config.max_bytes != max_bytes
+    if config.allow_rollup_hdrs or not config.deny_delete or not config.deny_purge or limit_changes:
         config.allow_rollup_hdrs, config.deny_delete, config.deny_purge = False, True, True
+        if max_bytes > 0:
+            config.max_bytes = max_bytes
         await js.update_stream(config)
         log.info("claim-check bucket %s now refuses rollups, deletes and purges", name)
 

@@ -125,6 +125,10 @@ class NatsConfig(_Frozen):
     #: A claim-checked payload not fetched within this is ``object_missing``
     #: (metadata whose chunks expired first, or never came, must not hold intake).
     object_fetch_timeout_s: float = Field(15.0, gt=0, le=600)
+    #: At most this many bytes of claim-checked payloads are kept (a full bucket
+    #: refuses new ones, and the producer is told): producers cannot fill the
+    #: JetStream store that the input and result streams need.
+    object_max_bytes: int = Field(1024**3, gt=0)
     #: Embedded server only: a nats-server config file to start it with
     #: (authorization, TLS); ``autoglm run --secure`` writes one.
     server_config: str = ""

@@ -641,3 +641,21 @@ async def test_an_input_that_takes_the_process_down_is_found_and_recorded_as_poi
     stored = await stored_records(nc, f"{prefix}.out.>")
     fused = [e for r in stored for g in r["events"].values() for e in g]
     assert sorted(fused) == sorted(good)  # each once, none lost
+
+
+async def test_producers_cannot_fill_the_store_through_the_claim_check_bucket(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """The bucket had no size limit: one producer could fill the JetStream store
+    that the input and result streams need."""
+    from engine.claimcheck import put_payload
+
+    bucket = f"{prefix}-objects"
+    engine = Engine(make_config(prefix, nats=durable(prefix, object_bucket=bucket, object_max_bytes=100_000)))
+    await engine.start(nats_url)
+    js = nc.jetstream()
+    assert (await js.stream_info(f"OBJ_{bucket}")).config.max_bytes == 100_000
+    await put_payload(js, bucket, b"x" * 40_000, "text/plain")
+    with pytest.raises(Exception, match="maximum bytes exceeded"):
+        await put_payload(js, bucket, b"y" * 80_000, "text/plain")
+    await engine.stop()
