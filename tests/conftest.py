@@ -154,6 +154,25 @@ class Collector:
         )
 
 
+async def stored(nc: Any, subject: str) -> list[tuple[dict[str, str], Any]]:
+    """What the results stream kept on ``subject`` (headers, JSON body): what a
+    durable consumer reads, each stored message once."""
+    sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+    out = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except Exception:  # nats TimeoutError: nothing (more) stored
+                break
+            out.append((dict(msg.headers or {}), orjson.loads(msg.data)))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
 async def engine_health(
     nc: Any, prefix: str, done: Callable[[dict[str, Any]], bool], timeout: float = 20.0
 ) -> None:

@@ -8,10 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from engine.app import Engine
-from tests.conftest import make_config, send, spawn_engine
+from tests.conftest import make_config, send, spawn_engine, stored
 
 ROOT = Path(__file__).resolve().parent.parent
 MS = 1_000_000
@@ -23,17 +21,7 @@ async def start_engine(cfg: Path, url: str) -> asyncio.subprocess.Process:
 
 async def stored_results(nc: Any, prefix: str) -> list[tuple[str, dict[str, Any]]]:
     """Every result the OUT stream kept: what a durable consumer would read."""
-    js = nc.jetstream()
-    sub = await js.subscribe(f"{prefix}.out.>", ordered_consumer=True)
-    out = []
-    while True:
-        try:
-            msg = await sub.next_msg(timeout=1.0)
-        except Exception:  # nats TimeoutError: the stream is read to its end
-            break
-        out.append((msg.headers["Nats-Msg-Id"], orjson.loads(msg.data)))
-    await sub.unsubscribe()
-    return out
+    return [(headers["Nats-Msg-Id"], body) for headers, body in await stored(nc, f"{prefix}.out.>")]
 
 
 async def wait_stored(nc: Any, prefix: str, sent: set[str], timeout: float) -> list[str]:

@@ -26,7 +26,7 @@ from engine.codec import encode_headers
 from engine.types import Features, InputEvent, Modality
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec, register
-from tests.conftest import collect, make_config, send
+from tests.conftest import collect, make_config, send, stored
 
 MS = 1_000_000
 
@@ -54,17 +54,21 @@ async def consumer_done(nc: Any, prefix: str, timeout: float = 10.0) -> Any:
 
 
 async def stored_records(nc: Any, subject: str) -> list[dict[str, Any]]:
-    """What the results stream kept on ``subject``: what a durable consumer reads."""
-    sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
-    out = []
-    while True:
-        try:
-            msg = await sub.next_msg(timeout=1.0)
-        except Exception:  # nats TimeoutError: read to the end
+    return [body for _, body in await stored(nc, subject)]
+
+
+def fused_in(records: list[dict[str, Any]]) -> list[str]:
+    return [e for r in records for g in r["events"].values() for e in g]
+
+
+async def stored_holding(nc: Any, subject: str, ids: set[str], timeout: float = 20.0) -> list[dict[str, Any]]:
+    """The stored records once they hold ``ids`` (or as they are when time runs out)."""
+    for _ in range(int(timeout / 0.05)):
+        records = await stored_records(nc, subject)
+        if set(fused_in(records)) >= ids:
             break
-        out.append(orjson.loads(msg.data))
-    await sub.unsubscribe()
-    return out
+        await asyncio.sleep(0.05)  # polling the server's stream
+    return records
 
 
 def a_bug_on(payload: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -261,11 +265,8 @@ async def test_a_window_that_grows_after_it_was_published_is_stored_as_a_second_
         # One at a time, so each arrival evicts the other source.
         await _until(lambda n=i + 1: sum(engine.stats.received.values()) >= n)
     sent = {eid for _, eid in plan}
-    for _ in range(400):
-        stored = await stored_records(nc, f"{prefix}.out.>")
-        if {e for r in stored for g in r["events"].values() for e in g} >= sent:
-            break
-    fused = [e for r in stored for g in r["events"].values() for e in g]
+    stored = await stored_holding(nc, f"{prefix}.out.>", sent)
+    fused = fused_in(stored)
     assert sorted(fused) == sorted(sent), "an event was lost or fused twice"
     parts = [r for r in stored if r["source"] == "a"]
     assert len(parts) == 3 and len({r["result_id"] for r in parts}) == 3
@@ -455,11 +456,8 @@ async def test_after_a_crash_events_already_in_a_stored_result_are_acked_not_fus
     await engine.start(nats_url)
     assert engine.intake is not None
     stored: list[dict[str, Any]] = []
-    for _ in range(200):
-        stored = await stored_records(nc, f"{prefix}.out.>")
-        if len(stored) >= 2:
-            break
-    fused = sorted(e for r in stored for g in r["events"].values() for e in g)
+    stored = await stored_holding(nc, f"{prefix}.out.>", {"cam-3", "cam-4"})
+    fused = sorted(fused_in(stored))
     assert fused == ["cam-1", "cam-2", "cam-3", "cam-4"], fused
     assert engine.intake.recovered == 2
     info = await consumer_done(nc, prefix)
