@@ -423,7 +423,7 @@ class Engine:
 
     async def _abandon(self, event: InputEvent, exc: EventRejected) -> None:
         self.aligner.discard(event.source, event.event_id)
-        await self._reject(event.subject, _event_headers(event), exc, event.modality)
+        await self._reject(event.subject, _event_headers(event), exc, event.modality, event.delivery)
         if self.intake is not None:
             await self.intake.ack((event.source, event.event_id))
         self._kick.set()

@@ -363,6 +363,7 @@ def decode_event(
         seq=seq,
         traceparent=trace,
         received_ns=received_ns,
+        delivery=default_id,
     )
 
 

@@ -61,6 +61,9 @@ class InputEvent:
     seq: int | None = None
     traceparent: str | None = None
     received_ns: Nanos = 0
+    #: The id the transport gave this delivery (JetStream: ``js<stream seq>``),
+    #: the same on every redelivery: a second DLQ record of it is deduplicated.
+    delivery: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -657,3 +657,34 @@ async def test_producers_cannot_fill_the_store_through_the_claim_check_bucket(
     with pytest.raises(Exception, match="maximum bytes exceeded"):
         await put_payload(js, bucket, b"y" * 80_000, "text/plain")
     await engine.stop()
+
+
+class Broken(Limited):
+    max_fps = 0.0
+
+    def run(self, items: Sequence[int]) -> list[Features]:
+        raise RuntimeError("the model fell over")
+
+
+def make_broken(params: PassthroughParams, modality: Modality, device: str, dtype: str) -> Broken:
+    return Broken(modality)
+
+
+register(ProcessorSpec("test-broken", None, PassthroughParams, "tests.test_hardening:make_broken"))
+
+
+async def test_a_dlq_record_of_an_admitted_event_names_its_delivery(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """Rejected after admission (its batch failed): the record's Nats-Msg-Id is the
+    input's stream sequence, so a redelivery after a lost ack stores no second one."""
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    route = {"modality": "text", "processor": "test-broken", "batch": {"max_wait_ms": 1}}
+    engine = Engine(make_config(prefix, nats=durable(prefix), routes=[route]))
+    await engine.start(nats_url)
+    await send(nc, prefix, "cam", "text", b"x", time.time_ns(), event_id="cam-1")
+    [record] = await dlq.wait_for(1)
+    assert record["reason"] == "processor_error" and record["event_id"] == "cam-1"
+    [(headers, _)] = await stored(nc, f"{prefix}.dlq.>")
+    assert headers["Nats-Msg-Id"] == f"dlq:{prefix.upper()}_IN:1"
+    await engine.stop()
