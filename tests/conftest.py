@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,20 +173,34 @@ async def stored(nc: Any, subject: str) -> list[tuple[dict[str, str], Any]]:
     return out
 
 
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 20.0) -> Any:
+    """Await ``check()`` until it returns something true, and return that.
+
+    For state that no event announces — a server's view of acks or of a
+    stream, an engine in another process — the condition is polled; a
+    test never waits for time to pass."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = await check()
+        if got:
+            return got
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)  # the poll interval
+
+
 async def engine_health(
     nc: Any, prefix: str, done: Callable[[dict[str, Any]], bool], timeout: float = 20.0
 ) -> None:
     """Ask ``<prefix>.svc.health`` until its answer satisfies ``done`` (an engine in
     another process: the condition is all a test can see of it)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: Any = None
-    while asyncio.get_running_loop().time() < deadline:
+
+    async def answer() -> bool:
         with contextlib.suppress(Exception):  # not registered yet
-            last = orjson.loads((await nc.request(f"{prefix}.svc.health", b"", timeout=1.0)).data)
-            if done(last):
-                return
-        await asyncio.sleep(0.05)  # a poll interval, not a synchronisation
-    raise AssertionError(f"engine health never satisfied the condition; last answer: {last}")
+            return done(orjson.loads((await nc.request(f"{prefix}.svc.health", b"", timeout=1.0)).data))
+        return False
+
+    await eventually(answer, "the engine's health to satisfy the condition", timeout)
 
 
 async def collect(nc: Any, subject: str) -> Collector:

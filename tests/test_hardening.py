@@ -12,7 +12,7 @@ import contextlib
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from engine.codec import encode_headers
 from engine.types import Features, InputEvent, Modality
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec, register
-from tests.conftest import collect, make_config, send, stored
+from tests.conftest import collect, eventually, make_config, send, stored
 
 MS = 1_000_000
 
@@ -45,12 +45,14 @@ async def consumer_done(nc: Any, prefix: str, timeout: float = 10.0) -> Any:
     """The engine's consumer once nothing is pending or unacked (acks travel
     asynchronously), or as it is when time runs out."""
     js = nc.jetstream()
-    for _ in range(int(timeout / 0.02)):
+
+    async def settled() -> Any:
         info = await js.consumer_info(f"{prefix.upper()}_IN", "autoglm-engine")
-        if info.num_ack_pending == 0 and info.num_pending == 0:
-            break
-        await asyncio.sleep(0.02)  # polling the server's view of the acks
-    return info
+        return info if info.num_ack_pending == 0 and info.num_pending == 0 else None
+
+    with contextlib.suppress(AssertionError):
+        return await eventually(settled, "the consumer's acks", timeout)
+    return await js.consumer_info(f"{prefix.upper()}_IN", "autoglm-engine")
 
 
 async def stored_records(nc: Any, subject: str) -> list[dict[str, Any]]:
@@ -63,12 +65,17 @@ def fused_in(records: list[dict[str, Any]]) -> list[str]:
 
 async def stored_holding(nc: Any, subject: str, ids: set[str], timeout: float = 20.0) -> list[dict[str, Any]]:
     """The stored records once they hold ``ids`` (or as they are when time runs out)."""
-    for _ in range(int(timeout / 0.05)):
+
+    async def holding() -> list[dict[str, Any]] | None:
         records = await stored_records(nc, subject)
-        if set(fused_in(records)) >= ids:
-            break
-        await asyncio.sleep(0.05)  # polling the server's stream
-    return records
+        return records if set(fused_in(records)) >= ids else None
+
+    with contextlib.suppress(AssertionError):
+        found: list[dict[str, Any]] = await eventually(
+            holding, f"stored records of {len(ids)} events", timeout
+        )
+        return found
+    return await stored_records(nc, subject)
 
 
 def a_bug_on(payload: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,10 +231,7 @@ async def test_a_store_failing_longer_than_ack_wait_delays_records_but_never_kil
         await send(nc, prefix, "cam", "text", b"ok", t + (i + 1) * MS, event_id=f"cam-ok-{i}")
     await nc.flush()
     # Retrying for longer than ack_wait (backoff 0.05 s doubling: 5 tries > 1.5 s), and saying so.
-    for _ in range(600):
-        if engine.stats.store_retries >= 5:
-            break
-        await asyncio.sleep(0.05)  # polling a counter of this process, not waiting for time to pass
+    await eventually(_now(lambda: engine.stats.store_retries >= 5), "five store retries", 30)
     report = await health(nc, prefix)
     assert report["status"] == "degraded" and "store_retrying" in report["degraded"]
     await js.add_stream(StreamConfig(name=out_stream, subjects=kept.subjects, duplicate_window=120))
@@ -276,12 +280,17 @@ async def test_a_window_that_grows_after_it_was_published_is_stored_as_a_second_
     await engine.stop()
 
 
-async def _until(done: Any, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if done():
-            return
-        await asyncio.sleep(0.01)  # polling this process's own counters
-    raise AssertionError("condition not reached")
+def _now(done: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """A plain condition (this process's own counters) in the form ``eventually`` takes."""
+
+    async def check() -> bool:
+        return done()
+
+    return check
+
+
+async def _until(done: Callable[[], bool], timeout: float = 10.0) -> None:
+    await eventually(_now(done), "the condition", timeout)
 
 
 async def test_processed_events_leave_the_input_stream_and_the_recording_keeps_them(
@@ -301,25 +310,27 @@ async def test_processed_events_leave_the_input_stream_and_the_recording_keeps_t
     # leaves once processed and recorded (the mirror confirms about once a second,
     # so a producer this fast meets a full backlog now and then, and waits).
     refused = 0
+
+    async def stored_by_stream() -> Any:
+        nonlocal refused
+        try:
+            return await js.publish(f"{prefix}.in.cam.text", b"x" * 1024, headers=hdrs)
+        except nats.js.errors.ServiceUnavailableError:  # maximum bytes exceeded: backlog full
+            refused += 1  # a producer holds back and tries again
+            return None
+
     for i in range(60):
         hdrs = encode_headers(t + i * 100 * MS, "text/plain", event_id=f"cam-{i}")
-        for _ in range(300):
-            try:
-                ack = await js.publish(f"{prefix}.in.cam.text", b"x" * 1024, headers=hdrs)
-                break
-            except nats.js.errors.ServiceUnavailableError:  # maximum bytes exceeded: backlog full
-                refused += 1
-                await asyncio.sleep(0.05)  # a producer's backoff
+        ack = await eventually(stored_by_stream, f"room for cam-{i}", 20)
         assert not ack.duplicate
     await out.wait_events({f"cam-{i}" for i in range(60)}, timeout=30)
-    for _ in range(600):  # the mirror confirms asynchronously
+
+    async def settled() -> bool:  # the mirror confirms asynchronously
         inputs = await js.stream_info(f"{prefix.upper()}_IN")
         recording = await js.stream_info(f"{prefix.upper()}_REC")
-        if inputs.state.messages == 0 and recording.state.messages == 60:
-            break
-        await asyncio.sleep(0.02)
-    assert (inputs.state.messages, recording.state.messages) == (0, 60)
-    assert refused < 300  # waited at times, never stuck
+        return inputs.state.messages == 0 and recording.state.messages == 60
+
+    await eventually(settled, "an empty input stream and a recording of 60", 20)
     await engine.stop()
 
 
