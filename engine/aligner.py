@@ -277,10 +277,7 @@ class Aligner(AlignerBase[_Source]):
         """
         if admitted:
             src, _, win = self._slot(event.source, event.event_id)
-            del win.slots[event.event_id]
-            win.pending -= 1
-            if win.sealed and not win.pending:
-                self._ready[id(src)] = src
+            self.discard(event.source, event.event_id)
         else:
             now = self.clock()
             self._check_clock(event, now)

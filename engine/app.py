@@ -331,14 +331,14 @@ class Engine:
             for event in held:  # admitted before the failure: free its slot
                 with contextlib.suppress(KeyError):
                     self.aligner.discard(event.source, event.event_id)
-            modality = msg.subject.rsplit(".", 1)[-1] if source_of(msg.subject, self.prefix) else "?"
+            modality = self._modality_of(msg.subject)
             why = EventRejected("internal_error", f"{type(exc).__name__}: {exc}"[:500])
             await self._reject(msg.subject, _safe_headers(msg), why, modality, default_id)
             return None
 
     async def _poison(self, msg: Msg, default_id: str) -> None:
         """A message delivered ``nats.max_deliver`` times: its DLQ record, then it is ended."""
-        modality = msg.subject.rsplit(".", 1)[-1] if source_of(msg.subject, self.prefix) else "?"
+        modality = self._modality_of(msg.subject)
         why = EventRejected(
             "poison",
             f"delivered {self.config.nats.max_deliver} times without an outcome (nats.max_deliver); "
@@ -368,7 +368,7 @@ class Engine:
                 default_id=default_id,
             )
         except EventRejected as exc:
-            modality = msg.subject.rsplit(".", 1)[-1] if source_of(msg.subject, self.prefix) else "?"
+            modality = self._modality_of(msg.subject)
             self.stats.received[modality] += 1
             await self._reject(msg.subject, _safe_headers(msg), exc, modality, default_id)
             return None
@@ -415,6 +415,10 @@ class Engine:
         if self.aligner.has_ready:
             self._kick.set()
         return key
+
+    def _modality_of(self, subject: str) -> str:
+        """The modality token of a subject that may not parse (``?`` when it does not)."""
+        return subject.rsplit(".", 1)[-1] if source_of(subject, self.prefix) else "?"
 
     def _stored_before(self, key: Key | None, default_id: str | None) -> bool:
         return (
