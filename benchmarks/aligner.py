@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from engine.aligner import Aligner
-from engine.config import AlignerConfig
-from engine.types import ContentType, Features, InputEvent
+from engine.align.aligner import Aligner
+from engine.config.models import AlignerConfig
+from engine.contracts.types import ContentType, Features, InputEvent
 
 MS = 1_000_000
 T0 = 1_764_000_000_000 * MS

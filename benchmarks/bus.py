@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nats
 import orjson
 
-from engine.codec import encode_headers
-from engine.publish import sync_with_server
-from engine.server import EmbeddedServer
+from engine.runtime.server import EmbeddedServer
+from engine.tools.publish import sync_with_server
+from engine.wire.codec import encode_headers
 
 BODY = b"x" * 1024
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +157,7 @@ async def engine_run(
         CONFIG.format(idle=idle, durable=str(durable).lower(), prompt=str(prompt).lower(), record=record)
     )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "run", "--config", str(cfg), "--nats-url", url,
+        sys.executable, "-m", "engine.tools.cli", "run", "--config", str(cfg), "--nats-url", url,
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None

@@ -43,11 +43,11 @@ import orjson
 from bus import pct
 from soak import peak_rss_kib
 
-from engine.codec import encode_headers
-from engine.demo import shapes_frames
-from engine.discovery import find_engines
-from engine.publish import sync_with_server
-from engine.server import EmbeddedServer
+from engine.observe.service import find_engines
+from engine.runtime.server import EmbeddedServer
+from engine.tools.demo import shapes_frames
+from engine.tools.publish import sync_with_server
+from engine.wire.codec import encode_headers
 
 ROOT = Path(__file__).resolve().parent.parent
 FPS, CHUNK_MS, RATE = 30, 100, 16_000
@@ -129,7 +129,7 @@ async def trial(
     url: str, cfg: Path, k: int, seconds: float, frames: list[list[bytes]], chunks: list[bytes]
 ) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "run", "--config", str(cfg), "--nats-url", url,
+        sys.executable, "-m", "engine.tools.cli", "run", "--config", str(cfg), "--nats-url", url,
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.stdout is not None

@@ -31,8 +31,8 @@ import librosa
 import numpy as np
 import torch
 
-from engine.codec import decode_event, encode_headers
-from engine.types import InputEvent
+from engine.contracts.types import InputEvent
+from engine.wire.codec import decode_event, encode_headers
 
 TS = 1_764_000_000_000_000_000
 
@@ -73,7 +73,7 @@ def route_fn(
     modality: str, processor: str, device: str, **cfg: Any
 ) -> Callable[[Sequence[InputEvent]], object]:
     """The engine's own batch path: Route.process (parallel prepare, then one run)."""
-    from engine.config import RouteConfig
+    from engine.config.models import RouteConfig
 
     route = RouteConfig(modality=modality, processor=processor, device=device, **cfg).build("bench")  # type: ignore[arg-type]
     return lambda evs: route.process(list(evs))

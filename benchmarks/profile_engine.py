@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bus  # noqa: E402
 
-from engine.app import Engine  # noqa: E402
-from engine.config import parse_config  # noqa: E402
-from engine.server import EmbeddedServer  # noqa: E402
+from engine.config.models import parse_config  # noqa: E402
+from engine.runtime.engine import Engine  # noqa: E402
+from engine.runtime.server import EmbeddedServer  # noqa: E402
 
 PUBLISHER = """
 import asyncio, sys

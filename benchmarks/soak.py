@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nats
 import orjson
 
-from engine.codec import encode_headers
-from engine.server import EmbeddedServer
+from engine.runtime.server import EmbeddedServer
+from engine.wire.codec import encode_headers
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -82,7 +82,8 @@ class Engine:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.cli", "run", "--config", str(self.cfg), "--nats-url", self.url,
+            sys.executable, "-m", "engine.tools.cli", "run", "--config", str(self.cfg),
+            "--nats-url", self.url,
             cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         assert self.proc.stdout is not None

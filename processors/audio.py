@@ -20,8 +20,8 @@ import soundfile
 import torch
 from torch import nn
 
-from engine.errors import DecodeError, EventRejected
-from engine.types import ContentType, Features, InputEvent, Modality
+from engine.contracts.errors import DecodeError, EventRejected
+from engine.contracts.types import ContentType, Features, InputEvent, Modality
 from processors.devices import resolve_device, to_device
 from processors.params import AudioParams
 

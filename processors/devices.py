@@ -12,11 +12,11 @@ def resolve_device(spec: str) -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            from engine.errors import ConfigError
+            from engine.contracts.errors import ConfigError
 
             raise ConfigError([f'device = "{spec}": torch sees no CUDA device here'])
         if device.index is not None and device.index >= torch.cuda.device_count():
-            from engine.errors import ConfigError
+            from engine.contracts.errors import ConfigError
 
             raise ConfigError([f'device = "{spec}": only {torch.cuda.device_count()} CUDA device(s) here'])
     return device

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
-from engine.errors import ConfigError, DecodeError, EventRejected  # noqa: E402
-from engine.types import ContentType, Features, InputEvent, Modality  # noqa: E402
+from engine.contracts.errors import ConfigError, DecodeError, EventRejected  # noqa: E402
+from engine.contracts.types import ContentType, Features, InputEvent, Modality  # noqa: E402
 from processors.devices import resolve_device, resolve_dtype, to_device  # noqa: E402
 
 

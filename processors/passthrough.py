@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.types import Features, InputEvent, Modality
+from engine.contracts.types import Features, InputEvent, Modality
 from processors.params import PassthroughParams
 
 

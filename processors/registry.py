@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from engine.errors import ConfigError
-from engine.types import Modality, Processor
+from engine.contracts.errors import ConfigError
+from engine.contracts.types import Modality, Processor
 from processors import cap_opencv_pixels
 from processors.params import AudioParams, ImageParams, PassthroughParams, TextParams
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from engine.errors import ConfigError, EventRejected
-from engine.types import Features, InputEvent, Modality
+from engine.contracts.errors import ConfigError, EventRejected
+from engine.contracts.types import Features, InputEvent, Modality
 from processors.devices import resolve_device, resolve_dtype, to_device
 from processors.params import TextParams
 

@@ -15,10 +15,10 @@ import nats
 import orjson
 import pytest
 
-from engine.codec import encode_headers
-from engine.config import EngineConfig, parse_config
-from engine.publish import sync_with_server
-from engine.server import EmbeddedServer
+from engine.config.models import EngineConfig, parse_config
+from engine.runtime.server import EmbeddedServer
+from engine.tools.publish import sync_with_server
+from engine.wire.codec import encode_headers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _prefixes = itertools.count()
@@ -97,7 +97,7 @@ def _no_engine_outlives_its_test() -> Iterator[None]:
 async def spawn_engine(*args: str, options: tuple[str, ...] = ()) -> asyncio.subprocess.Process:
     """``autoglm [options] run ARGS`` as its own process, returned once it says it is running."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", *options, "run", *args,
+        sys.executable, "-m", "engine.tools.cli", *options, "run", *args,
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _spawned.append(proc)

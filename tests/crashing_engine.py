@@ -9,8 +9,8 @@ import signal
 import sys
 
 import processors.passthrough as passthrough
-from engine.cli import main
-from engine.types import InputEvent
+from engine.contracts.types import InputEvent
+from engine.tools.cli import main
 
 _prepare = passthrough.PassthroughProcessor.prepare
 

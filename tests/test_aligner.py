@@ -7,11 +7,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.aligner import Aligner
-from engine.app import frame_record
-from engine.config import AlignerConfig
-from engine.errors import EventRejected
-from engine.types import ContentType, Features, FusedFrame, InputEvent
+from engine.align.aligner import Aligner
+from engine.config.models import AlignerConfig
+from engine.contracts.errors import EventRejected
+from engine.contracts.types import ContentType, Features, FusedFrame, InputEvent
+from engine.runtime.engine import frame_record
 
 MS = 1_000_000
 T0 = 1_764_000_000_000 * MS  # a window boundary for every window length used here
@@ -281,7 +281,7 @@ def test_the_readme_timeline() -> None:
 
 
 def test_the_one_event_fast_path_fuses_exactly_like_the_general_one() -> None:
-    from engine.aligner import _fuse_many, _fuse_one, _Slot
+    from engine.align.aligner import _fuse_many, _fuse_one, _Slot
 
     rng = np.random.default_rng(3)
     feats = Features(

@@ -7,7 +7,7 @@ from collections import defaultdict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.errors import EventRejected
+from engine.contracts.errors import EventRejected
 from tests.test_aligner import MS, T0, Clock, ev, feat, make
 
 WINDOW_MS = 100

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.app import Engine
-from engine.asyncapi import Rejection, Result, document
-from engine.errors import REASONS
+from engine.contracts.errors import REASONS
+from engine.runtime.engine import Engine
+from engine.wire.asyncapi import Rejection, Result, document
 from tests.conftest import collect, make_config, send
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +21,8 @@ DOC = ROOT / "docs" / "asyncapi.json"
 
 def test_committed_document_is_current() -> None:
     assert json.loads(DOC.read_text()) == json.loads(document()), (
-        "docs/asyncapi.json is stale: python -m engine.asyncapi | python -m json.tool > docs/asyncapi.json"
+        "docs/asyncapi.json is stale: "
+        "python -m engine.wire.asyncapi | python -m json.tool > docs/asyncapi.json"
     )
     spec = json.loads(document())
     assert set(spec["channels"]) == {"input", "result", "rejected"}
@@ -48,7 +49,7 @@ async def test_the_documented_faststream_command_writes_the_committed_document(t
     (typer), which no dependency declared; the dev extra does now."""
     out = tmp_path / "asyncapi.json"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "faststream", "docs", "gen", "engine.asyncapi:app", "--out", str(out),
+        sys.executable, "-m", "faststream", "docs", "gen", "engine.wire.asyncapi:app", "--out", str(out),
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from engine.batcher import Batcher, BatchWorker, check_outputs
-from engine.errors import BackpressureError, ProcessorError
+from engine.contracts.errors import BackpressureError, ProcessorError
+from engine.pipeline.batcher import Batcher, BatchWorker, check_outputs
 
 MS = 1_000_000
 

@@ -6,7 +6,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from engine.config import parse_config
+from engine.config.models import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))

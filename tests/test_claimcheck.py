@@ -16,11 +16,11 @@ import orjson
 import pytest
 from nats.js.errors import APIError
 
-from engine.app import Engine
-from engine.claimcheck import OBJECT_REF, ObjectRef, parse_ref, put_payload
-from engine.errors import EventRejected
-from engine.publish import connect, publish_file
-from engine.server import EmbeddedServer
+from engine.contracts.errors import EventRejected
+from engine.runtime.engine import Engine
+from engine.runtime.server import EmbeddedServer
+from engine.tools.publish import connect, publish_file
+from engine.wire.claimcheck import OBJECT_REF, ObjectRef, parse_ref, put_payload
 from tests.conftest import collect, make_config, send
 
 _REF = b'{"bucket": "b", "name": "x", "content_type": "image/png", "size": 1'

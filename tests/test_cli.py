@@ -15,12 +15,12 @@ import numpy as np
 import orjson
 import soundfile
 
-from engine.app import Engine
-from engine.publish import sync_with_server
+from engine.runtime.engine import Engine
+from engine.tools.publish import sync_with_server
 from tests.conftest import collect, engine_health, make_config, send, spawn_engine
 
 ROOT = Path(__file__).resolve().parent.parent
-AUTOGLM = [sys.executable, "-m", "engine.cli"]
+AUTOGLM = [sys.executable, "-m", "engine.tools.cli"]
 
 
 async def run_cli(*args: str, timeout: float = 120, cwd: Path = ROOT) -> tuple[int, str, str]:

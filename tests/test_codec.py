@@ -6,7 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.codec import (
+from engine.contracts.errors import REASONS, EventRejected
+from engine.contracts.types import InputEvent
+from engine.wire.codec import (
     MAX_TIMESTAMP_NS,
     MIN_TIMESTAMP_NS,
     Limits,
@@ -17,8 +19,6 @@ from engine.codec import (
     parse_content_type,
     parse_subject,
 )
-from engine.errors import REASONS, EventRejected
-from engine.types import InputEvent
 
 TS = 1_764_000_000_000_000_000
 

@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
-from engine.config import EngineConfig, load_config, nats_from_env, parse_config, updated, with_overrides
-from engine.errors import ConfigError
+from engine.config.models import (
+    EngineConfig,
+    load_config,
+    nats_from_env,
+    parse_config,
+    updated,
+    with_overrides,
+)
+from engine.contracts.errors import ConfigError
+from engine.tools.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from engine.config import load_config
+from engine.config.models import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def test_each_service_waits_for_the_health_of_the_one_it_needs() -> None:
 
 
 def test_the_engine_gets_longer_to_stop_than_its_drain_can_take() -> None:
-    """Drain (engine/app.py ``stop``): a GLM stage retired by a reload, then the
+    """Drain (engine/runtime/engine.py ``stop``): a GLM stage retired by a reload, then the
     running one, up to ``call_timeout_s`` each; then unconfirmed results are stored
     again for up to ``ack_wait_s``. Docker's default grace is 10 s, then SIGKILL."""
     engine = services()["engine"]

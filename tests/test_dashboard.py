@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.app import Engine
+from engine.runtime.engine import Engine
 from tests.conftest import make_config, send
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "autoglm-dashboard.json"

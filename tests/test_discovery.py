@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from engine.app import Engine
+from engine.runtime.engine import Engine
 from tests.conftest import make_config, send
 
 
@@ -55,12 +55,12 @@ async def test_status_command_lists_running_engines(nc: Any, nats_url: str, pref
         await nc.flush()
         await asyncio.sleep(0.5)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.cli", "status", "--once", "--nats-url", nats_url,
+            sys.executable, "-m", "engine.tools.cli", "status", "--once", "--nats-url", nats_url,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         info_proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.cli", "status", "--info", "--nats-url", nats_url,
+            sys.executable, "-m", "engine.tools.cli", "status", "--info", "--nats-url", nats_url,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         info_out, _ = await asyncio.wait_for(info_proc.communicate(), 30)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.app import Engine
+from engine.runtime.engine import Engine
 from tests.conftest import make_config, send, spawn_engine, stored
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
 async def store(js: Any, subject: str, ts: int, eid: str) -> None:
     """What a producer that must not lose events does: publish with a PubAck,
     and try again until the (restarting) server has stored it."""
-    from engine.codec import encode_headers
+    from engine.wire.codec import encode_headers
 
     for _ in range(200):
         try:
@@ -104,7 +104,7 @@ async def test_nats_server_restart_mid_stream(tmp_path: Path, prefix: str) -> No
 
     import nats
 
-    from engine.server import EmbeddedServer
+    from engine.runtime.server import EmbeddedServer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -179,7 +179,7 @@ async def test_a_hanging_glm_never_stops_ingestion_or_loses_results(
 async def test_result_store_acks_after_the_pubacks_and_retries_what_was_not_stored(
     nc: Any, prefix: str
 ) -> None:
-    from engine.resultstore import ResultStore
+    from engine.transport.resultstore import ResultStore
 
     js = nc.jetstream()
     await js.add_stream(name=f"{prefix.upper()}_RS", subjects=[f"{prefix}.rs.>"])

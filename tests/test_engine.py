@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from engine.app import Engine
-from engine.errors import ConfigError
-from engine.types import Features, InputEvent, Modality
+from engine.contracts.errors import ConfigError
+from engine.contracts.types import Features, InputEvent, Modality
+from engine.runtime.engine import Engine
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec, register
 from tests.conftest import collect, make_config, send

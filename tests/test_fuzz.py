@@ -16,11 +16,11 @@ import soundfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.codec import decode_event
-from engine.config import RouteConfig
-from engine.errors import REASONS, EventRejected
-from engine.router import Route
-from engine.types import Features
+from engine.config.models import RouteConfig
+from engine.contracts.errors import REASONS, EventRejected
+from engine.contracts.types import Features
+from engine.pipeline.router import Route
+from engine.wire.codec import decode_event
 
 TS = "1764000000000000000"
 CONTENT_TYPES = [

@@ -15,8 +15,8 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.app import Engine
-from engine.codec import encode_headers
+from engine.runtime.engine import Engine
+from engine.wire.codec import encode_headers
 from tests.conftest import collect, make_config
 
 #: Characters that are digits to ``str.isdigit()`` but not to ``int()``, and ones that are to both.

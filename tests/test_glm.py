@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from engine import AutoGLM, PromptTemplate
-from engine.errors import ConfigError, GLMError
-from engine.glm import CircuitBreaker
-from engine.prompts import History
+from engine.contracts.errors import ConfigError, GLMError
+from engine.glm.client import CircuitBreaker
+from engine.glm.prompts import History
 from tests.chat_server import ChatServer
 
 WORDS = "the a cat dog image audio text source window scene is quiet loud moving describe what happening none"

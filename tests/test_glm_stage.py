@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import GLMConfig
-from engine.glm_stage import GLMStage, change_score, snapshot
-from engine.types import FusedFrame, ModalityFusion
+from engine.config.models import GLMConfig
+from engine.contracts.types import FusedFrame, ModalityFusion
+from engine.glm.stage import GLMStage, change_score, snapshot
 from tests.chat_server import ChatServer, echo
 
 S = 1_000_000_000

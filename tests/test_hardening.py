@@ -20,10 +20,10 @@ import nats.js.errors
 import orjson
 import pytest
 
-from engine import app as engine_app
-from engine.app import Engine
-from engine.codec import encode_headers
-from engine.types import Features, InputEvent, Modality
+from engine.contracts.types import Features, InputEvent, Modality
+from engine.runtime import engine as engine_app
+from engine.runtime.engine import Engine
+from engine.wire.codec import encode_headers
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec, register
 from tests.conftest import collect, eventually, make_config, send, stored
@@ -181,8 +181,8 @@ async def test_a_message_that_keeps_failing_is_poison_after_max_deliver(
 async def test_a_dead_task_makes_the_engine_unhealthy_and_serve_exit_non_zero(
     nc: Any, nats_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    from engine.cli import serve
-    from engine.supervisor import EXIT_FAILED
+    from engine.runtime.supervisor import EXIT_FAILED
+    from engine.tools.cli import serve
 
     engine = Engine(make_config(prefix, nats=durable(prefix)))
     await engine.start(nats_url)
@@ -199,7 +199,7 @@ async def test_a_dead_task_makes_the_engine_unhealthy_and_serve_exit_non_zero(
         f'[nats]\nsubject_prefix = "{prefix}"\n[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
     )
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "engine.cli", "health", "--config", str(cfg), "--nats-url", nats_url),
+        *(sys.executable, "-m", "engine.tools.cli", "health", "--config", str(cfg), "--nats-url", nats_url),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -529,7 +529,7 @@ async def test_a_nats_client_that_stops_reading_fails_the_engine(nc: Any, nats_u
 
 
 def test_a_loop_with_no_progress_and_no_reason_is_hung() -> None:
-    from engine.supervisor import Supervisor
+    from engine.runtime.supervisor import Supervisor
 
     sup = Supervisor()
     now = time.monotonic()
@@ -555,7 +555,7 @@ async def test_an_object_whose_chunks_never_come_is_object_missing_and_intake_go
     import hashlib
     import uuid
 
-    from engine.claimcheck import OBJECT_REF
+    from engine.wire.claimcheck import OBJECT_REF
 
     bucket = f"{prefix}-objects"
     out = await collect(nc, f"{prefix}.out.>")
@@ -657,7 +657,7 @@ async def test_producers_cannot_fill_the_store_through_the_claim_check_bucket(
 ) -> None:
     """The bucket had no size limit: one producer could fill the JetStream store
     that the input and result streams need."""
-    from engine.claimcheck import put_payload
+    from engine.wire.claimcheck import put_payload
 
     bucket = f"{prefix}-objects"
     engine = Engine(make_config(prefix, nats=durable(prefix, object_bucket=bucket, object_max_bytes=100_000)))

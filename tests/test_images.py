@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.codec import decode_event, encode_headers
-from engine.errors import EventRejected
-from engine.types import ContentType, InputEvent
+from engine.contracts.errors import EventRejected
+from engine.contracts.types import ContentType, InputEvent
+from engine.wire.codec import decode_event, encode_headers
 from processors.image import decode_image, jpeg_size
 from processors.registry import lookup
 
@@ -124,11 +124,12 @@ def test_jpeg_walk_is_linear_in_fill_bytes() -> None:
 
 _CAP_SCRIPT = r"""
 import os, sys
-import engine.app, engine.cli, engine.config, engine.demo, engine.replay, processors.audio, processors.text
+import engine.runtime.engine, engine.tools.cli, engine.config.models
+import engine.tools.demo, engine.tools.replay, processors.audio, processors.text
 assert "cv2" not in sys.modules, "something imports OpenCV before the routes are built"
 from processors.registry import lookup
-from engine.errors import ConfigError, EventRejected
-from engine.types import ContentType
+from engine.contracts.errors import ConfigError, EventRejected
+from engine.contracts.types import ContentType
 
 proc = lookup("cnn").create({"max_pixels": 10_000, "faces": False}, "image", "cpu")
 import cv2, numpy as np
@@ -197,8 +198,8 @@ def test_face_detection_with_mixed_sizes_on_two_prepare_threads_never_fails() ->
     its features, and the same face count as when prepared alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.config import RouteConfig
-    from engine.types import Features
+    from engine.config.models import RouteConfig
+    from engine.contracts.types import Features
 
     route = RouteConfig(modality="image", processor="cnn", device="cpu", prepare_threads=2).build("image")
     frames = _mixed_frames()
@@ -235,9 +236,9 @@ def test_a_detector_failure_leaves_faces_out_and_is_counted_not_a_decode_error(
     """Should OpenCV's detector fail anyway, the frame (which decoded fine)
     keeps its features without ``faces``; the failure is logged and counted
     in ``autoglm_processor_faults``, never charged to the producer."""
-    from engine.app import Engine
-    from engine.config import RouteConfig
-    from engine.metrics import EngineCollector
+    from engine.config.models import RouteConfig
+    from engine.observe.metrics import EngineCollector
+    from engine.runtime.engine import Engine
     from tests.conftest import make_config
 
     route = RouteConfig(modality="image", processor="cnn", device="cpu").build("image")

@@ -7,8 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from engine.app import Engine
-from engine.types import Features, InputEvent, Modality
+from engine.contracts.types import Features, InputEvent, Modality
+from engine.runtime.engine import Engine
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec, register
 from tests.conftest import collect, make_config, send

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from engine.logs import JsonFormatter
+from engine.observe.logs import JsonFormatter
 from tests.conftest import send, spawn_engine
 
 ROOT = Path(__file__).resolve().parent.parent

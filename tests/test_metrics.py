@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.app import Engine
+from engine.runtime.engine import Engine
 from tests.conftest import collect, make_config, send
 
 

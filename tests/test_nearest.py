@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.config import AlignerConfig
-from engine.errors import EventRejected
-from engine.nearest import NearestAligner
-from engine.types import FusedFrame
+from engine.align.nearest import NearestAligner
+from engine.config.models import AlignerConfig
+from engine.contracts.errors import EventRejected
+from engine.contracts.types import FusedFrame
 from tests.test_aligner import MS, T0, Clock, ev, feat
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from engine.codec import decode_event, encode_headers
-from engine.errors import ConfigError, EventRejected
-from engine.types import InputEvent
+from engine.contracts.errors import ConfigError, EventRejected
+from engine.contracts.types import InputEvent
+from engine.wire.codec import decode_event, encode_headers
 from processors import audio as audio_mod
 from processors.registry import lookup
 
@@ -82,9 +82,9 @@ def test_motion_is_measured_per_source_in_batch_order(image_proc: Any) -> None:
 def test_parallel_prepare_gives_the_same_features(image_proc: Any) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.batcher import Batcher
-    from engine.config import RouteConfig
-    from engine.router import Route
+    from engine.config.models import RouteConfig
+    from engine.pipeline.batcher import Batcher
+    from engine.pipeline.router import Route
 
     jpegs = [cv2.imencode(".jpg", scene(i * 10))[1].tobytes() for i in range(6)]
     evs = [event("image", j, "image/jpeg", "par") for j in jpegs]

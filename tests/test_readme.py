@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from engine.app import Engine
+from engine.runtime.engine import Engine
 from tests.conftest import make_config
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

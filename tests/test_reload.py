@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.app import Engine
-from engine.config import load_config, with_overrides
+from engine.config.models import load_config, with_overrides
+from engine.runtime.engine import Engine
 from tests.conftest import ROOT, collect, send, spawn_engine
 
 MS = 1_000_000
@@ -135,7 +135,7 @@ async def test_command_line_overrides_survive_a_reload(
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", *args, cwd=ROOT,
+        sys.executable, "-m", "engine.tools.cli", *args, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -13,10 +13,10 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.app import Engine
-from engine.config import load_config
-from engine.errors import ConfigError
-from engine.replay import parse_since, replay
+from engine.config.models import load_config
+from engine.contracts.errors import ConfigError
+from engine.runtime.engine import Engine
+from engine.tools.replay import parse_since, replay
 from tests.conftest import ROOT, collect, send
 
 MS = 1_000_000
@@ -113,7 +113,7 @@ async def test_replay_command_writes_json_lines(nc: Any, nats_url: str, prefix: 
     await record(nc, nats_url, prefix, cfg_path)
     out = tmp_path / "replay.jsonl"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "replay", "--since", "10m", "--config", str(cfg_path),
+        sys.executable, "-m", "engine.tools.cli", "replay", "--since", "10m", "--config", str(cfg_path),
         "--nats-url", nats_url, "--out", str(out), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -4,11 +4,11 @@ from collections.abc import Sequence
 
 import pytest
 
-from engine.batcher import Batcher
-from engine.config import RouteConfig
-from engine.errors import EventRejected, ProcessorError
-from engine.router import RateLimiter, Route, Router, subject_matches
-from engine.types import ContentType, Features, InputEvent
+from engine.config.models import RouteConfig
+from engine.contracts.errors import EventRejected, ProcessorError
+from engine.contracts.types import ContentType, Features, InputEvent
+from engine.pipeline.batcher import Batcher
+from engine.pipeline.router import RateLimiter, Route, Router, subject_matches
 
 MS = 1_000_000
 

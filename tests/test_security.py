@@ -22,14 +22,14 @@ import trustme
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError
 
-from engine.app import Engine
-from engine.claimcheck import OBJECT_REF, put_payload
-from engine.config import EngineConfig, NatsConfig, nats_from_env, parse_config
-from engine.durable import stream_names
-from engine.errors import ConfigError, TransportError
-from engine.publish import connect, sync_with_server
-from engine.security import connect_kwargs, read_env_file, redact_url
-from engine.server import EmbeddedServer
+from engine.config.models import EngineConfig, NatsConfig, nats_from_env, parse_config
+from engine.contracts.errors import ConfigError, TransportError
+from engine.runtime.engine import Engine
+from engine.runtime.server import EmbeddedServer
+from engine.tools.publish import connect, sync_with_server
+from engine.transport.jetstream import stream_names
+from engine.transport.security import connect_kwargs, read_env_file, redact_url
+from engine.wire.claimcheck import OBJECT_REF, put_payload
 from tests.conftest import ROOT, Collector, collect, make_config, send
 from tests.natsjwt import operator_setup
 from tests.test_claimcheck import rewrite_object
@@ -106,7 +106,7 @@ async def _refused_login(url: str, **kwargs: Any) -> None:
 
 async def publish_cli(url: str, prefix: str, *extra: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "publish", "--nats-url", url, "--prefix", prefix,
+        sys.executable, "-m", "engine.tools.cli", "publish", "--nats-url", url, "--prefix", prefix,
         "--source", "cam", "--text", "hi", *extra,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -147,7 +147,7 @@ async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secu
     )
     with (root / "engine.log").open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.cli", "run", "--config", str(cfg), "--secure",
+            sys.executable, "-m", "engine.tools.cli", "run", "--config", str(cfg), "--secure",
             cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=log,
         )  # fmt: skip
     try:
@@ -494,7 +494,7 @@ PASSWORD = "S3cretPassw0rd"
 async def _autoglm(*args: str, timeout: float = 60) -> tuple[int, str]:
     """``autoglm --log-level DEBUG ARGS`` to its end: exit code, stdout and stderr together."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "--log-level", "DEBUG", *args,
+        sys.executable, "-m", "engine.tools.cli", "--log-level", "DEBUG", *args,
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), timeout)
@@ -523,7 +523,7 @@ async def test_a_password_in_the_nats_url_is_never_shown(tmp_path: Path) -> None
     shown: list[str] = []
     try:
         engine = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.cli", "--log-level", "DEBUG", "run",
+            sys.executable, "-m", "engine.tools.cli", "--log-level", "DEBUG", "run",
             "--config", str(cfg), "--nats-url", secret_url,
             cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip

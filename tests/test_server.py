@@ -6,9 +6,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from engine.app import Engine
-from engine.errors import ServerStartError, TransportError
-from engine.server import EmbeddedServer, find_binary
+from engine.contracts.errors import ServerStartError, TransportError
+from engine.runtime.engine import Engine
+from engine.runtime.server import EmbeddedServer, find_binary
 from tests.conftest import make_config
 
 

@@ -16,9 +16,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from engine.app import Engine
-from engine.config import TracingConfig
-from engine.tracing import Tracing, new_traceparent
+from engine.config.models import TracingConfig
+from engine.observe.tracing import Tracing, new_traceparent
+from engine.runtime.engine import Engine
 from tests.conftest import collect, make_config, send, spawn_engine
 
 MS = 1_000_000

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from nats.js.errors import APIError
 
-from engine.app import Engine
-from engine.codec import encode_headers
+from engine.runtime.engine import Engine
+from engine.wire.codec import encode_headers
 from tests.conftest import collect, make_config
 
 #: 17 headers of 4,000 characters: each under the 4 KiB value limit, 68 KiB in all.

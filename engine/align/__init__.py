@@ -1,0 +1,1 @@
+"""Alignment: fuse each source's features by event time."""

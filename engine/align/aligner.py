@@ -1,0 +1,534 @@
+"""Event-time fusion per source: tumbling windows, watermarks, lateness, idle.
+
+Every time here is integer nanoseconds. Event time is the producer's
+timestamp; engine time comes from the injected clock (tests move it by hand).
+
+Life of an event::
+
+    admit()  -> reserves a slot in window floor(ts / w) * w   (or raises
+                bad_timestamp / duplicate / too_late)
+    complete() or discard()  -> the processor's outcome fills or frees it
+    poll()   -> sealed windows whose slots are all filled come out as
+                FusedFrame values, oldest first per source
+
+Reserving at admission (before the slow processors run) is what makes the
+result exact: a slow image batch cannot make its own events "late" because a
+fast text event moved the watermark meanwhile.
+
+A window is sealed when the source's watermark (highest event time seen minus
+``allowed_lateness``) reaches its end, when the source has been quiet for
+``idle_timeout`` of engine time, when the per-source cap on open windows
+pushes it out, or at shutdown. An event whose window is already sealed is
+``too_late``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+import numpy as np
+
+from engine.contracts.errors import EventRejected, LateEvent
+from engine.contracts.types import (
+    MODALITIES,
+    Clock,
+    Features,
+    FusedFrame,
+    InputEvent,
+    Modality,
+    ModalityFusion,
+    Nanos,
+)
+
+if TYPE_CHECKING:
+    from engine.config.models import AlignerConfig
+
+_MS = 1_000_000
+
+
+@dataclass(slots=True)
+class _Slot:
+    event_id: str
+    modality: Modality
+    ts: Nanos
+    order: int
+    features: Features | None = None
+    process_ns: Nanos = 0
+    arrived: Nanos = 0
+    traceparent: str | None = None
+    #: Engine-clock time its features arrived (for the event's trace span).
+    done: Nanos = 0
+
+
+@dataclass(slots=True)
+class _Window:
+    start: Nanos
+    end: Nanos
+    first_arrival: Nanos
+    slots: dict[str, _Slot] = field(default_factory=dict)
+    pending: int = 0
+    sealed: bool = False
+    traceparent: str | None = None
+    #: why -> ids of events counted but not fused (rate-limited, stale).
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class _Source:
+    name: str
+    #: Open and sealed-but-not-yet-emitted windows, by start.
+    windows: dict[Nanos, _Window] = field(default_factory=dict)
+    max_ts: Nanos | None = None
+    #: Events before this event time are too late (a window boundary).
+    sealed_until: Nanos | None = None
+    last_seen: Nanos = 0
+    #: Event id -> window start, for duplicates and for completing slots.
+    ids: dict[str, Nanos] = field(default_factory=dict)
+    counts: Counter[tuple[Modality, str]] = field(default_factory=Counter)
+
+
+class _Counted(Protocol):
+    counts: Counter[tuple[Modality, str]]
+
+
+S = TypeVar("S", bound=_Counted)
+
+
+class AlignerBase(Generic[S]):
+    """What both modes share: the clock, the knobs, the counters, clock sanity."""
+
+    def __init__(self, config: AlignerConfig, clock: Clock) -> None:
+        self.config = config
+        self.clock = clock
+        self.lateness_ns = config.allowed_lateness_ms * _MS
+        self.idle_ns = config.idle_timeout_ms * _MS
+        self.future_ns = config.max_future_ms * _MS
+        #: (modality, outcome) -> count over all sources.
+        self.counts: Counter[tuple[Modality, str]] = Counter()
+        self.sources_evicted = 0
+        self.idle_closed = 0
+        #: Tracked sources, least recently seen first.
+        self._sources: OrderedDict[str, S] = OrderedDict()
+        #: The idle clock: engine time less the time intake was held back.
+        self._pauses = 0
+        self._paused_at: Nanos = 0
+        self._paused_total: Nanos = 0
+        #: Skipped events not tied to a window (nearest mode): source -> why -> ids.
+        self._loose: dict[str, dict[str, list[str]]] = {}
+
+    def note(self, source: str, modality: Modality, outcome: str) -> None:
+        """Count an outcome decided before the aligner."""
+        self._count(self._sources.get(source), modality, outcome)
+
+    def discard(self, source: str, event_id: str) -> None:
+        raise NotImplementedError
+
+    # -- the idle clock ---------------------------------------------------------
+
+    def pause_idle(self) -> None:
+        """Intake is held back (waiting for room, a store retrying): events that
+        exist are not being read, so a quiet source is not idle. Nested calls nest."""
+        if self._pauses == 0:
+            self._paused_at = self.clock()
+        self._pauses += 1
+
+    def resume_idle(self) -> None:
+        self._pauses -= 1
+        if self._pauses == 0:
+            self._paused_total += self.clock() - self._paused_at
+
+    def _idle_now(self, now: Nanos) -> Nanos:
+        """``now`` on the idle clock, which stands still while paused."""
+        return (self._paused_at if self._pauses else now) - self._paused_total
+
+    # -- skipped events -----------------------------------------------------------
+
+    def skip(self, event: InputEvent, why: str, *, admitted: bool) -> None:
+        """``event`` is counted as ``why`` and not fused; its id is listed in a
+        result so the producer can tell. ``admitted``: it holds a slot (stale)."""
+        if admitted:
+            self.discard(event.source, event.event_id)
+        self.note(event.source, event.modality, why)
+        self._loose.setdefault(event.source, {}).setdefault(why, []).append(event.event_id)
+
+    def _loose_frames(self, now: Nanos) -> list[FusedFrame]:
+        """One result per source listing its loose skipped events."""
+        out = [
+            FusedFrame(
+                source=source,
+                start_ns=now,
+                end_ns=now,
+                modalities={},
+                missing=tuple(self.config.expect),
+                traceparent=None,
+                first_arrival_ns=now,
+                closed_ns=now,
+                skipped={why: tuple(ids) for why, ids in groups.items()},
+            )
+            for source, groups in self._loose.items()
+        ]
+        self._loose = {}
+        return out
+
+    def source_names(self) -> list[str]:
+        return list(self._sources)
+
+    def source_counts(self, source: str) -> Counter[tuple[Modality, str]]:
+        src = self._sources.get(source)
+        return Counter(src.counts) if src else Counter()
+
+    def _count(self, src: S | None, modality: Modality, outcome: str, n: int = 1) -> None:
+        self.counts[(modality, outcome)] += n
+        if src is not None:
+            src.counts[(modality, outcome)] += n
+
+    def _check_clock(self, event: InputEvent, now: Nanos) -> None:
+        """One producer with a clock far ahead must not close everyone's windows."""
+        if event.ts_ns > now + self.future_ns:
+            self._count(None, event.modality, "bad_timestamp")
+            raise EventRejected(
+                "bad_timestamp",
+                f"timestamp {event.ts_ns} is {(event.ts_ns - now) / 1e6:.0f} ms ahead of the engine clock "
+                f"(max_future_ms = {self.config.max_future_ms})",
+            )
+
+
+class Aligner(AlignerBase[_Source]):
+    """Fuses one source's events per tumbling window of event time."""
+
+    def __init__(self, config: AlignerConfig, clock: Clock) -> None:
+        super().__init__(config, clock)
+        self.window_ns = config.window_ms * _MS
+        #: Sources holding unsealed windows, least recently seen first.
+        self._active: OrderedDict[str, _Source] = OrderedDict()
+        #: Sources that may have a window to emit now — a window was sealed with
+        #: nothing pending, or a sealed window's last slot was filled — by
+        #: ``id()`` (an evicted source and its successor of one name can both
+        #: wait). Only these are visited by poll(): under a backlog, visiting
+        #: every source with sealed windows on every event made intake quadratic.
+        self._ready: dict[int, _Source] = {}
+        #: Evicted sources whose sealed windows still wait for their slots.
+        self._retired: list[_Source] = []
+        self._order = 0
+
+    # -- intake ---------------------------------------------------------------
+
+    def admit(self, event: InputEvent) -> None:
+        """Reserve a slot for ``event``; raise :class:`EventRejected` if it cannot join."""
+        now = self.clock()
+        ts = event.ts_ns
+        self._check_clock(event, now)
+        src = self._source(event.source, now)
+        win = self._join(src, event, now)
+        self._order += 1
+        win.slots[event.event_id] = _Slot(
+            event.event_id, event.modality, ts, self._order, arrived=now, traceparent=event.traceparent
+        )
+        win.pending += 1
+        if win.traceparent is None:
+            win.traceparent = event.traceparent
+        src.ids[event.event_id] = win.start
+        src.last_seen = self._idle_now(now)
+        self._active[src.name] = src
+        self._active.move_to_end(src.name)
+        if src.max_ts is None or ts > src.max_ts:
+            src.max_ts = ts
+            watermark = ts - self.lateness_ns
+            self._seal_before(src, watermark - watermark % self.window_ns)
+
+    def _join(self, src: _Source, event: InputEvent, now: Nanos) -> _Window:
+        """The window ``event`` belongs to; ``duplicate`` / ``too_late`` when it cannot join."""
+        ts = event.ts_ns
+        if not event.generated_id and event.event_id in src.ids:
+            self._count(src, event.modality, "duplicate")
+            raise EventRejected("duplicate", f"event id {event.event_id!r} is already in an open window")
+        if src.sealed_until is not None and ts < src.sealed_until:
+            self._count(src, event.modality, "too_late")
+            raise LateEvent(
+                f"event time {ts} falls in window "
+                f"[{ts - ts % self.window_ns}, {ts - ts % self.window_ns + self.window_ns}) of source "
+                f"{event.source!r}, which closed (watermark {src.sealed_until}, "
+                f"allowed_lateness_ms = {self.config.allowed_lateness_ms})"
+            )
+        start = ts - ts % self.window_ns
+        win = src.windows.get(start)
+        if win is None:
+            win = src.windows[start] = _Window(start, start + self.window_ns, now)
+            self._cap_windows(src)
+        return win
+
+    def complete(self, source: str, event_id: str, features: Features, process_ns: Nanos = 0) -> None:
+        """Fill an admitted event's slot with its features."""
+        src, slot, win = self._slot(source, event_id)
+        slot.features = features
+        slot.process_ns = process_ns
+        slot.done = self.clock()
+        win.pending -= 1
+        if win.sealed and not win.pending:
+            self._ready[id(src)] = src
+
+    def discard(self, source: str, event_id: str) -> None:
+        """Free an admitted event's slot (the processor rejected it)."""
+        src, _, win = self._slot(source, event_id)
+        del win.slots[event_id]
+        win.pending -= 1
+        if win.sealed and not win.pending:
+            self._ready[id(src)] = src
+
+    def skip(self, event: InputEvent, why: str, *, admitted: bool) -> None:
+        """List ``event`` as ``why`` in its window's result instead of fusing it.
+
+        Not admitted (rate-limited): it is checked like an admitted event
+        (``too_late``, ``duplicate`` raise) but does not move the watermark.
+        """
+        if admitted:
+            src, _, win = self._slot(event.source, event.event_id)
+            self.discard(event.source, event.event_id)
+        else:
+            now = self.clock()
+            self._check_clock(event, now)
+            src = self._source(event.source, now)
+            win = self._join(src, event, now)
+            src.ids[event.event_id] = win.start
+            src.last_seen = self._idle_now(now)
+            if not win.sealed:
+                self._active[src.name] = src
+                self._active.move_to_end(src.name)
+        win.skipped.setdefault(why, []).append(event.event_id)
+        self._count(src, event.modality, why)
+
+    # -- output ---------------------------------------------------------------
+
+    def poll(self) -> list[FusedFrame]:
+        """Seal windows of idle sources, then emit every finished sealed window."""
+        now = self.clock()
+        idle_now = self._idle_now(now)
+        while self._active:
+            _name, src = next(iter(self._active.items()))
+            if idle_now - src.last_seen < self.idle_ns:
+                break
+            self._seal_before(src, None)
+            self.idle_closed += 1
+        return self._emit(now)
+
+    def flush(self) -> list[FusedFrame]:
+        """Seal everything (shutdown) and emit what is finished."""
+        for src in list(self._active.values()):
+            self._seal_before(src, None)
+        return self._emit(self.clock())
+
+    @property
+    def has_ready(self) -> bool:
+        """Some sealed window waits to be emitted (poll soon)."""
+        return bool(self._ready)
+
+    @property
+    def open_windows(self) -> int:
+        return sum(len(s.windows) for s in self._sources.values())
+
+    @property
+    def pending(self) -> int:
+        return sum(w.pending for s in self._sources.values() for w in s.windows.values())
+
+    # -- internals --------------------------------------------------------------
+
+    def _source(self, name: str, now: Nanos) -> _Source:
+        src = self._sources.get(name)
+        if src is not None:
+            self._sources.move_to_end(name)
+            return src
+        if len(self._sources) >= self.config.max_sources:
+            self._evict_oldest()
+        src = self._sources[name] = _Source(name, last_seen=self._idle_now(now))
+        return src
+
+    def _evict_oldest(self) -> None:
+        _name, old = self._sources.popitem(last=False)
+        self._seal_before(old, None)
+        self.sources_evicted += 1
+        for win in old.windows.values():
+            for slot in win.slots.values():
+                self._count(None, slot.modality, "evicted")
+        # Its sealed windows still come out once their slots are filled.
+        if old.windows:
+            self._ready[id(old)] = old
+            self._retired.append(old)
+
+    def _cap_windows(self, src: _Source) -> None:
+        open_starts = sorted(s for s, w in src.windows.items() if not w.sealed)
+        while len(open_starts) > self.config.max_open_windows:
+            oldest = src.windows[open_starts.pop(0)]
+            for slot in oldest.slots.values():
+                self._count(src, slot.modality, "evicted")
+            self._seal_before(src, oldest.end)
+
+    def _seal_before(self, src: _Source, boundary: Nanos | None) -> None:
+        """Seal windows ending at or before ``boundary`` (all when ``None``)."""
+        if boundary is not None and src.sealed_until is not None and boundary <= src.sealed_until:
+            return  # the common case: the watermark moved inside an open window
+        emittable = False
+        for win in src.windows.values():
+            if not win.sealed and (boundary is None or win.end <= boundary):
+                win.sealed = True
+                emittable = emittable or not win.pending
+                if src.sealed_until is None or win.end > src.sealed_until:
+                    src.sealed_until = win.end
+        if boundary is not None and (src.sealed_until is None or boundary > src.sealed_until):
+            src.sealed_until = boundary
+        if emittable:
+            self._ready[id(src)] = src
+        if all(w.sealed for w in src.windows.values()):
+            self._active.pop(src.name, None)
+
+    def _slot(self, source: str, event_id: str) -> tuple[_Source, _Slot, _Window]:
+        for src in (self._sources.get(source), *self._retired):
+            if src is not None and src.name == source and event_id in src.ids:
+                win = src.windows[src.ids[event_id]]
+                return src, win.slots[event_id], win
+        raise KeyError(f"event {event_id!r} of source {source!r} was never admitted")
+
+    def _emit(self, now: Nanos) -> list[FusedFrame]:
+        out: list[FusedFrame] = []
+        ready, self._ready = self._ready, {}
+        for src in ready.values():
+            for start in sorted(src.windows):
+                win = src.windows[start]
+                if not win.sealed or win.pending:
+                    break  # frames leave in time order: wait for the older one
+                del src.windows[start]
+                for eid in win.slots:
+                    src.ids.pop(eid, None)
+                for ids in win.skipped.values():
+                    for eid in ids:
+                        src.ids.pop(eid, None)
+                frame = self._fuse(src, win, now)
+                if frame is not None:
+                    out.append(frame)
+            if not src.windows and self._retired:
+                self._retired = [r for r in self._retired if r is not src]
+        return out
+
+    def _fuse(self, src: _Source, win: _Window, now: Nanos) -> FusedFrame | None:
+        if not win.slots and not win.skipped:
+            return None  # every event of it was rejected by its processor
+        by_mod: dict[Modality, list[_Slot]] = {}
+        for slot in sorted(win.slots.values(), key=lambda s: (s.ts, s.order)):
+            by_mod.setdefault(slot.modality, []).append(slot)
+        missing = tuple(m for m in self.config.expect if m not in by_mod)
+        lacking = [m for m in self.config.require if m not in by_mod]
+        if lacking and self.config.on_missing == "drop":
+            # Not fused, but named: the result lists them (and acks them, durable).
+            dropped = win.skipped.setdefault("missing_dropped", [])
+            for slots in by_mod.values():
+                self._count(src, slots[0].modality, "missing_dropped", len(slots))
+                dropped.extend(s.event_id for s in slots)
+            by_mod = {}
+        for mod, slots in by_mod.items():
+            self._count(src, mod, "fused", len(slots))
+        fused = {m: fuse_modality(by_mod[m]) for m in MODALITIES if m in by_mod}
+        return FusedFrame(
+            source=src.name,
+            start_ns=win.start,
+            end_ns=win.end,
+            modalities=fused,
+            missing=missing,
+            traceparent=win.traceparent if by_mod else None,
+            first_arrival_ns=win.first_arrival,
+            closed_ns=now,
+            process_ns=max((s.process_ns for s in win.slots.values()), default=0),
+            skipped={why: tuple(ids) for why, ids in win.skipped.items()},
+        )
+
+
+def _r(x: float) -> float:
+    return round(float(x), 5)
+
+
+def fuse_modality(slots: Iterable[_Slot]) -> ModalityFusion:
+    """Aggregate one modality's features in a window (slots in time order).
+
+    image: mean embedding + mean of each descriptor; audio: MFCC mean and std
+    per coefficient over every frame of the window + mean loudness etc.;
+    text: the texts in time order + mean embedding.
+    """
+    items = [s for s in slots if s.features is not None]
+    return _fuse_one(items[0]) if len(items) == 1 else _fuse_many(items)
+
+
+def _fuse_many(items: list[_Slot]) -> ModalityFusion:
+    feats = [s.features for s in items if s.features is not None]
+    summary: dict[str, object] = {"count": len(items)}
+    embedding = None
+    vecs = [f.embedding for f in feats if f.embedding is not None]
+    if len(vecs) == 1:
+        embedding = vecs[0]
+    elif vecs:
+        embedding = np.mean(np.stack(vecs), axis=0).astype(np.float32)
+    if embedding is not None:
+        summary["embedding_dim"] = int(embedding.shape[0])
+        summary["embedding_norm"] = _r(float(np.linalg.norm(embedding)))
+    keys = sorted({k for f in feats for k in f.stats})
+    for key in keys:
+        vals = [f.stats[key] for f in feats if key in f.stats]
+        summary[key] = _r(sum(vals) / len(vals))  # plain Python: numpy costs more on a few values
+    mats = [f.frames for f in feats if f.frames is not None and f.frames.size]
+    if mats:
+        allf = np.concatenate(mats, axis=1)  # (n_mfcc, sum of T)
+        summary["mfcc_mean"] = [_r(v) for v in allf.mean(axis=1)]
+        summary["mfcc_std"] = [_r(v) for v in allf.std(axis=1)]
+    texts = [f.text for f in feats if f.text is not None]
+    if texts:
+        summary["texts"] = texts
+    labels = list(dict.fromkeys(lbl for f in feats for lbl in f.labels))
+    if labels:
+        summary["labels"] = labels[:10]
+    return ModalityFusion(
+        event_ids=tuple(s.event_id for s in items),
+        timestamps=tuple(s.ts for s in items),
+        summary=summary,
+        embedding=embedding,
+        per_event=tuple(f.stats for f in feats),
+        attachment=_middle([f.attachment for f in feats if f.attachment is not None]),
+        arrivals=tuple(s.arrived for s in items),
+        done=tuple(s.done for s in items),
+        traceparents=tuple(s.traceparent for s in items),
+    )
+
+
+def _fuse_one(slot: _Slot) -> ModalityFusion:
+    """:func:`fuse_modality` of a single event, without the list work: with
+    short windows and many sources most windows hold one event per modality
+    (benchmarks/RESULTS.md, bus). Same output as the general path."""
+    f = slot.features
+    assert f is not None
+    summary: dict[str, object] = {"count": 1}
+    if f.embedding is not None:
+        summary["embedding_dim"] = int(f.embedding.shape[0])
+        summary["embedding_norm"] = _r(float(np.linalg.norm(f.embedding)))
+    for key in sorted(f.stats):
+        summary[key] = _r(f.stats[key])
+    if f.frames is not None and f.frames.size:
+        summary["mfcc_mean"] = [_r(v) for v in f.frames.mean(axis=1)]
+        summary["mfcc_std"] = [_r(v) for v in f.frames.std(axis=1)]
+    if f.text is not None:
+        summary["texts"] = [f.text]
+    if f.labels:
+        summary["labels"] = list(dict.fromkeys(f.labels))[:10]
+    return ModalityFusion(
+        event_ids=(slot.event_id,),
+        timestamps=(slot.ts,),
+        summary=summary,
+        embedding=f.embedding,
+        per_event=(f.stats,),
+        attachment=f.attachment,
+        arrivals=(slot.arrived,),
+        done=(slot.done,),
+        traceparents=(slot.traceparent,),
+    )
+
+
+def _middle(items: list[bytes]) -> bytes | None:
+    return items[len(items) // 2] if items else None

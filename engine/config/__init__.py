@@ -1,0 +1,1 @@
+"""Configuration as data: frozen models, their checks, loading."""

@@ -1,0 +1,426 @@
+"""``routing.toml`` -> frozen pydantic models -> live objects via ``build()``.
+
+Validation errors name the TOML key and the bad value, one line each:
+``routes[2].batch.max_wait_ms = -5: must be >= 0``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
+
+from engine.config.checks import (
+    AUTH_ENV,
+    NATS_URL_ENV,
+    format_errors,
+    glm_problems,
+    nats_from_env,
+    nats_problems,
+    route_problems,
+    updated,
+)
+from engine.contracts.errors import ConfigError
+from engine.contracts.types import Clock, Modality
+
+__all__ = [
+    "AUTH_ENV",
+    "NATS_URL_ENV",
+    "EngineConfig",
+    "format_errors",
+    "load_config",
+    "nats_from_env",
+    "nats_problems",
+    "parse_config",
+    "updated",
+    "with_overrides",
+]
+
+if TYPE_CHECKING:
+    from engine.align.aligner import Aligner
+    from engine.align.nearest import NearestAligner
+    from engine.glm.stage import GLMStage, Publish
+    from engine.observe.tracing import Tracing
+    from engine.pipeline.batcher import Batcher
+    from engine.pipeline.router import Route
+
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_SUBJECT_RE = re.compile(r"[^\s.]+(\.[^\s.]+)*")
+
+
+def _check_device(v: str) -> str:
+    if not _DEVICE_RE.fullmatch(v):
+        raise ValueError('must be "auto", "cpu", "cuda" or "cuda:N"')
+    return v
+
+
+class _Frozen(BaseModel):
+    """Strict: TOML has real numbers and booleans, so ``window_ms = "1000"`` or
+    ``durable = 1`` is a mistake to report, not to guess at (an integer still
+    fills a float field). Lists of TOML arrays become tuples (``Field(strict=False)``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class AuthConfig(_Frozen):
+    """How the engine proves who it is: at most one of password, token, NKey, creds.
+
+    Secrets are better given by environment (``AUTOGLM_NATS_PASSWORD``,
+    ``AUTOGLM_NATS_TOKEN``) than in the file; either way they are never logged
+    and ``<prefix>.svc.config`` shows them as ``**********``.
+    """
+
+    user: str = ""
+    password: SecretStr = SecretStr("")
+    token: SecretStr = SecretStr("")
+    #: A file holding an NKey user seed (``SU...``).
+    nkey_seed_file: str = ""
+    #: A ``.creds`` file (user JWT + NKey seed) from nsc or a NATS operator.
+    creds_file: str = ""
+
+
+class TlsConfig(_Frozen):
+    """TLS to the server: ``ca`` to verify it, ``cert``/``key`` for mutual TLS."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    #: Name to verify the server's certificate against, when not the URL's host.
+    hostname: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca or self.cert)
+
+
+class NatsConfig(_Frozen):
+    """Where NATS is. No ``url`` (and no ``AUTOGLM_NATS_URL``) starts the embedded server."""
+
+    url: str | None = None
+    auth: AuthConfig = AuthConfig()
+    #: Replies to this connection's requests (JetStream's included) arrive on
+    #: ``<inbox_prefix>.<unique>``. A server that gives each user its own
+    #: (``autoglm run --secure``: ``_INBOX_<user>``) keeps users from reading
+    #: each other's replies. ``AUTOGLM_NATS_INBOX_PREFIX`` overrides it.
+    inbox_prefix: str = "_INBOX"
+    tls: TlsConfig = TlsConfig()
+    #: Claim check: the Object Store bucket for payloads over the server's
+    #: max payload (engine/wire/claimcheck.py); the engine makes it with this TTL.
+    object_bucket: str = Field("autoglm-payloads", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    object_ttl_s: float = Field(3600.0, gt=0)
+    #: A claim-checked payload not fetched within this is ``object_missing``
+    #: (metadata whose chunks expired first, or never came, must not hold intake).
+    object_fetch_timeout_s: float = Field(15.0, gt=0, le=600)
+    #: At most this many bytes of claim-checked payloads are kept (a full bucket
+    #: refuses new ones, and the producer is told): producers cannot fill the
+    #: JetStream store that the input and result streams need.
+    object_max_bytes: int = Field(1024**3, gt=0)
+    #: Embedded server only: a nats-server config file to start it with
+    #: (authorization, TLS); ``autoglm run --secure`` writes one.
+    server_config: str = ""
+    subject_prefix: str = "autoglm"
+    #: Embedded server: JetStream store and ports file live under here.
+    data_dir: str = ".autoglm"
+    connect_timeout_s: float = Field(5.0, gt=0)
+    #: At-least-once intake through JetStream; unset = whenever the server has it.
+    durable: bool | None = None
+    #: Streams ``<stream>_IN`` (inputs) and ``<stream>_OUT`` (results, DLQ);
+    #: empty: named after the subject prefix (``AUTOGLM_IN``...).
+    stream: str = Field("", pattern=r"^[A-Za-z0-9_-]*$")
+    consumer: str = Field("autoglm-engine", pattern=r"^[A-Za-z0-9_-]+$")
+    ack_wait_s: float = Field(30.0, gt=0)
+    max_ack_pending: int = Field(20_000, ge=1)
+    #: Deliveries of one input before it is given up as ``poison`` (a DLQ
+    #: record, then ``term``): an event that kills its handler is not retried forever.
+    max_deliver: int = Field(5, ge=2, le=1000)
+    fetch_batch: int = Field(500, ge=1, le=10_000)
+    #: Limits of the *unprocessed* backlog (``<stream>_IN`` is a work queue:
+    #: an event leaves it once its result or DLQ record is stored) and of the
+    #: results stream.
+    stream_max_age_s: float = Field(24 * 3600.0, gt=0)
+    stream_max_bytes: int = Field(1024**3, gt=0)
+    duplicate_window_s: float = Field(120.0, gt=0)
+    #: Replay history: ``<stream>_REC`` mirrors the inputs with its own limits
+    #: and drops its oldest when full (it never refuses an event). 0 = no recording.
+    record_max_age_s: float = Field(24 * 3600.0, ge=0)
+    record_max_bytes: int = Field(1024**3, ge=0)
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not _PREFIX_RE.fullmatch(v):
+            raise ValueError("must be dot-separated tokens of [A-Za-z0-9_-]")
+        return v
+
+    @field_serializer("url", when_used="json")
+    def _shown_url(self, url: str | None) -> str | None:
+        """``<prefix>.svc.config`` shows the configuration: no password in it."""
+        from engine.transport.security import redact_url
+
+        return None if url is None else redact_url(url)
+
+
+class LimitsConfig(_Frozen):
+    max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0, le=64 * 1024 * 1024)
+
+
+class BatchConfig(_Frozen):
+    """Micro-batching of one route: flush at ``max_batch_size`` or ``max_wait_ms``."""
+
+    max_batch_size: int = Field(8, ge=1, le=4096)
+    max_wait_ms: float = Field(5.0, ge=0, le=60_000)
+    #: Items waiting for a batch; past it the ``overload`` policy applies.
+    max_queue: int = Field(1024, ge=1)
+    overload: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+
+    def build(self) -> Batcher[Any]:
+        from engine.pipeline.batcher import Batcher
+
+        return Batcher(
+            max_batch_size=self.max_batch_size,
+            max_wait_ns=int(self.max_wait_ms * 1_000_000),
+            max_queue=self.max_queue,
+            overload=self.overload,
+        )
+
+
+class RouteConfig(_Frozen):
+    """One route: events of ``modality`` (optionally matching ``subject``) -> processor."""
+
+    modality: Modality
+    processor: str
+    #: NATS wildcard pattern (``*``, ``>``) further restricting the route.
+    subject: str | None = None
+    device: str = "auto"
+    #: Model precision on CUDA; on a CPU the models stay in float32.
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    #: Worker threads that run this route's decode and model work.
+    workers: int = Field(1, ge=1, le=64)
+    #: Threads decoding the events of one batch in parallel.
+    prepare_threads: int = Field(1, ge=1, le=64)
+    params: dict[str, Any] = Field(default_factory=dict)
+    batch: BatchConfig = BatchConfig()
+    #: What happens when this route cannot keep up. ``complete``: nothing is
+    #: skipped; intake waits for room in the batch queue, so the backlog stays
+    #: in NATS (JetStream holds it and stops delivering at max_ack_pending).
+    #: ``real_time``: an event older than ``max_staleness_ms`` (event time vs
+    #: the engine clock) when its batch starts is skipped and counted as
+    #: ``stale``, and a full queue applies ``batch.overload``: latency stays flat.
+    intake: Literal["complete", "real_time"] = "complete"
+    max_staleness_ms: int = Field(1000, gt=0)
+
+    _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, v: str | None) -> str | None:
+        if v is not None and not _SUBJECT_RE.fullmatch(v):
+            raise ValueError("must be a NATS subject pattern such as autoglm.in.*.image")
+        return v
+
+    def build(self, name: str) -> Route:
+        from engine.pipeline.router import Route
+        from processors.registry import lookup
+
+        processor = lookup(self.processor).create(self.params, self.modality, self.device, self.dtype)
+        return Route(name=name, config=self, processor=processor, batcher=self.batch.build())
+
+
+class AlignerConfig(_Frozen):
+    """Event-time fusion per source (see README, "The aligner")."""
+
+    mode: Literal["window", "nearest"] = "window"
+    window_ms: int = Field(1000, gt=0, le=3_600_000)
+    #: ``nearest`` mode: one frame per event of ``pivot``; each other modality
+    #: adds its event nearest in time within ``slop_ms``.
+    pivot: Modality = "image"
+    slop_ms: int = Field(50, ge=0)
+    allowed_lateness_ms: int = Field(0, ge=0)
+    idle_timeout_ms: int = Field(2000, gt=0)
+    max_future_ms: int = Field(10_000, ge=0)
+    require: tuple[Modality, ...] = Field((), strict=False)
+    on_missing: Literal["emit", "drop"] = "emit"
+    #: The modalities a complete frame has; ``missing`` is computed against it.
+    expect: tuple[Modality, ...] = Field(("image", "audio", "text"), strict=False)
+    #: Where ``too_late`` records go: the DLQ, or ``<prefix>.late.<source>``.
+    late_to: Literal["dlq", "late"] = "dlq"
+    max_open_windows: int = Field(64, ge=1)
+    max_sources: int = Field(10_000, ge=1)
+
+    def build(self, clock: Clock) -> Aligner | NearestAligner:
+        from engine.align.aligner import Aligner
+        from engine.align.nearest import NearestAligner
+
+        return NearestAligner(self, clock) if self.mode == "nearest" else Aligner(self, clock)
+
+
+class GLMConfig(_Frozen):
+    """The model called with each fused frame (see README, "The GLM stage")."""
+
+    #: ``none`` publishes the prompt with a null answer; ``transformers``/``hf``
+    #: runs a local causal LM; ``openai``/``vllm`` calls a chat-completions API.
+    backend: Literal["none", "transformers", "hf", "openai", "vllm"] = "none"
+    #: transformers: a local directory or a cached model id; openai: the model name.
+    model: str = ""
+    base_url: str = ""
+    #: The *name* of the environment variable holding the API key.
+    api_key_env: str = "OPENAI_API_KEY"
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_new_tokens: int = Field(128, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int = 0
+    system_prompt: str = ""
+    #: Per HTTP request (openai); ``call_timeout_s`` bounds a whole call, retries included.
+    timeout_s: float = Field(30.0, gt=0)
+    call_timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0, le=20)
+    backoff_s: float = Field(0.5, ge=0)
+    #: GLM calls never block ingestion: a bounded queue in front of the backend.
+    max_in_flight: int = Field(2, ge=1, le=256)
+    max_queue: int = Field(64, ge=1)
+    overload: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    #: transformers: prompts from several sources in one ``generate`` call.
+    batch_size: int = Field(4, ge=1, le=256)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(30.0, gt=0)
+    #: openai: attach the window's key frame (needs the image route's params.thumbnail).
+    attach_images: bool = False
+    #: Put the prompt in results that made no model call (backend "none",
+    #: skipped frames). Building it is a good part of the per-window cost on a
+    #: fast stream; false leaves ``"prompt": null`` there.
+    include_prompt: bool = True
+    #: Per source: the last ``history`` answers go into the next prompt.
+    history: int = Field(3, ge=0, le=100)
+    history_chars: int = Field(2000, ge=0)
+    trigger: Literal["every", "on_change"] = "every"
+    change_threshold: float = Field(0.3, ge=0, le=1)
+    max_interval_ms: int = Field(10_000, gt=0)
+    template: str = (
+        "Source {source}, window {start} to {end}.\n"
+        "Image: {image}\nAudio: {audio}\nText: {text}\nMissing: {missing}\n"
+        "Earlier: {history}\nDescribe what is happening."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        from engine.glm.prompts import check_template
+
+        check_template(v)
+        return v
+
+    _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
+
+    def build(self, publish: Publish) -> GLMStage:
+        from engine.glm.stage import GLMStage
+
+        return GLMStage(self, publish)
+
+
+class MetricsConfig(_Frozen):
+    """Prometheus ``/metrics``; off unless a port is set (0 picks a free one)."""
+
+    port: int | None = Field(None, ge=0, le=65535)
+    host: str = "127.0.0.1"
+    #: Per-source series (bounded by aligner.max_sources): off by default, since
+    #: thousands of cameras would mean thousands of series.
+    per_source: bool = False
+
+
+class TracingConfig(_Frozen):
+    """OpenTelemetry spans (engine/observe/tracing.py); on when an exporter is set.
+
+    ``endpoint`` is an OTLP/HTTP traces URL (``http://collector:4318/v1/traces``);
+    the standard ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    variables work too. ``file`` appends spans as JSON lines (no collector needed).
+    """
+
+    endpoint: str = ""
+    file: str = ""
+    service_name: str = Field("autoglm", min_length=1)
+    #: For traces the engine starts; a producer's sampled flag is obeyed as sent.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    #: Spans buffered for export; beyond it the SDK drops (and counts) them.
+    max_queue: int = Field(8192, ge=1)
+    export_timeout_s: float = Field(10.0, gt=0)
+
+    def build(self) -> Tracing:
+        from engine.observe.tracing import Tracing
+
+        return Tracing(self)
+
+
+class EngineConfig(_Frozen):
+    nats: NatsConfig = NatsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    routes: tuple[RouteConfig, ...] = Field(min_length=1, strict=False)
+    aligner: AlignerConfig = AlignerConfig()
+    glm: GLMConfig = GLMConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
+
+
+def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
+    """Validate a parsed TOML document; ``AUTOGLM_NATS_URL`` overrides ``nats.url``
+    and the ``AUTH_ENV`` variables the auth and TLS settings."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    cfg: EngineConfig | None = None
+    try:
+        cfg = EngineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(format_errors(exc))
+    problems.extend(route_problems(data.get("routes")))
+    problems.extend(glm_problems(data))
+    if problems or cfg is None:
+        raise ConfigError(problems)
+    cfg = updated(cfg, {"nats": nats_from_env(cfg.nats, env)})
+    problems = nats_problems(cfg.nats)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+#: ``{section: {key: value}}`` set on the command line (``--metrics-port``...).
+Overrides = Mapping[str, Mapping[str, Any]]
+
+
+def with_overrides(cfg: EngineConfig, overrides: Overrides) -> EngineConfig:
+    """``cfg`` with command-line values on top, validated like the file's own
+    (:class:`ConfigError` names ``section.key``); re-applied on every hot reload."""
+    update = {s: updated(getattr(cfg, s), kv, (s,)) for s, kv in overrides.items() if kv}
+    return updated(cfg, update) if update else cfg
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> EngineConfig:
+    """Read and validate ``routing.toml``; :class:`ConfigError` names each bad key."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {p}"], path=str(p)) from None
+    except IsADirectoryError:
+        raise ConfigError([f"not a file but a directory: {p}"], path=str(p)) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read {p}: {exc.strerror or exc}"], path=str(p)) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], path=str(p)) from exc
+    try:
+        return parse_config(data, env=env)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, path=str(p)) from None

@@ -1,0 +1,1 @@
+"""Contracts: the types, errors and records every other package speaks."""

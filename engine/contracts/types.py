@@ -1,0 +1,148 @@
+"""The contracts every stage shares, in one place.
+
+Stages talk to each other only through these types: the wire codec makes
+:class:`InputEvent` values, processors turn them into :class:`Features`, the
+aligner fuses features into :class:`FusedFrame` values and the GLM stage reads
+those. Timestamps are integer nanoseconds since the Unix epoch everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+Modality = Literal["image", "audio", "text"]
+MODALITIES: tuple[Modality, ...] = ("image", "audio", "text")
+
+#: Nanoseconds since the Unix epoch (event time or engine time).
+Nanos = int
+#: A clock returning :data:`Nanos`; injected so tests can move time by hand.
+Clock = Callable[[], Nanos]
+
+FloatArray = npt.NDArray[np.float32]
+#: Scalar descriptors a processor attaches to one event (brightness, loudness...).
+Stats = Mapping[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class ContentType:
+    """A parsed ``Content-Type`` header: ``type/subtype;key=value;...``."""
+
+    mime: str
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        extra = "".join(f";{k}={v}" for k, v in self.params.items())
+        return f"{self.mime}{extra}"
+
+
+@dataclass(frozen=True, slots=True)
+class InputEvent:
+    """One timestamped sensor/media event as it arrived on NATS.
+
+    ``payload`` is the raw body (no envelope). ``ts_ns`` is the producer's
+    ``AutoGLM-Timestamp``; ``event_id`` is ``Nats-Msg-Id`` when the producer
+    set one, otherwise an id the engine made up (``generated_id`` is then true
+    and the id takes no part in duplicate detection).
+    """
+
+    subject: str
+    source: str
+    modality: Modality
+    ts_ns: Nanos
+    content_type: ContentType
+    payload: bytes
+    event_id: str
+    generated_id: bool = False
+    seq: int | None = None
+    traceparent: str | None = None
+    received_ns: Nanos = 0
+    #: The id the transport gave this delivery (JetStream: ``js<stream seq>``),
+    #: the same on every redelivery: a second DLQ record of it is deduplicated.
+    delivery: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What a processor extracted from one event.
+
+    ``embedding`` is a 1-D vector ``(D,)`` (CNN pooled features, sentence
+    embedding); ``frames`` is a 2-D per-time-step matrix such as MFCCs
+    ``(n_mfcc, T)``; ``stats`` holds named scalar descriptors; ``text`` the
+    normalised text for the text modality.
+    """
+
+    modality: Modality
+    embedding: FloatArray | None = None
+    frames: FloatArray | None = None
+    stats: Stats = field(default_factory=dict)
+    text: str | None = None
+    labels: Sequence[str] = ()
+    #: A small JPEG of the frame, when the image route keeps one for the GLM.
+    attachment: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModalityFusion:
+    """All events of one modality inside one fused frame, and their aggregate."""
+
+    event_ids: tuple[str, ...]
+    timestamps: tuple[Nanos, ...]
+    summary: Mapping[str, object]
+    embedding: FloatArray | None = None
+    #: Each event's own descriptors, in time order (the summary holds means).
+    per_event: tuple[Stats, ...] = ()
+    #: The window's key frame (middle one) as JPEG, when the route keeps them.
+    attachment: bytes | None = None
+    #: Per event, in the order of ``event_ids``: engine-clock arrival and
+    #: features-ready times, and the producer's ``traceparent`` (for tracing).
+    arrivals: tuple[Nanos, ...] = ()
+    done: tuple[Nanos, ...] = ()
+    traceparents: tuple[str | None, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FusedFrame:
+    """The aligner's output: one source's events in one window of event time."""
+
+    source: str
+    start_ns: Nanos
+    end_ns: Nanos
+    modalities: Mapping[Modality, ModalityFusion]
+    missing: tuple[Modality, ...]
+    traceparent: str | None
+    #: Engine-clock time the frame's first event arrived and the frame closed.
+    first_arrival_ns: Nanos
+    closed_ns: Nanos
+    #: Largest per-event processing time in the frame (decode + model), ns.
+    process_ns: Nanos = 0
+    #: The result's ``Nats-Msg-Id``; ``<source>:<start_ns>`` when empty.
+    key: str = ""
+    #: Events of this window that were counted but not fused, by why
+    #: (``rate_limited``, ``stale``): listed so every event ends in one record.
+    skipped: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class Processor(Protocol[T]):
+    """A modality processor: a cheap per-event ``prepare`` and a batched ``run``.
+
+    ``prepare`` validates and decodes one event and raises
+    :class:`engine.contracts.errors.EventRejected` with a reason code for bad input, so
+    one bad event never poisons a batch. ``run`` takes the prepared items of a
+    whole batch and must return exactly one :class:`Features` per item, in
+    order. Both are called from a worker thread, never on the event loop.
+    """
+
+    modality: Modality
+
+    def prepare(self, event: InputEvent) -> T: ...
+
+    def run(self, items: Sequence[T]) -> list[Features]: ...

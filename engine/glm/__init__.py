@@ -1,0 +1,1 @@
+"""The GLM: backends, prompts, and the stage that calls it."""

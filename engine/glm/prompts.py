@@ -1,0 +1,135 @@
+"""Prompt templates and the words a fused frame turns into.
+
+``PromptTemplate`` is ``str.format`` that names what is missing or unknown;
+:func:`prompt_values` maps a fused frame (plus the source's recent answers)
+onto the variables a ``routing.toml`` template may use.
+"""
+
+from __future__ import annotations
+
+import string
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from engine.contracts.errors import ConfigError
+from engine.contracts.types import FusedFrame, ModalityFusion, Nanos
+
+#: Variables a routing.toml template may use.
+TEMPLATE_VARIABLES = frozenset({"source", "start", "end", "image", "audio", "text", "missing", "history"})
+
+
+def template_fields(template: str) -> list[str]:
+    """Names of the ``{placeholders}`` in a ``str.format`` template."""
+    names = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            if not name.isidentifier():
+                raise ValueError(f"placeholder {{{name}}} must be a plain name")
+            names.append(name)
+    return names
+
+
+def check_template(template: str, allowed: frozenset[str] = TEMPLATE_VARIABLES) -> None:
+    """Raise ``ValueError`` naming unknown placeholders (a config error at load time)."""
+    unknown = sorted(set(template_fields(template)) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown template variable(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+        )
+
+
+class PromptTemplate:
+    """A ``str.format`` template that names what is missing or unknown.
+
+    >>> PromptTemplate("请简要介绍人工智能：{topic}").format(topic="发展历程")
+    '请简要介绍人工智能：发展历程'
+    """
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.variables = frozenset(template_fields(template))
+
+    def format(self, **values: object) -> str:
+        missing = sorted(self.variables - values.keys())
+        unknown = sorted(values.keys() - self.variables)
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append(f"missing variable(s) {', '.join(missing)}")
+            if unknown:
+                parts.append(f"unknown variable(s) {', '.join(unknown)}")
+            raise ConfigError([f"prompt template {self.template[:40]!r}: {'; '.join(parts)}"])
+        return self.template.format(**values)
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def describe(mod: ModalityFusion | None, skip: frozenset[str] = frozenset()) -> str:
+    """One line of plain words for a modality's summary (what the GLM reads)."""
+    if mod is None:
+        return "none"
+    s: Mapping[str, object] = mod.summary
+    if "texts" in s and isinstance(s["texts"], list):
+        return " | ".join(str(t) for t in s["texts"])
+    parts = [f"{s['count']} event(s)"]
+    for key, value in s.items():
+        if key in skip or key in ("count", "mfcc_std", "embedding_dim", "embedding_norm"):
+            continue
+        if isinstance(value, list):
+            if key == "mfcc_mean":
+                parts.append(f"mfcc_mean[0:3]={[_fmt(x) for x in value[:3]]}")
+            elif key == "labels":
+                parts.append("labels=" + ", ".join(str(x) for x in value))
+            continue
+        parts.append(f"{key}={_fmt(value)}")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    start_ns: Nanos
+    end_ns: Nanos
+    text: str
+
+
+class History:
+    """A source's last answers, bounded in count and in characters."""
+
+    def __init__(self, max_items: int, max_chars: int) -> None:
+        self.max_chars = max_chars
+        self._items: deque[Answer] = deque(maxlen=max_items)
+
+    def add(self, start_ns: Nanos, end_ns: Nanos, text: str) -> None:
+        if self._items.maxlen:
+            self._items.append(Answer(start_ns, end_ns, text))
+
+    def render(self) -> str:
+        """Newest last; the oldest lines go first when over ``max_chars``."""
+        lines = [f"[{a.start_ns}..{a.end_ns}] {a.text.strip()}" for a in self._items]
+        while lines and sum(len(x) + 1 for x in lines) > self.max_chars:
+            lines.pop(0)
+        if lines and len(lines[-1]) > self.max_chars:
+            lines[-1] = lines[-1][: self.max_chars]
+        return "\n".join(lines) or "none"
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def prompt_values(frame: FusedFrame, history: str = "none") -> dict[str, object]:
+    """The template variables for one fused frame."""
+    return {
+        "source": frame.source,
+        "start": frame.start_ns,
+        "end": frame.end_ns,
+        "image": describe(
+            frame.modalities.get("image"), frozenset({"hue_red", "hue_green", "hue_cyan", "hue_blue"})
+        ),
+        "audio": describe(frame.modalities.get("audio")),
+        "text": describe(frame.modalities.get("text")),
+        "missing": ", ".join(frame.missing) or "nothing",
+        "history": history,
+    }

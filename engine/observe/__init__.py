@@ -1,0 +1,1 @@
+"""Observers: counters, metrics, traces, logs and the $SRV service."""

@@ -1,0 +1,202 @@
+"""Prometheus metrics, read from the engine's own counters at scrape time.
+
+Nothing is recorded twice and the hot path pays nothing for metrics: a custom
+collector turns :class:`engine.observe.stats.EngineStats`, the aligner's counters, the
+batchers' statistics, the GLM stage and the durable intake into metric
+families when Prometheus scrapes. Labels stay bounded: modality, reason,
+outcome, route and stage — no per-source labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from engine.runtime.engine import Engine
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+BREAKER = {"closed": 0.0, "half_open": 0.5, "open": 1.0}
+
+
+def _counter(name: str, doc: str, labels: list[str], counts: Mapping[Any, int]) -> CounterMetricFamily:
+    """One labelled counter family from a Counter keyed by a label value or a tuple of them."""
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, n in counts.items():
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], n)
+    return family
+
+
+class EngineCollector(Collector):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        e, s = self.engine, self.engine.stats
+        yield _counter("autoglm_events_received", "Events that reached the engine", ["modality"], s.received)
+        yield _counter(
+            "autoglm_events_processed", "Events a processor turned into features", ["modality"], s.processed
+        )
+        yield _counter(
+            "autoglm_events_rejected", "Events refused, by DLQ reason", ["modality", "reason"], s.rejected
+        )
+        yield _counter(
+            "autoglm_aligner_outcomes",
+            "Aligner outcomes per event",
+            ["modality", "outcome"],
+            e.aligner.counts,
+        )
+        if e.config.metrics.per_source:
+            per = CounterMetricFamily(
+                "autoglm_source_outcomes",
+                "Aligner outcomes per source",
+                labels=["source", "modality", "outcome"],
+            )
+            for name in e.aligner.source_names():
+                for (mod, outcome), n in e.aligner.source_counts(name).items():
+                    per.add_metric([name, mod, outcome], n)
+            yield per
+        yield _counter(
+            "autoglm_events_stale", "Events skipped as older than max_staleness_ms", ["modality"], s.stale
+        )
+        yield CounterMetricFamily(
+            "autoglm_intake_waits", "Times intake waited for room (complete policy)", value=s.intake_waits
+        )
+        yield GaugeMetricFamily(
+            "autoglm_up", "1 ok, 0.5 degraded (held up, retrying), 0 unhealthy (a task died)",
+            value={"ok": 1.0, "degraded": 0.5}.get(e.supervisor.status, 0.0),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "autoglm_internal_errors", "Messages whose handling hit a bug (internal_error DLQ records)",
+            value=s.internal_errors,
+        )  # fmt: skip
+        yield _counter("autoglm_duplicates", "Events refused as duplicate ids", ["modality"], s.duplicates)
+        yield CounterMetricFamily(
+            "autoglm_store_retries", "Stores of results/DLQ records retried while JetStream was away",
+            value=s.store_retries,
+        )  # fmt: skip
+        yield CounterMetricFamily("autoglm_results", "Results published", value=s.results)
+        yield CounterMetricFamily("autoglm_dlq_records", "DLQ records published", value=s.dlq_published)
+        yield CounterMetricFamily(
+            "autoglm_slow_consumer", "Messages NATS dropped for us", value=s.slow_consumer
+        )
+        reloads = CounterMetricFamily(
+            "autoglm_reloads", "Hot reloads of the routing file", labels=["outcome"]
+        )
+        reloads.add_metric(["applied"], s.reloads)
+        reloads.add_metric(["refused"], s.reloads_failed)
+        yield reloads
+        sizes = HistogramMetricFamily("autoglm_batch_size", "Items per processor batch", labels=["route"])
+        wait = HistogramMetricFamily(
+            "autoglm_queue_wait_seconds", "Time items waited for a batch", labels=["route"]
+        )
+        depth = GaugeMetricFamily("autoglm_queue_depth", "Items waiting for a batch", labels=["route"])
+        dropped = CounterMetricFamily(
+            "autoglm_queue_dropped", "Items a full batch queue dropped", labels=["route"]
+        )
+        for route in e.routes:
+            b, name = route.batcher.stats, f"{route.config.modality}:{route.config.processor}"
+            running, buckets = 0, []
+            for bound in (*BATCH_BUCKETS, float("inf")):
+                running = sum(n for size, n in b.sizes.items() if size <= bound)
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), float(running)))
+            sizes.add_metric([name], buckets, sum_value=float(b.items))
+            wait.add_metric([name], b.wait.cumulative(), sum_value=b.wait.total)
+            depth.add_metric([name], len(route.batcher))
+            dropped.add_metric([name], b.dropped + b.rejected)
+        yield from (sizes, wait, depth, dropped)
+        latency = HistogramMetricFamily(
+            "autoglm_stage_latency_seconds", "Latency per stage of each result", labels=["stage"]
+        )
+        for stage, hist in s.latency.items():
+            latency.add_metric([stage], hist.cumulative(), sum_value=hist.total)
+        yield latency
+        faults = CounterMetricFamily(
+            "autoglm_processor_faults",
+            "Internal processor failures that cost no event (the feature is left out)",
+            labels=["route", "kind"],
+        )
+        for route in e.routes:
+            for kind, n in getattr(route.processor, "faults", {}).items():
+                faults.add_metric([f"{route.config.modality}:{route.config.processor}", kind], n)
+        yield faults
+        g = e.glm.stats
+        yield CounterMetricFamily("autoglm_glm_calls", "GLM backend calls", value=g.calls)
+        yield CounterMetricFamily("autoglm_glm_errors", "GLM calls that failed", value=g.errors)
+        yield _counter("autoglm_glm_skipped", "Frames published without a call", ["reason"], g.skipped or {})
+        yield GaugeMetricFamily("autoglm_glm_queue_depth", "Frames waiting for the GLM", value=e.glm.queued)
+        yield GaugeMetricFamily(
+            "autoglm_glm_breaker_open", "0 closed, 0.5 half open, 1 open", value=BREAKER[e.glm.breaker.state]
+        )
+        if e.intake is not None:
+            yield GaugeMetricFamily(
+                "autoglm_jetstream_unacked",
+                "Events held until their result is stored",
+                value=len(e.intake.held),
+            )
+            yield CounterMetricFamily(
+                "autoglm_jetstream_redelivered", "Redelivered input messages", value=e.intake.redelivered
+            )
+            yield CounterMetricFamily("autoglm_jetstream_acked", "Input messages acked", value=e.intake.acked)
+            yield CounterMetricFamily(
+                "autoglm_jetstream_poisoned", "Inputs given up after nats.max_deliver deliveries",
+                value=e.intake.poisoned,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "autoglm_jetstream_recovered", "Inputs found already stored after a crash, acked",
+                value=e.intake.recovered,
+            )  # fmt: skip
+            if e.results is not None:
+                yield GaugeMetricFamily(
+                    "autoglm_results_unconfirmed",
+                    "Results published, PubAck not in yet",
+                    value=e.results.pending,
+                )
+                yield CounterMetricFamily(
+                    "autoglm_results_retried",
+                    "Results stored again after a failed PubAck",
+                    value=e.results.retried,
+                )
+                yield CounterMetricFamily(
+                    "autoglm_results_duplicate",
+                    "Results the stream already held (same id, so the same events)",
+                    value=e.results.duplicates,
+                )
+            yield GaugeMetricFamily(
+                "autoglm_jetstream_stalled",
+                "1 while max_ack_pending stops delivery",
+                value=float(e.intake.stalled_since is not None),
+            )
+            yield CounterMetricFamily(
+                "autoglm_jetstream_stalls", "Times max_ack_pending stopped delivery", value=e.intake.stalls
+            )
+
+
+class MetricsServer:
+    """``/metrics`` on ``host:port`` in a background thread.
+
+    The registry is the engine's own (two engines in one process, as in the
+    tests, must not share series), so the standard ``process_*``,
+    ``python_info`` and ``python_gc_*`` collectors are registered on it too."""
+
+    def __init__(self, engine: Engine, host: str, port: int) -> None:
+        self.registry = CollectorRegistry()
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(standard)
+        self.registry.register(EngineCollector(engine))
+        self.server, self.thread = start_http_server(port, host, registry=self.registry)
+        self.port = int(self.server.server_port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,188 @@
+"""The engine as a NATS micro service, so standard NATS tooling finds it.
+
+``$SRV.PING.autoglm``, ``$SRV.INFO.autoglm`` and ``$SRV.STATS.autoglm`` answer
+for every running engine (the stats carry the engine's counters), and two
+endpoints answer requests: ``<prefix>.svc.health`` and ``<prefix>.svc.config``
+(the running configuration as JSON; it holds the *name* of the API-key
+variable, never a key), and each engine answers ``<prefix>.svc.reload.<id>``
+(a hot reload of its routing file, see engine/runtime/reload.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.micro import add_service
+from nats.micro.request import Request
+
+from engine.contracts.errors import ConfigError
+
+if TYPE_CHECKING:
+    from engine.runtime.engine import Engine
+
+SERVICE_NAME = "autoglm"
+
+
+def summary(engine: Engine) -> dict[str, Any]:
+    """What ``$SRV.STATS`` and ``autoglm status`` show for one engine."""
+    s, g = engine.stats, engine.glm
+    return {
+        **health_report(engine),
+        **s.as_dict(),
+        "batches": {
+            f"{r.config.modality}:{r.config.processor}": {
+                "batches": sum(r.batcher.stats.sizes.values()),
+                "mean_size": round(r.batcher.stats.mean_batch, 2),
+                "sizes": {str(k): v for k, v in sorted(r.batcher.stats.sizes.items())},
+                "queue": len(r.batcher),
+            }
+            for r in engine.routes
+        },
+        "glm": {
+            "backend": g.config.backend,
+            "calls": g.stats.calls,
+            "errors": g.stats.errors,
+            "skipped": dict(g.stats.skipped or {}),
+            "breaker": g.breaker.state,
+            "queued": g.queued,
+        },
+        "durable": engine.intake is not None,
+        "unacked": len(engine.intake.held) if engine.intake is not None else 0,
+        "jetstream": {
+            "redelivered": engine.intake.redelivered,
+            "poisoned": engine.intake.poisoned,
+            "recovered": engine.intake.recovered,
+            "results_duplicate": engine.results.duplicates if engine.results is not None else 0,
+        }
+        if engine.intake is not None
+        else None,
+        "stalled": engine.intake is not None and engine.intake.stalled_since is not None,
+    }
+
+
+def health_report(engine: Engine) -> dict[str, Any]:
+    """``ok``, ``degraded`` (alive but held up: a store retrying, intake waiting
+    for room) or ``unhealthy`` (a supervised task died or hung; the process is
+    on its way out)."""
+    report: dict[str, Any] = engine.supervisor.report()
+    return report
+
+
+async def register(engine: Engine, nc: Any) -> Any:
+    from engine import __version__
+
+    started = time.monotonic()
+    prefix = engine.prefix
+
+    async def health(req: Request) -> None:
+        await req.respond(
+            orjson.dumps(
+                {
+                    **health_report(engine),
+                    "uptime_s": round(time.monotonic() - started, 1),
+                    "durable": engine.intake is not None,
+                    "open_windows": engine.aligner.open_windows,
+                }
+            )
+        )
+
+    async def config(req: Request) -> None:
+        await req.respond(engine.config.model_dump_json().encode())
+
+    service = await add_service(
+        nc,
+        name=SERVICE_NAME,
+        version=__version__,
+        description="Open-AutoGLM multimodal ingestion engine",
+        metadata={"subject_prefix": prefix},
+        stats_handler=lambda endpoint: summary(engine),
+    )
+    await service.add_endpoint(name="health", subject=f"{prefix}.svc.health", handler=health)
+    await service.add_endpoint(name="config", subject=f"{prefix}.svc.config", handler=config)
+
+    async def reload(req: Request) -> None:
+        await req.respond(orjson.dumps(await engine.reload()))
+
+    # Per instance, so `autoglm reload` reaches every engine, not one of a queue group.
+    await service.add_endpoint(name="reload", subject=reload_subject(prefix, service.id), handler=reload)
+    return service
+
+
+async def refuse_a_second_engine(nc: Any, prefix: str, url: str) -> None:
+    """One engine per subject prefix: a second one would split sources'
+    windows between two aligners (durable: the halves share a result id and
+    the results stream keeps one, losing events; core: duplicates). A request
+    to the health endpoint: 'no responders' comes back at once when free."""
+    try:
+        msg = await nc.request(f"{prefix}.svc.health", b"", timeout=0.5)
+    except (NoRespondersError, NatsTimeoutError):
+        return
+    other = orjson.loads(msg.data) if msg.data.startswith(b"{") else {}
+    raise ConfigError(
+        [
+            f"nats.subject_prefix = {prefix!r}: another engine already serves it on {url} "
+            f"(up {other.get('uptime_s', '?')} s). Run one engine per prefix, or give this one "
+            "its own subject_prefix."
+        ]
+    )
+
+
+def reload_subject(prefix: str, service_id: str) -> str:
+    return f"{prefix}.svc.reload.{service_id}"
+
+
+async def reload_all(nc: Any, prefix: str | None = None, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Ask every engine found on this NATS (of ``prefix``, when given) to reload;
+    one report per engine, with its id and prefix."""
+    reports = []
+    for info in await find_engines(nc, verb="INFO"):
+        their = (info.get("metadata") or {}).get("subject_prefix", "")
+        if prefix is not None and their != prefix:
+            continue
+        msg = await nc.request(reload_subject(their, info["id"]), b"", timeout=timeout)
+        reports.append({"id": info["id"], "prefix": their, **orjson.loads(msg.data)})
+    return reports
+
+
+async def find_engines(nc: Any, wait: float = 0.5, verb: str = "STATS") -> list[dict[str, Any]]:
+    """Every engine's ``$SRV.STATS`` (or ``INFO``, ``PING``) reply on this NATS."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(f"$SRV.{verb}.{SERVICE_NAME}", b"", reply=inbox)
+    found = []
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            msg = await sub.next_msg(timeout=left)
+        except Exception:  # nats TimeoutError: everyone answered
+            break
+        found.append(orjson.loads(msg.data))
+    await sub.unsubscribe()
+    return sorted(found, key=lambda r: str(r.get("id")))
+
+
+def status_table(replies: list[dict[str, Any]]) -> str:
+    """The ``autoglm status`` table, one line per engine."""
+    head = (
+        f"{'engine':<24}{'prefix':<10}{'recv':>8}{'results':>9}{'rejected':>9}{'rate-lim':>9}{'unacked':>8}"
+    )
+    lines = [head + "  batches (mean size)  glm"]
+    for r in replies:
+        data = (r.get("endpoints") or [{}])[0].get("data") or {}
+        prefix = (r.get("metadata") or {}).get("subject_prefix", "?")
+        batches = ", ".join(f"{k} {v['mean_size']}" for k, v in data.get("batches", {}).items())
+        glm = data.get("glm", {})
+        rejected = sum(data.get("rejected", {}).values())
+        lines.append(
+            f"{str(r.get('id'))[:22]:<24}{prefix:<10}{sum(data.get('received', {}).values()):>8}"
+            f"{data.get('results', 0):>9}{rejected:>9}"
+            f"{sum(data.get('rate_limited', {}).values()):>9}{data.get('unacked', 0):>8}  {batches or '-'}  "
+            f"{glm.get('backend', '?')} {glm.get('breaker', '')} calls {glm.get('calls', 0)}"
+        )
+    if not replies:
+        lines.append("(no engine answered)")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The pipeline's policy: route, rate-limit, batch, drop stale; no I/O."""

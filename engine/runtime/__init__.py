@@ -1,0 +1,1 @@
+"""The running engine: wiring, supervision, reload, the embedded server."""

@@ -1,0 +1,1 @@
+"""The command line and the tools around the engine: publish, replay, demo."""

@@ -1,0 +1,1 @@
+"""Transports: how messages reach the pipeline and results leave it (core NATS, JetStream)."""

@@ -1,0 +1,1 @@
+"""The wire: how events and references are read off NATS messages."""
