@@ -35,7 +35,7 @@ def test_dashboard_is_well_formed() -> None:
 async def test_every_series_the_dashboard_queries_is_exported(nc: Any, nats_url: str, prefix: str) -> None:
     engine = Engine(make_config(prefix, metrics={"port": 0}))  # durable: JetStream series too
     await engine.start(nats_url)
-    assert engine.metrics is not None and engine.intake is not None
+    assert engine.metrics is not None and engine.transport is not None and engine.transport.durable
     await send(nc, prefix, "cam", "text", b"ok", time.time_ns(), event_id="a")
     await send(nc, prefix, "cam", "text", b"x", time.time_ns(), content_type="video/mp4", event_id="b")
     await nc.flush()

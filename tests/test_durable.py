@@ -38,11 +38,11 @@ async def wait_stored(nc: Any, prefix: str, sent: set[str], timeout: float) -> l
 async def test_durable_mode_is_the_default_on_jetstream(nc: Any, nats_url: str, prefix: str) -> None:
     engine = Engine(make_config(prefix))
     await engine.start(nats_url)
-    assert engine.intake is not None
+    assert engine.transport is not None and engine.transport.durable
     await send(nc, prefix, "cam", "text", b"hello", time.time_ns(), event_id="h1")
     await nc.flush()
     await asyncio.sleep(1.0)
-    assert engine.intake.acked == 1 and not engine.intake.held  # acked after its result was stored
+    assert engine.transport.acked == 1 and not engine.transport.held  # acked after its result was stored
     await engine.stop()
     [(msg_id, result)] = await stored_results(nc, prefix)
     assert result["events"] == {"text": ["h1"]} and msg_id.startswith("cam:")
@@ -173,7 +173,7 @@ async def test_a_hanging_glm_never_stops_ingestion_or_loses_results(
     assert fused == {f"e{i}" for i in range(40)}
     assert all(r["answer"] is None and ("error" in r["glm"] or "skipped" in r["glm"]) for _, r in results)
     assert any(r["glm"].get("skipped") == "breaker_open" for _, r in results)
-    assert engine.glm.queued == 0 and engine.intake is not None and not engine.intake.held
+    assert engine.glm.queued == 0 and engine.transport is not None and engine.transport.durable and not engine.transport.held
 
 
 async def test_result_store_acks_after_the_pubacks_and_retries_what_was_not_stored(

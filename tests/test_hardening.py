@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from engine.contracts.types import Features, InputEvent, Modality
-from engine.runtime import engine as engine_app
+from engine.pipeline import pipeline as engine_app
 from engine.runtime.engine import Engine
 from engine.wire.codec import encode_headers
 from processors.params import PassthroughParams
@@ -152,14 +152,14 @@ async def test_a_message_that_keeps_failing_is_poison_after_max_deliver(
     """The backstop: even when recording the failure fails, the message is
     redelivered at most ``max_deliver`` times, then recorded as poison and ended."""
     a_bug_on(b"boom", monkeypatch)
-    real_reject = Engine._reject
+    real_rejection = engine_app.Pipeline.rejection
 
-    async def reject(self: Engine, subject: str, headers: Any, exc: Any, *a: Any) -> None:
+    def rejection(self: engine_app.Pipeline, subject: str, headers: Any, exc: Any, *a: Any) -> Any:
         if exc.reason == "internal_error":
             raise RuntimeError("the DLQ publish itself failed")
-        await real_reject(self, subject, headers, exc, *a)
+        return real_rejection(self, subject, headers, exc, *a)
 
-    monkeypatch.setattr(Engine, "_reject", reject)
+    monkeypatch.setattr(engine_app.Pipeline, "rejection", rejection)
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
     engine = Engine(make_config(prefix, nats=durable(prefix, ack_wait_s=1, max_deliver=2)))
@@ -171,8 +171,8 @@ async def test_a_message_that_keeps_failing_is_poison_after_max_deliver(
     [record] = await dlq.wait_for(1)
     assert record["reason"] == "poison" and record["event_id"] == "cam-boom"
     await out.wait_events({"cam-fine"})
-    assert engine.intake is not None and engine.intake.poisoned == 1
-    assert engine.intake.handler_errors == 1
+    assert engine.transport is not None and engine.transport.durable and engine.transport.poisoned == 1
+    assert engine.transport.handler_errors == 1
     info = await consumer_done(nc, prefix)
     assert info.num_ack_pending == 0 and info.num_pending == 0
     await engine.stop()
@@ -187,8 +187,8 @@ async def test_a_dead_task_makes_the_engine_unhealthy_and_serve_exit_non_zero(
     engine = Engine(make_config(prefix, nats=durable(prefix)))
     await engine.start(nats_url)
     assert (await health(nc, prefix))["status"] == "ok"
-    assert engine.intake is not None
-    fetch = engine.intake.tasks["jetstream-fetch"]
+    assert engine.transport is not None and engine.transport.durable
+    fetch = engine.transport.tasks["jetstream-fetch"]
     assert fetch is not None
     fetch.cancel()  # as if it had died: it is not stopping
     await asyncio.wait_for(engine.supervisor.failed.wait(), 10)
@@ -231,7 +231,7 @@ async def test_a_store_failing_longer_than_ack_wait_delays_records_but_never_kil
         await send(nc, prefix, "cam", "text", b"ok", t + (i + 1) * MS, event_id=f"cam-ok-{i}")
     await nc.flush()
     # Retrying for longer than ack_wait (backoff 0.05 s doubling: 5 tries > 1.5 s), and saying so.
-    await eventually(_now(lambda: engine.stats.store_retries >= 5), "five store retries", 30)
+    await eventually(_now(lambda: engine.snapshot().stats.store_retries >= 5), "five store retries", 30)
     report = await health(nc, prefix)
     assert report["status"] == "degraded" and "store_retrying" in report["degraded"]
     await js.add_stream(StreamConfig(name=out_stream, subjects=kept.subjects, duplicate_window=120))
@@ -465,12 +465,12 @@ async def test_after_a_crash_events_already_in_a_stored_result_are_acked_not_fus
         await js.delete_consumer(f"{prefix.upper()}_IN", "autoglm-engine")
     engine = Engine(make_config(prefix, nats=durable(prefix)))
     await engine.start(nats_url)
-    assert engine.intake is not None
+    assert engine.transport is not None and engine.transport.durable
     stored: list[dict[str, Any]] = []
     stored = await stored_holding(nc, f"{prefix}.out.>", {"cam-3", "cam-4"})
     fused = sorted(fused_in(stored))
     assert fused == ["cam-1", "cam-2", "cam-3", "cam-4"], fused
-    assert engine.intake.recovered == 2
+    assert engine.transport.recovered == 2
     info = await consumer_done(nc, prefix)
     assert info.num_ack_pending == 0 and info.num_pending == 0
     await engine.stop()

@@ -118,7 +118,7 @@ async def test_max_ack_pending_stall_is_reported_and_clears(nc: Any, nats_url: s
     )
     engine = Engine(cfg)
     await engine.start(nats_url)
-    assert engine.intake is not None
+    assert engine.transport is not None and engine.transport.durable
     base = time.time_ns()
     sent = set()
     for i in range(12):  # one long window: nothing can be acked until it closes
@@ -126,7 +126,7 @@ async def test_max_ack_pending_stall_is_reported_and_clears(nc: Any, nats_url: s
         await send(nc, prefix, "cam", "text", b"x", base + i * MS, event_id=f"w{i}")
     await nc.flush()
     await asyncio.sleep(0.3)
-    assert engine.intake.stalled_since is not None and engine.intake.stalls == 1
+    assert engine.transport.stalled_since is not None and engine.transport.stalls == 1
     # The idle close publishes the first five, their acks free room and the
     # rest flows — into a window that has closed: what a too-small
     # max_ack_pending costs, each one refused as too_late, none lost.
@@ -134,7 +134,7 @@ async def test_max_ack_pending_stall_is_reported_and_clears(nc: Any, nats_url: s
     await engine.stop()
     assert fused_ids(out) | {r["event_id"] for r in late} == sent
     assert {r["reason"] for r in late} == {"too_late"}
-    assert engine.intake.stalled_since is None and engine.intake.stalls == 1
+    assert engine.transport.stalled_since is None and engine.transport.stalls == 1
 
 
 async def test_a_full_input_stream_refuses_new_events_and_keeps_every_accepted_one(

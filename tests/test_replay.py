@@ -53,7 +53,7 @@ async def record(
     out = await collect(nc, f"{prefix}.out.>")
     engine = Engine(load_config(cfg_path, env={}))
     await engine.start(nats_url)
-    assert engine.intake is not None  # durable: the inputs are recorded
+    assert engine.transport is not None and engine.transport.durable  # durable: the inputs are recorded
     base = time.time_ns() // (50 * MS) * 50 * MS
     sent = set()
     for i in range(40):

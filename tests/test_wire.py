@@ -69,7 +69,7 @@ async def test_durable_intake_survives_unicode_digits_and_reads_any_case(
     dlq = await collect(nc, f"{prefix}.dlq.>")
     engine = Engine(make_config(prefix))
     await engine.start(nats_url)
-    assert engine.intake is not None
+    assert engine.transport is not None and engine.transport.durable
     try:
         now = time.time_ns()
         subject = f"{prefix}.in.cam.{{}}"

@@ -9,8 +9,8 @@ outcome, route and stage — no per-source labels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -22,8 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from engine.runtime.engine import Engine
+from engine.observe.snapshot import Snapshot
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 BREAKER = {"closed": 0.0, "half_open": 0.5, "open": 1.0}
@@ -38,11 +37,12 @@ def _counter(name: str, doc: str, labels: list[str], counts: Mapping[Any, int]) 
 
 
 class EngineCollector(Collector):
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Any]:
-        e, s = self.engine, self.engine.stats
+        e = self.snapshot()
+        s = e.stats
         yield _counter("autoglm_events_received", "Events that reached the engine", ["modality"], s.received)
         yield _counter(
             "autoglm_events_processed", "Events a processor turned into features", ["modality"], s.processed
@@ -54,16 +54,16 @@ class EngineCollector(Collector):
             "autoglm_aligner_outcomes",
             "Aligner outcomes per event",
             ["modality", "outcome"],
-            e.aligner.counts,
+            e.aligner,
         )
-        if e.config.metrics.per_source:
+        if e.per_source_metrics:
             per = CounterMetricFamily(
                 "autoglm_source_outcomes",
                 "Aligner outcomes per source",
                 labels=["source", "modality", "outcome"],
             )
-            for name in e.aligner.source_names():
-                for (mod, outcome), n in e.aligner.source_counts(name).items():
+            for name, counts in e.per_source.items():
+                for (mod, outcome), n in counts.items():
                     per.add_metric([name, mod, outcome], n)
             yield per
         yield _counter(
@@ -74,7 +74,7 @@ class EngineCollector(Collector):
         )
         yield GaugeMetricFamily(
             "autoglm_up", "1 ok, 0.5 degraded (held up, retrying), 0 unhealthy (a task died)",
-            value={"ok": 1.0, "degraded": 0.5}.get(e.supervisor.status, 0.0),
+            value={"ok": 1.0, "degraded": 0.5}.get(e.status, 0.0),
         )  # fmt: skip
         yield CounterMetricFamily(
             "autoglm_internal_errors", "Messages whose handling hit a bug (internal_error DLQ records)",
@@ -83,12 +83,12 @@ class EngineCollector(Collector):
         yield _counter("autoglm_duplicates", "Events refused as duplicate ids", ["modality"], s.duplicates)
         yield CounterMetricFamily(
             "autoglm_store_retries", "Stores of results/DLQ records retried while JetStream was away",
-            value=s.store_retries,
+            value=e.transport.store_retries,
         )  # fmt: skip
         yield CounterMetricFamily("autoglm_results", "Results published", value=s.results)
         yield CounterMetricFamily("autoglm_dlq_records", "DLQ records published", value=s.dlq_published)
         yield CounterMetricFamily(
-            "autoglm_slow_consumer", "Messages NATS dropped for us", value=s.slow_consumer
+            "autoglm_slow_consumer", "Messages NATS dropped for us", value=e.transport.slow_consumer
         )
         reloads = CounterMetricFamily(
             "autoglm_reloads", "Hot reloads of the routing file", labels=["outcome"]
@@ -104,16 +104,15 @@ class EngineCollector(Collector):
         dropped = CounterMetricFamily(
             "autoglm_queue_dropped", "Items a full batch queue dropped", labels=["route"]
         )
-        for route in e.routes:
-            b, name = route.batcher.stats, f"{route.config.modality}:{route.config.processor}"
+        for r in e.routes:
             running, buckets = 0, []
             for bound in (*BATCH_BUCKETS, float("inf")):
-                running = sum(n for size, n in b.sizes.items() if size <= bound)
+                running = sum(n for size, n in r.sizes.items() if size <= bound)
                 buckets.append(("+Inf" if bound == float("inf") else str(bound), float(running)))
-            sizes.add_metric([name], buckets, sum_value=float(b.items))
-            wait.add_metric([name], b.wait.cumulative(), sum_value=b.wait.total)
-            depth.add_metric([name], len(route.batcher))
-            dropped.add_metric([name], b.dropped + b.rejected)
+            sizes.add_metric([r.name], buckets, sum_value=float(r.items))
+            wait.add_metric([r.name], r.wait.cumulative(), sum_value=r.wait.total)
+            depth.add_metric([r.name], r.depth)
+            dropped.add_metric([r.name], r.dropped)
         yield from (sizes, wait, depth, dropped)
         latency = HistogramMetricFamily(
             "autoglm_stage_latency_seconds", "Latency per stage of each result", labels=["stage"]
@@ -126,59 +125,53 @@ class EngineCollector(Collector):
             "Internal processor failures that cost no event (the feature is left out)",
             labels=["route", "kind"],
         )
-        for route in e.routes:
-            for kind, n in getattr(route.processor, "faults", {}).items():
-                faults.add_metric([f"{route.config.modality}:{route.config.processor}", kind], n)
+        for r in e.routes:
+            for kind, n in r.faults.items():
+                faults.add_metric([r.name, kind], n)
         yield faults
-        g = e.glm.stats
+        g = e.glm
         yield CounterMetricFamily("autoglm_glm_calls", "GLM backend calls", value=g.calls)
         yield CounterMetricFamily("autoglm_glm_errors", "GLM calls that failed", value=g.errors)
-        yield _counter("autoglm_glm_skipped", "Frames published without a call", ["reason"], g.skipped or {})
-        yield GaugeMetricFamily("autoglm_glm_queue_depth", "Frames waiting for the GLM", value=e.glm.queued)
+        yield _counter("autoglm_glm_skipped", "Frames published without a call", ["reason"], g.skipped)
+        yield GaugeMetricFamily("autoglm_glm_queue_depth", "Frames waiting for the GLM", value=g.queued)
         yield GaugeMetricFamily(
-            "autoglm_glm_breaker_open", "0 closed, 0.5 half open, 1 open", value=BREAKER[e.glm.breaker.state]
+            "autoglm_glm_breaker_open", "0 closed, 0.5 half open, 1 open", value=BREAKER[g.breaker]
         )
-        if e.intake is not None:
+        t = e.transport
+        if t.durable:
             yield GaugeMetricFamily(
-                "autoglm_jetstream_unacked",
-                "Events held until their result is stored",
-                value=len(e.intake.held),
+                "autoglm_jetstream_unacked", "Events held until their result is stored", value=t.unacked
             )
             yield CounterMetricFamily(
-                "autoglm_jetstream_redelivered", "Redelivered input messages", value=e.intake.redelivered
+                "autoglm_jetstream_redelivered", "Redelivered input messages", value=t.redelivered
             )
-            yield CounterMetricFamily("autoglm_jetstream_acked", "Input messages acked", value=e.intake.acked)
+            yield CounterMetricFamily("autoglm_jetstream_acked", "Input messages acked", value=t.acked)
             yield CounterMetricFamily(
                 "autoglm_jetstream_poisoned", "Inputs given up after nats.max_deliver deliveries",
-                value=e.intake.poisoned,
+                value=t.poisoned,
             )  # fmt: skip
             yield CounterMetricFamily(
                 "autoglm_jetstream_recovered", "Inputs found already stored after a crash, acked",
-                value=e.intake.recovered,
+                value=t.recovered,
             )  # fmt: skip
-            if e.results is not None:
-                yield GaugeMetricFamily(
-                    "autoglm_results_unconfirmed",
-                    "Results published, PubAck not in yet",
-                    value=e.results.pending,
-                )
-                yield CounterMetricFamily(
-                    "autoglm_results_retried",
-                    "Results stored again after a failed PubAck",
-                    value=e.results.retried,
-                )
-                yield CounterMetricFamily(
-                    "autoglm_results_duplicate",
-                    "Results the stream already held (same id, so the same events)",
-                    value=e.results.duplicates,
-                )
             yield GaugeMetricFamily(
-                "autoglm_jetstream_stalled",
-                "1 while max_ack_pending stops delivery",
-                value=float(e.intake.stalled_since is not None),
+                "autoglm_results_unconfirmed", "Results published, PubAck not in yet", value=t.publishing
             )
             yield CounterMetricFamily(
-                "autoglm_jetstream_stalls", "Times max_ack_pending stopped delivery", value=e.intake.stalls
+                "autoglm_results_retried",
+                "Results stored again after a failed PubAck",
+                value=t.results_retried,
+            )
+            yield CounterMetricFamily(
+                "autoglm_results_duplicate",
+                "Results the stream already held (same id, so the same events)",
+                value=t.results_duplicate,
+            )
+            yield GaugeMetricFamily(
+                "autoglm_jetstream_stalled", "1 while max_ack_pending stops delivery", value=float(t.stalled)
+            )
+            yield CounterMetricFamily(
+                "autoglm_jetstream_stalls", "Times max_ack_pending stopped delivery", value=t.stalls
             )
 
 
@@ -189,11 +182,11 @@ class MetricsServer:
     tests, must not share series), so the standard ``process_*``,
     ``python_info`` and ``python_gc_*`` collectors are registered on it too."""
 
-    def __init__(self, engine: Engine, host: str, port: int) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], host: str, port: int) -> None:
         self.registry = CollectorRegistry()
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(standard)
-        self.registry.register(EngineCollector(engine))
+        self.registry.register(EngineCollector(snapshot))
         self.server, self.thread = start_http_server(port, host, registry=self.registry)
         self.port = int(self.server.server_port)
 

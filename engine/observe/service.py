@@ -11,7 +11,8 @@ variable, never a key), and each engine answers ``<prefix>.svc.reload.<id>``
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from nats.errors import NoRespondersError
@@ -20,78 +21,42 @@ from nats.micro import add_service
 from nats.micro.request import Request
 
 from engine.contracts.errors import ConfigError
-
-if TYPE_CHECKING:
-    from engine.runtime.engine import Engine
+from engine.observe.snapshot import Snapshot
 
 SERVICE_NAME = "autoglm"
 
 
-def summary(engine: Engine) -> dict[str, Any]:
-    """What ``$SRV.STATS`` and ``autoglm status`` show for one engine."""
-    s, g = engine.stats, engine.glm
-    return {
-        **health_report(engine),
-        **s.as_dict(),
-        "batches": {
-            f"{r.config.modality}:{r.config.processor}": {
-                "batches": sum(r.batcher.stats.sizes.values()),
-                "mean_size": round(r.batcher.stats.mean_batch, 2),
-                "sizes": {str(k): v for k, v in sorted(r.batcher.stats.sizes.items())},
-                "queue": len(r.batcher),
-            }
-            for r in engine.routes
-        },
-        "glm": {
-            "backend": g.config.backend,
-            "calls": g.stats.calls,
-            "errors": g.stats.errors,
-            "skipped": dict(g.stats.skipped or {}),
-            "breaker": g.breaker.state,
-            "queued": g.queued,
-        },
-        "durable": engine.intake is not None,
-        "unacked": len(engine.intake.held) if engine.intake is not None else 0,
-        "jetstream": {
-            "redelivered": engine.intake.redelivered,
-            "poisoned": engine.intake.poisoned,
-            "recovered": engine.intake.recovered,
-            "results_duplicate": engine.results.duplicates if engine.results is not None else 0,
-        }
-        if engine.intake is not None
-        else None,
-        "stalled": engine.intake is not None and engine.intake.stalled_since is not None,
-    }
-
-
-def health_report(engine: Engine) -> dict[str, Any]:
+def health_report(snap: Snapshot) -> dict[str, Any]:
     """``ok``, ``degraded`` (alive but held up: a store retrying, intake waiting
     for room) or ``unhealthy`` (a supervised task died or hung; the process is
     on its way out)."""
-    report: dict[str, Any] = engine.supervisor.report()
-    return report
+    return dict(snap.health)
 
 
-async def register(engine: Engine, nc: Any) -> Any:
+async def register(
+    nc: Any, snapshot: Callable[[], Snapshot], reload: Callable[[], Awaitable[dict[str, Any]]]
+) -> Any:
+    """The engine's ``$SRV`` service: stats, health, config, and its reload endpoint."""
     from engine import __version__
 
     started = time.monotonic()
-    prefix = engine.prefix
+    prefix = snapshot().prefix
 
     async def health(req: Request) -> None:
+        snap = snapshot()
         await req.respond(
             orjson.dumps(
                 {
-                    **health_report(engine),
+                    **health_report(snap),
                     "uptime_s": round(time.monotonic() - started, 1),
-                    "durable": engine.intake is not None,
-                    "open_windows": engine.aligner.open_windows,
+                    "durable": snap.transport.durable,
+                    "open_windows": snap.open_windows,
                 }
             )
         )
 
     async def config(req: Request) -> None:
-        await req.respond(engine.config.model_dump_json().encode())
+        await req.respond(snapshot().config_json.encode())
 
     service = await add_service(
         nc,
@@ -99,16 +64,16 @@ async def register(engine: Engine, nc: Any) -> Any:
         version=__version__,
         description="Open-AutoGLM multimodal ingestion engine",
         metadata={"subject_prefix": prefix},
-        stats_handler=lambda endpoint: summary(engine),
+        stats_handler=lambda endpoint: snapshot().summary(),
     )
     await service.add_endpoint(name="health", subject=f"{prefix}.svc.health", handler=health)
     await service.add_endpoint(name="config", subject=f"{prefix}.svc.config", handler=config)
 
-    async def reload(req: Request) -> None:
-        await req.respond(orjson.dumps(await engine.reload()))
+    async def on_reload(req: Request) -> None:
+        await req.respond(orjson.dumps(await reload()))
 
     # Per instance, so `autoglm reload` reaches every engine, not one of a queue group.
-    await service.add_endpoint(name="reload", subject=reload_subject(prefix, service.id), handler=reload)
+    await service.add_endpoint(name="reload", subject=reload_subject(prefix, service.id), handler=on_reload)
     return service
 
 

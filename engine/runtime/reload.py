@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from engine.config.models import EngineConfig, load_config, updated, with_overrides
-from engine.contracts.errors import ConfigError
-from engine.pipeline.router import Route, Router
-from engine.wire.codec import Limits
-
-if TYPE_CHECKING:
-    from engine.runtime.engine import Engine
+from engine.config.models import EngineConfig, Overrides, load_config, updated, with_overrides
+from engine.glm.stage import GLMStage
+from engine.pipeline.router import Route
 
 log = logging.getLogger("autoglm.reload")
 
@@ -50,84 +49,70 @@ def refused(errors: list[str]) -> dict[str, Any]:
     return {"ok": False, "errors": errors, "applied": [], "restart_required": []}
 
 
-async def reload_from_file(engine: Engine) -> dict[str, Any]:
-    if engine.config_path is None:
-        return refused(["this engine was not started from a routing file"])
-    try:
-        new = with_overrides(await asyncio.to_thread(load_config, engine.config_path), engine.overrides)
-    except ConfigError as exc:
-        engine.stats.reloads_failed += 1
-        log.error("reload of %s refused: %s", engine.config_path, "; ".join(exc.problems))
-        return refused(list(exc.problems))
-    return await apply(engine, new)
+@dataclass
+class Change:
+    """A validated, built reload, ready to swap in (see :meth:`Engine.swap`)."""
+
+    #: What will run: the new file, with the sections that need a restart kept.
+    config: EngineConfig
+    #: The routes in the new order: unchanged ones kept (queue and model), new ones built.
+    routes: list[Route]
+    built: list[Route]
+    retired: list[Route]
+    #: A new GLM stage when ``[glm]`` changed.
+    stage: GLMStage | None
+    report: dict[str, Any]
 
 
-async def apply(engine: Engine, new: EngineConfig) -> dict[str, Any]:
-    """Swap what changed from ``engine.config`` to ``new`` (already validated)."""
-    async with engine.reload_lock:
-        old = engine.config
-        live, restart = plan(old, new)
-        kept: list[Route] = []
-        reusable = list(zip(old.routes, engine.routes, strict=True))
-        plan_routes: list[Route | int] = []
-        for i, rc in enumerate(new.routes):
-            match = next((r for c, r in reusable if c == rc and all(r is not k for k in kept)), None)
-            if match is not None:
-                kept.append(match)
-                plan_routes.append(match)
-            else:
-                plan_routes.append(i)
-        built: dict[int, Route] = {}
-        try:
-            built = await asyncio.to_thread(_build, new, plan_routes)
-            stage = await asyncio.to_thread(new.glm.build, engine.send_result) if "glm" in live else None
-        except Exception as exc:  # processor/model construction: refuse, keep running
-            for route in built.values():
-                await asyncio.to_thread(route.close)
-            engine.stats.reloads_failed += 1
-            log.error("reload refused: %s", exc)
-            return refused([f"{type(exc).__name__}: {exc}"])
-        routes = [p if isinstance(p, Route) else built[p] for p in plan_routes]
-        retired = [r for r in engine.routes if all(r is not k for k in kept)]
-        for route in built.values():
-            engine.launch_route(route)
-        engine.routes = routes
-        engine.router = Router(routes)
-        engine.limits = Limits(max_payload_bytes=new.limits.max_payload_bytes)
-        if engine.claims is not None:
-            engine.claims.max_bytes = new.limits.max_payload_bytes
-        for route in retired:
-            engine.in_background(engine.retire_route(route))
-        if stage is not None:
-            old_stage, engine.glm = engine.glm, stage
-            stage.adopt(old_stage)
-            stage.start()
-            for task in stage.tasks:
-                engine.supervisor.watch("glm-worker", task)
-            for task in old_stage.tasks:
-                engine.supervisor.release(task)
-            engine.in_background(old_stage.drain(old.glm.call_timeout_s))
-        engine.config = updated(new, {k: getattr(old, k) for k in restart})
-        engine.stats.reloads += 1
-        report = {
-            "ok": True,
-            "errors": [],
-            "applied": live,
-            "restart_required": restart,
-            "routes": {"kept": len(kept), "new": len(built), "retired": len(retired)},
-        }
-        log.warning("reloaded %s: %s", engine.config_path or "config", report)
-        return report
+async def read(path: str | Path, overrides: Overrides) -> EngineConfig:
+    """Parse and validate the file (raises :class:`ConfigError` with every problem)."""
+    return with_overrides(await asyncio.to_thread(load_config, path), overrides)
 
 
-def _build(cfg: EngineConfig, plan_routes: list[Route | int]) -> dict[int, Route]:
+async def prepare(
+    old: EngineConfig,
+    running: Sequence[Route],
+    new: EngineConfig,
+    build_route: Callable[[EngineConfig, int], Route],
+    build_stage: Callable[[EngineConfig], GLMStage],
+) -> Change:
+    """Build what changed, off the event loop (a model load can take seconds).
+    A build failure refuses the reload (raised) and frees what was built."""
+    live, restart = plan(old, new)
+    kept: list[Route] = []
+    reusable = list(zip(old.routes, running, strict=True))
+    slots: list[Route | int] = []
+    for i, rc in enumerate(new.routes):
+        match = next((r for c, r in reusable if c == rc and all(r is not k for k in kept)), None)
+        if match is not None:
+            kept.append(match)
+            slots.append(match)
+        else:
+            slots.append(i)
     built: dict[int, Route] = {}
     try:
-        for p in plan_routes:
-            if isinstance(p, int):
-                built[p] = cfg.routes[p].build(f"routes[{p}]")
+        for slot in slots:
+            if isinstance(slot, int):
+                built[slot] = await asyncio.to_thread(build_route, new, slot)
+        stage = await asyncio.to_thread(build_stage, new) if "glm" in live else None
     except Exception:
         for route in built.values():
-            route.close()
+            await asyncio.to_thread(route.close)
         raise
-    return built
+    routes = [s if isinstance(s, Route) else built[s] for s in slots]
+    retired = [r for r in running if all(r is not k for k in kept)]
+    report = {
+        "ok": True,
+        "errors": [],
+        "applied": live,
+        "restart_required": restart,
+        "routes": {"kept": len(kept), "new": len(built), "retired": len(retired)},
+    }
+    return Change(
+        updated(new, {k: getattr(old, k) for k in restart}),
+        routes,
+        list(built.values()),
+        retired,
+        stage,
+        report,
+    )

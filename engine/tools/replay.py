@@ -32,19 +32,17 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from engine.config.models import EngineConfig
 from engine.contracts.errors import ConfigError, EventRejected, TransportError
-from engine.contracts.types import FusedFrame, InputEvent, Nanos
-from engine.pipeline.router import Route, Router
-from engine.runtime.engine import frame_record
+from engine.contracts.messages import Message, Publish
+from engine.contracts.types import Nanos
+from engine.pipeline.pipeline import Ask, Output, Pipeline
+from engine.pipeline.router import Route
 from engine.transport.jetstream import record_stream
 from engine.wire import claimcheck, natsguard
 from engine.wire.codec import (
-    ID_HEADER,
     TIMESTAMP_HEADER,
     Limits,
-    decode_event,
     header,
     parse_timestamp,
-    source_of,
 )
 
 _REL = re.compile(r"(\d+(?:\.\d+)?)([smhd])", re.ASCII)
@@ -93,105 +91,79 @@ class ReplayStats:
 
 
 class Replayer:
-    """The engine's processing path, driven by recorded messages instead of NATS."""
+    """The engine's own pipeline, driven by recorded messages on an event-time clock.
+
+    Batches run inline as they fall due (by size, or ``max_wait_ms`` of event
+    time), so the output depends on the events alone. Each fused frame is
+    written as the record the engine publishes before the GLM adds its part,
+    each refused event as ``{"rejected": <the engine's DLQ record>}``."""
 
     def __init__(self, config: EngineConfig, out: IO[bytes], routes: list[Route] | None = None) -> None:
         self.config = config
         self.out = out
         self.clock = EventClock()
-        self.routes = routes or [rc.build(f"routes[{i}]") for i, rc in enumerate(config.routes)]
-        self.router = Router(self.routes)
-        self.aligner = config.aligner.build(self.clock)
+        self.pipeline = Pipeline(
+            routes or [rc.build(f"routes[{i}]") for i, rc in enumerate(config.routes)],
+            config.aligner.build(self.clock),
+            prefix=config.nats.subject_prefix,
+            limits=Limits(max_payload_bytes=config.limits.max_payload_bytes),
+            clock=self.clock,
+            glm_backend=config.glm.backend,
+            late_to=config.aligner.late_to,
+        )
         self.stats = ReplayStats()
-        self.limits = Limits(max_payload_bytes=config.limits.max_payload_bytes)
-        self._pending: dict[int, list[InputEvent]] = {}
+
+    @property
+    def routes(self) -> list[Route]:
+        return self.pipeline.routes
 
     def close(self) -> None:
-        for route in self.routes:
+        for route in self.pipeline.routes:
             route.close()
 
-    def feed(self, subject: str, headers: dict[str, str] | None, data: bytes, default_id: str) -> None:
+    def feed(self, subject: str, headers: dict[str, str] | None, data: bytes, delivery: str) -> None:
         self.stats.read += 1
-        try:
-            self._feed(subject, headers, data, default_id)
-        except Exception as exc:  # as in the engine: one message never stops the run
-            why = EventRejected("internal_error", f"{type(exc).__name__}: {exc}"[:500])
-            self.reject(subject, header(headers, ID_HEADER), why)
+        ts = _ts(headers)
+        if ts is not None:
+            self.clock.now = max(self.clock.now, ts)
+        self._emit(self.pipeline.receive(Message(subject, headers, data, delivery)))
+        self._run()
+        self._emit(self.pipeline.poll())
 
-    def _feed(self, subject: str, headers: dict[str, str] | None, data: bytes, default_id: str) -> None:
-        try:
-            event = decode_event(
-                subject,
-                headers,
-                data,
-                prefix=self.config.nats.subject_prefix,
-                limits=self.limits,
-                received_ns=self.clock.now,
-                default_id=default_id,
-            )
-        except EventRejected as exc:
-            self.reject(subject, header(headers, ID_HEADER), exc)
-            return
-        self.clock.now = max(self.clock.now, event.ts_ns)
-        try:
-            route = self.router.route_for(event)
-            if route.limiter is not None and not route.limiter.allow(event.source, event.ts_ns):
-                self.stats.rate_limited += 1
-                self.aligner.skip(event, "rate_limited", admitted=False)
-                return
-            self.aligner.admit(event)
-        except EventRejected as exc:
-            self.reject(subject, event.event_id, exc)
-            return
-        batch = self._pending.setdefault(id(route), [])
-        batch.append(event)
-        if len(batch) >= route.config.batch.max_batch_size:
-            self._run(route)
-        self._cut_by_event_time()
-        self._emit(self.aligner.poll())
+    def refuse(self, subject: str, headers: dict[str, str] | None, delivery: str, exc: EventRejected) -> None:
+        """A message refused before it reached the pipeline (its claim check failed)."""
+        self.stats.read += 1
+        self._emit([self.pipeline.refuse(Message(subject, headers, b"", delivery), exc)])
 
     def finish(self) -> None:
-        for route in self.routes:
-            self._run(route)
-        self._emit(self.aligner.flush())
+        self._run(force=True)
+        self._emit(self.pipeline.flush())
 
-    def _cut_by_event_time(self) -> None:
-        for route in self.routes:
-            batch = self._pending.get(id(route))
-            if batch and self.clock.now - batch[0].ts_ns >= route.config.batch.max_wait_ms * 1_000_000:
-                self._run(route)
+    def _run(self, *, force: bool = False) -> None:
+        while batches := self.pipeline.batches(force=force):
+            for batch in batches:
+                try:
+                    outcomes = batch.route.process(batch.events)
+                except Exception as exc:
+                    self._emit(self.pipeline.batch_failed(batch, exc))
+                else:
+                    self._emit(self.pipeline.batch_done(batch, outcomes))
 
-    def _run(self, route: Route) -> None:
-        events = self._pending.pop(id(route), [])
-        if not events:
-            return
-        outcomes = route.process(events)
-        for event, outcome in zip(events, outcomes, strict=True):
-            if isinstance(outcome, EventRejected):
-                self.aligner.discard(event.source, event.event_id)
-                self.reject(event.subject, event.event_id, outcome)
-            else:
-                self.aligner.complete(event.source, event.event_id, outcome)
+    def _emit(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Ask):
+                self._frame(out.record)
+            elif isinstance(out, Publish) and out.kind == "rejection":
+                record = orjson.loads(out.payload)
+                self.stats.rejected[record["reason"]] += 1
+                self.out.write(orjson.dumps({"rejected": record}) + b"\n")
+            elif isinstance(out, Publish):  # a window of skipped events only
+                self._frame(orjson.loads(out.payload))
+        self.stats.rate_limited = sum(self.pipeline.stats.rate_limited.values())
 
-    def _emit(self, frames: list[FusedFrame]) -> None:
-        for frame in frames:
-            record = frame_record(frame)
-            self.stats.frames += 1
-            self.stats.fused += sum(len(ids) for ids in record["events"].values())
-            self.out.write(orjson.dumps(record) + b"\n")
-
-    def reject(self, subject: str, event_id: str | None, exc: EventRejected) -> None:
-        """Count a refused event and write its line (the engine would send a DLQ record)."""
-        self.stats.rejected[exc.reason] += 1
-        record = {
-            "rejected": {
-                "subject": natsguard.printable(subject),
-                "source": source_of(subject, self.config.nats.subject_prefix),
-                "event_id": event_id,
-                "reason": exc.reason,
-                "message": exc.message,
-            }
-        }
+    def _frame(self, record: dict[str, Any]) -> None:
+        self.stats.frames += 1
+        self.stats.fused += sum(len(ids) for ids in record["events"].values())
         self.out.write(orjson.dumps(record) + b"\n")
 
 
@@ -259,8 +231,7 @@ async def replay(
                 try:
                     headers, data = await claims.resolve(headers or {}, data)
                 except EventRejected as exc:
-                    r.stats.read += 1
-                    r.reject(msg.subject, header(msg.headers, ID_HEADER), exc)
+                    r.refuse(msg.subject, msg.headers, f"js{msg.metadata.sequence.stream}", exc)
                     continue
             if speed is not None:
                 ts = _ts(headers)

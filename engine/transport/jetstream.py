@@ -1,4 +1,4 @@
-"""Durable intake: a work-queue stream over the inputs and a durable pull consumer.
+"""The JetStream transport: a work-queue stream over the inputs and a durable pull consumer.
 
 ``<STREAM>_IN`` holds the *unprocessed* backlog: an event leaves it when it
 is acked, and it is acked only once what it turned into is safely stored —
@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -44,19 +43,19 @@ from nats.js.api import (
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from engine.contracts.errors import TransportError
+from engine.contracts.messages import Finish, Key, Message, Publish
+from engine.transport.base import Sink, TransportState
+from engine.transport.resultstore import ResultStore
+from engine.wire.codec import ID_HEADER
 
 if TYPE_CHECKING:
     from engine.config.models import NatsConfig
 
 log = logging.getLogger("autoglm.durable")
 
-#: ``(source, event id)``: how the engine names an event it still owes an ack.
-Key = tuple[str, str]
-#: Handles one fetched message; returns its key when it must wait for a
-#: result, or ``None`` when it is finished (rejected) and can be acked.
-Handler = Callable[[Any, str], Awaitable[Key | None]]
-#: Publishes the ``poison`` DLQ record of a message delivered max_deliver times.
-Poison = Callable[[Any, str], Awaitable[None]]
+#: Seconds a store keeps retrying once the engine is stopping; past it the
+#: inputs stay unacked and JetStream delivers them to the next engine.
+STOP_RETRY_S = 10.0
 
 
 def stream_names(config: NatsConfig) -> tuple[str, str]:
@@ -81,12 +80,15 @@ def dlq_msg_id(stream: str, seq: int) -> str:
     return f"dlq:{stream}:{seq}"
 
 
-async def _nothing() -> None:
-    return None
+def _seq(delivery: str) -> int | None:
+    """The stream sequence of a ``js<seq>`` delivery."""
+    return int(delivery[2:]) if delivery.startswith("js") and delivery[2:].isdigit() else None
 
 
-class DurableIntake:
-    """Streams, the pull consumer, and the acks the engine still owes."""
+class JetStreamTransport:
+    """Streams, the pull consumer, confirmed stores, and the acks the engine still owes."""
+
+    durable = True
 
     def __init__(self, nc: Any, config: NatsConfig) -> None:
         self.nc = nc
@@ -95,12 +97,13 @@ class DurableIntake:
         self.prefix = config.subject_prefix
         self.in_stream, self.out_stream = stream_names(config)
         self.rec_stream = record_stream(config)
-        #: Events waiting in windows: key -> (newest delivered copy, last in_progress).
-        self.held: dict[Key, tuple[Any, float]] = {}
-        #: Stream sequence of each held message -> its key (redeliveries of held events).
-        self._seqs: dict[int, Key] = {}
-        #: Messages being handled right now, heartbeated too (a store may retry long).
-        self._handling: dict[int, tuple[Any, float]] = {}
+        #: Inputs in hand, being handled or waiting in windows for their record
+        #: to be stored: stream sequence -> (newest delivered copy, last in_progress).
+        self.held: dict[int, tuple[Any, float]] = {}
+        #: Taken out of the stream by sequence (the crash guard's culprits):
+        #: deleted, not acked, once their record is stored.
+        self._delete_when_stored: set[int] = set()
+        self._terminate: set[int] = set()
         self.acked = 0
         self.redelivered = 0
         self.poisoned = 0
@@ -121,14 +124,44 @@ class DurableIntake:
         self.careful_until = 0
         self._poison_first: list[int] = []
         self._kv: Any = None
-        #: Set by the engine: returns once what was handed over went through its processors.
-        self.settle: Callable[[], Awaitable[None]] = _nothing
+        self._sink: Sink | None = None
+        self.results = ResultStore(self.js, self._stored, self._store)
+        self.store_retries = 0
+        self._stopping = False
+        self._stop_deadline = 0.0
         #: Monotonic second of the fetch loop's last turn (watched by health).
-        self.last_turn = time.monotonic()
+        self._last_turn = time.monotonic()
+
+    @property
+    def last_turn(self) -> float | None:
+        return self._last_turn
 
     @property
     def tasks(self) -> dict[str, asyncio.Task[None] | None]:
-        return {"jetstream-fetch": self._task, "jetstream-heartbeat": self._beat}
+        return {
+            "jetstream-fetch": self._task,
+            "jetstream-heartbeat": self._beat,
+            "result-store": self.results.task,
+        }
+
+    def state(self) -> TransportState:
+        return TransportState(
+            durable=True,
+            unacked=len(self.held),
+            acked=self.acked,
+            redelivered=self.redelivered,
+            poisoned=self.poisoned,
+            recovered=self.recovered,
+            results_duplicate=self.results.duplicates,
+            results_retried=self.results.retried,
+            store_retries=self.store_retries,
+            publishing=self.results.pending,
+            stalled=self.stalled_since is not None,
+            stalls=self.stalls,
+        )
+
+    def slow_consumer(self) -> None:
+        return None  # a pull consumer is never a slow consumer
 
     async def setup(self) -> None:
         """Create or update the streams and the durable consumer."""
@@ -384,34 +417,35 @@ class DurableIntake:
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             log.warning("recovery: unreadable record on %s", msg.subject)
 
-    def already_stored(self, key: Key | None, seq_id: str) -> bool:
+    def stored_before(self, key: Key, delivery: str) -> bool:
         """Recovery found this input's result or DLQ record stored."""
-        if not self._stored_keys and not self._stored_seqs:
-            return False
-        seq = int(seq_id[2:])
-        if seq in self._stored_seqs or (key is not None and key in self._stored_keys):
+        if key in self._stored_keys:
             self.recovered += 1
             return True
         return False
 
-    def start(self, handle: Handler, poison: Poison) -> None:
+    async def start(self, sink: Sink) -> None:
+        self._sink = sink
+        self.results.start()
         loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._fetch(handle, poison), name="autoglm:jetstream-fetch")
+        self._task = loop.create_task(self._fetch(sink), name="autoglm:jetstream-fetch")
         self._beat = loop.create_task(self._heartbeat(), name="autoglm:jetstream-heartbeat")
 
-    async def _fetch(self, handle: Handler, poison: Poison) -> None:
+    async def _fetch(self, sink: Sink) -> None:
         for seq in self._poison_first:  # it took the process down while in hand
             try:
-                msg = await self.js.get_msg(self.in_stream, seq=seq)
+                raw = await self.js.get_msg(self.in_stream, seq=seq)
             except NotFoundError:
                 continue
             self.poisoned += 1
-            await poison(msg, f"js{seq}")
-            await self.js.delete_msg(self.in_stream, seq)
+            self._delete_when_stored.add(seq)
+            await sink.poison(
+                Message(raw.subject, raw.headers, raw.data, f"js{seq}"), self.config.max_deliver
+            )
         self._poison_first = []
         batch = self.config.fetch_batch
         while not self._stop.is_set():
-            self.last_turn = time.monotonic()
+            self._last_turn = time.monotonic()
             try:
                 msgs = await self.sub.fetch(batch, timeout=0.05)
             except (NatsTimeoutError, TimeoutError):
@@ -428,44 +462,45 @@ class DurableIntake:
                 log.warning("intake resumed after a %.1f s stall", time.monotonic() - self.stalled_since)
                 self.stalled_since = None
             for msg in msgs:
-                await self._one(msg, handle, poison)
+                await self._one(msg, sink)
 
-    async def _one(self, msg: Any, handle: Handler, poison: Poison) -> None:
-        self.last_turn = time.monotonic()
+    async def _one(self, msg: Any, sink: Sink) -> None:
+        self._last_turn = time.monotonic()
         meta = msg.metadata
         seq = meta.sequence.stream
         if meta.num_delivered > 1:
             self.redelivered += 1
-            key = self._seqs.get(seq)
-            if key is not None:  # still in a window: its newest copy is the one to ack
-                self.held[key] = (msg, time.monotonic())
+            if seq in self.held:  # still in hand or in a window: its newest copy is the one to ack
+                self.held[seq] = (msg, time.monotonic())
                 return
-        seq_id = f"js{seq}"
+        if seq in self._stored_seqs:  # its DLQ record was stored before a crash lost the ack
+            self.recovered += 1
+            await self._settle(msg)
+            return
+        try:
+            headers = msg.headers
+        except Exception:  # nats-py parses lazily on some paths: the codec refuses it
+            headers = None
+        message = Message(msg.subject, headers, msg.data, f"js{seq}")
+        # Held from now on: what it turns into may be stored (and acked) before
+        # the handler returns, and a long store retry keeps it heartbeated.
+        self.held[seq] = (msg, time.monotonic())
         if meta.num_delivered >= self.config.max_deliver:
             self.poisoned += 1
-            await poison(msg, seq_id)
-            await self._settle(msg, term=True)
+            await sink.poison(message, meta.num_delivered)
             return
-        self._handling[seq] = (msg, time.monotonic())
         careful = seq <= self.careful_until
         if careful:  # if this one takes the process down, the next start knows it
             await self._note(self._inflight_key, str(seq).encode())
         try:
-            key = await handle(msg, seq_id)
+            await sink.message(message)
             if careful:
-                await self.settle()
+                await sink.settle()
                 await self._note(self._inflight_key, None)
-        except Exception:  # the handler turns errors into DLQ records; this is its own failure
+        except Exception:  # the sink turns errors into DLQ records; this is its own failure
             self.handler_errors += 1
+            self.held.pop(seq, None)
             log.exception("handling sequence %d failed; it will be redelivered", seq)
-            return
-        finally:
-            self._handling.pop(seq, None)
-        if key is None:
-            await self._settle(msg)
-        else:
-            self.held[key] = (msg, time.monotonic())
-            self._seqs[seq] = key
 
     def _check_stall(self) -> None:
         """Say so, once per stall, when max_ack_pending stops delivery: events wait
@@ -487,22 +522,75 @@ class DurableIntake:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), period)
             now = time.monotonic()
-            for table in (self.held, self._handling):
-                for key, (msg, since) in list(table.items()):
-                    if now - since >= period:
-                        try:
-                            await msg.in_progress()
-                            if key in table:
-                                table[key] = (msg, now)  # type: ignore[index]
-                        except Exception as exc:  # the connection is down; redelivery covers it
-                            log.debug("in_progress failed: %s", exc)
+            for seq, (msg, since) in list(self.held.items()):
+                if now - since >= period:
+                    try:
+                        await msg.in_progress()
+                        if seq in self.held:
+                            self.held[seq] = (msg, now)
+                    except Exception as exc:  # the connection is down; redelivery covers it
+                        log.debug("in_progress failed: %s", exc)
 
-    async def ack(self, key: Key) -> None:
-        """The result or DLQ record of ``key`` is stored: ack its message."""
-        held = self.held.pop(key, None)
-        if held is not None:
-            self._seqs.pop(held[0].metadata.sequence.stream, None)
-            await self._settle(held[0])
+    # -- records --------------------------------------------------------------------
+
+    async def publish(self, out: Publish) -> None:
+        """Into the results stream without waiting: :class:`ResultStore` confirms it
+        and then finishes ``out.acks``."""
+        headers = out.headers
+        if out.kind == "rejection" and out.acks and (seq := _seq(out.acks[0])) is not None:
+            # A second record of the same input (a redelivery after a lost ack) is dropped.
+            headers = {**headers, ID_HEADER: dlq_msg_id(self.in_stream, seq)}
+        if out.terminate:
+            self._terminate.update(s for d in out.acks if (s := _seq(d)) is not None)
+        await self.results.put(out.subject, out.payload, headers, out.acks)
+
+    async def finish(self, done: Finish) -> None:
+        await self._stored(done.acks)
+
+    async def _stored(self, acks: tuple[str, ...]) -> None:
+        """The record that finishes ``acks`` is stored: ack (or end) their messages."""
+        for delivery in acks:
+            seq = _seq(delivery)
+            if seq is None:
+                continue
+            held = self.held.pop(seq, None)
+            if held is not None:
+                await self._settle(held[0], term=seq in self._terminate)
+            self._terminate.discard(seq)
+            if seq in self._delete_when_stored:
+                self._delete_when_stored.discard(seq)
+                try:
+                    await self.js.delete_msg(self.in_stream, seq)
+                except Exception as exc:  # gone already, or the server is away: it is poisoned again
+                    log.warning("could not remove poison input %d: %s", seq, exc)
+
+    async def _store(self, subject: str, payload: bytes, headers: dict[str, str]) -> Any:
+        """The awaited store: retried with backoff for as long as the server is
+        away (the inputs stay unacked and heartbeated meanwhile; ``health`` says
+        ``degraded``); returns the PubAck. Only a stopping engine gives up, after
+        :data:`STOP_RETRY_S`: its inputs are then delivered again."""
+        delay = 0.05
+        retrying = False
+        try:
+            while True:
+                try:
+                    return await self.js.publish(subject, payload, headers=headers, timeout=2.0)
+                except Exception as exc:  # no responders, timeout, reconnecting
+                    if self._stopping and time.monotonic() > self._stop_deadline:
+                        raise TransportError(f"could not store {subject} in JetStream: {exc}") from exc
+                    if not retrying and self._sink is not None:
+                        retrying = True
+                        self._sink.trouble("store_retrying", True)
+                    self.store_retries += 1
+                    log.warning("storing %s failed (%s); retrying in %.2f s", subject, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(2.0, delay * 2)
+        finally:
+            if retrying and self._sink is not None:
+                self._sink.trouble("store_retrying", False)
+
+    async def drain(self) -> None:
+        await self.results.drain()  # every stored record's inputs acked before we leave
 
     async def _settle(self, msg: Any, *, term: bool = False) -> None:
         try:
@@ -511,7 +599,9 @@ class DurableIntake:
         except Exception as exc:  # a lost ack means a redelivery, recognised by recovery or dedup
             log.warning("ack failed: %s", exc)
 
-    async def stop_fetching(self, timeout: float = 30.0) -> None:
+    async def stop_intake(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._stop_deadline = time.monotonic() + STOP_RETRY_S
         self._stop.set()
         for task in (self._task, self._beat):
             if task is not None and not task.done():

@@ -1,8 +1,8 @@
-"""Durable mode's results, published without waiting for each PubAck.
+"""JetStream's records (results and DLQ records alike), published without waiting for each PubAck.
 
-``put`` hands the result to JetStream (``publish_async``) and returns; a
-confirmer task takes the PubAcks in publish order and acks the result's
-input events once it is stored. A result whose PubAck is an error or does
+``put`` hands the record to JetStream (``publish_async``) and returns; a
+confirmer task takes the PubAcks in publish order and finishes the record's
+inputs once it is stored. A result whose PubAck is an error or does
 not come within ``timeout`` goes through ``retry`` (the awaited store that
 retries, with backoff, for as long as the server is away; the same
 ``Nats-Msg-Id`` keeps a late first copy from counting twice). One timer per
@@ -24,14 +24,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from engine.transport.jetstream import Key
 from engine.wire.codec import ID_HEADER
 
 log = logging.getLogger("autoglm.durable")
 
 #: The awaited, retrying store; returns the PubAck (or ``None`` in core mode).
 Store = Callable[[str, bytes, dict[str, str]], Awaitable[Any]]
-Stored = Callable[[list[Key]], Awaitable[None]]
+#: Finishes the inputs (their deliveries) of a stored record.
+Stored = Callable[[tuple[str, ...]], Awaitable[None]]
 
 
 class ResultStore:
@@ -45,7 +45,7 @@ class ResultStore:
         self.retried = 0
         #: Results the stream already held (same id, so the same events).
         self.duplicates = 0
-        self._pending: deque[tuple[Any, str, bytes, dict[str, str], list[Key], float]] = deque()
+        self._pending: deque[tuple[Any, str, bytes, dict[str, str], tuple[str, ...], float]] = deque()
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -61,15 +61,15 @@ class ResultStore:
     def pending(self) -> int:
         return len(self._pending)
 
-    async def put(self, subject: str, payload: bytes, headers: dict[str, str], keys: list[Key]) -> None:
+    async def put(self, subject: str, payload: bytes, headers: dict[str, str], acks: tuple[str, ...]) -> None:
         try:
             fut = await self.js.publish_async(subject, payload, headers=headers)
         except Exception as exc:  # connection trouble right now: the awaited path
             log.warning("publishing %s failed (%s); storing it the slow way", subject, exc)
             self._count(await self.retry(subject, payload, headers))
-            await self.stored(keys)
+            await self.stored(acks)
             return
-        self._pending.append((fut, subject, payload, headers, keys, time.monotonic()))
+        self._pending.append((fut, subject, payload, headers, acks, time.monotonic()))
         self._wake.set()
 
     def _count(self, ack: Any) -> None:
@@ -84,7 +84,7 @@ class ResultStore:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            fut, subject, payload, headers, keys, since = self._pending[0]
+            fut, subject, payload, headers, acks, since = self._pending[0]
             if not fut.done():
                 left = since + self.timeout - time.monotonic()
                 if left > 0:
@@ -102,7 +102,7 @@ class ResultStore:
             else:
                 ack = fut.result()
             self._count(ack)
-            await self.stored(keys)
+            await self.stored(acks)
 
     async def drain(self) -> None:
         """Wait until every put result is confirmed (or given up on at shutdown)."""

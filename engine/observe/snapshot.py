@@ -1,0 +1,119 @@
+"""One immutable copy of what the engine counted and where it stands.
+
+Observers (Prometheus, ``$SRV.STATS``/``autoglm status``, health, a monitor
+page) read a :class:`Snapshot` that the engine takes on request, never the
+engine's attributes: they cannot change the engine, and what they show is
+consistent within one reading (taken on the event loop, in one step).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.observe.stats import EngineStats, Histogram
+from engine.transport.base import TransportState
+
+
+@dataclass(frozen=True, slots=True)
+class RouteState:
+    """One route's batching, by ``<modality>:<processor>``."""
+
+    name: str
+    #: Batch size -> batches of that size.
+    sizes: Mapping[int, int]
+    items: int
+    wait: Histogram
+    depth: int
+    dropped: int
+    #: The processor's internal faults that cost no event, by kind.
+    faults: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def mean_batch(self) -> float:
+        batches = sum(self.sizes.values())
+        return self.items / batches if batches else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GLMState:
+    backend: str
+    calls: int
+    errors: int
+    answered: int
+    skipped: Mapping[str, int]
+    queued: int
+    breaker: str
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything an observer may read, copied at one moment."""
+
+    prefix: str
+    stats: EngineStats
+    #: ``(modality, outcome) -> events`` over every source.
+    aligner: Mapping[tuple[str, str], int]
+    #: source -> its aligner outcomes (only with ``metrics.per_source``).
+    per_source: Mapping[str, Mapping[tuple[str, str], int]]
+    open_windows: int
+    routes: tuple[RouteState, ...]
+    glm: GLMState
+    transport: TransportState
+    #: The supervisor's report: ``status`` (ok/degraded/unhealthy) and why.
+    health: Mapping[str, Any]
+    #: The configuration that runs (a frozen model), as JSON.
+    config_json: str
+    per_source_metrics: bool = False
+
+    @property
+    def status(self) -> str:
+        return str(self.health.get("status", "unhealthy"))
+
+    def summary(self) -> dict[str, Any]:
+        """What ``$SRV.STATS`` and ``autoglm status`` show for one engine."""
+        t = self.transport
+        return {
+            **self.health,
+            **self.stats.as_dict(),
+            "batches": {
+                r.name: {
+                    "batches": sum(r.sizes.values()),
+                    "mean_size": round(r.mean_batch, 2),
+                    "sizes": {str(k): v for k, v in sorted(r.sizes.items())},
+                    "queue": r.depth,
+                }
+                for r in self.routes
+            },
+            "glm": {
+                "backend": self.glm.backend,
+                "calls": self.glm.calls,
+                "errors": self.glm.errors,
+                "skipped": dict(self.glm.skipped),
+                "breaker": self.glm.breaker,
+                "queued": self.glm.queued,
+            },
+            "durable": t.durable,
+            "unacked": t.unacked,
+            "jetstream": {
+                "redelivered": t.redelivered,
+                "poisoned": t.poisoned,
+                "recovered": t.recovered,
+                "results_duplicate": t.results_duplicate,
+            }
+            if t.durable
+            else None,
+            "stalled": t.stalled,
+        }
+
+
+def copy_stats(stats: EngineStats) -> EngineStats:
+    """A deep copy: the counters go on changing after the snapshot."""
+    return copy.deepcopy(stats)
+
+
+def copy_counts(counts: Mapping[Any, int]) -> Counter[Any]:
+    return Counter(counts)

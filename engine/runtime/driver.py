@@ -1,0 +1,245 @@
+"""The live driver: runs the sans-I/O pipeline on an asyncio loop.
+
+It is the pipeline's caller (see :mod:`engine.pipeline.pipeline`): it takes
+messages from the transport (resolving claim checks first), runs due
+batches on each route's model threads, closes windows on a timer, hands
+frames to the GLM stage and every record to the transport. It owns no
+policy: what to publish, when a batch is due and what an event turned into
+are the pipeline's answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from engine.contracts.errors import EventRejected
+from engine.contracts.messages import Finish, Message, Publish
+from engine.contracts.types import FusedFrame
+from engine.glm.stage import GLMStage
+from engine.pipeline.pipeline import Ask, Batch, Output, Pipeline
+from engine.pipeline.router import Route
+from engine.runtime.supervisor import Supervisor
+from engine.transport.base import Transport
+from engine.wire import claimcheck
+
+log = logging.getLogger("autoglm.engine")
+
+#: Seconds the intake loop may spend on one message (with no reason such as a
+#: store retrying or a full queue) before the engine counts itself hung and
+#: exits for a fresh start. Claim-check fetches are bounded well below it.
+HUNG_AFTER_S = 60.0
+
+
+class Driver:
+    """Feeds the pipeline, runs its batches and publishes what it returns."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        transport: Transport,
+        glm: GLMStage,
+        supervisor: Supervisor,
+        *,
+        claims: claimcheck.ClaimChecks | None,
+        idle_timeout_ms: int,
+    ) -> None:
+        self.pipeline = pipeline
+        self.transport = transport
+        self.glm = glm
+        self.supervisor = supervisor
+        self.claims = claims
+        self.tick = min(0.05, idle_timeout_ms / 4000)
+        #: id(route) -> the threads its batches run on.
+        self._pools: dict[int, ThreadPoolExecutor] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._kick = asyncio.Event()
+        self._room = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pump: asyncio.Task[None] | None = None
+        self._stopping = False
+        #: Called each turn of the pump (the engine's liveness checks).
+        self.checks: list[Any] = []
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        for route in self.pipeline.routes:
+            self.add_route(route)
+        self._pump = self.supervisor.spawn("emit", self._loop())
+
+    def add_route(self, route: Route) -> None:
+        """Give a route its model threads."""
+        self._pools[id(route)] = ThreadPoolExecutor(
+            route.config.workers, thread_name_prefix=f"autoglm-{route.name}"
+        )
+
+    async def drain(self) -> None:
+        """Run everything queued through its processors and wait for it."""
+        while True:
+            self._dispatch(force=True)
+            if not self._running:
+                break
+            await asyncio.gather(*list(self._running), return_exceptions=True)
+        await self._free_retired()
+
+    async def stop(self) -> None:
+        """Stop the pump (after :meth:`drain`)."""
+        self._stopping = True
+        if self._pump is not None:
+            self._kick.set()
+            with contextlib.suppress(Exception):  # a dead pump was reported when it died
+                await self._pump
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await asyncio.to_thread(pool.shutdown, True)
+        self._pools.clear()
+        for route in (*self.pipeline.routes, *self.pipeline.retiring):
+            await asyncio.to_thread(route.close)
+
+    async def idle(self) -> None:
+        """Wait until nothing is queued or being processed (tests, the demo)."""
+        while self.pipeline.busy() or self._running:
+            self._idle.clear()
+            self._kick.set()
+            await self._idle.wait()
+
+    # -- intake (the transport's sink) ---------------------------------------------
+
+    async def message(self, msg: Message) -> None:
+        if claimcheck.is_ref(msg.headers):
+            try:
+                if self.claims is None:
+                    raise EventRejected(
+                        "object_missing", "an object reference, but this server has no JetStream"
+                    )
+                headers, data = await self.claims.resolve(dict(msg.headers or {}), msg.data)
+                msg = Message(msg.subject, headers, data, msg.delivery)
+            except EventRejected as exc:
+                await self.emit([self.pipeline.refuse(msg, exc)])
+                return
+            except Exception as exc:  # the pipeline's rule: one message never stops intake
+                why = EventRejected("internal_error", f"{type(exc).__name__}: {exc}"[:500])
+                self.pipeline.stats.internal_errors += 1
+                await self.emit([self.pipeline.refuse(msg, why)])
+                return
+        await self.emit(self.pipeline.receive(msg))
+        if self.pipeline.paused:
+            self.supervisor.degrade("intake_waiting")
+            try:
+                while self.pipeline.paused:
+                    self._room.clear()
+                    self._kick.set()
+                    await self._room.wait()
+            finally:
+                self.supervisor.recover("intake_waiting")
+        if self.pipeline.has_ready or self.pipeline.deadline() is not None:
+            self._kick.set()
+
+    async def poison(self, msg: Message, delivered: int) -> None:
+        why = EventRejected(
+            "poison",
+            f"delivered {delivered} times without an outcome (nats.max_deliver); "
+            "given up so it cannot block intake",
+        )
+        await self.emit([self.pipeline.refuse(msg, why, received=False)])
+
+    async def settle(self) -> None:
+        await self.idle()
+
+    def trouble(self, reason: str, active: bool) -> None:
+        if active:
+            self.supervisor.degrade(reason)
+            self.pipeline.pause_idle()
+        else:
+            self.pipeline.resume_idle()
+            self.supervisor.recover(reason)
+
+    # -- the pump -------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        polled = time.monotonic()
+        while not self._stopping:
+            timeout = self.tick
+            deadline = self.pipeline.deadline()
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, (deadline - self.pipeline.clock()) / 1e9))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout)
+            self._kick.clear()
+            for check in self.checks:
+                check()
+            try:
+                self._dispatch()
+                if self.pipeline.has_ready or time.monotonic() - polled >= self.tick:
+                    polled = time.monotonic()
+                    await self.emit(self.pipeline.poll())
+                    await self._free_retired()
+            except Exception:  # a bug here must not stop every later result
+                self.pipeline.stats.emit_errors += 1
+                log.exception("publishing fused frames failed")
+            if not self.pipeline.busy() and not self._running:
+                self._idle.set()
+
+    def _dispatch(self, *, force: bool = False) -> None:
+        batches = self.pipeline.batches(force=force)
+        if batches or not self.pipeline.paused:
+            self._room.set()
+        for batch in batches:
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: Batch) -> None:
+        pool = self._pools[id(batch.route)]
+        t0 = time.perf_counter_ns()
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                pool, batch.route.process, batch.events
+            )
+        except Exception as exc:
+            outputs = self.pipeline.batch_failed(batch, exc)
+        else:
+            outputs = self.pipeline.batch_done(batch, outcomes, time.perf_counter_ns() - t0)
+        try:
+            await self.emit(outputs)
+        finally:
+            self._kick.set()
+
+    async def _free_retired(self) -> None:
+        for route in self.pipeline.retired():
+            pool = self._pools.pop(id(route), None)
+            if pool is not None:
+                await asyncio.to_thread(pool.shutdown, True)
+            await asyncio.to_thread(route.close)
+
+    # -- output ---------------------------------------------------------------------
+
+    async def emit(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Ask):
+                await self.glm.submit(out.frame, out.record)
+            elif isinstance(out, Finish):
+                await self.transport.finish(out)
+            else:
+                await self.publish(out)
+
+    async def publish(self, out: Publish) -> None:
+        t0 = time.perf_counter()
+        await self.transport.publish(out)
+        if out.kind == "result":
+            self.pipeline.stats.observe("publish", time.perf_counter() - t0)
+
+    async def answered(self, frame: FusedFrame, record: dict[str, Any]) -> None:
+        """The GLM stage's publish callback: the frame's finished result."""
+        await self.publish(self.pipeline.result(frame, record))
+
+    async def flush(self) -> None:
+        """Close and publish every open window now."""
+        await self.emit(self.pipeline.flush())
