@@ -173,7 +173,7 @@ async def test_a_hanging_glm_never_stops_ingestion_or_loses_results(
     assert fused == {f"e{i}" for i in range(40)}
     assert all(r["answer"] is None and ("error" in r["glm"] or "skipped" in r["glm"]) for _, r in results)
     assert any(r["glm"].get("skipped") == "breaker_open" for _, r in results)
-    assert engine.glm.queued == 0 and engine.transport is not None and engine.transport.durable and not engine.transport.held
+    assert engine.glm.queued == 0 and engine.transport is not None and not engine.transport.state().unacked
 
 
 async def test_result_store_acks_after_the_pubacks_and_retries_what_was_not_stored(
