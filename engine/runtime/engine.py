@@ -38,10 +38,10 @@ from engine.pipeline.batcher import BatchWorker
 from engine.pipeline.router import Route, Router
 from engine.runtime.server import EmbeddedServer
 from engine.runtime.supervisor import Supervisor
-from engine.tools.publish import sync_with_server
 from engine.transport.jetstream import DurableIntake, Key, dlq_msg_id
 from engine.transport.resultstore import ResultStore
 from engine.transport.security import redact_url, security_for
+from engine.transport.sync import sync_with_server
 from engine.wire import claimcheck, natsguard
 from engine.wire.codec import (
     ID_HEADER,
