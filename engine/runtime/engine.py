@@ -36,6 +36,7 @@ from engine.observe.stats import EngineStats
 from engine.observe.tracing import Tracing
 from engine.pipeline.batcher import BatchWorker
 from engine.pipeline.router import Route, Router
+from engine.runtime.build import build_aligner, build_glm_stage, build_routes, build_tracing
 from engine.runtime.server import EmbeddedServer
 from engine.runtime.supervisor import Supervisor
 from engine.transport.jetstream import DurableIntake, Key, dlq_msg_id
@@ -89,12 +90,12 @@ class Engine:
         self.prefix = config.nats.subject_prefix
         self.limits = Limits(max_payload_bytes=config.limits.max_payload_bytes)
         self.clock = clock
-        self.routes = routes or [rc.build(f"routes[{i}]") for i, rc in enumerate(config.routes)]
+        self.routes = routes or build_routes(config)
         self.router = Router(self.routes)
-        self.aligner: Aligner | NearestAligner = config.aligner.build(clock)
-        self.glm: GLMStage = config.glm.build(self.send_result)
+        self.aligner: Aligner | NearestAligner = build_aligner(config.aligner, clock)
+        self.glm: GLMStage = build_glm_stage(config.glm, self.send_result)
         self.stats = EngineStats()
-        self.tracing = tracing or config.tracing.build()
+        self.tracing = tracing or build_tracing(config.tracing)
         self.url: str | None = None
         self._server: EmbeddedServer | None = None
         self._broker: NatsBroker | None = None

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from engine.config.models import EngineConfig, load_config, updated, with_overrides
 from engine.contracts.errors import ConfigError
 from engine.pipeline.router import Route, Router
+from engine.runtime.build import build_glm_stage, build_route
 from engine.wire.codec import Limits
 
 if TYPE_CHECKING:
@@ -80,7 +81,11 @@ async def apply(engine: Engine, new: EngineConfig) -> dict[str, Any]:
         built: dict[int, Route] = {}
         try:
             built = await asyncio.to_thread(_build, new, plan_routes)
-            stage = await asyncio.to_thread(new.glm.build, engine.send_result) if "glm" in live else None
+            stage = (
+                await asyncio.to_thread(build_glm_stage, new.glm, engine.send_result)
+                if "glm" in live
+                else None
+            )
         except Exception as exc:  # processor/model construction: refuse, keep running
             for route in built.values():
                 await asyncio.to_thread(route.close)
@@ -125,7 +130,7 @@ def _build(cfg: EngineConfig, plan_routes: list[Route | int]) -> dict[int, Route
     try:
         for p in plan_routes:
             if isinstance(p, int):
-                built[p] = cfg.routes[p].build(f"routes[{p}]")
+                built[p] = build_route(cfg.routes[p], f"routes[{p}]")
     except Exception:
         for route in built.values():
             route.close()

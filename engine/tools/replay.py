@@ -34,6 +34,7 @@ from engine.config.models import EngineConfig
 from engine.contracts.errors import ConfigError, EventRejected, TransportError
 from engine.contracts.types import FusedFrame, InputEvent, Nanos
 from engine.pipeline.router import Route, Router
+from engine.runtime.build import build_aligner, build_routes
 from engine.runtime.engine import frame_record
 from engine.transport.jetstream import record_stream
 from engine.wire import claimcheck, natsguard
@@ -99,9 +100,9 @@ class Replayer:
         self.config = config
         self.out = out
         self.clock = EventClock()
-        self.routes = routes or [rc.build(f"routes[{i}]") for i, rc in enumerate(config.routes)]
+        self.routes = routes or build_routes(config)
         self.router = Router(self.routes)
-        self.aligner = config.aligner.build(self.clock)
+        self.aligner = build_aligner(config.aligner, self.clock)
         self.stats = ReplayStats()
         self.limits = Limits(max_payload_bytes=config.limits.max_payload_bytes)
         self._pending: dict[int, list[InputEvent]] = {}
