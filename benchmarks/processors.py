@@ -74,8 +74,10 @@ def route_fn(
 ) -> Callable[[Sequence[InputEvent]], object]:
     """The engine's own batch path: Route.process (parallel prepare, then one run)."""
     from engine.config.models import RouteConfig
+    from engine.runtime.build import build_route
 
-    route = RouteConfig(modality=modality, processor=processor, device=device, **cfg).build("bench")  # type: ignore[arg-type]
+    rc = RouteConfig(modality=modality, processor=processor, device=device, **cfg)  # type: ignore[arg-type]
+    route = build_route(rc, "bench")
     return lambda evs: route.process(list(evs))
 
 

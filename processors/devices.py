@@ -1,37 +1,8 @@
-"""Device choice and batch transfer shared by the torch processors."""
+"""Device choice and batch transfer, under the name the processors import
+(the helpers live in :mod:`engine.contracts.devices`, shared with the GLM)."""
 
 from __future__ import annotations
 
-import torch
+from engine.contracts.devices import resolve_device, resolve_dtype, to_device
 
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` takes CUDA when torch sees it; ``cuda:N`` must exist."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            from engine.contracts.errors import ConfigError
-
-            raise ConfigError([f'device = "{spec}": torch sees no CUDA device here'])
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            from engine.contracts.errors import ConfigError
-
-            raise ConfigError([f'device = "{spec}": only {torch.cuda.device_count()} CUDA device(s) here'])
-    return device
-
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """Half precision only where it pays (CUDA); CPU models stay float32."""
-    return _DTYPES[spec] if device.type == "cuda" else torch.float32
-
-
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a CPU batch; on CUDA via pinned memory so the copy can overlap."""
-    if device.type == "cuda":
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch
+__all__ = ["resolve_device", "resolve_dtype", "to_device"]

@@ -1,65 +1,18 @@
 """Processors by name, so ``routing.toml`` can say ``processor = "cnn"``.
 
-A :class:`ProcessorSpec` names its parameter model and a lazy factory path;
-nothing heavy is imported until a route is actually built.
+The registry itself is :mod:`engine.contracts.plugins` (the engine reads it
+without importing ``processors``); this module registers the built-in
+processors there when imported and keeps the ``ProcessorSpec`` /
+``register`` / ``lookup`` / ``REGISTRY`` names where plugins look for them.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
-from pydantic import BaseModel
-
-from engine.contracts.errors import ConfigError
-from engine.contracts.types import Modality, Processor
+from engine.contracts.plugins import REGISTRY, Factory, ProcessorSpec, lookup, register
 from processors import cap_opencv_pixels
 from processors.params import AudioParams, ImageParams, PassthroughParams, TextParams
 
-#: ``factory(params, modality, device, dtype) -> Processor``
-Factory = Callable[[Any, Modality, str, str], Processor[Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessorSpec:
-    name: str
-    #: The modality it serves, or ``None`` for any.
-    modality: Modality | None
-    params: type[BaseModel]
-    #: ``"module:callable"``, imported on first use.
-    factory: str
-    doc: str = ""
-    #: Called with the validated parameters before the factory's module is
-    #: imported (what must happen before a library loads).
-    before_import: Callable[[Any], None] | None = None
-
-    def create(
-        self, params: dict[str, Any], modality: Modality, device: str = "auto", dtype: str = "float32"
-    ) -> Processor[Any]:
-        module_name, _, attr = self.factory.partition(":")
-        validated = self.params.model_validate(params)
-        if self.before_import is not None:
-            self.before_import(validated)
-        make: Factory = getattr(importlib.import_module(module_name), attr)
-        return make(validated, modality, device, dtype)
-
-
-REGISTRY: dict[str, ProcessorSpec] = {}
-
-
-def register(spec: ProcessorSpec) -> None:
-    """Add a processor; third-party code may call this before building routes."""
-    REGISTRY[spec.name] = spec
-
-
-def lookup(name: str) -> ProcessorSpec:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(REGISTRY))
-        raise ConfigError([f"processor {name!r} is not registered (known: {known})"]) from None
+__all__ = ["REGISTRY", "Factory", "ProcessorSpec", "lookup", "register"]
 
 
 def _cap_opencv(params: ImageParams) -> None:

@@ -20,6 +20,7 @@ from engine.config.models import RouteConfig
 from engine.contracts.errors import REASONS, EventRejected
 from engine.contracts.types import Features
 from engine.pipeline.router import Route
+from engine.runtime.build import build_route
 from engine.wire.codec import decode_event
 
 TS = "1764000000000000000"
@@ -82,7 +83,7 @@ def routes() -> dict[str, Route]:
         ("text", "minilm", {"max_chars": 500}),
     ):
         cfg = RouteConfig(modality=modality, processor=processor, device="cpu", params=params)  # type: ignore[arg-type]
-        out[modality] = cfg.build(modality)
+        out[modality] = build_route(cfg, modality)
     return out
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from engine.config.models import GLMConfig
 from engine.contracts.types import FusedFrame, ModalityFusion
 from engine.glm.stage import GLMStage, change_score, snapshot
+from engine.runtime.build import build_glm_stage
 from tests.chat_server import ChatServer, echo
 
 S = 1_000_000_000
@@ -179,6 +180,6 @@ async def test_include_prompt_false_leaves_the_prompt_out_of_call_free_results()
     async def publish(frame: FusedFrame, record: dict[str, Any]) -> None:
         published.append(record)
 
-    stage = GLMConfig(include_prompt=False).build(publish)
+    stage = build_glm_stage(GLMConfig(include_prompt=False), publish)
     await stage.submit(frame(0), {})
     assert published == [{"prompt": None, "answer": None, "glm": {"backend": "none"}}]

@@ -200,8 +200,11 @@ def test_face_detection_with_mixed_sizes_on_two_prepare_threads_never_fails() ->
 
     from engine.config.models import RouteConfig
     from engine.contracts.types import Features
+    from engine.runtime.build import build_route
 
-    route = RouteConfig(modality="image", processor="cnn", device="cpu", prepare_threads=2).build("image")
+    route = build_route(
+        RouteConfig(modality="image", processor="cnn", device="cpu", prepare_threads=2), "image"
+    )
     frames = _mixed_frames()
     alone = {ev.event_id: route.processor.prepare(ev).stats["faces"] for ev in frames}
     batches = [frames[i:] + frames[:i] for i in range(len(frames))] * 3  # every order, 42 batches
@@ -238,10 +241,11 @@ def test_a_detector_failure_leaves_faces_out_and_is_counted_not_a_decode_error(
     in ``autoglm_processor_faults``, never charged to the producer."""
     from engine.config.models import RouteConfig
     from engine.observe.metrics import EngineCollector
+    from engine.runtime.build import build_route
     from engine.runtime.engine import Engine
     from tests.conftest import make_config
 
-    route = RouteConfig(modality="image", processor="cnn", device="cpu").build("image")
+    route = build_route(RouteConfig(modality="image", processor="cnn", device="cpu"), "image")
     proc: Any = route.processor
     proc._local.faces = cv2.CascadeClassifier()  # this thread's detector: real, but with no cascade loaded
     [outcome] = route.process([event(jpeg(320, 240))])

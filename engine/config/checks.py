@@ -1,31 +1,30 @@
 """Checks of a ``routing.toml`` that a single pydantic field cannot make, and
 the lines they report: one ``key = value: reason`` per problem, secrets hidden.
 
-Also the connection settings that come from the environment
-(``AUTOGLM_NATS_*``), since they are checked the same way.
+The models' strictness (:class:`Frozen`) is here too, so that every module
+of ``engine.config`` builds on this one and none imports back.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.contracts.errors import ConfigError
+from engine.contracts.plugins import registered
 
-if TYPE_CHECKING:
-    from engine.config.models import NatsConfig
-
-NATS_URL_ENV = "AUTOGLM_NATS_URL"
-#: The connection's inbox prefix (``nats.inbox_prefix``); ``--secure`` writes
-#: one per user into its env file.
-INBOX_PREFIX_ENV = "AUTOGLM_NATS_INBOX_PREFIX"
-_INBOX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 M = TypeVar("M", bound=BaseModel)
+
+
+class Frozen(BaseModel):
+    """Strict: TOML has real numbers and booleans, so ``window_ms = "1000"`` or
+    ``durable = 1`` is a mistake to report, not to guess at (an integer still
+    fills a float field). Lists of TOML arrays become tuples (``Field(strict=False)``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 def _key(loc: Sequence[int | str]) -> str:
@@ -35,7 +34,8 @@ def _key(loc: Sequence[int | str]) -> str:
     return out
 
 
-def _value(v: object) -> str:
+def shown(v: object) -> str:
+    """A value as a problem line shows it (JSON; ``1000.0`` as ``1000``)."""
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     try:
@@ -66,7 +66,7 @@ def _reason(err: Mapping[str, Any]) -> str:
     kind = str(err["type"])
     ctx = err.get("ctx") or {}
     if kind in _CMP:
-        return f"must be {_CMP[kind]} {_value(ctx.get(_CMP_CTX[kind]))}"
+        return f"must be {_CMP[kind]} {shown(ctx.get(_CMP_CTX[kind]))}"
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "missing":
@@ -97,7 +97,7 @@ def format_errors(exc: ValidationError, prefix: Sequence[int | str] = ()) -> lis
         elif err["type"] in _WANTS:  # the value exactly as given: 1000.0 is not 1000 here
             lines.append(f"{key} = {json.dumps(given, ensure_ascii=False, default=repr)}: {_reason(err)}")
         else:
-            lines.append(f"{key} = {_value(given)}: {_reason(err)}")
+            lines.append(f"{key} = {shown(given)}: {_reason(err)}")
     return lines
 
 
@@ -114,26 +114,23 @@ def updated(model: M, update: Mapping[str, Any], where: Sequence[int | str] = ()
 def route_problems(raw_routes: object) -> list[str]:
     """Processor names and params checked against the registry, from the raw
     TOML so they are reported together with every other bad key."""
-    from processors.registry import REGISTRY
-
     if not isinstance(raw_routes, list | tuple):
         return []
+    processors = registered()
     problems: list[str] = []
     for i, route in enumerate(raw_routes):
         if not isinstance(route, Mapping) or not isinstance(route.get("processor"), str):
             continue
         name, modality = route["processor"], route.get("modality")
-        spec = REGISTRY.get(name)
+        spec = processors.get(name)
         if spec is None:
             problems.append(
-                f"routes[{i}].processor = {_value(name)}: unknown processor "
-                f"(known: {', '.join(sorted(REGISTRY))})"
+                f"routes[{i}].processor = {shown(name)}: unknown processor "
+                f"(known: {', '.join(sorted(processors))})"
             )
             continue
         if spec.modality is not None and modality in ("image", "audio", "text") and spec.modality != modality:
-            problems.append(
-                f"routes[{i}].processor = {_value(name)}: handles {spec.modality}, not {modality}"
-            )
+            problems.append(f"routes[{i}].processor = {shown(name)}: handles {spec.modality}, not {modality}")
         params = route.get("params", {})
         if isinstance(params, Mapping):
             try:
@@ -166,72 +163,4 @@ def glm_problems(data: Mapping[str, Any]) -> list[str]:
             problems.append(
                 "glm.attach_images = true: the image route needs params.thumbnail > 0 (the key frame's size)"
             )
-    return problems
-
-
-#: Environment variables for the connection's identity and TLS (containers,
-#: secrets managers), over the file's ``[nats.auth]`` / ``[nats.tls]``.
-AUTH_ENV = {
-    "AUTOGLM_NATS_USER": ("auth", "user"),
-    "AUTOGLM_NATS_PASSWORD": ("auth", "password"),
-    "AUTOGLM_NATS_TOKEN": ("auth", "token"),
-    "AUTOGLM_NATS_NKEY_SEED_FILE": ("auth", "nkey_seed_file"),
-    "AUTOGLM_NATS_CREDS_FILE": ("auth", "creds_file"),
-    "AUTOGLM_NATS_TLS_CA": ("tls", "ca"),
-    "AUTOGLM_NATS_TLS_CERT": ("tls", "cert"),
-    "AUTOGLM_NATS_TLS_KEY": ("tls", "key"),
-    "AUTOGLM_NATS_TLS_HOSTNAME": ("tls", "hostname"),
-}
-
-
-def nats_from_env(nats: NatsConfig, env: Mapping[str, str]) -> NatsConfig:
-    """``nats`` with ``AUTOGLM_NATS_URL``, ``AUTOGLM_NATS_INBOX_PREFIX`` and
-    the ``AUTH_ENV`` variables applied (:func:`nats_problems` checks them)."""
-    update: dict[str, Any] = {}
-    if env.get(NATS_URL_ENV):
-        update["url"] = env[NATS_URL_ENV]
-    if env.get(INBOX_PREFIX_ENV):
-        update["inbox_prefix"] = env[INBOX_PREFIX_ENV]
-    for section in ("auth", "tls"):
-        values = {key: env[var] for var, (sec, key) in AUTH_ENV.items() if sec == section and env.get(var)}
-        if values:
-            update[section] = updated(getattr(nats, section), values, ("env", section))
-    return updated(nats, update, ("env",)) if update else nats
-
-
-def nats_problems(nats: NatsConfig, where: str = "nats") -> list[str]:
-    """Cross-field checks of auth and TLS; the messages never hold a secret."""
-    a, t = nats.auth, nats.tls
-    problems = []
-    methods = [
-        name
-        for name, on in (
-            ("password", bool(a.password.get_secret_value())),
-            ("token", bool(a.token.get_secret_value())),
-            ("nkey_seed_file", bool(a.nkey_seed_file)),
-            ("creds_file", bool(a.creds_file)),
-        )
-        if on
-    ]
-    if len(methods) > 1:
-        problems.append(f"{where}.auth: give one way to authenticate, not {' and '.join(methods)}")
-    if a.password.get_secret_value() and not a.user:
-        problems.append(f"{where}.auth.user: is required with a password")
-    if bool(t.cert) != bool(t.key):
-        problems.append(f"{where}.tls: cert and key go together (mutual TLS)")
-    if not _INBOX_RE.fullmatch(nats.inbox_prefix):
-        problems.append(
-            f"{where}.inbox_prefix = {_value(nats.inbox_prefix)}: must be dot-separated tokens of "
-            "[A-Za-z0-9_-] (no wildcards)"
-        )
-    for key, path in (
-        ("auth.nkey_seed_file", a.nkey_seed_file),
-        ("auth.creds_file", a.creds_file),
-        ("tls.ca", t.ca),
-        ("tls.cert", t.cert),
-        ("tls.key", t.key),
-        ("server_config", nats.server_config),
-    ):
-        if path and not Path(path).is_file():
-            problems.append(f"{where}.{key} = {_value(path)}: file not found")
     return problems

@@ -1,6 +1,8 @@
-"""``routing.toml`` -> frozen pydantic models -> live objects via ``build()``.
+"""``routing.toml`` -> frozen pydantic models: data only.
 
-Validation errors name the TOML key and the bad value, one line each:
+The models import no live class; :mod:`engine.runtime.build` turns them into
+routes, batchers, the aligner, the GLM stage and tracing. Validation errors
+name the TOML key and the bad value, one line each:
 ``routes[2].batch.max_wait_ms = -5: must be >= 0``.
 """
 
@@ -11,35 +13,39 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_serializer,
-    field_validator,
-)
+from pydantic import Field, ValidationError, field_validator
 
-from engine.config.checks import (
+from engine.config.checks import Frozen, format_errors, glm_problems, route_problems, updated
+from engine.config.nats import (
     AUTH_ENV,
     NATS_URL_ENV,
-    format_errors,
-    glm_problems,
+    AuthConfig,
+    NatsConfig,
+    TlsConfig,
     nats_from_env,
     nats_problems,
-    route_problems,
-    updated,
 )
 from engine.contracts.errors import ConfigError
-from engine.contracts.types import Clock, Modality
+from engine.contracts.templates import check_template
+from engine.contracts.types import Modality
 
 __all__ = [
     "AUTH_ENV",
     "NATS_URL_ENV",
+    "AlignerConfig",
+    "AuthConfig",
+    "BatchConfig",
     "EngineConfig",
+    "GLMConfig",
+    "LimitsConfig",
+    "MetricsConfig",
+    "NatsConfig",
+    "Overrides",
+    "RouteConfig",
+    "TlsConfig",
+    "TracingConfig",
     "format_errors",
     "load_config",
     "nats_from_env",
@@ -49,16 +55,7 @@ __all__ = [
     "with_overrides",
 ]
 
-if TYPE_CHECKING:
-    from engine.align.aligner import Aligner
-    from engine.align.nearest import NearestAligner
-    from engine.glm.stage import GLMStage, Publish
-    from engine.observe.tracing import Tracing
-    from engine.pipeline.batcher import Batcher
-    from engine.pipeline.router import Route
-
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
-_PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _SUBJECT_RE = re.compile(r"[^\s.]+(\.[^\s.]+)*")
 
 
@@ -68,117 +65,11 @@ def _check_device(v: str) -> str:
     return v
 
 
-class _Frozen(BaseModel):
-    """Strict: TOML has real numbers and booleans, so ``window_ms = "1000"`` or
-    ``durable = 1`` is a mistake to report, not to guess at (an integer still
-    fills a float field). Lists of TOML arrays become tuples (``Field(strict=False)``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-class AuthConfig(_Frozen):
-    """How the engine proves who it is: at most one of password, token, NKey, creds.
-
-    Secrets are better given by environment (``AUTOGLM_NATS_PASSWORD``,
-    ``AUTOGLM_NATS_TOKEN``) than in the file; either way they are never logged
-    and ``<prefix>.svc.config`` shows them as ``**********``.
-    """
-
-    user: str = ""
-    password: SecretStr = SecretStr("")
-    token: SecretStr = SecretStr("")
-    #: A file holding an NKey user seed (``SU...``).
-    nkey_seed_file: str = ""
-    #: A ``.creds`` file (user JWT + NKey seed) from nsc or a NATS operator.
-    creds_file: str = ""
-
-
-class TlsConfig(_Frozen):
-    """TLS to the server: ``ca`` to verify it, ``cert``/``key`` for mutual TLS."""
-
-    ca: str = ""
-    cert: str = ""
-    key: str = ""
-    #: Name to verify the server's certificate against, when not the URL's host.
-    hostname: str = ""
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.ca or self.cert)
-
-
-class NatsConfig(_Frozen):
-    """Where NATS is. No ``url`` (and no ``AUTOGLM_NATS_URL``) starts the embedded server."""
-
-    url: str | None = None
-    auth: AuthConfig = AuthConfig()
-    #: Replies to this connection's requests (JetStream's included) arrive on
-    #: ``<inbox_prefix>.<unique>``. A server that gives each user its own
-    #: (``autoglm run --secure``: ``_INBOX_<user>``) keeps users from reading
-    #: each other's replies. ``AUTOGLM_NATS_INBOX_PREFIX`` overrides it.
-    inbox_prefix: str = "_INBOX"
-    tls: TlsConfig = TlsConfig()
-    #: Claim check: the Object Store bucket for payloads over the server's
-    #: max payload (engine/wire/claimcheck.py); the engine makes it with this TTL.
-    object_bucket: str = Field("autoglm-payloads", pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    object_ttl_s: float = Field(3600.0, gt=0)
-    #: A claim-checked payload not fetched within this is ``object_missing``
-    #: (metadata whose chunks expired first, or never came, must not hold intake).
-    object_fetch_timeout_s: float = Field(15.0, gt=0, le=600)
-    #: At most this many bytes of claim-checked payloads are kept (a full bucket
-    #: refuses new ones, and the producer is told): producers cannot fill the
-    #: JetStream store that the input and result streams need.
-    object_max_bytes: int = Field(1024**3, gt=0)
-    #: Embedded server only: a nats-server config file to start it with
-    #: (authorization, TLS); ``autoglm run --secure`` writes one.
-    server_config: str = ""
-    subject_prefix: str = "autoglm"
-    #: Embedded server: JetStream store and ports file live under here.
-    data_dir: str = ".autoglm"
-    connect_timeout_s: float = Field(5.0, gt=0)
-    #: At-least-once intake through JetStream; unset = whenever the server has it.
-    durable: bool | None = None
-    #: Streams ``<stream>_IN`` (inputs) and ``<stream>_OUT`` (results, DLQ);
-    #: empty: named after the subject prefix (``AUTOGLM_IN``...).
-    stream: str = Field("", pattern=r"^[A-Za-z0-9_-]*$")
-    consumer: str = Field("autoglm-engine", pattern=r"^[A-Za-z0-9_-]+$")
-    ack_wait_s: float = Field(30.0, gt=0)
-    max_ack_pending: int = Field(20_000, ge=1)
-    #: Deliveries of one input before it is given up as ``poison`` (a DLQ
-    #: record, then ``term``): an event that kills its handler is not retried forever.
-    max_deliver: int = Field(5, ge=2, le=1000)
-    fetch_batch: int = Field(500, ge=1, le=10_000)
-    #: Limits of the *unprocessed* backlog (``<stream>_IN`` is a work queue:
-    #: an event leaves it once its result or DLQ record is stored) and of the
-    #: results stream.
-    stream_max_age_s: float = Field(24 * 3600.0, gt=0)
-    stream_max_bytes: int = Field(1024**3, gt=0)
-    duplicate_window_s: float = Field(120.0, gt=0)
-    #: Replay history: ``<stream>_REC`` mirrors the inputs with its own limits
-    #: and drops its oldest when full (it never refuses an event). 0 = no recording.
-    record_max_age_s: float = Field(24 * 3600.0, ge=0)
-    record_max_bytes: int = Field(1024**3, ge=0)
-
-    @field_validator("subject_prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        if not _PREFIX_RE.fullmatch(v):
-            raise ValueError("must be dot-separated tokens of [A-Za-z0-9_-]")
-        return v
-
-    @field_serializer("url", when_used="json")
-    def _shown_url(self, url: str | None) -> str | None:
-        """``<prefix>.svc.config`` shows the configuration: no password in it."""
-        from engine.transport.security import redact_url
-
-        return None if url is None else redact_url(url)
-
-
-class LimitsConfig(_Frozen):
+class LimitsConfig(Frozen):
     max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0, le=64 * 1024 * 1024)
 
 
-class BatchConfig(_Frozen):
+class BatchConfig(Frozen):
     """Micro-batching of one route: flush at ``max_batch_size`` or ``max_wait_ms``."""
 
     max_batch_size: int = Field(8, ge=1, le=4096)
@@ -187,18 +78,8 @@ class BatchConfig(_Frozen):
     max_queue: int = Field(1024, ge=1)
     overload: Literal["drop_oldest", "reject_new"] = "drop_oldest"
 
-    def build(self) -> Batcher[Any]:
-        from engine.pipeline.batcher import Batcher
 
-        return Batcher(
-            max_batch_size=self.max_batch_size,
-            max_wait_ns=int(self.max_wait_ms * 1_000_000),
-            max_queue=self.max_queue,
-            overload=self.overload,
-        )
-
-
-class RouteConfig(_Frozen):
+class RouteConfig(Frozen):
     """One route: events of ``modality`` (optionally matching ``subject``) -> processor."""
 
     modality: Modality
@@ -232,15 +113,8 @@ class RouteConfig(_Frozen):
             raise ValueError("must be a NATS subject pattern such as autoglm.in.*.image")
         return v
 
-    def build(self, name: str) -> Route:
-        from engine.pipeline.router import Route
-        from processors.registry import lookup
 
-        processor = lookup(self.processor).create(self.params, self.modality, self.device, self.dtype)
-        return Route(name=name, config=self, processor=processor, batcher=self.batch.build())
-
-
-class AlignerConfig(_Frozen):
+class AlignerConfig(Frozen):
     """Event-time fusion per source (see README, "The aligner")."""
 
     mode: Literal["window", "nearest"] = "window"
@@ -261,14 +135,8 @@ class AlignerConfig(_Frozen):
     max_open_windows: int = Field(64, ge=1)
     max_sources: int = Field(10_000, ge=1)
 
-    def build(self, clock: Clock) -> Aligner | NearestAligner:
-        from engine.align.aligner import Aligner
-        from engine.align.nearest import NearestAligner
 
-        return NearestAligner(self, clock) if self.mode == "nearest" else Aligner(self, clock)
-
-
-class GLMConfig(_Frozen):
+class GLMConfig(Frozen):
     """The model called with each fused frame (see README, "The GLM stage")."""
 
     #: ``none`` publishes the prompt with a null answer; ``transformers``/``hf``
@@ -319,20 +187,13 @@ class GLMConfig(_Frozen):
     @field_validator("template")
     @classmethod
     def _template(cls, v: str) -> str:
-        from engine.glm.prompts import check_template
-
         check_template(v)
         return v
 
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 
-    def build(self, publish: Publish) -> GLMStage:
-        from engine.glm.stage import GLMStage
 
-        return GLMStage(self, publish)
-
-
-class MetricsConfig(_Frozen):
+class MetricsConfig(Frozen):
     """Prometheus ``/metrics``; off unless a port is set (0 picks a free one)."""
 
     port: int | None = Field(None, ge=0, le=65535)
@@ -342,7 +203,7 @@ class MetricsConfig(_Frozen):
     per_source: bool = False
 
 
-class TracingConfig(_Frozen):
+class TracingConfig(Frozen):
     """OpenTelemetry spans (engine/observe/tracing.py); on when an exporter is set.
 
     ``endpoint`` is an OTLP/HTTP traces URL (``http://collector:4318/v1/traces``);
@@ -359,13 +220,8 @@ class TracingConfig(_Frozen):
     max_queue: int = Field(8192, ge=1)
     export_timeout_s: float = Field(10.0, gt=0)
 
-    def build(self) -> Tracing:
-        from engine.observe.tracing import Tracing
 
-        return Tracing(self)
-
-
-class EngineConfig(_Frozen):
+class EngineConfig(Frozen):
     nats: NatsConfig = NatsConfig()
     limits: LimitsConfig = LimitsConfig()
     routes: tuple[RouteConfig, ...] = Field(min_length=1, strict=False)

@@ -74,7 +74,7 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from processors.devices import resolve_device, resolve_dtype
+        from engine.contracts.devices import resolve_device, resolve_dtype
 
         if not model:
             raise ConfigError(

@@ -41,14 +41,15 @@ from engine.observe.tracing import Tracing
 from engine.pipeline.pipeline import Pipeline
 from engine.pipeline.router import Route
 from engine.runtime import reload as reloading
+from engine.runtime.build import build_aligner, build_glm_stage, build_route, build_routes, build_tracing
 from engine.runtime.driver import HUNG_AFTER_S, Driver
 from engine.runtime.server import EmbeddedServer
 from engine.runtime.supervisor import Supervisor
-from engine.tools.publish import sync_with_server
 from engine.transport.base import Transport, TransportState
 from engine.transport.core import CoreTransport
 from engine.transport.jetstream import JetStreamTransport
 from engine.transport.security import redact_url, security_for
+from engine.transport.sync import sync_with_server
 from engine.wire import claimcheck, natsguard
 from engine.wire.codec import Limits
 
@@ -74,11 +75,11 @@ class Engine:
         self.config = config
         self.prefix = config.nats.subject_prefix
         self.clock = clock
-        self.tracing = tracing or config.tracing.build()
+        self.tracing = tracing or build_tracing(config.tracing)
         self.supervisor = Supervisor()
         self.pipeline = Pipeline(
-            routes or [rc.build(f"routes[{i}]") for i, rc in enumerate(config.routes)],
-            config.aligner.build(clock),
+            routes or build_routes(config),
+            build_aligner(config.aligner, clock),
             prefix=self.prefix,
             limits=Limits(max_payload_bytes=config.limits.max_payload_bytes),
             clock=clock,
@@ -86,7 +87,7 @@ class Engine:
             late_to=config.aligner.late_to,
             tracer=self.tracing.frame_spans,
         )
-        self.glm: GLMStage = config.glm.build(self._answered)
+        self.glm: GLMStage = build_glm_stage(config.glm, self._answered)
         self.url: str | None = None
         self.transport: Transport | None = None
         self.driver: Driver | None = None
@@ -349,8 +350,8 @@ class Engine:
                     self.config,
                     self.pipeline.routes,
                     new,
-                    lambda cfg, i: cfg.routes[i].build(f"routes[{i}]"),
-                    lambda cfg: cfg.glm.build(self._answered),
+                    lambda cfg, i: build_route(cfg.routes[i], f"routes[{i}]"),
+                    lambda cfg: build_glm_stage(cfg.glm, self._answered),
                 )
             except ConfigError as exc:
                 self.stats.reloads_failed += 1

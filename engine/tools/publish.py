@@ -20,6 +20,7 @@ from engine.contracts.errors import AutoGLMError, TransportError
 from engine.contracts.types import Modality
 from engine.observe.tracing import new_traceparent
 from engine.transport.security import redact_url
+from engine.transport.sync import sync_with_server as sync_with_server  # tools and tests import it here
 from engine.wire.claimcheck import OBJECT_REF, put_payload
 from engine.wire.codec import ID_HEADER, encode_headers, input_subject
 
@@ -44,19 +45,6 @@ def audio_chunks(path: Path, chunk_ms: int) -> tuple[list[bytes], str, int]:
     ]
     ct = f"audio/pcm;rate={rate};channels={data.shape[1]};format=f32le"
     return bodies, ct, int(step * 1e9 / rate)
-
-
-async def sync_with_server(nc: Any) -> None:
-    """Return once the server has processed everything this client sent.
-
-    nats-py 2.16's ``flush()`` writes its PING straight to the socket while
-    commands such as SUB wait in the pending buffer for the flusher task, so
-    one flush can come back before a new subscription is known to the
-    server, and messages published meanwhile are missed (seen in our tests).
-    The second round trip starts after the flusher has run.
-    """
-    await nc.flush()
-    await nc.flush()
 
 
 async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:

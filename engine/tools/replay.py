@@ -36,6 +36,7 @@ from engine.contracts.messages import Message, Publish
 from engine.contracts.types import Nanos
 from engine.pipeline.pipeline import Ask, Output, Pipeline
 from engine.pipeline.router import Route
+from engine.runtime.build import build_aligner, build_routes
 from engine.transport.jetstream import record_stream
 from engine.wire import claimcheck, natsguard
 from engine.wire.codec import (
@@ -103,8 +104,8 @@ class Replayer:
         self.out = out
         self.clock = EventClock()
         self.pipeline = Pipeline(
-            routes or [rc.build(f"routes[{i}]") for i, rc in enumerate(config.routes)],
-            config.aligner.build(self.clock),
+            routes or build_routes(config),
+            build_aligner(config.aligner, self.clock),
             prefix=config.nats.subject_prefix,
             limits=Limits(max_payload_bytes=config.limits.max_payload_bytes),
             clock=self.clock,

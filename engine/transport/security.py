@@ -43,26 +43,15 @@ from faststream.nats.security import (
     parse_security,
 )
 
-from engine.config.checks import INBOX_PREFIX_ENV
 from engine.config.models import NatsConfig, TlsConfig
+from engine.config.nats import INBOX_PREFIX_ENV
+from engine.config.nats import redact_url as redact_url  # its home is config; callers import it here
 from engine.contracts.errors import ConfigError
 from engine.transport.jetstream import state_bucket, stream_names
 
 #: The Object Store bucket for claim-checked payloads (engine/wire/claimcheck.py).
 DEFAULT_BUCKET = "autoglm-payloads"
 USERS = ("producer", "engine", "reader")
-
-
-def redact_url(url: str) -> str:
-    """``url`` fit to show: its user info (``user:password@`` or ``token@``)
-    becomes ``***@``. Everything up to the *last* ``@`` goes, so a password
-    holding ``@``, ``/`` or ``,`` does not leak either."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    if "@" not in rest:
-        return url
-    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
 
 
 def inbox_prefix(user: str) -> str:
