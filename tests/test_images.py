@@ -254,7 +254,7 @@ def test_a_detector_failure_leaves_faces_out_and_is_counted_not_a_decode_error(
     assert proc.face_failures == 1
     assert "face detection failed on a 320x240 frame" in caplog.text
     engine = Engine(make_config("faults"), routes=[route])
-    [family] = [f for f in EngineCollector(engine).collect() if f.name == "autoglm_processor_faults"]
+    [family] = [f for f in EngineCollector(engine.snapshot).collect() if f.name == "autoglm_processor_faults"]
     assert [(s.labels, s.value) for s in family.samples] == [
         ({"route": "image:cnn", "kind": "face_detection"}, 1.0)
     ]
