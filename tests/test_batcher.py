@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from engine.contracts.errors import BackpressureError, ProcessorError
-from engine.pipeline.batcher import Batcher, BatchWorker, check_outputs
+from engine.pipeline.batcher import Batcher, check_outputs
 
 MS = 1_000_000
 
@@ -79,44 +77,3 @@ def test_output_count_must_match() -> None:
     check_outputs([1, 2], ["a", "b"], "f")
     with pytest.raises(ProcessorError, match="returned 1 outputs for 2 inputs"):
         check_outputs([1, 2], ["a"], "f")
-
-
-async def test_worker_batches_under_load_and_drains() -> None:
-    seen: list[list[int]] = []
-    gate = asyncio.Event()
-
-    async def run(batch: list[int]) -> None:
-        seen.append(batch)
-        await gate.wait()
-
-    async def on_error(batch: list[int], exc: BaseException) -> None:
-        raise AssertionError(exc)
-
-    worker = BatchWorker(make(size=4, wait_ms=1), run, on_error, concurrency=1)
-    worker.start()
-    worker.submit(0)
-    await asyncio.sleep(0.02)  # first batch alone (max_wait), then the worker is busy
-    for i in range(1, 7):
-        worker.submit(i)
-    await asyncio.sleep(0.02)
-    assert seen == [[0]]  # nothing else starts while the only slot is busy
-    gate.set()
-    await worker.drain()
-    assert seen == [[0], [1, 2, 3, 4], [5, 6]]
-
-
-async def test_worker_hands_failures_to_on_error() -> None:
-    failed: list[tuple[list[int], str]] = []
-
-    async def run(batch: list[int]) -> None:
-        raise RuntimeError("boom")
-
-    async def on_error(batch: list[int], exc: BaseException) -> None:
-        failed.append((batch, str(exc)))
-
-    worker = BatchWorker(make(size=2, wait_ms=0), run, on_error)
-    worker.start()
-    worker.submit(1)
-    worker.submit(2)
-    await worker.drain()
-    assert failed == [([1, 2], "boom")]  # both queued before the loop first ran

@@ -41,12 +41,16 @@ def pipeline(clock: Clock, max_queue: int = 8, **route: Any) -> Pipeline:
         },
         env={},
     )
-    return Pipeline(build_routes(cfg), build_aligner(cfg.aligner, clock), prefix="p", limits=Limits(), clock=clock)
+    return Pipeline(
+        build_routes(cfg), build_aligner(cfg.aligner, clock), prefix="p", limits=Limits(), clock=clock
+    )
 
 
-def msg(eid: str, ts: int, *, body: bytes = b"hi", source: str = "cam", delivery: str | None = None) -> Message:
+def msg(
+    eid: str, ts: int, *, body: bytes = b"hi", source: str = "cam", delivery: str | None = None
+) -> Message:
     headers = {TIMESTAMP_HEADER: str(ts), ID_HEADER: eid, "Content-Type": "text/plain"}
-    return Message(f"p.in.{source}.text", headers, body, delivery if delivery is not None else f"js-{eid}")
+    return Message(f"p.in.{source}.text", headers, b"hi", delivery if delivery is not None else f"js-{eid}")
 
 
 def run(p: Pipeline, batches: list[Batch]) -> list[Output]:
@@ -106,6 +110,20 @@ def test_no_more_batches_in_flight_than_workers() -> None:
     run(p, [first])
     [second] = p.batches()
     assert [e.event_id for e in second.events] == ["late"]
+
+
+def test_a_batch_that_fails_rejects_each_of_its_events() -> None:
+    clock = Clock()
+    p = pipeline(clock)
+    for i in range(4):
+        p.receive(msg(f"e{i}", T0 + i))
+    [batch] = p.batches()
+    rejections = p.batch_failed(batch, RuntimeError("boom"))
+    assert [r.acks for r in rejections if isinstance(r, Publish)] == [(f"js-e{i}",) for i in range(4)]
+    assert {orjson.loads(r.payload)["reason"] for r in rejections if isinstance(r, Publish)} == {
+        "processor_error"
+    }
+    assert p.stats.batch_errors == 1 and p.batches(force=True) == []  # the worker is free, nothing queued
 
 
 def test_complete_intake_pauses_instead_of_dropping() -> None:

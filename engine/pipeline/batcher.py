@@ -3,24 +3,20 @@
 :class:`Batcher` is the pure policy: a bounded FIFO that says when a batch is
 due (``max_batch_size`` items waiting, or ``max_wait`` since the oldest one
 arrived) given the time you pass in, so it is tested with a hand-moved clock.
-:class:`BatchWorker` drives it on an asyncio loop and runs each batch through
-an async function, with at most ``concurrency`` batches in flight: while every
-worker is busy the queue grows, so batches get bigger exactly when the machine
-is behind.
+The pipeline takes at most ``workers`` batches per route at a time: while
+every worker is busy the queue grows, so batches get bigger exactly when the
+machine is behind.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 from engine.contracts.errors import BackpressureError, ProcessorError
-from engine.contracts.types import Clock, Nanos
+from engine.contracts.types import Nanos
 from engine.observe.stats import QUEUE_WAIT_BUCKETS, Histogram
 
 T = TypeVar("T")
@@ -119,103 +115,3 @@ def check_outputs(inputs: Sequence[object], outputs: Sequence[object], what: str
     """A batch function must return one output per input, in order."""
     if len(outputs) != len(inputs):
         raise ProcessorError(f"{what} returned {len(outputs)} outputs for {len(inputs)} inputs")
-
-
-class BatchWorker(Generic[T]):
-    """Runs due batches of a :class:`Batcher` through ``run_batch`` on the loop.
-
-    ``run_batch`` owns the per-item outcome (it is the router's job to turn a
-    batch into results and DLQ records); exceptions it lets escape are passed
-    to the async ``on_error`` with the batch so nothing is lost silently.
-    """
-
-    def __init__(
-        self,
-        batcher: Batcher[T],
-        run_batch: Callable[[list[T]], Awaitable[None]],
-        on_error: Callable[[list[T], BaseException], Awaitable[None]],
-        *,
-        concurrency: int = 1,
-        clock: Clock = time.monotonic_ns,
-    ) -> None:
-        self.batcher = batcher
-        self._run_batch = run_batch
-        self._on_error = on_error
-        self._clock = clock
-        self._slots = concurrency
-        self._busy = 0
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._task: asyncio.Task[None] | None = None
-        self._room = asyncio.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._closing = False
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    @property
-    def task(self) -> asyncio.Task[None] | None:
-        return self._task
-
-    async def wait_for_room(self) -> None:
-        """Return once the queue has room (the ``complete`` intake policy)."""
-        while len(self.batcher) >= self.batcher.max_queue:
-            self._room.clear()
-            await self._room.wait()
-
-    def submit(self, item: T) -> T | None:
-        """Queue one item; returns an item dropped for room (see :meth:`Batcher.offer`)."""
-        dropped = self.batcher.offer(item, self._clock())
-        self._idle.clear()
-        self._wake.set()
-        return dropped
-
-    async def _loop(self) -> None:
-        while True:
-            now = self._clock()
-            if self._busy < self._slots:
-                batch = self.batcher.take(now, force=self._closing)
-                if batch:
-                    self._room.set()
-                    self._launch(batch)
-                    continue
-            if self._closing and not self.batcher and not self._busy:
-                self._idle.set()
-                return
-            if not self.batcher and not self._busy:
-                self._idle.set()
-            deadline = self.batcher.deadline() if self._busy < self._slots else None
-            timeout = None if deadline is None else max(0.0, (deadline - now) / 1e9)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-
-    def _launch(self, batch: list[T]) -> None:
-        self._busy += 1
-        task = asyncio.get_running_loop().create_task(self._guarded(batch))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-
-    async def _guarded(self, batch: list[T]) -> None:
-        try:
-            await self._run_batch(batch)
-        except Exception as exc:
-            await self._on_error(batch, exc)
-        finally:
-            self._busy -= 1
-            self._wake.set()
-
-    async def drain(self) -> None:
-        """Flush everything queued, wait for in-flight batches, stop the loop."""
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
-
-    async def idle(self) -> None:
-        """Wait until nothing is queued or running (tests, demo shutdown)."""
-        await self._idle.wait()

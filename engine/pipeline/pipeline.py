@@ -134,7 +134,9 @@ class Pipeline:
             log.exception("internal error on %s", natsguard.printable(msg.subject))
             acks = [msg.delivery] if msg.delivery else []
             for event in held:  # admitted before the failure: free its slot
-                acks.extend(d for d in self._deliveries.pop((event.source, event.event_id), ()) if d not in acks)
+                acks.extend(
+                    d for d in self._deliveries.pop((event.source, event.event_id), ()) if d not in acks
+                )
                 if self._parked is not None and self._parked[1] is event:
                     self._unpause()
                 with contextlib.suppress(KeyError):
