@@ -9,6 +9,7 @@ Under one prefix (``autoglm`` unless configured)::
     <prefix>.svc.health|config        service endpoints of the engine of this prefix
     <prefix>.svc.reload.<id>          one engine's reload endpoint
     $SRV.PING|INFO|STATS.autoglm      NATS service discovery (micro protocol)
+    $O.<bucket>.C|M.<token>           the claim-check Object Store's chunks and metadata
 
 Callers never format these themselves: they hold a :class:`Subjects` and ask
 it. That is what lets the layout change in one file: partitioning inputs
@@ -58,6 +59,13 @@ def srv(verb: SrvVerb, name: str = SERVICE_NAME) -> str:
     return f"$SRV.{verb}.{name}"
 
 
+def object_store(bucket: str, token: str = ">") -> tuple[str, str]:
+    """``$O.<bucket>.C.<token>`` and ``$O.<bucket>.M.<token>``: an Object Store
+    bucket's chunk and metadata subjects (the claim-check bucket's stream, a
+    producer's permission to put objects with ``token = "*"``)."""
+    return f"$O.{bucket}.C.{token}", f"$O.{bucket}.M.{token}"
+
+
 def valid_source(source: str) -> bool:
     """Whether ``source`` may stand as the ``<source>`` token of a subject."""
     return SOURCE_RE.fullmatch(source) is not None
@@ -77,7 +85,7 @@ class Subjects:
 
     def input(self, source: str, modality: Modality) -> str:
         """``<prefix>.in.<source>.<modality>``: where a producer publishes one event."""
-        return f"{self.prefix}.in.{source}.{modality}"
+        return self.input_pattern(source, modality)
 
     def result(self, source: str) -> str:
         """``<prefix>.out.<source>``: where a window's result record goes."""
@@ -92,6 +100,25 @@ class Subjects:
     def late(self, source: str) -> str:
         """``<prefix>.late.<source>``: ``too_late`` records when ``aligner.late_to = "late"``."""
         return f"{self.prefix}.late.{source}"
+
+    # -- addresses with placeholders: documents and messages for people -----------------
+
+    def input_pattern(self, source: str = "{source}", modality: str = "{modality}") -> str:
+        """The input address with placeholders: AsyncAPI's ``{source}`` by
+        default, or any other spelling (``<source>`` for people)."""
+        return f"{self.prefix}.in.{source}.{modality}"
+
+    def result_pattern(self, source: str = "{source}") -> str:
+        """The result address with a placeholder (see :meth:`input_pattern`)."""
+        return self.result(source)
+
+    def dlq_pattern(self, source: str = "{source}") -> str:
+        """The DLQ address with a placeholder (see :meth:`input_pattern`)."""
+        return f"{self.prefix}.dlq.{source}"
+
+    def late_pattern(self, source: str = "{source}") -> str:
+        """The late address with a placeholder (see :meth:`input_pattern`)."""
+        return self.late(source)
 
     def service(self, endpoint: Literal["health", "config"]) -> str:
         """``<prefix>.svc.<endpoint>``: the engine of this prefix answers there."""

@@ -47,6 +47,7 @@ from nats.js.errors import (
 )
 
 from engine.contracts.errors import EventRejected, TransportError
+from engine.contracts.subjects import object_store
 from engine.wire.codec import CONTENT_TYPE_HEADER, header
 
 log = logging.getLogger("autoglm.claimcheck")
@@ -263,7 +264,7 @@ async def bucket(js: Any, name: str, ttl_s: float, max_bytes: int = -1) -> None:
         await js.add_stream(
             StreamConfig(
                 name=stream,
-                subjects=[f"$O.{name}.C.>", f"$O.{name}.M.>"],
+                subjects=list(object_store(name)),
                 max_age=ttl_s,
                 max_bytes=max_bytes,
                 storage=StorageType.FILE,
