@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.contracts.errors import EventRejected
-from engine.contracts.subjects import InputSubject, Subjects, object_store, srv, valid_source
+from engine.contracts.subjects import InputSubject, Subjects, object_chunks, object_meta, srv, valid_source
 
 
 def test_each_subject_of_a_prefix() -> None:
@@ -18,8 +18,8 @@ def test_each_subject_of_a_prefix() -> None:
     assert s.service("config") == "edge.site1.svc.config"
     assert s.reload("ABC") == "edge.site1.svc.reload.ABC"
     assert srv("INFO") == "$SRV.INFO.autoglm"
-    assert object_store("b") == ("$O.b.C.>", "$O.b.M.>")
-    assert object_store("b", "*") == ("$O.b.C.*", "$O.b.M.*")
+    assert (object_chunks("b"), object_meta("b")) == ("$O.b.C.>", "$O.b.M.>")
+    assert (object_chunks("b", "N1"), object_meta("b", "*")) == ("$O.b.C.N1", "$O.b.M.*")
     assert Subjects().prefix == "autoglm"
 
 

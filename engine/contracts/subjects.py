@@ -59,11 +59,16 @@ def srv(verb: SrvVerb, name: str = SERVICE_NAME) -> str:
     return f"$SRV.{verb}.{name}"
 
 
-def object_store(bucket: str, token: str = ">") -> tuple[str, str]:
-    """``$O.<bucket>.C.<token>`` and ``$O.<bucket>.M.<token>``: an Object Store
-    bucket's chunk and metadata subjects (the claim-check bucket's stream, a
-    producer's permission to put objects with ``token = "*"``)."""
-    return f"$O.{bucket}.C.{token}", f"$O.{bucket}.M.{token}"
+def object_chunks(bucket: str, token: str = ">") -> str:
+    """``$O.<bucket>.C.<token>``: an Object Store bucket's chunks (``token`` is
+    an object's nuid, ``>`` for the bucket's stream, ``*`` in a permission)."""
+    return f"$O.{bucket}.C.{token}"
+
+
+def object_meta(bucket: str, token: str = ">") -> str:
+    """``$O.<bucket>.M.<token>``: an Object Store bucket's metadata (``token`` is
+    an object's base64url name; ``>``/``*`` as for :func:`object_chunks`)."""
+    return f"$O.{bucket}.M.{token}"
 
 
 def valid_source(source: str) -> bool:
