@@ -25,6 +25,7 @@ import numpy as np
 
 from engine.align.aligner import Aligner
 from engine.config.models import AlignerConfig
+from engine.contracts.subjects import Subjects
 from engine.contracts.types import ContentType, Features, InputEvent
 
 MS = 1_000_000
@@ -37,7 +38,7 @@ def make_events(sources: int, total: int) -> list[InputEvent]:
     names = [f"s{i}" for i in range(sources)]
     return [
         InputEvent(
-            f"autoglm.in.{names[i % sources]}.{MODS[i % 3]}",
+            Subjects().input(names[i % sources], MODS[i % 3]),  # type: ignore[arg-type]
             names[i % sources],
             MODS[i % 3],  # type: ignore[arg-type]
             T0 + (i // sources) * MS,

@@ -39,16 +39,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nats
 import orjson
 
+from engine.contracts.subjects import Subjects
 from engine.runtime.server import EmbeddedServer
 from engine.tools.publish import sync_with_server
 from engine.wire.codec import encode_headers
 
 BODY = b"x" * 1024
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = Subjects("bench")  # the prefix CONFIG sets
 
 CONFIG = """
 [nats]
-subject_prefix = "bench"
+subject_prefix = "{prefix}"
 durable = {durable}
 max_ack_pending = 200000
 fetch_batch = 1000
@@ -154,7 +156,13 @@ async def engine_run(
     durable, prompt = mode.startswith("durable"), mode.endswith("+prompt")
     record = 0 if "+norecord" in mode else 1024**3
     cfg.write_text(
-        CONFIG.format(idle=idle, durable=str(durable).lower(), prompt=str(prompt).lower(), record=record)
+        CONFIG.format(
+            prefix=BENCH.prefix,
+            idle=idle,
+            durable=str(durable).lower(),
+            prompt=str(prompt).lower(),
+            record=record,
+        )
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.tools.cli", "run", "--config", str(cfg), "--nats-url", url,
@@ -184,8 +192,8 @@ async def engine_run(
     async def on_dlq(msg: Any) -> None:
         rejected[0] += 1
 
-    await nc.subscribe("bench.out.>", cb=on_out, pending_msgs_limit=10_000_000, pending_bytes_limit=2**34)
-    await nc.subscribe("bench.dlq.>", cb=on_dlq)
+    await nc.subscribe(BENCH.results, cb=on_out, pending_msgs_limit=10_000_000, pending_bytes_limit=2**34)
+    await nc.subscribe(BENCH.rejections, cb=on_dlq)
     await sync_with_server(nc)
     results = []
     for step, rate in enumerate(rates):
@@ -195,7 +203,13 @@ async def engine_run(
         all_in.clear()
         start = time.perf_counter()
         await paced(
-            nc, lambda s: f"bench.in.s{s}.text", rate, seconds, sources, sent, prefix=f"{mode}-r{step}-"
+            nc,
+            lambda s: BENCH.input(f"s{s}", "text"),
+            rate,
+            seconds,
+            sources,
+            sent,
+            prefix=f"{mode}-r{step}-",
         )  # ids unique across runs: the stream dedups them
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_in.wait(), 30)

@@ -43,6 +43,7 @@ import orjson
 from bus import pct
 from soak import peak_rss_kib
 
+from engine.contracts.subjects import Subjects
 from engine.observe.service import find_engines
 from engine.runtime.server import EmbeddedServer
 from engine.tools.demo import shapes_frames
@@ -50,6 +51,7 @@ from engine.tools.publish import sync_with_server
 from engine.wire.codec import encode_headers
 
 ROOT = Path(__file__).resolve().parent.parent
+E2E = Subjects("e2e")  # the prefix config_text sets
 FPS, CHUNK_MS, RATE = 30, 100, 16_000
 PCM = f"audio/pcm;rate={RATE};channels=1;format=s16le"
 CAPTIONS = ["a red ball rolls across the floor", "someone walks past the door", "the room is quiet"]
@@ -59,7 +61,7 @@ def config_text(base: Path, data_dir: Path) -> str:
     """``base`` with every route on real_time intake and a fresh data dir, as TOML."""
     cfg = tomllib.loads(base.read_text())
     cfg.setdefault("nats", {})["data_dir"] = str(data_dir)
-    cfg["nats"]["subject_prefix"] = "e2e"
+    cfg["nats"]["subject_prefix"] = E2E.prefix
     cfg["nats"].pop("url", None)
     lines = []
     for key in ("nats", "limits", "aligner"):
@@ -122,7 +124,7 @@ async def source(
             body, ct = CAPTIONS[(i // 3) % len(CAPTIONS)].encode(), "text/plain"
         eid = f"k{trial_k}-{name}-{mod}-{i}"  # unique per trial: the stream dedupes ids it has seen
         sent[eid] = (mod, ts)
-        await nc.publish(f"e2e.in.{name}.{mod}", body, headers=encode_headers(ts, ct, event_id=eid))
+        await nc.publish(E2E.input(name, mod), body, headers=encode_headers(ts, ct, event_id=eid))
 
 
 async def trial(
@@ -158,8 +160,8 @@ async def trial(
     async def on_dlq(msg: Any) -> None:
         rejected.add(orjson.loads(msg.data).get("event_id"))
 
-    await nc.subscribe("e2e.out.>", cb=on_out, pending_msgs_limit=1_000_000, pending_bytes_limit=2**32)
-    await nc.subscribe("e2e.dlq.>", cb=on_dlq)
+    await nc.subscribe(E2E.results, cb=on_out, pending_msgs_limit=1_000_000, pending_bytes_limit=2**32)
+    await nc.subscribe(E2E.rejections, cb=on_dlq)
     await sync_with_server(nc)
     peak = 0.0
     pubs = [
@@ -175,7 +177,7 @@ async def trial(
     while time.monotonic() < deadline and len(fused | rejected) < len(sent):  # noqa: ASYNC110
         await asyncio.sleep(0.25)
     [stats] = [
-        r for r in await find_engines(nc) if (r.get("metadata") or {}).get("subject_prefix") == "e2e"
+        r for r in await find_engines(nc) if (r.get("metadata") or {}).get("subject_prefix") == E2E.prefix
     ] or [{}]
     data = (stats.get("endpoints") or [{}])[0].get("data") or {}
     peak = max(peak, peak_rss_kib(proc.pid) / 1024)

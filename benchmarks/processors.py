@@ -31,6 +31,7 @@ import librosa
 import numpy as np
 import torch
 
+from engine.contracts.subjects import Subjects
 from engine.contracts.types import InputEvent
 from engine.wire.codec import decode_event, encode_headers
 
@@ -64,7 +65,11 @@ def row(name: str, batch: int | str, r: dict[str, float]) -> None:
 
 def events(modality: str, bodies: Sequence[bytes], ct: str) -> list[InputEvent]:
     return [
-        decode_event(f"autoglm.in.cam{i % 4}.{modality}", encode_headers(TS + i * 40_000_000, ct), b)
+        decode_event(
+            Subjects().input(f"cam{i % 4}", modality),  # type: ignore[arg-type]
+            encode_headers(TS + i * 40_000_000, ct),
+            b,
+        )
         for i, b in enumerate(bodies)
     ]
 

@@ -35,7 +35,7 @@ sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
 import nats, bus
 async def main():
     nc = await nats.connect({url!r})
-    await bus.paced(nc, lambda s: f"bench.in.s{{s}}.text", {rate}, {seconds}, 1000, {{}})
+    await bus.paced(nc, lambda s: bus.BENCH.input(f"s{{s}}", "text"), {rate}, {seconds}, 1000, {{}})
     await nc.close()
 asyncio.run(main())
 """

@@ -39,13 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nats
 import orjson
 
+from engine.contracts.subjects import Subjects
 from engine.runtime.server import EmbeddedServer
 from engine.wire.codec import encode_headers
 
 ROOT = Path(__file__).resolve().parent.parent
+SOAK = Subjects("soak")  # the prefix CONFIG sets
 CONFIG = """
 [nats]
-subject_prefix = "soak"
+subject_prefix = "{prefix}"
 ack_wait_s = 10
 max_ack_pending = 50000
 [aligner]
@@ -130,7 +132,7 @@ async def produce(
                 "text/plain" if mod == "text" else "image/jpeg" if mod == "image" else "audio/wav",
                 event_id=eid,
             )
-            batch.append((eid, js.publish(f"soak.in.{src}.{mod}", b"x" * 256, headers=hdrs, timeout=5)))
+            batch.append((eid, js.publish(SOAK.input(src, mod), b"x" * 256, headers=hdrs, timeout=5)))
             n += 1
         results = await asyncio.gather(*(p for _, p in batch), return_exceptions=True)
         for (eid, _), res in zip(batch, results, strict=True):
@@ -173,7 +175,7 @@ async def main() -> int:
         server = EmbeddedServer(Path(tmp) / "nats")
         url = await asyncio.to_thread(server.start)
         cfg = Path(tmp) / "routing.toml"
-        cfg.write_text(CONFIG.format(routes="".join(ROUTE.format(m=m) for m in MODS)))
+        cfg.write_text(CONFIG.format(prefix=SOAK.prefix, routes="".join(ROUTE.format(m=m) for m in MODS)))
         engine = Engine(cfg, url)
         await engine.start()
         nc = await nats.connect(url)
@@ -205,8 +207,8 @@ async def main() -> int:
                 break
             await asyncio.sleep(1.0)
         code = await engine.stop()
-        results = await read_stream(js, "soak.out.>")
-        dlq = await read_stream(js, "soak.dlq.>")
+        results = await read_stream(js, SOAK.results)
+        dlq = await read_stream(js, SOAK.rejections)
         await nc.close()
         await asyncio.to_thread(server.stop)
     ids = Counter(msg_id for msg_id, _ in results)

@@ -16,6 +16,8 @@ import orjson
 import pytest
 
 from engine.config.models import EngineConfig, parse_config
+from engine.contracts.subjects import Subjects
+from engine.contracts.types import Modality
 from engine.runtime.server import EmbeddedServer
 from engine.tools.publish import sync_with_server
 from engine.wire.codec import encode_headers
@@ -197,7 +199,8 @@ async def engine_health(
 
     async def answer() -> bool:
         with contextlib.suppress(Exception):  # not registered yet
-            return done(orjson.loads((await nc.request(f"{prefix}.svc.health", b"", timeout=1.0)).data))
+            reply = await nc.request(Subjects(prefix).service("health"), b"", timeout=1.0)
+            return done(orjson.loads(reply.data))
         return False
 
     await eventually(answer, "the engine's health to satisfy the condition", timeout)
@@ -214,7 +217,7 @@ async def send(
     nc: Any,
     prefix: str,
     source: str,
-    modality: str,
+    modality: Modality,
     body: bytes,
     ts: int,
     content_type: str | None = None,
@@ -222,6 +225,5 @@ async def send(
     **kw: Any,
 ) -> None:
     ct = content_type or {"image": "image/jpeg", "audio": "audio/wav", "text": "text/plain"}[modality]
-    await nc.publish(
-        f"{prefix}.in.{source}.{modality}", body, headers=encode_headers(ts, ct, event_id=event_id, **kw)
-    )
+    subject = Subjects(prefix).input(source, modality)
+    await nc.publish(subject, body, headers=encode_headers(ts, ct, event_id=event_id, **kw))

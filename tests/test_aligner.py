@@ -10,8 +10,8 @@ import pytest
 from engine.align.aligner import Aligner
 from engine.config.models import AlignerConfig
 from engine.contracts.errors import EventRejected
+from engine.contracts.records import FrameRecord
 from engine.contracts.types import ContentType, Features, FusedFrame, InputEvent
-from engine.runtime.engine import frame_record
 
 MS = 1_000_000
 T0 = 1_764_000_000_000 * MS  # a window boundary for every window length used here
@@ -246,8 +246,6 @@ def test_fusion_aggregates_per_modality() -> None:
 
 
 def test_same_events_and_clock_give_the_same_bytes() -> None:
-    import orjson
-
     def run() -> list[bytes]:
         clock = Clock()
         a = make(clock, allowed_lateness_ms=30)
@@ -257,8 +255,8 @@ def test_same_events_and_clock_give_the_same_bytes() -> None:
         ):
             clock.now += MS
             push(a, ev("s", mod, T0 + off * MS, f"e{i}"), float(i))
-            out += [orjson.dumps(frame_record(f)) for f in a.poll()]
-        return out + [orjson.dumps(frame_record(f)) for f in a.flush()]
+            out += [FrameRecord.from_frame(f).to_bytes() for f in a.poll()]
+        return out + [FrameRecord.from_frame(f).to_bytes() for f in a.flush()]
 
     first = run()
     assert len(first) == 2

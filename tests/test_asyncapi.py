@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.contracts.errors import REASONS
+from engine.contracts.records import Rejection, Result
 from engine.runtime.engine import Engine
-from engine.wire.asyncapi import Rejection, Result, document
+from engine.wire.asyncapi import document
 from tests.conftest import collect, make_config, send
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +26,7 @@ def test_committed_document_is_current() -> None:
         "python -m engine.wire.asyncapi | python -m json.tool > docs/asyncapi.json"
     )
     spec = json.loads(document())
-    assert set(spec["channels"]) == {"input", "result", "rejected"}
+    assert set(spec["channels"]) == {"input", "result", "rejected", "late"}
     assert set(spec["components"]["schemas"]["Rejection"]["properties"]["reason"]["enum"]) == REASONS
 
 

@@ -7,17 +7,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.contracts.errors import REASONS, EventRejected
+from engine.contracts.subjects import Subjects
 from engine.contracts.types import InputEvent
 from engine.wire.codec import (
     MAX_TIMESTAMP_NS,
     MIN_TIMESTAMP_NS,
     Limits,
     decode_event,
-    dlq_subject,
     encode_headers,
     header,
     parse_content_type,
-    parse_subject,
 )
 
 TS = 1_764_000_000_000_000_000
@@ -87,7 +86,7 @@ def test_event_id_is_generated_when_absent_and_unique() -> None:
 )
 def test_malformed_subjects_are_bad_subject(subject: str) -> None:
     assert reason_of(subject=subject) == "bad_subject"
-    assert dlq_subject("autoglm", None) == "autoglm.dlq._"
+    assert Subjects("autoglm").dlq(None) == "autoglm.dlq._"
 
 
 def test_timestamp_rules() -> None:
@@ -202,7 +201,7 @@ def test_parse_helpers() -> None:
     ct = parse_content_type(' Audio/PCM ; Rate=16000 ;channels="2"; format=s16le')
     assert ct.mime == "audio/pcm"
     assert dict(ct.params) == {"rate": "16000", "channels": "2", "format": "s16le"}
-    assert parse_subject("edge.site1.in.cam.text", "edge.site1").source == "cam"
+    assert Subjects("edge.site1").parse_input("edge.site1.in.cam.text").source == "cam"
 
 
 def test_unknown_reason_code_is_a_bug() -> None:

@@ -11,12 +11,16 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import orjson
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from engine.config.models import TracingConfig
+from engine.contracts.records import FrameRecord
+from engine.contracts.types import FusedFrame, ModalityFusion
 from engine.observe.tracing import Tracing, new_traceparent
 from engine.runtime.engine import Engine
 from tests.conftest import collect, make_config, send, spawn_engine
@@ -160,3 +164,25 @@ async def test_otlp_exporter_sends_the_engine_spans_of_a_producer_trace(
     window = next(s for s in mine if s.name == "autoglm.window")
     assert int.from_bytes(window.parent_span_id, "big") == span_id
     assert ids(out.items[0][1]["traceparent"]) == (trace_id, int.from_bytes(window.span_id, "big"))
+
+
+def test_a_typed_result_makes_the_same_spans_as_its_dict_form() -> None:
+    """frame_spans reads a :class:`Result` (what the engine will hand it) as it
+    reads the dict the engine builds today: same trace, same attributes, same status."""
+    t = 1_764_000_000_000_000_000
+    fused = ModalityFusion(("e1",), (t,), {"count": 1}, arrivals=(t,), done=(t + MS,), traceparents=(None,))
+    frame = FusedFrame("cam", t, t + 100 * MS, {"text": fused}, (), None, t, t + 2 * MS)
+    latency = {"process": 1.0, "align": 2.0, "glm": 3.0, "event_to_result": 4.0}
+    glm = {"backend": "openai", "model": "glm-4", "latency_ms": 3.0, "error": "HTTP 500"}
+    result = FrameRecord.from_frame(frame).result(prompt="p", answer=None, glm=glm, latency_ms=latency)  # type: ignore[arg-type]
+    seen = []
+    for record in (result, orjson.loads(result.to_bytes())):
+        exporter = InMemorySpanExporter()
+        tracing = Tracing(TracingConfig(), exporters=[exporter])
+        traceparent = tracing.frame_spans(frame, record, result.result_id, t + 3 * MS)
+        tracing.shutdown()
+        [window] = by_name(list(exporter.get_finished_spans()), "autoglm.window")
+        assert window.context is not None and f"{window.context.trace_id:032x}" == result.trace_id
+        assert traceparent is not None  # span ids are random; the trace is the window's
+        seen.append((ids(traceparent)[0], dict(window.attributes or {}), window.status.status_code))
+    assert seen[0] == seen[1] and seen[0][2] == StatusCode.ERROR

@@ -41,6 +41,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from engine.config.models import TracingConfig
+from engine.contracts.records import Result
 from engine.contracts.types import FusedFrame
 
 #: Standard OTLP variables; either one turns the exporter on.
@@ -137,15 +138,21 @@ class Tracing:
     def tracer(self) -> trace.Tracer | None:
         return self._tracer
 
-    def frame_spans(self, frame: FusedFrame, record: dict[str, Any], result_id: str, now: int) -> str | None:
-        """Record the spans of one published frame; returns the result's ``traceparent``."""
+    def frame_spans(
+        self, frame: FusedFrame, record: Result | Mapping[str, Any], result_id: str, now: int
+    ) -> str | None:
+        """Record the spans of one published frame; returns the result's ``traceparent``.
+        ``record`` is the :class:`Result` (or its dict form, while the engine builds dicts)."""
         tracer = self._tracer
         if tracer is None:
             return frame.traceparent
+        if isinstance(record, Result):
+            trace_id, glm = record.trace_id, dict(record.glm)
+        else:
+            trace_id, glm = record["trace_id"], record.get("glm") or {}
         parent = context_of(frame.traceparent)
         if parent is None:
-            self._ids.next_trace_id = int(record["trace_id"], 16)
-        glm = record.get("glm") or {}
+            self._ids.next_trace_id = int(trace_id, 16)
         window = tracer.start_span(
             "autoglm.window",
             context=parent,

@@ -34,8 +34,8 @@ from engine.config.models import (
     with_overrides,
 )
 from engine.contracts.errors import AutoGLMError, ConfigError
+from engine.contracts.subjects import Subjects, valid_source
 from engine.observe.logs import setup_logging
-from engine.wire.codec import SOURCE_RE
 
 if TYPE_CHECKING:
     from engine.runtime.engine import Engine
@@ -146,7 +146,8 @@ async def _run(args: argparse.Namespace) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    print(f"autoglm: engine running on {url}; inputs on {cfg.nats.subject_prefix}.in.<source>.<modality>")
+    inputs = Subjects(cfg.nats.subject_prefix).input_pattern("<source>", "<modality>")
+    print(f"autoglm: engine running on {url}; inputs on {inputs}")
     if locked is not None:
         env = locked.env_files
         print(
@@ -307,7 +308,8 @@ async def _health(args: argparse.Namespace) -> int:
     args.nats_url = url
     nc, _ = await _open(args, timeout=args.timeout)
     try:
-        reply = await nc.request(f"{cfg.nats.subject_prefix}.svc.health", b"", timeout=args.timeout)
+        health = Subjects(cfg.nats.subject_prefix).service("health")
+        reply = await nc.request(health, b"", timeout=args.timeout)
     except Exception as exc:  # no responders / timeout: no healthy engine
         shown = redact_url(url)
         print(f"autoglm health: no engine answered on {shown}: {type(exc).__name__}", file=sys.stderr)
@@ -427,7 +429,7 @@ def _since(text: str) -> datetime | None:
 
 
 def _source(text: str) -> str:
-    if not SOURCE_RE.fullmatch(text):
+    if not valid_source(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a source name: 1-64 of [A-Za-z0-9_-]")
     return text
 

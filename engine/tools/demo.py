@@ -23,10 +23,11 @@ import orjson
 from opentelemetry.trace import SpanKind
 
 from engine.config.models import EngineConfig, Overrides, RouteConfig
+from engine.contracts.subjects import Subjects
 from engine.observe.tracing import traceparent_of
 from engine.tools.publish import connect, sync_with_server
 from engine.transport.security import connect_kwargs, redact_url
-from engine.wire.codec import encode_headers, input_subject
+from engine.wire.codec import encode_headers
 
 FPS = 30
 AUDIO_CHUNK_MS = 100
@@ -121,7 +122,7 @@ class Tally:
 
 async def _source_loop(
     nc: Any,
-    prefix: str,
+    subjects: Subjects,
     index: int,
     seconds: float,
     tally: Tally,
@@ -170,7 +171,7 @@ async def _source_loop(
             traceparent = traceparent_of(span)
             span.end()
         hdrs = encode_headers(ts, ct, event_id=eid, traceparent=traceparent)
-        await nc.publish(input_subject(prefix, name, mod), body, headers=hdrs)  # type: ignore[arg-type]
+        await nc.publish(subjects.input(name, mod), body, headers=hdrs)  # type: ignore[arg-type]
 
 
 def _line(elapsed: float, tally: Tally, stats: Any) -> str:
@@ -228,7 +229,7 @@ async def _demo_on(
     inject_bad: bool,
 ) -> int:
     url = await engine.start(nats_url)
-    prefix = config.nats.subject_prefix
+    subjects = Subjects(config.nats.subject_prefix)
     print(f"autoglm demo: engine up on {redact_url(url)}", flush=True)
     if engine.metrics is not None:
         where = f"http://{config.metrics.host}:{engine.metrics.port}/metrics"
@@ -242,14 +243,14 @@ async def _demo_on(
     async def on_dlq(msg: Any) -> None:
         tally.on_reject(orjson.loads(msg.data))
 
-    await nc.subscribe(f"{prefix}.out.>", cb=on_out)
-    await nc.subscribe(f"{prefix}.dlq.>", cb=on_dlq)
+    await nc.subscribe(subjects.results, cb=on_out)
+    await nc.subscribe(subjects.rejections, cb=on_dlq)
     await sync_with_server(nc)
     frames = [shapes_frames(i, FPS * 2, width, height) for i in range(sources)]
     started = time.monotonic()
     pubs = [
         asyncio.create_task(
-            _source_loop(nc, prefix, i, seconds, tally, frames[i], inject_bad, engine.tracing.tracer)
+            _source_loop(nc, subjects, i, seconds, tally, frames[i], inject_bad, engine.tracing.tracer)
         )
         for i in range(sources)
     ]

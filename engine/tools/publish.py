@@ -17,12 +17,13 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError
 
 from engine.contracts.errors import AutoGLMError, TransportError
+from engine.contracts.subjects import Subjects
 from engine.contracts.types import Modality
 from engine.observe.tracing import new_traceparent
 from engine.transport.security import redact_url
 from engine.transport.sync import sync_with_server as sync_with_server  # tools and tests import it here
 from engine.wire.claimcheck import OBJECT_REF, put_payload
-from engine.wire.codec import ID_HEADER, encode_headers, input_subject
+from engine.wire.codec import ID_HEADER, encode_headers
 
 
 def sniff_image(data: bytes, path: Path) -> str:
@@ -124,6 +125,7 @@ async def publish_file(
 
     Every event carries ``traceparent`` (a new trace when none is given), so
     the engine's spans and the result continue the producer's trace."""
+    subjects = Subjects(prefix)
     bodies: list[bytes]
     modality: Modality
     if image is not None:
@@ -159,13 +161,13 @@ async def publish_file(
             await replies.put((f"{msg.subject} traceparent={tp}", orjson.loads(msg.data)))
 
         if wait > 0:
-            await nc.subscribe(f"{prefix}.out.{source}", cb=on_reply)
-            await nc.subscribe(f"{prefix}.dlq.{source}", cb=on_reply)
+            await nc.subscribe(subjects.result(source), cb=on_reply)
+            await nc.subscribe(subjects.dlq(source), cb=on_reply)
             await sync_with_server(nc)
             if refusals:  # e.g. the --secure producer user: it may not read results
                 print(f"--wait: this user may not read results ({refusals[0]}); publishing without waiting")
                 wait = 0.0
-        subject = input_subject(prefix, source, modality)
+        subject = subjects.input(source, modality)
         t0 = time.time_ns()
         base_id = event_id or f"{source}-{modality}-{t0}"
         ids = [base_id if len(bodies) == 1 else f"{base_id}-{i}" for i in range(len(bodies))]

@@ -47,6 +47,7 @@ from nats.js.errors import (
 )
 
 from engine.contracts.errors import EventRejected, TransportError
+from engine.contracts.subjects import object_chunks, object_meta
 from engine.wire.codec import CONTENT_TYPE_HEADER, header
 
 log = logging.getLogger("autoglm.claimcheck")
@@ -263,7 +264,7 @@ async def bucket(js: Any, name: str, ttl_s: float, max_bytes: int = -1) -> None:
         await js.add_stream(
             StreamConfig(
                 name=stream,
-                subjects=[f"$O.{name}.C.>", f"$O.{name}.M.>"],
+                subjects=[object_chunks(name), object_meta(name)],
                 max_age=ttl_s,
                 max_bytes=max_bytes,
                 storage=StorageType.FILE,
@@ -292,7 +293,7 @@ async def _put(js: Any, bucket_name: str, data: bytes, content_type: str, chunk:
     name, nuid = uuid.uuid4().hex, uuid.uuid4().hex  # random: no one else can aim at them
     chunks = 0
     for at in range(0, len(data), chunk):
-        await js.publish(f"$O.{bucket_name}.C.{nuid}", data[at : at + chunk])
+        await js.publish(object_chunks(bucket_name, nuid), data[at : at + chunk])
         chunks += 1
     sha = hashlib.sha256(data).digest()
     info = ObjectInfo(
@@ -305,7 +306,7 @@ async def _put(js: Any, bucket_name: str, data: bytes, content_type: str, chunk:
         mtime=datetime.now(UTC).isoformat(),
         options=ObjectMetaOptions(max_chunk_size=chunk),
     )
-    await js.publish(f"$O.{bucket_name}.M.{_b64(name.encode())}", orjson.dumps(info.as_dict()))
+    await js.publish(object_meta(bucket_name, _b64(name.encode())), orjson.dumps(info.as_dict()))
     return ObjectRef(bucket_name, name, content_type, len(data), sha.hex())
 
 

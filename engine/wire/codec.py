@@ -1,6 +1,7 @@
 """The wire contract: NATS subject + headers + raw body <-> :class:`InputEvent`.
 
-Input subject ``<prefix>.in.<source>.<modality>``; headers
+Input subject ``<prefix>.in.<source>.<modality>`` (parsed by
+:class:`engine.contracts.subjects.Subjects`); headers
 ``AutoGLM-Timestamp`` (integer ns, required), ``Content-Type`` (required),
 ``Nats-Msg-Id``, ``AutoGLM-Seq`` and ``traceparent`` (optional). The body is
 the raw payload. Everything here is plain string checks rather than a pydantic
@@ -17,6 +18,7 @@ from types import MappingProxyType
 from typing import Final, cast
 
 from engine.contracts.errors import EventRejected
+from engine.contracts.subjects import InputSubject, Subjects
 from engine.contracts.types import MODALITIES, ContentType, InputEvent, Modality, Nanos
 
 TIMESTAMP_HEADER: Final = "AutoGLM-Timestamp"
@@ -30,7 +32,6 @@ _OURS: Final = (TIMESTAMP_HEADER, CONTENT_TYPE_HEADER, ID_HEADER, SEQ_HEADER, TR
 _EXACT: Final = {n: i for i, n in enumerate(_OURS)}
 _FOLDED: Final = {n.lower(): i for i, n in enumerate(_OURS)}
 
-SOURCE_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TRACEPARENT_RE: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _ZERO_TRACE_ID: Final = "0" * 32
 _ZERO_SPAN_ID: Final = "0" * 16
@@ -61,34 +62,6 @@ class Limits:
     """Size limits checked before any expensive work."""
 
     max_payload_bytes: int = 8 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Subject:
-    source: str
-    modality: Modality
-
-
-def parse_subject(subject: str, prefix: str) -> Subject:
-    """Split ``<prefix>.in.<source>.<modality>``; raise ``bad_subject`` otherwise."""
-    head = prefix + ".in."
-    if not subject.startswith(head):
-        raise EventRejected("bad_subject", f"subject {subject!r} does not start with {head!r}")
-    parts = subject[len(head) :].split(".")
-    if len(parts) != 2:
-        raise EventRejected("bad_subject", f"subject {subject!r} is not {head}<source>.<modality>")
-    source, modality = parts
-    if not SOURCE_RE.fullmatch(source):
-        raise EventRejected(
-            "bad_subject",
-            f"source {source!r} in subject {subject!r} must be 1-64 characters of [A-Za-z0-9_-]",
-        )
-    if modality not in MODALITIES:
-        raise EventRejected(
-            "bad_subject",
-            f"modality {modality!r} in subject {subject!r} is not one of {', '.join(MODALITIES)}",
-        )
-    return Subject(source, modality)
 
 
 def parse_content_type(value: str) -> ContentType:
@@ -248,15 +221,15 @@ def _ours_any_case(hdrs: Mapping[str, str]) -> list[str | None]:
 #: keeps it bounded, cheap, and safe from any thread.
 _CACHE_SIZE: Final = 16_384
 _CACHED_LENGTH: Final = 256
-_subjects: dict[str, tuple[str, Subject]] = {}
+_subjects: dict[str, tuple[str, InputSubject]] = {}
 _content_types: dict[Modality, dict[str, ContentType]] = {m: {} for m in MODALITIES}
 
 
-def _subject(subject: str, prefix: str) -> Subject:
+def _subject(subject: str, prefix: str) -> InputSubject:
     hit = _subjects.get(subject)
     if hit is not None and hit[0] == prefix:
         return hit[1]
-    where = parse_subject(subject, prefix)
+    where = Subjects(prefix).parse_input(subject)
     if len(subject) <= _CACHED_LENGTH:
         if len(_subjects) >= _CACHE_SIZE:
             _subjects.clear()
@@ -386,18 +359,16 @@ def encode_headers(
     return hdrs
 
 
-def input_subject(prefix: str, source: str, modality: Modality) -> str:
-    return f"{prefix}.in.{source}.{modality}"
+# -- compatibility: subjects moved to engine.contracts.subjects ------------------------
+# Kept only while engine.runtime.engine and engine.tools.replay still import them
+# from here; new code holds a Subjects and asks it.
 
 
 def dlq_subject(prefix: str, source: str | None) -> str:
-    """``<prefix>.dlq.<source>``, or ``<prefix>.dlq._`` when the subject was malformed."""
-    return f"{prefix}.dlq.{source if source and SOURCE_RE.fullmatch(source) else '_'}"
+    """:meth:`Subjects.dlq` (compatibility)."""
+    return Subjects(prefix).dlq(source)
 
 
 def source_of(subject: str, prefix: str) -> str | None:
-    """Best-effort source of a subject that failed to parse, for DLQ routing."""
-    try:
-        return parse_subject(subject, prefix).source
-    except EventRejected:
-        return None
+    """:meth:`Subjects.source_of` (compatibility)."""
+    return Subjects(prefix).source_of(subject)
