@@ -21,9 +21,8 @@ from nats.micro import add_service
 from nats.micro.request import Request
 
 from engine.contracts.errors import ConfigError
+from engine.contracts.subjects import SERVICE_NAME, SrvVerb, Subjects, srv
 from engine.observe.snapshot import Snapshot
-
-SERVICE_NAME = "autoglm"
 
 
 def health_report(snap: Snapshot) -> dict[str, Any]:
@@ -66,8 +65,8 @@ async def register(
         metadata={"subject_prefix": prefix},
         stats_handler=lambda endpoint: snapshot().summary(),
     )
-    await service.add_endpoint(name="health", subject=f"{prefix}.svc.health", handler=health)
-    await service.add_endpoint(name="config", subject=f"{prefix}.svc.config", handler=config)
+    await service.add_endpoint(name="health", subject=Subjects(prefix).service("health"), handler=health)
+    await service.add_endpoint(name="config", subject=Subjects(prefix).service("config"), handler=config)
 
     async def on_reload(req: Request) -> None:
         await req.respond(orjson.dumps(await reload()))
@@ -83,7 +82,7 @@ async def refuse_a_second_engine(nc: Any, prefix: str, url: str) -> None:
     the results stream keeps one, losing events; core: duplicates). A request
     to the health endpoint: 'no responders' comes back at once when free."""
     try:
-        msg = await nc.request(f"{prefix}.svc.health", b"", timeout=0.5)
+        msg = await nc.request(Subjects(prefix).service("health"), b"", timeout=0.5)
     except (NoRespondersError, NatsTimeoutError):
         return
     other = orjson.loads(msg.data) if msg.data.startswith(b"{") else {}
@@ -97,7 +96,7 @@ async def refuse_a_second_engine(nc: Any, prefix: str, url: str) -> None:
 
 
 def reload_subject(prefix: str, service_id: str) -> str:
-    return f"{prefix}.svc.reload.{service_id}"
+    return Subjects(prefix).reload(service_id)
 
 
 async def reload_all(nc: Any, prefix: str | None = None, timeout: float = 60.0) -> list[dict[str, Any]]:
@@ -113,11 +112,11 @@ async def reload_all(nc: Any, prefix: str | None = None, timeout: float = 60.0) 
     return reports
 
 
-async def find_engines(nc: Any, wait: float = 0.5, verb: str = "STATS") -> list[dict[str, Any]]:
+async def find_engines(nc: Any, wait: float = 0.5, verb: SrvVerb = "STATS") -> list[dict[str, Any]]:
     """Every engine's ``$SRV.STATS`` (or ``INFO``, ``PING``) reply on this NATS."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
-    await nc.publish(f"$SRV.{verb}.{SERVICE_NAME}", b"", reply=inbox)
+    await nc.publish(srv(verb), b"", reply=inbox)
     found = []
     deadline = time.monotonic() + wait
     while (left := deadline - time.monotonic()) > 0:

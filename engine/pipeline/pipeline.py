@@ -27,35 +27,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import orjson
+from typing import Any, Literal, cast
 
 from engine.align.aligner import Aligner
 from engine.align.nearest import NearestAligner
 from engine.contracts.errors import BackpressureError, EventRejected
 from engine.contracts.messages import Finish, Key, Message, Publish
-from engine.contracts.records import event_ids, frame_record, result_id
+from engine.contracts.records import FrameRecord, Latency, Rejection, Result, event_ids
+from engine.contracts.subjects import Subjects
 from engine.contracts.types import Clock, FusedFrame, InputEvent, Nanos
 from engine.observe.stats import EngineStats
 from engine.pipeline.router import Outcome, Route, Router
 from engine.wire import natsguard
-from engine.wire.codec import (
-    ID_HEADER,
-    TIMESTAMP_HEADER,
-    Limits,
-    decode_event,
-    dlq_subject,
-    header,
-    source_of,
-)
+from engine.wire.codec import ID_HEADER, TIMESTAMP_HEADER, Limits, decode_event, header
 
 log = logging.getLogger("autoglm.engine")
 
-#: ``(frame, record, now) -> traceparent`` of the result's span, if traced.
-Tracer = Callable[[FusedFrame, dict[str, Any], str, Nanos], str | None]
+#: ``(frame, record, result id, now) -> traceparent`` of the result's span, if traced.
+Tracer = Callable[[FusedFrame, Result, str, Nanos], str | None]
 #: Whether a delivery's record was stored before a crash lost its ack.
 StoredBefore = Callable[[Key, str], bool]
 
@@ -65,7 +56,7 @@ class Ask:
     """A closed window for the GLM stage; its answer comes back through :meth:`Pipeline.result`."""
 
     frame: FusedFrame
-    record: dict[str, Any]
+    record: FrameRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +91,7 @@ class Pipeline:
         self.router = Router(self.routes)
         self.aligner = aligner
         self.prefix = prefix
+        self.subjects = Subjects(prefix)
         self.limits = limits
         self.clock = clock
         self.glm_backend = glm_backend
@@ -344,36 +336,38 @@ class Pipeline:
     def _frames(self, frames: list[FusedFrame]) -> list[Output]:
         out: list[Output] = []
         for frame in frames:
-            record = frame_record(frame)
+            part = FrameRecord.from_frame(frame)
             if frame.modalities:
-                out.append(Ask(frame, record))
+                out.append(Ask(frame, part))
             else:  # only skipped events: nothing to ask the model about
-                record.update(prompt=None, answer=None, glm={"backend": self.glm_backend})
-                out.append(self.result(frame, record))
+                part_glm = {"prompt": None, "answer": None, "glm": {"backend": self.glm_backend}}
+                out.append(self.result(frame, part, part_glm))
         return out
 
-    def result(self, frame: FusedFrame, record: dict[str, Any]) -> Publish:
-        """The finished result of ``frame`` (``record`` holds the GLM's part)."""
+    def result(self, frame: FusedFrame, part: FrameRecord, glm: dict[str, Any]) -> Publish:
+        """The finished result of ``frame``: ``glm`` is the GLM stage's part
+        (``prompt``, ``answer``, ``glm``); the latencies are added here."""
         now = self.clock()
         latest = max((ts for f in frame.modalities.values() for ts in f.timestamps), default=now)
-        record["latency_ms"] = lat = {
+        ms: dict[str, float] = {
             "process": round(frame.process_ns / 1e6, 3),
             "align": round((frame.closed_ns - frame.first_arrival_ns) / 1e6, 3),
-            "glm": record.get("glm", {}).get("latency_ms", 0.0),
+            "glm": glm["glm"].get("latency_ms", 0.0),
             "event_to_result": round((now - latest) / 1e6, 3),
         }
-        for stage, ms in lat.items():
-            self.stats.observe(stage, ms / 1000)
-        rid = record.get("result_id") or result_id(frame)
-        headers = {ID_HEADER: rid}
-        traceparent = self.tracer(frame, record, rid, now) if self.tracer is not None else None
+        for stage, value in ms.items():
+            self.stats.observe(stage, value / 1000)
+        lat = cast(Latency, ms)
+        record = part.result(prompt=glm["prompt"], answer=glm["answer"], glm=glm["glm"], latency_ms=lat)
+        headers = {ID_HEADER: record.result_id}
+        traceparent = self.tracer(frame, record, record.result_id, now) if self.tracer is not None else None
         if traceparent:
             headers["traceparent"] = traceparent
         acks = [d for eid in event_ids(frame) for d in self._deliveries.pop((frame.source, eid), ())]
         self.stats.results += 1
         for mod, fused in frame.modalities.items():
             self.stats.results_events[mod] += len(fused.event_ids)
-        return Publish(f"{self.prefix}.out.{frame.source}", orjson.dumps(record), headers, tuple(acks))
+        return Publish(self.subjects.result(frame.source), record.to_bytes(), headers, tuple(acks))
 
     def rejection(
         self,
@@ -386,29 +380,31 @@ class Pipeline:
         """The rejection record naming the subject, event id, reason and what was wrong."""
         self.stats.rejected[(modality, exc.reason)] += 1
         self.stats.dlq_published += 1
-        hdrs = headers if isinstance(headers, dict) else None
+        hdrs = headers if isinstance(headers, Mapping) else None
         shown = natsguard.printable(subject)
-        source = source_of(subject, self.prefix)
-        record = {
-            "subject": shown,
-            "source": source,
-            "modality": modality if modality != "?" else None,
-            "event_id": header(hdrs, ID_HEADER),
-            "timestamp_ns": header(hdrs, TIMESTAMP_HEADER),
-            "reason": exc.reason,
-            "message": exc.message,
-            "rejected_ns": self.clock(),
-        }
+        source = self.subjects.source_of(subject)
+        record = Rejection._trusted(
+            {
+                "subject": shown,
+                "source": source,
+                "modality": modality if modality != "?" else None,
+                "event_id": header(hdrs, ID_HEADER),
+                "timestamp_ns": header(hdrs, TIMESTAMP_HEADER),
+                "reason": exc.reason,
+                "message": exc.message,
+                "rejected_ns": self.clock(),
+            }
+        )
         log.info(
             "rejected %s: %s", shown, exc, extra={"source": source, "subject": shown, "reason": exc.reason}
         )
-        target = dlq_subject(self.prefix, source)
+        target = self.subjects.dlq(source)
         if exc.reason == "too_late" and self.late_to == "late" and source:
-            target = f"{self.prefix}.late.{source}"
+            target = self.subjects.late(source)
         return Publish(
-            target, orjson.dumps(record), acks=tuple(acks), kind="rejection", terminate=exc.reason == "poison"
+            target, record.to_bytes(), acks=tuple(acks), kind="rejection", terminate=exc.reason == "poison"
         )
 
     def modality_of(self, subject: str) -> str:
         """The modality token of a subject that may not parse (``?`` when it does not)."""
-        return subject.rsplit(".", 1)[-1] if source_of(subject, self.prefix) else "?"
+        return subject.rsplit(".", 1)[-1] if self.subjects.source_of(subject) else "?"

@@ -224,7 +224,9 @@ class Driver:
     async def emit(self, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Ask):
-                await self.glm.submit(out.frame, out.record)
+                # The stage fills in prompt, answer and glm, and carries the
+                # record's deterministic part through to :meth:`answered`.
+                await self.glm.submit(out.frame, {"part": out.record, "trace_id": out.record.trace_id})
             elif isinstance(out, Finish):
                 await self.transport.finish(out)
             else:
@@ -238,7 +240,7 @@ class Driver:
 
     async def answered(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         """The GLM stage's publish callback: the frame's finished result."""
-        await self.publish(self.pipeline.result(frame, record))
+        await self.publish(self.pipeline.result(frame, record.pop("part"), record))
 
     async def flush(self) -> None:
         """Close and publish every open window now."""

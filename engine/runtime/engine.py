@@ -30,7 +30,7 @@ from engine.align.aligner import Aligner
 from engine.align.nearest import NearestAligner
 from engine.config.models import EngineConfig, Overrides
 from engine.contracts.errors import ConfigError, TransportError
-from engine.contracts.records import frame_record
+from engine.contracts.subjects import Subjects
 from engine.contracts.types import Clock, FusedFrame
 from engine.glm.stage import GLMStage
 from engine.observe.metrics import MetricsServer
@@ -55,7 +55,7 @@ from engine.wire.codec import Limits
 
 log = logging.getLogger("autoglm.engine")
 
-__all__ = ["Engine", "frame_record"]
+__all__ = ["Engine"]
 
 
 class Engine:
@@ -187,7 +187,7 @@ class Engine:
         if await self._use_jetstream():
             transport = JetStreamTransport(self._nc, nats)
         else:
-            transport = CoreTransport(self._nc, f"{self.prefix}.in.>")
+            transport = CoreTransport(self._nc, Subjects(self.prefix).inputs)
         await transport.setup()
         self.transport = transport
         self.pipeline.stored_before = transport.stored_before

@@ -33,6 +33,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from engine.config.models import EngineConfig
 from engine.contracts.errors import ConfigError, EventRejected, TransportError
 from engine.contracts.messages import Message, Publish
+from engine.contracts.subjects import Subjects
 from engine.contracts.types import Nanos
 from engine.pipeline.pipeline import Ask, Output, Pipeline
 from engine.pipeline.router import Route
@@ -153,19 +154,19 @@ class Replayer:
     def _emit(self, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Ask):
-                self._frame(out.record)
+                self._frame(out.record.to_bytes())
             elif isinstance(out, Publish) and out.kind == "rejection":
                 record = orjson.loads(out.payload)
                 self.stats.rejected[record["reason"]] += 1
                 self.out.write(orjson.dumps({"rejected": record}) + b"\n")
             elif isinstance(out, Publish):  # a window of skipped events only
-                self._frame(orjson.loads(out.payload))
+                self._frame(out.payload)
         self.stats.rate_limited = sum(self.pipeline.stats.rate_limited.values())
 
-    def _frame(self, record: dict[str, Any]) -> None:
+    def _frame(self, line: bytes) -> None:
         self.stats.frames += 1
-        self.stats.fused += sum(len(ids) for ids in record["events"].values())
-        self.out.write(orjson.dumps(record) + b"\n")
+        self.stats.fused += sum(len(ids) for ids in orjson.loads(line)["events"].values())
+        self.out.write(line + b"\n")
 
 
 async def recorded(nc: Any, config: EngineConfig, since: datetime | None) -> AsyncIterator[Any]:
@@ -185,7 +186,7 @@ async def recorded(nc: Any, config: EngineConfig, since: datetime | None) -> Asy
         return
     policy = DeliverPolicy.ALL if since is None else DeliverPolicy.BY_START_TIME
     sub = await js.pull_subscribe(
-        f"{config.nats.subject_prefix}.in.>",
+        Subjects(config.nats.subject_prefix).inputs,
         stream=stream,
         config=ConsumerConfig(
             ack_policy=AckPolicy.NONE,

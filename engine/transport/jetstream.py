@@ -44,6 +44,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from engine.contracts.errors import TransportError
 from engine.contracts.messages import Finish, Key, Message, Publish
+from engine.contracts.subjects import Subjects
 from engine.transport.base import Sink, TransportState
 from engine.transport.resultstore import ResultStore
 from engine.wire.codec import ID_HEADER
@@ -95,6 +96,7 @@ class JetStreamTransport:
         self.js = nc.jetstream()
         self.config = config
         self.prefix = config.subject_prefix
+        self.subjects = Subjects(config.subject_prefix)
         self.in_stream, self.out_stream = stream_names(config)
         self.rec_stream = record_stream(config)
         #: Inputs in hand, being handled or waiting in windows for their record
@@ -168,7 +170,7 @@ class JetStreamTransport:
         cfg = self.config
         inputs = StreamConfig(
             name=self.in_stream,
-            subjects=[f"{self.prefix}.in.>"],
+            subjects=[self.subjects.inputs],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             max_age=cfg.stream_max_age_s,
@@ -180,7 +182,7 @@ class JetStreamTransport:
         )
         outputs = StreamConfig(
             name=self.out_stream,
-            subjects=[f"{self.prefix}.out.>", f"{self.prefix}.dlq.>", f"{self.prefix}.late.>"],
+            subjects=list(self.subjects.outputs),
             storage=StorageType.FILE,
             max_age=cfg.stream_max_age_s,
             max_bytes=cfg.stream_max_bytes,
@@ -203,7 +205,7 @@ class JetStreamTransport:
                 await self._mirror_attached()
             start = await self._replay_point()
             self.sub = await self.js.pull_subscribe(
-                f"{self.prefix}.in.>",
+                self.subjects.inputs,
                 durable=cfg.consumer,
                 stream=self.in_stream,
                 config=ConsumerConfig(
@@ -372,7 +374,7 @@ class JetStreamTransport:
         """Read the results and DLQ records stored since ``since``: their inputs
         are done, whatever became of their acks."""
         sub = await self.js.pull_subscribe(
-            f"{self.prefix}.>",
+            self.subjects.everything,
             stream=self.out_stream,
             config=ConsumerConfig(
                 ack_policy=AckPolicy.NONE,

@@ -47,6 +47,7 @@ from engine.config.models import NatsConfig, TlsConfig
 from engine.config.nats import INBOX_PREFIX_ENV
 from engine.config.nats import redact_url as redact_url  # its home is config; callers import it here
 from engine.contracts.errors import ConfigError
+from engine.contracts.subjects import SRV_ALL, Subjects, object_chunks, object_meta
 from engine.transport.jetstream import state_bucket, stream_names
 
 #: The Object Store bucket for claim-checked payloads (engine/wire/claimcheck.py).
@@ -127,20 +128,21 @@ def permissions(nats: NatsConfig) -> dict[str, dict[str, Any]]:
     # delete one; the bucket refuses rollups (claimcheck.bucket), so a
     # publish cannot wipe objects either; and the engine verifies each
     # object's sha256 against the reference (object_tampered).
-    objects = [f"$O.{bucket}.C.*", f"$O.{bucket}.M.*"]
+    objects = [object_chunks(bucket, "*"), object_meta(bucket, "*")]
     out = out_stream
+    s = Subjects(prefix)
     return {
         "producer": {
-            "publish": [f"{prefix}.in.>", *objects],
+            "publish": [s.inputs, *objects],
             "subscribe": [f"{inbox_prefix('producer')}.>"],
         },
         "engine": {
             "publish": [
-                f"{prefix}.out.>", f"{prefix}.dlq.>", f"{prefix}.late.>", f"{prefix}.svc.>",
-                "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$SRV.>",
+                *s.outputs, s.services,
+                "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", SRV_ALL,
                 f"$KV.{state_bucket(nats)}.>",  # how its last run ended (durable.py, crash guard)
             ],
-            "subscribe": [f"{prefix}.in.>", f"{prefix}.svc.>", "$SRV.>", f"{inbox_prefix('engine')}.>"],
+            "subscribe": [s.inputs, s.services, SRV_ALL, f"{inbox_prefix('engine')}.>"],
             # It answers $SRV and <prefix>.svc requests on the asker's inbox,
             # one reply per request, and may publish on no other inbox.
             "allow_responses": True,
@@ -158,7 +160,7 @@ def permissions(nats: NatsConfig) -> dict[str, dict[str, Any]]:
                 f"$JS.ACK.{out}.>", f"$JS.FC.{out}.>",
             ],
             "subscribe": [
-                f"{prefix}.out.>", f"{prefix}.dlq.>", f"{prefix}.late.>", f"{inbox_prefix('reader')}.>",
+                *s.outputs, f"{inbox_prefix('reader')}.>",
             ],
         },
     }  # fmt: skip

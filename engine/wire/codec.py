@@ -362,13 +362,3 @@ def encode_headers(
 # -- compatibility: subjects moved to engine.contracts.subjects ------------------------
 # Kept only while engine.runtime.engine and engine.tools.replay still import them
 # from here; new code holds a Subjects and asks it.
-
-
-def dlq_subject(prefix: str, source: str | None) -> str:
-    """:meth:`Subjects.dlq` (compatibility)."""
-    return Subjects(prefix).dlq(source)
-
-
-def source_of(subject: str, prefix: str) -> str | None:
-    """:meth:`Subjects.source_of` (compatibility)."""
-    return Subjects(prefix).source_of(subject)
