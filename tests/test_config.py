@@ -175,10 +175,12 @@ def test_numbers_and_booleans_must_have_their_toml_type() -> None:
 
 
 def test_every_toml_we_ship_or_document_still_loads() -> None:
-    """routing.toml, and each ```toml block of the README (a fragment: given a route when it
-    has none, checked for types and ranges; files it names need not exist here)."""
+    """routing.toml, and each ```toml block of the README and the docs pages (a fragment:
+    given a route when it has none, checked for types and ranges; files it names need not
+    exist here)."""
     load_config(ROOT / "routing.toml", env={})
-    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [b for page in pages for b in re.findall(r"```toml\n(.*?)```", page.read_text(), re.S)]
     assert len(blocks) >= 5
     for block in blocks:
         data = tomllib.loads(block)
