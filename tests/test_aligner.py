@@ -264,7 +264,7 @@ def test_same_events_and_clock_give_the_same_bytes() -> None:
 
 
 def test_the_readme_timeline() -> None:
-    """The example in README.md, "The aligner", step by step."""
+    """The example in docs/aligner.md, "The aligner", step by step."""
     a = make(Clock(), window_ms=1000, allowed_lateness_ms=300)
     for eid, mod, off in [("i100", "image", 100), ("t900", "text", 900), ("a1200", "audio", 1200)]:
         push(a, ev("s", mod, T0 + off * MS, eid))

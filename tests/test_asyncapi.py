@@ -46,7 +46,7 @@ async def test_published_messages_validate_against_the_schemas(nc: Any, nats_url
 
 
 async def test_the_documented_faststream_command_writes_the_committed_document(tmp_path: Path) -> None:
-    """The README's ``faststream docs gen engine.asyncapi:app`` needs ``faststream[cli]``
+    """docs/wire.md's ``faststream docs gen engine.wire.asyncapi:app`` needs ``faststream[cli]``
     (typer), which no dependency declared; the dev extra does now."""
     out = tmp_path / "asyncapi.json"
     proc = await asyncio.create_subprocess_exec(

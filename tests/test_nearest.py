@@ -199,7 +199,7 @@ def test_matches_the_offline_reference(
 
 
 def test_the_readme_example() -> None:
-    """README.md, "mode = nearest", step by step."""
+    """docs/aligner.md, "mode = nearest", step by step."""
     a = make(Clock())
     for mod, off, eid in [("image", 0, "i0"), ("audio", 8, "a8"), ("image", 40, "i40"), ("text", 45, "t45"),
                           ("audio", 70, "a70"), ("image", 200, "i200")]:  # fmt: skip

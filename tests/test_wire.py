@@ -37,7 +37,7 @@ async def test_core_mode_refuses_a_header_block_over_64_kib_with_a_dlq_record(
 async def test_durable_mode_the_server_refuses_a_header_block_over_64_kib(
     nc: Any, nats_url: str, prefix: str
 ) -> None:
-    """What the README says and the engine cannot change: JetStream refuses
+    """What docs/wire.md says and the engine cannot change: JetStream refuses
     the message before the engine can see it. A JetStream publisher is told
     (error 10097); a plain publisher is not, and no DLQ record is made."""
     engine = Engine(make_config(prefix))
