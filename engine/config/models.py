@@ -115,7 +115,7 @@ class RouteConfig(Frozen):
 
 
 class AlignerConfig(Frozen):
-    """Event-time fusion per source (see README, "The aligner")."""
+    """Event-time fusion per source (see docs/aligner.md)."""
 
     mode: Literal["window", "nearest"] = "window"
     window_ms: int = Field(1000, gt=0, le=3_600_000)
@@ -137,7 +137,7 @@ class AlignerConfig(Frozen):
 
 
 class GLMConfig(Frozen):
-    """The model called with each fused frame (see README, "The GLM stage")."""
+    """The model called with each fused frame (see docs/glm.md)."""
 
     #: ``none`` publishes the prompt with a null answer; ``transformers``/``hf``
     #: runs a local causal LM; ``openai``/``vllm`` calls a chat-completions API.

@@ -11,7 +11,7 @@ confirmer looks, most PubAcks are in.
 
 A PubAck that says ``duplicate`` means the stream already holds a result
 with this id. The id carries a digest of the result's event ids
-(:func:`engine.results.result_id`), so the stored copy holds exactly these
+(:func:`engine.contracts.records.result_id`), so the stored copy holds exactly these
 events: acking them is safe, and it is counted.
 """
 
