@@ -9,7 +9,9 @@ import numpy as np
 
 from engine.config.models import GLMConfig
 from engine.contracts.types import FusedFrame, ModalityFusion
-from engine.glm.stage import GLMStage, change_score, snapshot
+from engine.glm.stage import GLMStage
+from engine.glm.trigger import change_score, snapshot
+from processors.vocabulary import AUDIO, IMAGE, TEXT
 from tests.chat_server import ChatServer, echo
 
 S = 1_000_000_000
@@ -17,14 +19,16 @@ S = 1_000_000_000
 
 def frame(i: int, source: str = "cam", emb: list[float] | None = None, text: str | None = None,
           faces: float = 0.0, loud: float = -30.0) -> FusedFrame:  # fmt: skip
+    # Fused by the built-in processors' vocabularies, which say what faces etc. mean.
     mods: dict[str, ModalityFusion] = {
         "image": ModalityFusion(
-            (f"i{i}",), (i * S,), {"count": 1, "faces": faces}, np.array(emb or [1.0, 0.0], np.float32)
+            (f"i{i}",), (i * S,), {"count": 1, "faces": faces}, np.array(emb or [1.0, 0.0], np.float32),
+            vocabulary=IMAGE,
         ),
-        "audio": ModalityFusion((f"a{i}",), (i * S,), {"count": 1, "loudness_dbfs": loud}),
-    }
+        "audio": ModalityFusion((f"a{i}",), (i * S,), {"count": 1, "loudness_dbfs": loud}, vocabulary=AUDIO),
+    }  # fmt: skip
     if text:
-        mods["text"] = ModalityFusion((f"t{i}",), (i * S,), {"count": 1, "texts": [text]})
+        mods["text"] = ModalityFusion((f"t{i}",), (i * S,), {"count": 1, "texts": [text]}, vocabulary=TEXT)
     return FusedFrame(source, i * S, (i + 1) * S, mods, (), None, 0, 0)  # type: ignore[arg-type]
 
 
