@@ -10,6 +10,9 @@ for a cool-down. Every frame is published exactly once: with an answer, with
 With ``trigger = "on_change"`` a frame is sent to the model only when it
 differs enough from the last frame that was, or ``max_interval_ms`` of event
 time has passed (:mod:`engine.glm.trigger`).
+
+Time is the injected :data:`~engine.contracts.types.Clock` (integer
+nanoseconds, monotonic by default); config's seconds are converted once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.contracts.errors import GLMError
-from engine.contracts.types import FusedFrame
+from engine.contracts.types import Clock, FusedFrame
 from engine.glm.client import AutoGLM, CircuitBreaker, TransformersBackend
 from engine.glm.prompts import History, PromptTemplate, prompt_values
 from engine.glm.trigger import ChangeTrigger
@@ -56,9 +59,7 @@ class GLMStats:
 class GLMStage:
     """Builds prompts, decides whether to call, calls, and publishes via ``publish``."""
 
-    def __init__(
-        self, config: GLMConfig, publish: Publish, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, config: GLMConfig, publish: Publish, *, clock: Clock = time.monotonic_ns) -> None:
         self.config = config
         self.publish = publish
         self.template = PromptTemplate(config.template)
@@ -184,7 +185,7 @@ class GLMStage:
         prompts = [self.prompt(f) for f, _ in batch]
         images = [self._key_frame(f) for f, _ in batch]
         self.stats.calls += 1
-        t0 = time.perf_counter()
+        t0 = time.perf_counter_ns()
         answers: list[str] | None = None
         error = None
         call = asyncio.ensure_future(
@@ -206,7 +207,7 @@ class GLMStage:
             return
         finally:
             self._calls.discard(call)
-        took = round((time.perf_counter() - t0) * 1000, 3)
+        took = round((time.perf_counter_ns() - t0) / _MS, 3)
         if error is None:
             self.breaker.success()
         else:
