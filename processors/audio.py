@@ -24,6 +24,7 @@ from engine.contracts.errors import DecodeError, EventRejected
 from engine.contracts.types import ContentType, Features, InputEvent, Modality
 from processors.devices import resolve_device, to_device
 from processors.params import AudioParams
+from processors.vocabulary import AUDIO, AudioVocabulary
 
 F32 = npt.NDArray[np.float32]
 _EPS = 1e-10
@@ -207,6 +208,7 @@ class AudioProcessor:
     """
 
     modality: Modality = "audio"
+    vocabulary: AudioVocabulary = AUDIO
 
     def __init__(self, params: AudioParams, device: str = "cpu") -> None:
         self.params = params
@@ -228,7 +230,8 @@ class AudioProcessor:
             m = mfcc(
                 it.samples, p.sample_rate, p.n_mfcc, n_fft=p.n_fft, hop_length=p.hop_length, n_mels=p.n_mels
             )
-            out.append(Features("audio", frames=m, stats=loudness(it.samples, p.sample_rate, p)))
+            stats = loudness(it.samples, p.sample_rate, p)
+            out.append(Features("audio", frames=m, stats=stats, vocabulary=self.vocabulary))
         return out
 
     @torch.inference_mode()
@@ -254,6 +257,7 @@ class AudioProcessor:
                         "voice_ratio": float(v_np[j]),
                         "centroid_hz": float(c_np[j]),
                     },
+                    vocabulary=self.vocabulary,
                 )
         return [f for f in out if f is not None]
 

@@ -36,6 +36,7 @@ from torch import nn  # noqa: E402
 from engine.contracts.errors import ConfigError, DecodeError, EventRejected  # noqa: E402
 from engine.contracts.types import ContentType, Features, InputEvent, Modality  # noqa: E402
 from processors.devices import resolve_device, resolve_dtype, to_device  # noqa: E402
+from processors.vocabulary import IMAGE, ImageVocabulary  # noqa: E402
 
 
 def _opencv_cap() -> int | None:
@@ -269,6 +270,7 @@ class ImageProcessor:
     """CNN embedding ``(D,)`` per frame plus descriptors; batched forward."""
 
     modality: Modality = "image"
+    vocabulary: ImageVocabulary = IMAGE
 
     def __init__(self, params: ImageParams, device: str = "auto", dtype: str = "float32") -> None:
         if OPENCV_MAX_PIXELS is not None and params.max_pixels > OPENCV_MAX_PIXELS:
@@ -384,6 +386,7 @@ class ImageProcessor:
                 stats={**it.stats, "motion": moves[i]},
                 labels=top[i],
                 attachment=it.thumbnail,
+                vocabulary=self.vocabulary,
             )
             for i, it in enumerate(items)
         ]

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.contracts.types import Features, InputEvent, Modality
+from engine.contracts.types import Features, InputEvent, Modality, Vocabulary
+from engine.contracts.vocabulary import DEFAULT_VOCABULARY
 from processors.params import PassthroughParams
 
 
 class PassthroughProcessor:
+    #: A byte count is a plain stat: the engine's default reading fits it.
+    vocabulary: Vocabulary = DEFAULT_VOCABULARY
+
     def __init__(self, modality: Modality) -> None:
         self.modality: Modality = modality
 
@@ -19,7 +23,7 @@ class PassthroughProcessor:
         return len(event.payload)
 
     def run(self, items: Sequence[int]) -> list[Features]:
-        return [Features(self.modality, stats={"bytes": float(n)}) for n in items]
+        return [Features(self.modality, stats={"bytes": float(n)}, vocabulary=self.vocabulary) for n in items]
 
 
 def create(params: PassthroughParams, modality: Modality, device: str, dtype: str) -> PassthroughProcessor:

@@ -19,6 +19,7 @@ from engine.contracts.errors import ConfigError, EventRejected
 from engine.contracts.types import Features, InputEvent, Modality
 from processors.devices import resolve_device, resolve_dtype, to_device
 from processors.params import TextParams
+from processors.vocabulary import TEXT, TextVocabulary
 
 
 def default_model_dir() -> Path:
@@ -59,6 +60,7 @@ class TextProcessor:
     """Sentence embedding ``(H,)`` per text; tokenised in batches, padded to the longest."""
 
     modality: Modality = "text"
+    vocabulary: TextVocabulary = TEXT
 
     def __init__(self, params: TextParams, device: str = "auto", dtype: str = "float32") -> None:
         self.params = params
@@ -106,6 +108,7 @@ class TextProcessor:
                     "tokens": float(it.tokens),
                     "truncated": float(it.truncated),
                 },
+                vocabulary=self.vocabulary,
             )
             for i, it in enumerate(items)
         ]

@@ -12,6 +12,7 @@ from engine.config.models import AlignerConfig
 from engine.contracts.errors import EventRejected
 from engine.contracts.records import FrameRecord
 from engine.contracts.types import ContentType, Features, FusedFrame, InputEvent
+from processors.vocabulary import AUDIO
 
 MS = 1_000_000
 T0 = 1_764_000_000_000 * MS  # a window boundary for every window length used here
@@ -38,8 +39,9 @@ def ev(source: str, modality: str, ts: int, eid: str | None = None) -> InputEven
 
 
 def feat(modality: str, value: float = 1.0, text: str | None = None) -> Features:
-    if modality == "audio":
-        return Features("audio", frames=np.full((2, 3), value, np.float32), stats={"loudness_dbfs": value})
+    if modality == "audio":  # as the mfcc processor makes them: its vocabulary names the frames MFCCs
+        frames = np.full((2, 3), value, np.float32)
+        return Features("audio", frames=frames, stats={"loudness_dbfs": value}, vocabulary=AUDIO)
     return Features(
         modality,  # type: ignore[arg-type]
         embedding=np.full(4, value, np.float32),

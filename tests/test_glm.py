@@ -155,19 +155,21 @@ async def test_openai_in_flight_cap_and_images() -> None:
 
 
 def test_circuit_breaker_opens_cools_down_and_tries_once() -> None:
-    now = [0.0]
+    now = [0]  # the clock is integer nanoseconds
     b = CircuitBreaker(failures=2, cooldown_s=10, clock=lambda: now[0])
     assert b.allow() and b.state == "closed"
     b.failure()
     assert b.state == "closed"
     b.failure()
     assert b.state == "open" and not b.allow()
-    now[0] = 10.0
+    now[0] = 10 * 10**9 - 1
+    assert b.state == "open"
+    now[0] = 10 * 10**9
     assert b.state == "half_open"
     assert b.allow() and not b.allow()  # one trial call only
     b.failure()
     assert b.state == "open"
-    now[0] = 20.0
+    now[0] = 20 * 10**9
     assert b.allow()
     b.success()
     assert b.state == "closed" and b.allow()

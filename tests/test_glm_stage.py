@@ -9,8 +9,10 @@ import numpy as np
 
 from engine.config.models import GLMConfig
 from engine.contracts.types import FusedFrame, ModalityFusion
-from engine.glm.stage import GLMStage, change_score, snapshot
+from engine.glm.stage import GLMStage
+from engine.glm.trigger import change_score, snapshot
 from engine.runtime.build import build_glm_stage
+from processors.vocabulary import AUDIO, IMAGE, TEXT
 from tests.chat_server import ChatServer, echo
 
 S = 1_000_000_000
@@ -18,14 +20,16 @@ S = 1_000_000_000
 
 def frame(i: int, source: str = "cam", emb: list[float] | None = None, text: str | None = None,
           faces: float = 0.0, loud: float = -30.0) -> FusedFrame:  # fmt: skip
+    # Fused by the built-in processors' vocabularies, which say what faces etc. mean.
     mods: dict[str, ModalityFusion] = {
         "image": ModalityFusion(
-            (f"i{i}",), (i * S,), {"count": 1, "faces": faces}, np.array(emb or [1.0, 0.0], np.float32)
+            (f"i{i}",), (i * S,), {"count": 1, "faces": faces}, np.array(emb or [1.0, 0.0], np.float32),
+            vocabulary=IMAGE,
         ),
-        "audio": ModalityFusion((f"a{i}",), (i * S,), {"count": 1, "loudness_dbfs": loud}),
-    }
+        "audio": ModalityFusion((f"a{i}",), (i * S,), {"count": 1, "loudness_dbfs": loud}, vocabulary=AUDIO),
+    }  # fmt: skip
     if text:
-        mods["text"] = ModalityFusion((f"t{i}",), (i * S,), {"count": 1, "texts": [text]})
+        mods["text"] = ModalityFusion((f"t{i}",), (i * S,), {"count": 1, "texts": [text]}, vocabulary=TEXT)
     return FusedFrame(source, i * S, (i + 1) * S, mods, (), None, 0, 0)  # type: ignore[arg-type]
 
 
@@ -183,3 +187,40 @@ async def test_include_prompt_false_leaves_the_prompt_out_of_call_free_results()
     stage = build_glm_stage(GLMConfig(include_prompt=False), publish)
     await stage.submit(frame(0), {})
     assert published == [{"prompt": None, "answer": None, "glm": {"backend": "none"}}]
+
+
+async def test_the_breaker_cools_down_on_the_injected_nanosecond_clock() -> None:
+    now = [0]
+    records: list[dict[str, Any]] = []
+    arrived = asyncio.Event()
+
+    async def publish(f: FusedFrame, record: dict[str, Any]) -> None:
+        records.append({"window": f.start_ns // S, **record})
+        arrived.set()
+
+    async def published(n: int) -> None:
+        async with asyncio.timeout(10):
+            while len(records) < n:
+                arrived.clear()
+                await arrived.wait()
+
+    async with ChatServer(lambda n, b: ("status", 500) if n < 2 else echo(n, b)) as srv:
+        base = {"backend": "openai", "base_url": srv.url, "model": "m", "retries": 0, "max_in_flight": 1}
+        cfg = GLMConfig(**base, breaker_failures=2, breaker_cooldown_s=5)
+        s = GLMStage(cfg, publish, clock=lambda: now[0])
+        s.start()
+        for i in range(2):
+            await s.submit(frame(i, source=f"s{i}"), {})
+            await published(i + 1)
+        assert s.breaker.state == "open"
+        now[0] = 5 * S - 1
+        await s.submit(frame(2, source="s2"), {})  # still cooling down: no call
+        now[0] = 5 * S
+        await s.submit(frame(3, source="s3"), {})  # the cool-down is over: one trial call
+        await published(4)
+        await s.drain(5)
+    glm = {r["window"]: r["glm"] for r in records}
+    assert "HTTP 500" in glm[0]["error"] and "HTTP 500" in glm[1]["error"]
+    assert glm[2]["skipped"] == "breaker_open"
+    assert records[-1]["answer"] and s.breaker.state == "closed"
+    assert len(srv.requests) == 3

@@ -29,8 +29,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
-import numpy as np
-
 from engine.contracts.errors import EventRejected, LateEvent
 from engine.contracts.types import (
     MODALITIES,
@@ -41,7 +39,9 @@ from engine.contracts.types import (
     Modality,
     ModalityFusion,
     Nanos,
+    Vocabulary,
 )
+from engine.contracts.vocabulary import DEFAULT_VOCABULARY
 
 if TYPE_CHECKING:
     from engine.config.models import AlignerConfig
@@ -443,58 +443,43 @@ class Aligner(AlignerBase[_Source]):
         )
 
 
-def _r(x: float) -> float:
-    return round(float(x), 5)
-
-
 def fuse_modality(slots: Iterable[_Slot]) -> ModalityFusion:
     """Aggregate one modality's features in a window (slots in time order).
 
-    image: mean embedding + mean of each descriptor; audio: MFCC mean and std
-    per coefficient over every frame of the window + mean loudness etc.;
-    text: the texts in time order + mean embedding.
+    What the summary holds is the features' vocabulary's business (their
+    processor's); this adds ``count`` first and each event's ids and times.
     """
     items = [s for s in slots if s.features is not None]
     return _fuse_one(items[0]) if len(items) == 1 else _fuse_many(items)
 
 
+def _vocabulary(feats: list[Features]) -> Vocabulary:
+    """The one vocabulary of a window's features; the default one when they
+    disagree (a reload swapped the processor inside the window): no processor's
+    vocabulary has to read another's features."""
+    first = feats[0].vocabulary if feats else None
+    for f in feats:  # attribute reads, no calls: this runs once per event
+        v = f.vocabulary
+        if v is not first and v != first:
+            return DEFAULT_VOCABULARY  # (None, the default, disagreeing with it gives the same)
+    return DEFAULT_VOCABULARY if first is None else first
+
+
 def _fuse_many(items: list[_Slot]) -> ModalityFusion:
     feats = [s.features for s in items if s.features is not None]
-    summary: dict[str, object] = {"count": len(items)}
-    embedding = None
-    vecs = [f.embedding for f in feats if f.embedding is not None]
-    if len(vecs) == 1:
-        embedding = vecs[0]
-    elif vecs:
-        embedding = np.mean(np.stack(vecs), axis=0).astype(np.float32)
-    if embedding is not None:
-        summary["embedding_dim"] = int(embedding.shape[0])
-        summary["embedding_norm"] = _r(float(np.linalg.norm(embedding)))
-    keys = sorted({k for f in feats for k in f.stats})
-    for key in keys:
-        vals = [f.stats[key] for f in feats if key in f.stats]
-        summary[key] = _r(sum(vals) / len(vals))  # plain Python: numpy costs more on a few values
-    mats = [f.frames for f in feats if f.frames is not None and f.frames.size]
-    if mats:
-        allf = np.concatenate(mats, axis=1)  # (n_mfcc, sum of T)
-        summary["mfcc_mean"] = [_r(v) for v in allf.mean(axis=1)]
-        summary["mfcc_std"] = [_r(v) for v in allf.std(axis=1)]
-    texts = [f.text for f in feats if f.text is not None]
-    if texts:
-        summary["texts"] = texts
-    labels = list(dict.fromkeys(lbl for f in feats for lbl in f.labels))
-    if labels:
-        summary["labels"] = labels[:10]
+    vocab = _vocabulary(feats)
+    summary, embedding, attachment = vocab.fuse(feats)
     return ModalityFusion(
         event_ids=tuple(s.event_id for s in items),
         timestamps=tuple(s.ts for s in items),
-        summary=summary,
+        summary={"count": len(items), **summary},
         embedding=embedding,
         per_event=tuple(f.stats for f in feats),
-        attachment=_middle([f.attachment for f in feats if f.attachment is not None]),
+        attachment=attachment,
         arrivals=tuple(s.arrived for s in items),
         done=tuple(s.done for s in items),
         traceparents=tuple(s.traceparent for s in items),
+        vocabulary=vocab,
     )
 
 
@@ -504,31 +489,17 @@ def _fuse_one(slot: _Slot) -> ModalityFusion:
     (benchmarks/RESULTS.md, bus). Same output as the general path."""
     f = slot.features
     assert f is not None
-    summary: dict[str, object] = {"count": 1}
-    if f.embedding is not None:
-        summary["embedding_dim"] = int(f.embedding.shape[0])
-        summary["embedding_norm"] = _r(float(np.linalg.norm(f.embedding)))
-    for key in sorted(f.stats):
-        summary[key] = _r(f.stats[key])
-    if f.frames is not None and f.frames.size:
-        summary["mfcc_mean"] = [_r(v) for v in f.frames.mean(axis=1)]
-        summary["mfcc_std"] = [_r(v) for v in f.frames.std(axis=1)]
-    if f.text is not None:
-        summary["texts"] = [f.text]
-    if f.labels:
-        summary["labels"] = list(dict.fromkeys(f.labels))[:10]
+    vocab = DEFAULT_VOCABULARY if f.vocabulary is None else f.vocabulary
+    summary, embedding, attachment = vocab.fuse((f,))
     return ModalityFusion(
         event_ids=(slot.event_id,),
         timestamps=(slot.ts,),
-        summary=summary,
-        embedding=f.embedding,
+        summary={"count": 1, **summary},
+        embedding=embedding,
         per_event=(f.stats,),
-        attachment=f.attachment,
+        attachment=attachment,
         arrivals=(slot.arrived,),
         done=(slot.done,),
         traceparents=(slot.traceparent,),
+        vocabulary=vocab,
     )
-
-
-def _middle(items: list[bytes]) -> bytes | None:
-    return items[len(items) // 2] if items else None

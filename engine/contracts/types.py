@@ -4,13 +4,18 @@ Stages talk to each other only through these types: the wire codec makes
 :class:`InputEvent` values, processors turn them into :class:`Features`, the
 aligner fuses features into :class:`FusedFrame` values and the GLM stage reads
 those. Timestamps are integer nanoseconds since the Unix epoch everywhere.
+
+What the features *mean* belongs to the processor that made them: each
+:class:`Features` carries the processor's :class:`Vocabulary`, the fused
+:class:`ModalityFusion` carries it on, and the aligner, the prompt builder
+and the change trigger ask it (see :mod:`engine.contracts.vocabulary`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -84,6 +89,22 @@ class Features:
     labels: Sequence[str] = ()
     #: A small JPEG of the frame, when the image route keeps one for the GLM.
     attachment: bytes | None = None
+    #: How these features fuse, read in a prompt and change; ``None``: the
+    #: default reading (:data:`engine.contracts.vocabulary.DEFAULT_VOCABULARY`).
+    vocabulary: Vocabulary | None = field(default=None, compare=False)
+
+
+class FusedFeatures(NamedTuple):
+    """A :class:`Vocabulary`'s fusion of one modality's features in a window.
+
+    ``summary`` is what the result record publishes under ``features.<modality>``
+    after ``count`` (which the aligner adds), in this order. (A named tuple:
+    built once per window and modality, where a frozen dataclass costs 2x.)
+    """
+
+    summary: dict[str, object]
+    embedding: FloatArray | None = None
+    attachment: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +124,8 @@ class ModalityFusion:
     arrivals: tuple[Nanos, ...] = ()
     done: tuple[Nanos, ...] = ()
     traceparents: tuple[str | None, ...] = ()
+    #: The vocabulary that fused it (``None``: the default one).
+    vocabulary: Vocabulary | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +150,34 @@ class FusedFrame:
     skipped: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
+class Vocabulary(Protocol):
+    """What a processor says about its features, so the core names none of them.
+
+    A processor puts one on each :class:`Features` it makes. It must be
+    immutable and compare equal to another that reads features the same way
+    (a frozen dataclass does both): events of one modality in one window whose
+    vocabularies differ (a hot reload swapped the processor) are fused by the
+    default vocabulary instead, and the change trigger treats a swap as one
+    processor's features leaving and another's arriving.
+    """
+
+    def fuse(self, features: Sequence[Features]) -> FusedFeatures:
+        """Aggregate a window's features of one modality, in time order (at least one)."""
+        ...
+
+    def describe(self, fusion: ModalityFusion) -> str:
+        """The words a prompt template's ``{image}``/``{audio}``/``{text}`` becomes."""
+        ...
+
+    def change(self, before: ModalityFusion | None, now: ModalityFusion | None) -> float:
+        """How much this modality changed since the last frame sent to the GLM,
+        0 (the same) .. 1 (new); ``None``: it was, or is, not in the frame.
+
+        ``before`` keeps only its ``summary``, ``embedding`` and ``vocabulary``
+        (the trigger remembers no per-event data or attachments)."""
+        ...
+
+
 T = TypeVar("T")
 
 
@@ -139,6 +190,8 @@ class Processor(Protocol[T]):
     one bad event never poisons a batch. ``run`` takes the prepared items of a
     whole batch and must return exactly one :class:`Features` per item, in
     order. Both are called from a worker thread, never on the event loop.
+    Features that should fuse, read or trigger other than the default way
+    carry the processor's :class:`Vocabulary`.
     """
 
     modality: Modality

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import httpx
 
 from engine.contracts.errors import ConfigError, GLMError
+from engine.contracts.types import Clock, Nanos
 from engine.glm.prompts import PromptTemplate
 
 if TYPE_CHECKING:
@@ -245,19 +246,22 @@ class CircuitBreaker:
 
     closed --(``failures`` in a row)--> open --(cooldown)--> half_open
     half_open --success--> closed; half_open --failure--> open
+
+    ``clock`` returns integer nanoseconds (monotonic by default).
     """
 
-    def __init__(self, failures: int, cooldown_s: float, clock: Any = time.monotonic) -> None:
+    def __init__(self, failures: int, cooldown_s: float, clock: Clock = time.monotonic_ns) -> None:
         self.failures, self.cooldown_s, self.clock = failures, cooldown_s, clock
+        self.cooldown_ns: Nanos = round(cooldown_s * 1_000_000_000)
         self._streak = 0
-        self._opened_at: float | None = None
+        self._opened_at: Nanos | None = None
         self._trial = False
 
     @property
     def state(self) -> str:
         if self._opened_at is None:
             return "closed"
-        return "half_open" if self.clock() - self._opened_at >= self.cooldown_s else "open"
+        return "half_open" if self.clock() - self._opened_at >= self.cooldown_ns else "open"
 
     def allow(self) -> bool:
         state = self.state

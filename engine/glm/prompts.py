@@ -8,12 +8,12 @@ onto the variables a ``routing.toml`` template may use.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from engine.contracts.errors import ConfigError
 from engine.contracts.templates import template_fields
 from engine.contracts.types import FusedFrame, ModalityFusion, Nanos
+from engine.contracts.vocabulary import vocabulary_of
 
 
 class PromptTemplate:
@@ -40,29 +40,10 @@ class PromptTemplate:
         return self.template.format(**values)
 
 
-def _fmt(v: object) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def describe(mod: ModalityFusion | None, skip: frozenset[str] = frozenset()) -> str:
-    """One line of plain words for a modality's summary (what the GLM reads)."""
-    if mod is None:
-        return "none"
-    s: Mapping[str, object] = mod.summary
-    if "texts" in s and isinstance(s["texts"], list):
-        return " | ".join(str(t) for t in s["texts"])
-    parts = [f"{s['count']} event(s)"]
-    for key, value in s.items():
-        if key in skip or key in ("count", "mfcc_std", "embedding_dim", "embedding_norm"):
-            continue
-        if isinstance(value, list):
-            if key == "mfcc_mean":
-                parts.append(f"mfcc_mean[0:3]={[_fmt(x) for x in value[:3]]}")
-            elif key == "labels":
-                parts.append("labels=" + ", ".join(str(x) for x in value))
-            continue
-        parts.append(f"{key}={_fmt(value)}")
-    return ", ".join(parts)
+def describe(mod: ModalityFusion | None) -> str:
+    """One line of plain words for a modality (what the GLM reads), in the
+    words of the vocabulary that fused it."""
+    return "none" if mod is None else vocabulary_of(mod).describe(mod)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +83,7 @@ def prompt_values(frame: FusedFrame, history: str = "none") -> dict[str, object]
         "source": frame.source,
         "start": frame.start_ns,
         "end": frame.end_ns,
-        "image": describe(
-            frame.modalities.get("image"), frozenset({"hue_red", "hue_green", "hue_cyan", "hue_blue"})
-        ),
+        "image": describe(frame.modalities.get("image")),
         "audio": describe(frame.modalities.get("audio")),
         "text": describe(frame.modalities.get("text")),
         "missing": ", ".join(frame.missing) or "nothing",

@@ -8,9 +8,11 @@ for a cool-down. Every frame is published exactly once: with an answer, with
 ``glm_overloaded``, ``breaker_open``, ``shutdown``).
 
 With ``trigger = "on_change"`` a frame is sent to the model only when it
-differs enough from the last frame that was (embedding distance, new text, a
-change in face count, a loudness jump) or ``max_interval_ms`` of event time
-has passed.
+differs enough from the last frame that was, or ``max_interval_ms`` of event
+time has passed (:mod:`engine.glm.trigger`).
+
+Time is the injected :data:`~engine.contracts.types.Clock` (integer
+nanoseconds, monotonic by default); config's seconds are converted once.
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from engine.contracts.errors import GLMError
-from engine.contracts.types import FloatArray, FusedFrame, Nanos
+from engine.contracts.types import Clock, FusedFrame
 from engine.glm.client import AutoGLM, CircuitBreaker, TransformersBackend
 from engine.glm.prompts import History, PromptTemplate, prompt_values
+from engine.glm.trigger import ChangeTrigger
 
 if TYPE_CHECKING:
     from engine.config.models import GLMConfig
@@ -38,52 +39,7 @@ log = logging.getLogger("autoglm.glm")
 #: Publishes one finished result record for a frame.
 Publish = Callable[[FusedFrame, dict[str, Any]], Awaitable[None]]
 _MAX_SOURCES = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What on_change compares: the last frame of a source sent to the model."""
-
-    end_ns: Nanos
-    embedding: FloatArray | None
-    texts: tuple[str, ...]
-    faces: float | None
-    loudness: float | None
-
-
-def snapshot(frame: FusedFrame) -> Snapshot:
-    img, aud, txt = (frame.modalities.get(m) for m in ("image", "audio", "text"))
-    faces = img.summary.get("faces") if img else None
-    loud = aud.summary.get("loudness_dbfs") if aud else None
-    texts = tuple(str(t) for t in txt.summary.get("texts", [])) if txt else ()  # type: ignore[attr-defined]
-    return Snapshot(
-        frame.end_ns,
-        img.embedding if img is not None else None,
-        texts,
-        float(faces) if isinstance(faces, int | float) else None,
-        float(loud) if isinstance(loud, int | float) else None,
-    )
-
-
-def change_score(prev: Snapshot | None, cur: Snapshot) -> float:
-    """0 (same scene) .. 1 (new): the largest of the per-modality changes."""
-    if prev is None:
-        return 1.0
-    scores = [0.0]
-    if (prev.embedding is None) != (cur.embedding is None):
-        scores.append(1.0)
-    elif prev.embedding is not None and cur.embedding is not None:
-        a, b = prev.embedding, cur.embedding
-        denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-        cos = float(a @ b) / denom if denom > 0 else 1.0
-        scores.append(min(1.0, max(0.0, 1.0 - cos)))
-    if cur.texts and cur.texts != prev.texts:
-        scores.append(1.0)
-    if cur.faces is not None and prev.faces is not None and round(cur.faces) != round(prev.faces):
-        scores.append(1.0)
-    if cur.loudness is not None and prev.loudness is not None:
-        scores.append(min(1.0, abs(cur.loudness - prev.loudness) / 20.0))  # 20 dB = a new scene
-    return max(scores)
+_MS = 1_000_000
 
 
 @dataclass
@@ -103,17 +59,15 @@ class GLMStats:
 class GLMStage:
     """Builds prompts, decides whether to call, calls, and publishes via ``publish``."""
 
-    def __init__(
-        self, config: GLMConfig, publish: Publish, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, config: GLMConfig, publish: Publish, *, clock: Clock = time.monotonic_ns) -> None:
         self.config = config
         self.publish = publish
         self.template = PromptTemplate(config.template)
         self.client = AutoGLM.from_config(config) if config.backend != "none" else None
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s, clock)
+        self.trigger = ChangeTrigger(config.change_threshold, config.max_interval_ms * _MS, _MAX_SOURCES)
         self.stats = GLMStats()
         self._histories: OrderedDict[str, History] = OrderedDict()
-        self._last: OrderedDict[str, Snapshot] = OrderedDict()
         self._queue: deque[tuple[FusedFrame, dict[str, Any]]] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -131,7 +85,7 @@ class GLMStage:
         """Carry a replaced stage's per-source history and counters (hot reload)."""
         self.stats = old.stats
         self._histories = old._histories
-        self._last = old._last
+        self.trigger.adopt(old.trigger)
 
     # -- prompts -----------------------------------------------------------------------
 
@@ -167,17 +121,10 @@ class GLMStage:
     async def submit(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         """Take one frame; its result is published now or once the model answered."""
         if self.config.trigger == "on_change":
-            cur = snapshot(frame)
-            prev = self._last.get(frame.source)
-            score = change_score(prev, cur)
-            due = prev is None or cur.end_ns - prev.end_ns >= self.config.max_interval_ms * 1_000_000
-            if score < self.config.change_threshold and not due:
-                await self._skip(frame, record, "no_change", score=round(score, 4))
+            verdict = self.trigger.decide(frame)
+            if not verdict.send:
+                await self._skip(frame, record, verdict.why or "no_change", score=verdict.score)
                 return
-            self._last[frame.source] = cur
-            self._last.move_to_end(frame.source)
-            if len(self._last) > _MAX_SOURCES:
-                self._last.popitem(last=False)
         self.stats.sent += 1
         if self.client is None:
             record.update(prompt=self._shown_prompt(frame), answer=None, glm={"backend": "none"})
@@ -238,7 +185,7 @@ class GLMStage:
         prompts = [self.prompt(f) for f, _ in batch]
         images = [self._key_frame(f) for f, _ in batch]
         self.stats.calls += 1
-        t0 = time.perf_counter()
+        t0 = time.perf_counter_ns()
         answers: list[str] | None = None
         error = None
         call = asyncio.ensure_future(
@@ -260,7 +207,7 @@ class GLMStage:
             return
         finally:
             self._calls.discard(call)
-        took = round((time.perf_counter() - t0) * 1000, 3)
+        took = round((time.perf_counter_ns() - t0) / _MS, 3)
         if error is None:
             self.breaker.success()
         else:
