@@ -11,7 +11,7 @@ from engine.config.models import GLMConfig
 from engine.contracts.types import FusedFrame, ModalityFusion
 from engine.glm.stage import GLMStage
 from engine.glm.trigger import change_score, snapshot
-from engine.runtime.build import build_glm_stage
+from engine.runtime.build import build_glm_stage, build_trigger
 from processors.vocabulary import AUDIO, IMAGE, TEXT
 from tests.chat_server import ChatServer, echo
 
@@ -63,11 +63,18 @@ async def test_on_change_calls_once_for_a_static_scene_and_again_on_change() -> 
     sink = Sink()
     async with ChatServer() as srv:
         s = stage(srv.url, sink, trigger="on_change", change_threshold=0.3, max_interval_ms=5000)
+        trigger = build_trigger(s.config)  # the pipeline decides; the stage publishes the skip
+        assert trigger is not None
+
+        async def submit(f: FusedFrame) -> None:
+            verdict = trigger.decide(f)
+            await s.submit(f, {}, None if verdict.send else verdict)
+
         for i in range(4):
-            await s.submit(frame(i), {})  # static: only the first is sent
-        await s.submit(frame(4, emb=[0.0, 1.0]), {})  # the scene changed
+            await submit(frame(i))  # static: only the first is sent
+        await submit(frame(4, emb=[0.0, 1.0]))  # the scene changed
         for i in range(5, 12):
-            await s.submit(frame(i, emb=[0.0, 1.0]), {})  # static again; 9 is 5 s after 4
+            await submit(frame(i, emb=[0.0, 1.0]))  # static again; 9 is 5 s after 4
         await s.drain(5)
     by_window = {r["window"]: r["glm"] for r in sink.records}
     sent = sorted(w for w, g in by_window.items() if "skipped" not in g)

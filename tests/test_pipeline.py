@@ -9,6 +9,7 @@ import orjson
 
 from engine.config.models import parse_config
 from engine.contracts.messages import Finish, Message, Publish
+from engine.glm.trigger import ChangeTrigger
 from engine.pipeline.pipeline import Ask, Batch, Output, Pipeline
 from engine.runtime.build import build_aligner, build_routes
 from engine.wire.codec import ID_HEADER, TIMESTAMP_HEADER, Limits
@@ -215,3 +216,19 @@ def test_a_replaced_route_finishes_its_queue_before_it_is_retired() -> None:
     assert batch.route is old
     run(p, [batch])
     assert p.retired() == [old]
+
+
+def test_the_glm_trigger_decides_in_the_pipeline() -> None:
+    clock = Clock()
+    p = pipeline(clock)
+    p.trigger = ChangeTrigger(threshold=0.3, max_interval_ns=10_000 * MS)
+    asks: list[Ask] = []
+    for w in range(2):  # two windows of the same (featureless) scene
+        clock.now = T0 + w * 1000 * MS
+        assert p.receive(msg(f"e{w}", clock.now)) == []
+        clock.now += 5 * MS
+        run(p, p.batches())
+        clock.now += 400 * MS
+        asks += [o for o in p.poll() if isinstance(o, Ask)]
+    assert len(asks) == 2 and asks[0].skip is None  # the first frame of a source is always sent
+    assert asks[1].skip is not None and asks[1].skip.why == "no_change"

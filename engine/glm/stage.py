@@ -29,7 +29,7 @@ from engine.contracts.errors import GLMError
 from engine.contracts.types import Clock, FusedFrame
 from engine.glm.client import AutoGLM, CircuitBreaker, TransformersBackend
 from engine.glm.prompts import History, PromptTemplate, prompt_values
-from engine.glm.trigger import ChangeTrigger
+from engine.glm.trigger import Verdict
 
 if TYPE_CHECKING:
     from engine.config.models import GLMConfig
@@ -65,7 +65,6 @@ class GLMStage:
         self.template = PromptTemplate(config.template)
         self.client = AutoGLM.from_config(config) if config.backend != "none" else None
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s, clock)
-        self.trigger = ChangeTrigger(config.change_threshold, config.max_interval_ms * _MS, _MAX_SOURCES)
         self.stats = GLMStats()
         self._histories: OrderedDict[str, History] = OrderedDict()
         self._queue: deque[tuple[FusedFrame, dict[str, Any]]] = deque()
@@ -85,7 +84,6 @@ class GLMStage:
         """Carry a replaced stage's per-source history and counters (hot reload)."""
         self.stats = old.stats
         self._histories = old._histories
-        self.trigger.adopt(old.trigger)
 
     # -- prompts -----------------------------------------------------------------------
 
@@ -118,13 +116,12 @@ class GLMStage:
         """The running call workers (the engine supervises them)."""
         return list(self._workers)
 
-    async def submit(self, frame: FusedFrame, record: dict[str, Any]) -> None:
-        """Take one frame; its result is published now or once the model answered."""
-        if self.config.trigger == "on_change":
-            verdict = self.trigger.decide(frame)
-            if not verdict.send:
-                await self._skip(frame, record, verdict.why or "no_change", score=verdict.score)
-                return
+    async def submit(self, frame: FusedFrame, record: dict[str, Any], skip: Verdict | None = None) -> None:
+        """Take one frame; its result is published now or once the model answered.
+        ``skip``: the trigger (the pipeline's) decided no call is due."""
+        if skip is not None:
+            await self._skip(frame, record, skip.why or "no_change", score=skip.score)
+            return
         self.stats.sent += 1
         if self.client is None:
             record.update(prompt=self._shown_prompt(frame), answer=None, glm={"backend": "none"})

@@ -38,6 +38,7 @@ from engine.contracts.messages import Finish, Key, Message, Publish
 from engine.contracts.records import FrameRecord, Latency, Rejection, Result, event_ids
 from engine.contracts.subjects import Subjects
 from engine.contracts.types import Clock, FusedFrame, InputEvent, Nanos
+from engine.glm.trigger import ChangeTrigger, Verdict
 from engine.observe.stats import EngineStats
 from engine.pipeline.router import Outcome, Route, Router
 from engine.wire import natsguard
@@ -57,6 +58,8 @@ class Ask:
 
     frame: FusedFrame
     record: FrameRecord
+    #: The trigger found no call due (``no_change``): the stage publishes it as skipped.
+    skip: Verdict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,7 @@ class Pipeline:
         stats: EngineStats | None = None,
         stored_before: StoredBefore | None = None,
         tracer: Tracer | None = None,
+        trigger: ChangeTrigger | None = None,
     ) -> None:
         self.routes = list(routes)
         self.router = Router(self.routes)
@@ -99,6 +103,7 @@ class Pipeline:
         self.stats = stats or EngineStats()
         self.stored_before = stored_before
         self.tracer = tracer
+        self.trigger = trigger
         #: Replaced routes still finishing their queued batches.
         self.retiring: list[Route] = []
         #: Deliveries of events waiting in windows, acked with their result.
@@ -305,6 +310,12 @@ class Pipeline:
 
     # -- routes -------------------------------------------------------------------
 
+    def swap_trigger(self, trigger: ChangeTrigger | None) -> None:
+        """A reload's trigger; it keeps what the running one remembers of each source."""
+        if trigger is not None and self.trigger is not None:
+            trigger.adopt(self.trigger)
+        self.trigger = trigger
+
     def swap_routes(self, routes: Sequence[Route]) -> None:
         """New events go to ``routes``; the routes left out finish what they queued."""
         self.retiring.extend(r for r in self.routes if all(r is not n for n in routes))
@@ -338,7 +349,8 @@ class Pipeline:
         for frame in frames:
             part = FrameRecord.from_frame(frame)
             if frame.modalities:
-                out.append(Ask(frame, part))
+                verdict = self.trigger.decide(frame) if self.trigger is not None else None
+                out.append(Ask(frame, part, verdict if verdict is not None and not verdict.send else None))
             else:  # only skipped events: nothing to ask the model about
                 part_glm = {"prompt": None, "answer": None, "glm": {"backend": self.glm_backend}}
                 out.append(self.result(frame, part, part_glm))

@@ -25,6 +25,7 @@ from engine.config.models import (
 from engine.contracts.plugins import lookup
 from engine.contracts.types import Clock
 from engine.glm.stage import GLMStage, Publish
+from engine.glm.trigger import ChangeTrigger
 from engine.observe.tracing import Tracing
 from engine.pipeline.batcher import Batcher
 from engine.pipeline.router import Route
@@ -36,6 +37,7 @@ __all__ = [
     "build_route",
     "build_routes",
     "build_tracing",
+    "build_trigger",
 ]
 
 
@@ -65,6 +67,13 @@ def build_aligner(cfg: AlignerConfig, clock: Clock) -> Aligner | NearestAligner:
 
 def build_glm_stage(cfg: GLMConfig, publish: Publish) -> GLMStage:
     return GLMStage(cfg, publish)
+
+
+def build_trigger(cfg: GLMConfig) -> ChangeTrigger | None:
+    """The pipeline's GLM trigger: ``on_change`` remembers each source's last sent frame."""
+    if cfg.trigger != "on_change":
+        return None
+    return ChangeTrigger(cfg.change_threshold, cfg.max_interval_ms * 1_000_000)
 
 
 def build_tracing(cfg: TracingConfig) -> Tracing:

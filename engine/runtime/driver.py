@@ -226,7 +226,8 @@ class Driver:
             if isinstance(out, Ask):
                 # The stage fills in prompt, answer and glm, and carries the
                 # record's deterministic part through to :meth:`answered`.
-                await self.glm.submit(out.frame, {"part": out.record, "trace_id": out.record.trace_id})
+                record = {"part": out.record, "trace_id": out.record.trace_id}
+                await self.glm.submit(out.frame, record, out.skip)
             elif isinstance(out, Finish):
                 await self.transport.finish(out)
             else:

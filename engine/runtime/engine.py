@@ -41,7 +41,14 @@ from engine.observe.tracing import Tracing
 from engine.pipeline.pipeline import Pipeline
 from engine.pipeline.router import Route
 from engine.runtime import reload as reloading
-from engine.runtime.build import build_aligner, build_glm_stage, build_route, build_routes, build_tracing
+from engine.runtime.build import (
+    build_aligner,
+    build_glm_stage,
+    build_route,
+    build_routes,
+    build_tracing,
+    build_trigger,
+)
 from engine.runtime.driver import HUNG_AFTER_S, Driver
 from engine.runtime.server import EmbeddedServer
 from engine.runtime.supervisor import Supervisor
@@ -86,6 +93,7 @@ class Engine:
             glm_backend=config.glm.backend,
             late_to=config.aligner.late_to,
             tracer=self.tracing.frame_spans,
+            trigger=build_trigger(config.glm),
         )
         self.glm: GLMStage = build_glm_stage(config.glm, self._answered)
         self.url: str | None = None
@@ -377,6 +385,7 @@ class Engine:
         if self.claims is not None:
             self.claims.max_bytes = change.config.limits.max_payload_bytes
         if change.stage is not None:
+            self.pipeline.swap_trigger(build_trigger(change.config.glm))
             old_stage, self.glm = self.glm, change.stage
             change.stage.adopt(old_stage)
             change.stage.start()
