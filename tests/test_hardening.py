@@ -25,8 +25,8 @@ from engine.runtime import engine as engine_app
 from engine.runtime.engine import Engine
 from engine.wire.codec import encode_headers
 from processors.params import PassthroughParams
-from processors.registry import ProcessorSpec, register
-from tests.conftest import collect, eventually, make_config, send, stored
+from processors.registry import ProcessorSpec
+from tests.conftest import Transport, collect, eventually, make_config, send, stored
 
 MS = 1_000_000
 
@@ -91,14 +91,13 @@ def a_bug_on(payload: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_app, "decode_event", decode)
 
 
-@pytest.mark.parametrize("mode", ["core", "durable"])
 async def test_a_bug_on_one_message_becomes_its_dlq_record_and_intake_goes_on(
-    nc: Any, nats_url: str, prefix: str, mode: str, monkeypatch: pytest.MonkeyPatch
+    nc: Any, nats_url: str, prefix: str, transport: Transport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a_bug_on(b"boom", monkeypatch)
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
-    engine = Engine(make_config(prefix, nats=durable(prefix) | {"durable": mode == "durable"}))
+    engine = Engine(transport.config(prefix))
     await engine.start(nats_url)
     t = time.time_ns()
     await send(nc, prefix, "cam", "text", b"boom", t, event_id="cam-boom")
@@ -111,19 +110,19 @@ async def test_a_bug_on_one_message_becomes_its_dlq_record_and_intake_goes_on(
     await out.wait_events({f"cam-{i}" for i in range(5)})
     assert (await health(nc, prefix))["status"] == "ok"
     assert engine.stats.internal_errors == 1
-    if mode == "durable":
+    if transport.durable:
         info = await consumer_done(nc, prefix)
         assert info.num_ack_pending == 0 and info.num_pending == 0
     await engine.stop()
 
 
-async def test_unicode_digits_in_every_number_are_refused_and_durable_intake_survives(
-    nc: Any, nats_url: str, prefix: str
+async def test_unicode_digits_in_every_number_are_refused_and_intake_survives(
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
-    """A 40-byte event used to kill the fetch loop for good: ``int()`` of ``²``."""
+    """A 40-byte event used to kill the durable fetch loop for good: ``int()`` of ``²``."""
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
-    engine = Engine(make_config(prefix, nats=durable(prefix)))
+    engine = Engine(transport.config(prefix))
     await engine.start(nats_url)
     t = time.time_ns()
     hostile = [
@@ -365,19 +364,24 @@ def make_slow(params: PassthroughParams, modality: Modality, device: str, dtype:
     return Slow(modality)
 
 
-register(ProcessorSpec("test-limited", None, PassthroughParams, "tests.test_hardening:make_limited"))
-register(ProcessorSpec("test-slow50", None, PassthroughParams, "tests.test_hardening:make_slow"))
+@pytest.fixture
+def limited(use_processor: Callable[[ProcessorSpec], None]) -> None:
+    use_processor(ProcessorSpec("test-limited", None, PassthroughParams, "tests.test_hardening:make_limited"))
 
 
-@pytest.mark.parametrize("mode", ["core", "durable"])
+@pytest.fixture
+def slow50(use_processor: Callable[[ProcessorSpec], None]) -> None:
+    use_processor(ProcessorSpec("test-slow50", None, PassthroughParams, "tests.test_hardening:make_slow"))
+
+
+@pytest.mark.usefixtures("limited")
 async def test_rate_limited_events_are_named_in_their_windows_result(
-    nc: Any, nats_url: str, prefix: str, mode: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     out = await collect(nc, f"{prefix}.out.>")
     route = {"modality": "text", "processor": "test-limited", "batch": {"max_wait_ms": 1}}
-    cfg = make_config(
+    cfg = transport.config(
         prefix,
-        nats={"subject_prefix": prefix, "durable": mode == "durable"},
         routes=[route],
         aligner={"window_ms": 1000, "idle_timeout_ms": 300},
     )
@@ -396,9 +400,9 @@ async def test_rate_limited_events_are_named_in_their_windows_result(
     await engine.stop()
 
 
-@pytest.mark.parametrize("mode", ["core", "durable"])
+@pytest.mark.usefixtures("slow50")
 async def test_complete_intake_waiting_for_room_does_not_make_sources_idle(
-    nc: Any, nats_url: str, prefix: str, mode: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     """While intake waits for room in a slow route, the events exist but are not
     read: the idle timeout used to seal the window and refuse them as too_late
@@ -406,9 +410,8 @@ async def test_complete_intake_waiting_for_room_does_not_make_sources_idle(
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
     route = {"modality": "image", "processor": "test-slow50", "batch": {"max_batch_size": 1, "max_queue": 2}}
-    cfg = make_config(
+    cfg = transport.config(
         prefix,
-        nats={"subject_prefix": prefix, "durable": mode == "durable"},
         routes=[route],
         # 40 frames at 50 ms each = 2 s of work in a 10 s window; quiet means idle after 100 ms
         aligner={"window_ms": 10_000, "idle_timeout_ms": 100, "allowed_lateness_ms": 0},
@@ -493,16 +496,15 @@ def raw_publish(url: str, subject: bytes, headers: bytes, body: bytes) -> None:
             pass
 
 
-@pytest.mark.parametrize("mode", ["core", "durable"])
 async def test_a_subject_that_is_not_utf8_is_refused_and_the_engine_still_hears(
-    nc: Any, nats_url: str, prefix: str, mode: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     """nats-py decoded subjects strictly: one ``<prefix>.in.\\xff.text`` ended its read
     loop while it still said connected. The engine heard nothing more, health
     requests went unanswered, JetStream gave up on every later event."""
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
-    engine = Engine(make_config(prefix, nats={"subject_prefix": prefix, "durable": mode == "durable"}))
+    engine = Engine(transport.config(prefix))
     await engine.start(nats_url)
     t = time.time_ns()
     hdrs = b"AutoGLM-Timestamp: %d\r\nContent-Type: text/plain\r\nNats-Msg-Id: evil-1\r\n" % t
@@ -518,9 +520,11 @@ async def test_a_subject_that_is_not_utf8_is_refused_and_the_engine_still_hears(
     await engine.stop()
 
 
-async def test_a_nats_client_that_stops_reading_fails_the_engine(nc: Any, nats_url: str, prefix: str) -> None:
+async def test_a_nats_client_that_stops_reading_fails_the_engine(
+    nc: Any, nats_url: str, prefix: str, transport: Transport
+) -> None:
     """Connected and deaf is the worst state there is: it must end in a restart."""
-    engine = Engine(make_config(prefix, nats=durable(prefix)))
+    engine = Engine(transport.config(prefix))
     await engine.start(nats_url)
     engine._nc._reading_task.cancel()  # whatever ends it behind our back
     await asyncio.wait_for(engine.supervisor.failed.wait(), 10)
@@ -547,7 +551,7 @@ def test_a_loop_with_no_progress_and_no_reason_is_hung() -> None:
 
 
 async def test_an_object_whose_chunks_never_come_is_object_missing_and_intake_goes_on(
-    nc: Any, nats_url: str, prefix: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     """nats-py waits for chunks without a limit: metadata alone (chunks expired
     first, or a producer that publishes only metadata) held the fetch loop for good."""
@@ -560,7 +564,7 @@ async def test_an_object_whose_chunks_never_come_is_object_missing_and_intake_go
     bucket = f"{prefix}-objects"
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
-    engine = Engine(make_config(prefix, nats=durable(prefix, object_bucket=bucket, object_fetch_timeout_s=1)))
+    engine = Engine(transport.config(prefix, nats={"object_bucket": bucket, "object_fetch_timeout_s": 1}))
     await engine.start(nats_url)
     js = nc.jetstream()
     data = b"never stored"
@@ -681,14 +685,18 @@ def make_broken(params: PassthroughParams, modality: Modality, device: str, dtyp
     return Broken(modality)
 
 
-register(ProcessorSpec("test-broken", None, PassthroughParams, "tests.test_hardening:make_broken"))
+@pytest.fixture
+def broken(use_processor: Callable[[ProcessorSpec], None]) -> None:
+    use_processor(ProcessorSpec("test-broken", None, PassthroughParams, "tests.test_hardening:make_broken"))
 
 
+@pytest.mark.usefixtures("broken")
 async def test_a_dlq_record_of_an_admitted_event_names_its_delivery(
     nc: Any, nats_url: str, prefix: str
 ) -> None:
     """Rejected after admission (its batch failed): the record's Nats-Msg-Id is the
-    input's stream sequence, so a redelivery after a lost ack stores no second one."""
+    input's stream sequence (JetStream only), so a redelivery after a lost ack
+    stores no second one."""
     dlq = await collect(nc, f"{prefix}.dlq.>")
     route = {"modality": "text", "processor": "test-broken", "batch": {"max_wait_ms": 1}}
     engine = Engine(make_config(prefix, nats=durable(prefix), routes=[route]))
