@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from engine.contracts.errors import BackpressureError, ProcessorError
 from engine.pipeline.batcher import Batcher, BatchWorker, check_outputs
+from tests.conftest import until
 
 MS = 1_000_000
 
@@ -84,24 +86,37 @@ def test_output_count_must_match() -> None:
 async def test_worker_batches_under_load_and_drains() -> None:
     seen: list[list[int]] = []
     gate = asyncio.Event()
+    running = most = 0
+    turned = asyncio.Event()
+
+    def clock() -> int:  # read by submit and at the top of each turn of the worker's loop
+        turned.set()
+        return time.monotonic_ns()
 
     async def run(batch: list[int]) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
         seen.append(batch)
         await gate.wait()
+        running -= 1
 
     async def on_error(batch: list[int], exc: BaseException) -> None:
         raise AssertionError(exc)
 
-    worker = BatchWorker(make(size=4, wait_ms=1), run, on_error, concurrency=1)
+    worker = BatchWorker(make(size=4, wait_ms=1), run, on_error, concurrency=1, clock=clock)
     worker.start()
     worker.submit(0)
-    await asyncio.sleep(0.02)  # first batch alone (max_wait), then the worker is busy
-    for i in range(1, 7):
+    await until(lambda: seen == [[0]], "the first batch, alone (max_wait)")
+    for i in range(1, 7):  # a full batch and a partial one queue behind the busy slot
         worker.submit(i)
-    await asyncio.sleep(0.02)
-    assert seen == [[0]]  # nothing else starts while the only slot is busy
+    turned.clear()
+    # The worker takes a turn with them queued and its only slot busy; a batch it
+    # launched there would start before [0] could finish (the gate opens after).
+    await asyncio.wait_for(turned.wait(), 10)
     gate.set()
     await worker.drain()
+    assert most == 1  # nothing else started while the only slot was busy
     assert seen == [[0], [1, 2, 3, 4], [5, 6]]
 
 
