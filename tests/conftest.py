@@ -204,23 +204,32 @@ class Collector:
         )
 
 
-async def stored(nc: Any, subject: str) -> list[tuple[dict[str, str], Any]]:
+async def stored(nc: Any, subject: str, timeout: float = 10.0) -> list[tuple[dict[str, str], Any]]:
     """What the results stream kept on ``subject`` (headers, JSON body): what a
-    durable consumer reads, each stored message once."""
-    sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+    durable consumer reads, each stored message once.
+
+    The stream says first how many it holds, and all of those are read: a
+    pause in delivery (a server descheduled for a second on a loaded machine)
+    used to end the read early and silently, and the events in the unread
+    tail looked lost."""
+    js = nc.jetstream()
+    stream = await js.find_stream_name_by_subject(subject)
+    held = sum(((await js.stream_info(stream, subjects_filter=subject)).state.subjects or {}).values())
+    if not held:
+        return []
+    sub = await js.subscribe(subject, ordered_consumer=True)
     out = []
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=1.0)
-            except Exception:  # nats TimeoutError: nothing (more) stored
-                break
+                msg = await sub.next_msg(timeout=timeout)
+            except Exception as exc:  # nats TimeoutError: a stall, not the end
+                raise AssertionError(f"read {len(out)} of the {held} messages stored on {subject}") from exc
             out.append((dict(msg.headers or {}), orjson.loads(msg.data)))
-            if msg.metadata.num_pending == 0:
-                break
+            if len(out) >= held and msg.metadata.num_pending == 0:
+                return out
     finally:
         await sub.unsubscribe()
-    return out
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 20.0) -> Any:
