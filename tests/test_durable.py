@@ -156,13 +156,13 @@ async def test_nats_server_restart_mid_stream(tmp_path: Path, prefix: str) -> No
             if i == 100:  # the server goes away with its file store, and comes back
                 await nc.flush()
                 server.stop()
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # the outage itself: clients fail to reconnect meanwhile
                 server.start()
             for src in range(2):
                 eid = f"s{src}-{i}"
                 sent.add(eid)
                 await store(js, f"{prefix}.in.s{src}.text", base + i * 10 * MS, eid)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # pacing: the stream spans wall time around the outage
         await nc.flush()
         fused = await wait_stored(nc, prefix, sent, 30)
         assert set(fused) == sent, f"lost: {sorted(sent - set(fused))[:10]}"
