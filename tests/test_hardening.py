@@ -12,7 +12,7 @@ import contextlib
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from engine.runtime.engine import Engine
 from engine.wire.codec import encode_headers
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec
-from tests.conftest import Transport, collect, eventually, make_config, send, stored
+from tests.conftest import Transport, collect, eventually, make_config, send, srv_stats, stats_when, stored
 
 MS = 1_000_000
 
@@ -109,7 +109,7 @@ async def test_a_bug_on_one_message_becomes_its_dlq_record_and_intake_goes_on(
     assert record["message"].startswith("ValueError: invalid literal")
     await out.wait_events({f"cam-{i}" for i in range(5)})
     assert (await health(nc, prefix))["status"] == "ok"
-    assert engine.stats.internal_errors == 1
+    assert (await srv_stats(nc, prefix))["internal_errors"] == 1
     if transport.durable:
         info = await consumer_done(nc, prefix)
         assert info.num_ack_pending == 0 and info.num_pending == 0
@@ -170,8 +170,8 @@ async def test_a_message_that_keeps_failing_is_poison_after_max_deliver(
     [record] = await dlq.wait_for(1)
     assert record["reason"] == "poison" and record["event_id"] == "cam-boom"
     await out.wait_events({"cam-fine"})
-    assert engine.intake is not None and engine.intake.poisoned == 1
-    assert engine.intake.handler_errors == 1
+    assert (await srv_stats(nc, prefix))["jetstream"]["poisoned"] == 1
+    assert engine.intake is not None and engine.intake.handler_errors == 1
     info = await consumer_done(nc, prefix)
     assert info.num_ack_pending == 0 and info.num_pending == 0
     await engine.stop()
@@ -230,7 +230,7 @@ async def test_a_store_failing_longer_than_ack_wait_delays_records_but_never_kil
         await send(nc, prefix, "cam", "text", b"ok", t + (i + 1) * MS, event_id=f"cam-ok-{i}")
     await nc.flush()
     # Retrying for longer than ack_wait (backoff 0.05 s doubling: 5 tries > 1.5 s), and saying so.
-    await eventually(_now(lambda: engine.stats.store_retries >= 5), "five store retries", 30)
+    await stats_when(nc, prefix, lambda s: s["store_retries"] >= 5, "five store retries", 30)
     report = await health(nc, prefix)
     assert report["status"] == "degraded" and "store_retrying" in report["degraded"]
     await js.add_stream(StreamConfig(name=out_stream, subjects=kept.subjects, duplicate_window=120))
@@ -266,7 +266,7 @@ async def test_a_window_that_grows_after_it_was_published_is_stored_as_a_second_
         await send(nc, prefix, src, "text", b"x", t + i * MS, event_id=eid)
         await nc.flush()
         # One at a time, so each arrival evicts the other source.
-        await _until(lambda n=i + 1: sum(engine.stats.received.values()) >= n)
+        await stats_when(nc, prefix, lambda s, n=i + 1: sum(s["received"].values()) >= n, f"{eid} received")
     sent = {eid for _, eid in plan}
     stored = await stored_holding(nc, f"{prefix}.out.>", sent)
     fused = fused_in(stored)
@@ -277,19 +277,6 @@ async def test_a_window_that_grows_after_it_was_published_is_stored_as_a_second_
     info = await consumer_done(nc, prefix)
     assert info.num_ack_pending == 0
     await engine.stop()
-
-
-def _now(done: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    """A plain condition (this process's own counters) in the form ``eventually`` takes."""
-
-    async def check() -> bool:
-        return done()
-
-    return check
-
-
-async def _until(done: Callable[[], bool], timeout: float = 10.0) -> None:
-    await eventually(_now(done), "the condition", timeout)
 
 
 async def test_processed_events_leave_the_input_stream_and_the_recording_keeps_them(
@@ -395,7 +382,7 @@ async def test_rate_limited_events_are_named_in_their_windows_result(
     await out.wait_events(sent)
     [result] = [body for _, _, body in out.items]
     limited = result["skipped"]["rate_limited"]
-    assert len(limited) == engine.stats.rate_limited["text"] > 0
+    assert len(limited) == (await srv_stats(nc, prefix))["rate_limited"]["text"] > 0
     assert sorted(result["events"]["text"] + limited) == sorted(sent)
     await engine.stop()
 
@@ -429,7 +416,7 @@ async def test_complete_intake_waiting_for_room_does_not_make_sources_idle(
         timeout=30,
     )
     assert not dlq.items, [r["reason"] for _, _, r in dlq.items]
-    assert engine.stats.intake_waits > 0
+    assert (await srv_stats(nc, prefix))["intake_waits"] > 0
     assert sorted(out.event_ids()) == sorted(sent)
     await engine.stop()
 
@@ -468,12 +455,10 @@ async def test_after_a_crash_events_already_in_a_stored_result_are_acked_not_fus
         await js.delete_consumer(f"{prefix.upper()}_IN", "autoglm-engine")
     engine = Engine(make_config(prefix, nats=durable(prefix)))
     await engine.start(nats_url)
-    assert engine.intake is not None
-    stored: list[dict[str, Any]] = []
     stored = await stored_holding(nc, f"{prefix}.out.>", {"cam-3", "cam-4"})
     fused = sorted(fused_in(stored))
     assert fused == ["cam-1", "cam-2", "cam-3", "cam-4"], fused
-    assert engine.intake.recovered == 2
+    assert (await srv_stats(nc, prefix))["jetstream"]["recovered"] == 2
     info = await consumer_done(nc, prefix)
     assert info.num_ack_pending == 0 and info.num_pending == 0
     await engine.stop()

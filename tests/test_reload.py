@@ -11,7 +11,7 @@ from typing import Any
 
 from engine.config.models import load_config, with_overrides
 from engine.runtime.engine import Engine
-from tests.conftest import ROOT, collect, round_trip, send, spawn_engine
+from tests.conftest import ROOT, collect, round_trip, send, spawn_engine, srv_stats
 
 MS = 1_000_000
 
@@ -65,6 +65,7 @@ async def test_reload_under_load_swaps_routes_and_glm_and_loses_nothing(
     await producer
     await nc.flush()
     await out.wait_events(sent)
+    stats = await srv_stats(nc, prefix)
     await engine.stop()
     await round_trip(nc)  # whatever the stop published has reached us: no second copy hides
     results = [body for _, _, body in out.items]
@@ -74,7 +75,7 @@ async def test_reload_under_load_swaps_routes_and_glm_and_loses_nothing(
     assert engine.routes[1].batcher.max_batch_size == 16
     prompts = [r["prompt"].split()[0] for r in results]
     assert prompts[0] == "v1" and prompts[-1] == "v2"  # the new GLM template took over
-    assert engine.stats.reloads == 1 and engine.config.glm.template == "v2 {source}"
+    assert stats["reloads"] == 1 and engine.config.glm.template == "v2 {source}"
 
 
 async def test_invalid_file_is_refused_with_its_errors_and_the_running_config_stays(
@@ -97,7 +98,8 @@ async def test_invalid_file_is_refused_with_its_errors_and_the_running_config_st
     )
     report = await engine.reload()
     assert not report["ok"] and "/nope" in report["errors"][0], report
-    assert engine.config is before and engine.routes == routes and engine.stats.reloads_failed == 2
+    assert engine.config is before and engine.routes == routes
+    assert (await srv_stats(nc, prefix))["reloads_failed"] == 2
     sent: set[str] = set()
     await stream(nc, prefix, 10, sent)  # still running on the old config
     await nc.flush()
