@@ -21,7 +21,7 @@ from engine.contracts.types import Features, InputEvent, Modality
 from engine.runtime.engine import Engine
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec
-from tests.conftest import Transport, collect, send, srv_stats
+from tests.conftest import Transport, collect, round_trip, send, srv_stats
 
 MS = 1_000_000
 
@@ -56,6 +56,7 @@ async def test_multi_source_every_valid_event_in_exactly_one_result(
     records = await dlq.wait_for(3)
     stats = await srv_stats(nc, prefix)
     await engine.stop()
+    await round_trip(nc)  # what the stop published (core mode flushes windows) has reached us too
     results = [body for _, _, body in out.items]
 
     fused = [eid for r in results for ids in r["events"].values() for eid in ids]
@@ -103,8 +104,11 @@ async def test_events_out_of_order_from_three_sources_come_back_as_expected_fram
     for i, (src, mod, off) in enumerate(plan):
         await send(nc, prefix, src, mod, b"p", t + off * MS, event_id=f"{src}{i}")
     await nc.flush()
-    results = await out.wait_for(7)  # the last windows close on the idle timeout
+    await out.wait_for(7)  # the last windows close on the idle timeout
     await engine.stop()
+    await round_trip(nc)
+    results = [body for _, _, body in out.items]
+    assert len(results) == 7
     frames = {(r["source"], (r["window"]["start_ns"] - t) // 10**9): r["events"] for r in results}
     assert frames == {
         ("a", 0): {"image": ["a0"], "audio": ["a7"], "text": ["a2"]},
@@ -131,6 +135,7 @@ async def test_traceparent_passes_through_to_the_result(
     await nc.flush()
     await out.wait_for(1)  # closed by the 300 ms idle timeout, not by stop()
     await engine.stop()
+    await round_trip(nc)
     [(_, headers, body)] = out.items
     assert headers["traceparent"] == tp
     assert body["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -190,6 +195,7 @@ async def test_overload_drops_are_reported_never_silent(
         "every event in a result or a DLQ record",
     )
     await engine.stop()
+    await round_trip(nc)
     dropped = {r["event_id"] for _, _, r in dlq.items if r["reason"] == "overloaded"}
     fused = {eid for _, _, r in out.items for ids in r["events"].values() for eid in ids}
     assert dropped, "a queue of 2 behind a 200 ms batch must overflow"
@@ -248,8 +254,10 @@ async def test_real_processors_reject_bad_inputs_and_keep_the_rest(
     await nc.flush()
     records = await dlq.wait_for(len(bad), timeout=60)
     # the window closes on the idle timeout (a durable stop would leave it open)
-    [result] = await out.wait_for(1, timeout=30)
+    await out.wait_for(1, timeout=30)
     await engine.stop()
+    await round_trip(nc)
+    [result] = [body for _, _, body in out.items]
     assert {r["event_id"]: r["reason"] for r in records} == {eid: reason for *_, eid, reason in bad}
     fused = {eid for ids in result["events"].values() for eid in ids}
     assert fused == {eid for *_, eid in good}
@@ -281,8 +289,10 @@ async def test_nearest_mode_and_late_subject_over_nats(
                           ("image", 200, "p200"), ("audio", 10, "a10-late")]:  # fmt: skip
         await send(nc, prefix, "cam", mod, b"x", t + off * MS, event_id=eid)
     await nc.flush()
-    results = await out.wait_for(3)
+    await out.wait_for(3)
     await engine.stop()
+    await round_trip(nc)
+    results = [body for _, _, body in out.items]
     assert [r["events"] for r in results] == [
         {"image": ["p0"], "audio": ["a8"]},
         {"image": ["p40"], "text": ["t45"]},
@@ -311,8 +321,10 @@ async def test_results_carry_real_answers_from_an_openai_compatible_server(
         for s in range(3):
             await send(nc, prefix, f"cam{s}", "text", f"caption {s}".encode(), base, event_id=f"c{s}")
         await nc.flush()
-        results = await out.wait_for(3)
+        await out.wait_for(3)
         await engine.stop()
+    await round_trip(nc)
+    results = [body for _, _, body in out.items]
     assert sorted(r["answer"] for r in results) == ["answer 0", "answer 1", "answer 2"]
     for r in results:
         assert r["glm"]["backend"] == "openai" and r["glm"]["model"] == "glm-4"
