@@ -8,8 +8,9 @@ import itertools
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 import orjson
@@ -19,8 +20,14 @@ from engine.config.models import EngineConfig, parse_config
 from engine.contracts.subjects import Subjects
 from engine.contracts.types import Modality
 from engine.runtime.server import EmbeddedServer
-from engine.tools.publish import sync_with_server
 from engine.wire.codec import encode_headers
+
+if TYPE_CHECKING:
+    from processors.registry import ProcessorSpec
+
+# Nothing here imports the producer tools (engine/tools/publish.py, soundfile,
+# OpenTelemetry): a test that needs them imports them itself, so a unit test
+# neither pays for them nor breaks with them.
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _prefixes = itertools.count()
@@ -79,6 +86,44 @@ def make_config(prefix: str, **overrides: Any) -> EngineConfig:
     return parse_config(data, env={})
 
 
+@dataclass(frozen=True)
+class Transport:
+    """How an engine under test takes its inputs: ``core`` (a plain
+    subscription, at most once) or ``jetstream`` (durable intake, at least
+    once). The session's server has JetStream, so a config that leaves
+    ``nats.durable`` unset would always run durable."""
+
+    name: str
+
+    @property
+    def durable(self) -> bool:
+        return self.name == "jetstream"
+
+    def config(self, prefix: str, **overrides: Any) -> EngineConfig:
+        """:func:`make_config` in this transport (``nats=`` overrides merge in)."""
+        nats_section = {"subject_prefix": prefix, **overrides.pop("nats", {}), "durable": self.durable}
+        return make_config(prefix, nats=nats_section, **overrides)
+
+
+@pytest.fixture(params=["core", "jetstream"])
+def transport(request: pytest.FixtureRequest) -> Transport:
+    """Runs a test once per transport; a test about one mode sets ``nats.durable`` itself."""
+    return Transport(request.param)
+
+
+@pytest.fixture
+def use_processor(monkeypatch: pytest.MonkeyPatch) -> Callable[[ProcessorSpec], None]:
+    """Register a test processor for this test only (before its config is parsed:
+    the config checks processor names against the registry). An engine in
+    another process registers its own (see tests/crashing_engine.py)."""
+    from processors.registry import REGISTRY
+
+    def use(spec: ProcessorSpec) -> None:
+        monkeypatch.setitem(REGISTRY, spec.name, spec)
+
+    return use
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -103,9 +148,14 @@ async def spawn_engine(*args: str, options: tuple[str, ...] = ()) -> asyncio.sub
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _spawned.append(proc)
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)
-    assert b"engine running" in line, line
+    if b"engine running" not in line:  # it exited (or said something else): say why
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        err = await asyncio.wait_for(proc.stderr.read(), 10)
+        code = await proc.wait()
+        raise AssertionError(f"autoglm run exited ({code}) before it ran: {line!r}\n{err.decode()}")
     return proc
 
 
@@ -156,23 +206,32 @@ class Collector:
         )
 
 
-async def stored(nc: Any, subject: str) -> list[tuple[dict[str, str], Any]]:
+async def stored(nc: Any, subject: str, timeout: float = 10.0) -> list[tuple[dict[str, str], Any]]:
     """What the results stream kept on ``subject`` (headers, JSON body): what a
-    durable consumer reads, each stored message once."""
-    sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+    durable consumer reads, each stored message once.
+
+    The stream says first how many it holds, and all of those are read: a
+    pause in delivery (a server descheduled for a second on a loaded machine)
+    used to end the read early and silently, and the events in the unread
+    tail looked lost."""
+    js = nc.jetstream()
+    stream = await js.find_stream_name_by_subject(subject)
+    held = sum(((await js.stream_info(stream, subjects_filter=subject)).state.subjects or {}).values())
+    if not held:
+        return []
+    sub = await js.subscribe(subject, ordered_consumer=True)
     out = []
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=1.0)
-            except Exception:  # nats TimeoutError: nothing (more) stored
-                break
+                msg = await sub.next_msg(timeout=timeout)
+            except Exception as exc:  # nats TimeoutError: a stall, not the end
+                raise AssertionError(f"read {len(out)} of the {held} messages stored on {subject}") from exc
             out.append((dict(msg.headers or {}), orjson.loads(msg.data)))
-            if msg.metadata.num_pending == 0:
-                break
+            if len(out) >= held and msg.metadata.num_pending == 0:
+                return out
     finally:
         await sub.unsubscribe()
-    return out
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 20.0) -> Any:
@@ -191,6 +250,15 @@ async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: fl
         await asyncio.sleep(0.02)  # the poll interval
 
 
+async def until(done: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """:func:`eventually` for a plain condition over this process's own state."""
+
+    async def check() -> bool:
+        return done()
+
+    await eventually(check, what, timeout)
+
+
 async def engine_health(
     nc: Any, prefix: str, done: Callable[[dict[str, Any]], bool], timeout: float = 20.0
 ) -> None:
@@ -206,10 +274,52 @@ async def engine_health(
     await eventually(answer, "the engine's health to satisfy the condition", timeout)
 
 
+async def srv_stats(nc: Any, prefix: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The counters the engine serving ``prefix`` reports on ``$SRV.STATS``
+    (what ``autoglm status`` shows): observable from outside, wherever the
+    engine keeps them inside."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish("$SRV.STATS.autoglm", b"", reply=inbox)
+        async with asyncio.timeout(timeout):
+            while True:  # every engine on the server answers: find ours
+                stats = orjson.loads((await sub.next_msg(timeout=timeout)).data)
+                if stats["metadata"].get("subject_prefix") == prefix:
+                    data: dict[str, Any] = stats["endpoints"][0]["data"]
+                    return data
+    finally:
+        await sub.unsubscribe()
+
+
+async def stats_when(
+    nc: Any, prefix: str, done: Callable[[dict[str, Any]], bool], what: str, timeout: float = 20.0
+) -> dict[str, Any]:
+    """Ask ``$SRV.STATS`` until the engine's counters satisfy ``done``; return them."""
+
+    async def answer() -> dict[str, Any] | None:
+        with contextlib.suppress(Exception):  # not registered yet, or a slow answer
+            stats = await srv_stats(nc, prefix, timeout=1.0)
+            return stats if done(stats) else None
+        return None
+
+    found: dict[str, Any] = await eventually(answer, what, timeout)
+    return found
+
+
+async def round_trip(nc: Any) -> None:
+    """Return once the server has processed everything ``nc`` sent, a new
+    subscription included: two flushes, for the nats-py reason that
+    ``engine.tools.publish.sync_with_server`` gives (kept here so that the
+    fixtures do not import the producer tools)."""
+    await nc.flush()
+    await nc.flush()
+
+
 async def collect(nc: Any, subject: str) -> Collector:
     c = Collector()
     await nc.subscribe(subject, cb=c.cb)
-    await sync_with_server(nc)
+    await round_trip(nc)
     return c
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.runtime.engine import Engine
-from tests.conftest import make_config, send
+from tests.conftest import eventually, make_config, send
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "autoglm-dashboard.json"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -33,15 +33,21 @@ def test_dashboard_is_well_formed() -> None:
 
 
 async def test_every_series_the_dashboard_queries_is_exported(nc: Any, nats_url: str, prefix: str) -> None:
-    engine = Engine(make_config(prefix, metrics={"port": 0}))  # durable: JetStream series too
+    engine = Engine(make_config(prefix, nats={"durable": True}, metrics={"port": 0}))  # JetStream series too
     await engine.start(nats_url)
-    assert engine.metrics is not None and engine.transport is not None and engine.transport.durable
+    assert engine.metrics is not None
     await send(nc, prefix, "cam", "text", b"ok", time.time_ns(), event_id="a")
     await send(nc, prefix, "cam", "text", b"x", time.time_ns(), content_type="video/mp4", event_id="b")
     await nc.flush()
-    await asyncio.sleep(0.8)
     url = f"http://127.0.0.1:{engine.metrics.port}/metrics"
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+    async def handled() -> str | None:  # the result and the DLQ record counted, both inputs acked
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        done = {"results": 1, "dlq_records": 1, "jetstream_acked": 2}
+        return text if all(values.get(f"autoglm_{name}_total") == n for name, n in done.items()) else None
+
+    text = await eventually(handled, "one result and one DLQ record")
     await engine.stop()
     exported: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):

@@ -10,20 +10,23 @@ from typing import Any
 import orjson
 
 from engine.runtime.engine import Engine
-from tests.conftest import make_config, send
+from tests.conftest import collect, make_config, send, stats_when
 
 
 async def test_srv_ping_info_stats_health_and_config(nc: Any, nats_url: str, prefix: str) -> None:
-    engine = Engine(make_config(prefix))
+    dlq = await collect(nc, f"{prefix}.dlq.>")
+    engine = Engine(make_config(prefix, nats={"durable": True}))
     await engine.start(nats_url)
     try:
         await send(nc, prefix, "cam", "text", b"x", time.time_ns(), content_type="video/mp4")
-        await nc.flush()
+        await dlq.wait_for(1)  # counted before its record is published
         pings = []
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         await nc.publish("$SRV.PING.autoglm", b"", reply=inbox)
-        while True:  # every engine on this server answers; find ours
+        # Every engine on this server answers, each once: gather them until
+        # the answers stop (the end of a scatter-gather, not a wait for the engine).
+        while True:
             try:
                 pings.append(orjson.loads((await sub.next_msg(timeout=0.5)).data))
             except Exception:
@@ -52,8 +55,7 @@ async def test_status_command_lists_running_engines(nc: Any, nats_url: str, pref
     await engine.start(nats_url)
     try:
         await send(nc, prefix, "cam", "text", b"x", time.time_ns(), event_id="s1")
-        await nc.flush()
-        await asyncio.sleep(0.5)
+        await stats_when(nc, prefix, lambda s: s["received"] == {"text": 1}, "the event received")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "engine.tools.cli", "status", "--once", "--nats-url", nats_url,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -64,13 +66,12 @@ async def test_status_command_lists_running_engines(nc: Any, nats_url: str, pref
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         info_out, _ = await asyncio.wait_for(info_proc.communicate(), 30)
-        service_id = engine.service.id
     finally:
         await engine.stop()
     assert proc.returncode == 0, err.decode()
     infos = [orjson.loads(line) for line in info_out.decode().splitlines()]
-    [mine] = [i for i in infos if i["id"] == service_id]
-    assert mine["type"] == "io.nats.micro.v1.info_response" and mine["metadata"]["subject_prefix"] == prefix
+    [mine] = [i for i in infos if i["metadata"].get("subject_prefix") == prefix]
+    assert mine["type"] == "io.nats.micro.v1.info_response" and mine["id"]
     assert {e["name"] for e in mine["endpoints"]} == {"health", "config", "reload"}
     lines = out.decode().splitlines()
     assert lines[0].split()[:3] == ["engine", "prefix", "recv"]

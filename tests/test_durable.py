@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from engine.runtime.engine import Engine
-from tests.conftest import make_config, send, spawn_engine, stored
+from tests.conftest import eventually, make_config, send, spawn_engine, stats_when, stored
 
 ROOT = Path(__file__).resolve().parent.parent
 MS = 1_000_000
@@ -24,30 +25,47 @@ async def stored_results(nc: Any, prefix: str) -> list[tuple[str, dict[str, Any]
     return [(headers["Nats-Msg-Id"], body) for headers, body in await stored(nc, f"{prefix}.out.>")]
 
 
+def fused_in(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    return [e for _, r in results for group in r["events"].values() for e in group]
+
+
 async def wait_stored(nc: Any, prefix: str, sent: set[str], timeout: float) -> list[str]:
-    """Poll the OUT stream until it holds every sent event (or time runs out)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        results = await stored_results(nc, prefix)
-        fused = [e for _, r in results for group in r["events"].values() for e in group]
-        if set(fused) >= sent or time.monotonic() > deadline:
-            return fused
-        await asyncio.sleep(0.5)
+    """The events in the OUT stream once it holds every sent one (or as it is
+    when time runs out: the caller's assertion then names what is missing)."""
+
+    async def holding() -> list[str] | None:
+        fused = fused_in(await stored_results(nc, prefix))
+        return fused if set(fused) >= sent else None
+
+    with contextlib.suppress(AssertionError):
+        found: list[str] = await eventually(holding, f"{len(sent)} events stored", timeout)
+        return found
+    return fused_in(await stored_results(nc, prefix))
+
+
+async def consumer_settled(nc: Any, prefix: str) -> Any:
+    """The engine's consumer once nothing is pending or unacked (acks are asynchronous)."""
+    js = nc.jetstream()
+
+    async def settled() -> Any:
+        info = await js.consumer_info(f"{prefix.upper()}_IN", "autoglm-engine")
+        return info if info.num_ack_pending == 0 and info.num_pending == 0 else None
+
+    return await eventually(settled, "every input acked")
 
 
 async def test_durable_mode_is_the_default_on_jetstream(nc: Any, nats_url: str, prefix: str) -> None:
-    engine = Engine(make_config(prefix))
+    engine = Engine(make_config(prefix))  # nats.durable unset: JetStream, since the server has it
     await engine.start(nats_url)
-    assert engine.transport is not None and engine.transport.durable
     await send(nc, prefix, "cam", "text", b"hello", time.time_ns(), event_id="h1")
     await nc.flush()
-    await asyncio.sleep(1.0)
-    assert engine.transport.acked == 1 and not engine.transport.held  # acked after its result was stored
+    assert await wait_stored(nc, prefix, {"h1"}, 20) == ["h1"]
+    await consumer_settled(nc, prefix)  # acked after its result was stored
+    stats = await stats_when(nc, prefix, lambda s: s["unacked"] == 0, "nothing held")
+    assert stats["durable"] is True and stats["results"] == 1
     await engine.stop()
     [(msg_id, result)] = await stored_results(nc, prefix)
     assert result["events"] == {"text": ["h1"]} and msg_id.startswith("cam:")
-    info = await nc.jetstream().consumer_info(f"{prefix.upper()}_IN", "autoglm-engine")
-    assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
 async def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
@@ -55,34 +73,43 @@ async def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
 ) -> None:
     cfg = tmp_path / "r.toml"
     cfg.write_text(
-        f'[nats]\nsubject_prefix = "{prefix}"\nack_wait_s = 2\n'
+        f'[nats]\nsubject_prefix = "{prefix}"\ndurable = true\nack_wait_s = 2\n'
         "[aligner]\nwindow_ms = 200\nidle_timeout_ms = 500\n"
         '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
     )
     engine = await start_engine(cfg, nats_url)
+    logs = []  # each engine's stderr, for the failure message
     sent: set[str] = set()
     base = time.time_ns()
     for i in range(300):
         if i == 150:  # half way: kill -9, keep publishing into the stream, start again
             engine.send_signal(signal.SIGKILL)
-            await engine.wait()
+            _, err = await asyncio.wait_for(engine.communicate(), 30)
+            logs.append(err.decode())
         for s in range(3):
             eid = f"s{s}-{i}"
             sent.add(eid)
             await send(nc, prefix, f"s{s}", "text", b"e", base + i * 10 * MS, event_id=eid)
         if i == 160:
             engine = await start_engine(cfg, nats_url)
+        # Pacing, not synchronisation: the stream goes on over wall time, so the
+        # kill lands while the engine holds events in open windows.
         await asyncio.sleep(0.005)
     await nc.flush()
     await wait_stored(nc, prefix, sent, 20)
     engine.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(engine.wait(), 30) == 0
+    _, err = await asyncio.wait_for(engine.communicate(), 30)
+    logs.append(err.decode())
+    assert engine.returncode == 0, logs
     results = await stored_results(nc, prefix)
     ids = [msg_id for msg_id, _ in results]
-    fused = [e for _, r in results for group in r["events"].values() for e in group]
+    fused = fused_in(results)
     assert len(ids) == len(set(ids)), "a consumer saw the same result twice"
     assert len(fused) == len(set(fused)), "an event is in two stored results"
-    assert set(fused) == sent, f"lost: {sorted(sent - set(fused))[:10]}"
+    if lost := sorted(sent - set(fused)):
+        why = {r["event_id"]: r["reason"] for _, r in await stored(nc, f"{prefix}.dlq.>")}
+        raise AssertionError(f"lost {len(lost)}: {lost[:10]}; DLQ records: {why}; engines' stderr: {logs}")
+    assert set(fused) == sent
 
 
 async def store(js: Any, subject: str, ts: int, eid: str) -> None:
@@ -113,7 +140,7 @@ async def test_nats_server_restart_mid_stream(tmp_path: Path, prefix: str) -> No
     url = server.start()
     cfg = tmp_path / "r.toml"
     cfg.write_text(
-        f'[nats]\nsubject_prefix = "{prefix}"\nack_wait_s = 5\n'
+        f'[nats]\nsubject_prefix = "{prefix}"\ndurable = true\nack_wait_s = 5\n'
         # Quiet for longer than the outage: windows must not close on the
         # engine clock while the server is away (they would refuse the rest).
         "[aligner]\nwindow_ms = 200\nidle_timeout_ms = 5000\n"
@@ -129,13 +156,13 @@ async def test_nats_server_restart_mid_stream(tmp_path: Path, prefix: str) -> No
             if i == 100:  # the server goes away with its file store, and comes back
                 await nc.flush()
                 server.stop()
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # the outage itself: clients fail to reconnect meanwhile
                 server.start()
             for src in range(2):
                 eid = f"s{src}-{i}"
                 sent.add(eid)
                 await store(js, f"{prefix}.in.s{src}.text", base + i * 10 * MS, eid)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # pacing: the stream spans wall time around the outage
         await nc.flush()
         fused = await wait_stored(nc, prefix, sent, 30)
         assert set(fused) == sent, f"lost: {sorted(sent - set(fused))[:10]}"
@@ -159,21 +186,26 @@ async def test_a_hanging_glm_never_stops_ingestion_or_loses_results(
             "backend": "openai", "base_url": srv.url, "model": "m", "trigger": "every", "retries": 0,
             "call_timeout_s": 0.3, "breaker_failures": 2, "breaker_cooldown_s": 60, "max_queue": 4,
         }  # fmt: skip
-        engine = Engine(make_config(prefix, glm=glm, aligner={"window_ms": 50, "idle_timeout_ms": 200}))
+        aligner = {"window_ms": 50, "idle_timeout_ms": 200}
+        engine = Engine(make_config(prefix, nats={"durable": True}, glm=glm, aligner=aligner))
         await engine.start(nats_url)
         base = time.time_ns()
         for i in range(40):
             await send(nc, prefix, f"cam{i % 4}", "text", b"t", base + i * 20 * MS, event_id=f"e{i}")
         await nc.flush()
-        await asyncio.sleep(2.0)
-        assert engine.stats.received["text"] == 40  # intake never waited for the model
+        sent = {f"e{i}" for i in range(40)}
+        # Every window is stored (and its inputs acked) while the model still hangs:
+        # intake never waited for it.
+        assert set(await wait_stored(nc, prefix, sent, 20)) == sent
+        stats = await stats_when(
+            nc, prefix, lambda s: s["unacked"] == 0 and s["glm"]["queued"] == 0, "nothing held or queued"
+        )
+        assert stats["received"] == {"text": 40}
         await engine.stop()
     results = await stored_results(nc, prefix)
-    fused = {e for _, r in results for g in r["events"].values() for e in g}
-    assert fused == {f"e{i}" for i in range(40)}
+    assert sorted(fused_in(results)) == sorted(sent)  # each once
     assert all(r["answer"] is None and ("error" in r["glm"] or "skipped" in r["glm"]) for _, r in results)
     assert any(r["glm"].get("skipped") == "breaker_open" for _, r in results)
-    assert engine.glm.queued == 0 and engine.transport is not None and not engine.transport.state().unacked
 
 
 async def test_result_store_acks_after_the_pubacks_and_retries_what_was_not_stored(

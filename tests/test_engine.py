@@ -1,11 +1,14 @@
-"""End to end over a real nats-server: publish like a producer, read results and DLQ."""
+"""End to end over a real nats-server: publish like a producer, read results and DLQ.
+
+Each test runs in both transports (the ``transport`` fixture): core NATS and
+JetStream must give a producer the same results and the same DLQ records."""
 
 from __future__ import annotations
 
 import io
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
@@ -17,18 +20,18 @@ from engine.contracts.errors import ConfigError
 from engine.contracts.types import Features, InputEvent, Modality
 from engine.runtime.engine import Engine
 from processors.params import PassthroughParams
-from processors.registry import ProcessorSpec, register
-from tests.conftest import collect, make_config, send
+from processors.registry import ProcessorSpec
+from tests.conftest import Transport, collect, round_trip, send, srv_stats
 
 MS = 1_000_000
 
 
 async def test_multi_source_every_valid_event_in_exactly_one_result(
-    nc: Any, nats_url: str, prefix: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
-    engine = Engine(make_config(prefix, aligner={"allowed_lateness_ms": 50}))
+    engine = Engine(transport.config(prefix, aligner={"allowed_lateness_ms": 50}))
     await engine.start(nats_url)
     base = time.time_ns()
     sent: set[str] = set()
@@ -51,7 +54,9 @@ async def test_multi_source_every_valid_event_in_exactly_one_result(
     # leave open windows unacked for the next engine instead of publishing them.
     await out.wait_events(sent)
     records = await dlq.wait_for(3)
+    stats = await srv_stats(nc, prefix)
     await engine.stop()
+    await round_trip(nc)  # what the stop published (core mode flushes windows) has reached us too
     results = [body for _, _, body in out.items]
 
     fused = [eid for r in results for ids in r["events"].values() for eid in ids]
@@ -76,15 +81,19 @@ async def test_multi_source_every_valid_event_in_exactly_one_result(
     assert by_id["no-ts"]["subject"] == f"{prefix}.in.src0.image"
     [bad_subject] = [r for _, subj, r in [(0, s, b) for s, _, b in dlq.items] if subj == f"{prefix}.dlq._"]
     assert bad_subject["reason"] == "bad_subject"
-    assert engine.stats.rejected[("image", "unsupported_content_type")] == 1
+    assert stats["rejected"] == {
+        "?:bad_subject": 1,
+        "image:missing_timestamp": 1,
+        "image:unsupported_content_type": 1,
+    }
 
 
 async def test_events_out_of_order_from_three_sources_come_back_as_expected_frames(
-    nc: Any, nats_url: str, prefix: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
-    engine = Engine(make_config(prefix, aligner={"window_ms": 1000, "allowed_lateness_ms": 300}))
+    engine = Engine(transport.config(prefix, aligner={"window_ms": 1000, "allowed_lateness_ms": 300}))
     await engine.start(nats_url)
     t = (time.time_ns() // 10**9 - 5) * 10**9  # a whole second, in the recent past
     plan = [  # (source, modality, offset ms) in publish order: out of order within 300 ms
@@ -95,8 +104,11 @@ async def test_events_out_of_order_from_three_sources_come_back_as_expected_fram
     for i, (src, mod, off) in enumerate(plan):
         await send(nc, prefix, src, mod, b"p", t + off * MS, event_id=f"{src}{i}")
     await nc.flush()
-    results = await out.wait_for(7)  # the last windows close on the idle timeout
+    await out.wait_for(7)  # the last windows close on the idle timeout
     await engine.stop()
+    await round_trip(nc)
+    results = [body for _, _, body in out.items]
+    assert len(results) == 7
     frames = {(r["source"], (r["window"]["start_ns"] - t) // 10**9): r["events"] for r in results}
     assert frames == {
         ("a", 0): {"image": ["a0"], "audio": ["a7"], "text": ["a2"]},
@@ -112,15 +124,18 @@ async def test_events_out_of_order_from_three_sources_come_back_as_expected_fram
     assert (late["event_id"], late["reason"]) == ("a11", "too_late")
 
 
-async def test_traceparent_passes_through_to_the_result(nc: Any, nats_url: str, prefix: str) -> None:
+async def test_traceparent_passes_through_to_the_result(
+    nc: Any, nats_url: str, prefix: str, transport: Transport
+) -> None:
     out = await collect(nc, f"{prefix}.out.>")
     tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    engine = Engine(make_config(prefix))
+    engine = Engine(transport.config(prefix))
     await engine.start(nats_url)
     await send(nc, prefix, "cam", "text", b"hi", time.time_ns(), traceparent=tp)
     await nc.flush()
     await out.wait_for(1)  # closed by the 300 ms idle timeout, not by stop()
     await engine.stop()
+    await round_trip(nc)
     [(_, headers, body)] = out.items
     assert headers["traceparent"] == tp
     assert body["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -144,13 +159,18 @@ def make_slow(params: PassthroughParams, modality: Modality, device: str, dtype:
     return Slow(modality)
 
 
-register(ProcessorSpec("test-slow", None, PassthroughParams, "tests.test_engine:make_slow"))
+@pytest.fixture
+def slow(use_processor: Callable[[ProcessorSpec], None]) -> None:
+    use_processor(ProcessorSpec("test-slow", None, PassthroughParams, "tests.test_engine:make_slow"))
 
 
-async def test_overload_drops_are_reported_never_silent(nc: Any, nats_url: str, prefix: str) -> None:
+@pytest.mark.usefixtures("slow")
+async def test_overload_drops_are_reported_never_silent(
+    nc: Any, nats_url: str, prefix: str, transport: Transport
+) -> None:
     dlq = await collect(nc, f"{prefix}.dlq.>")
     out = await collect(nc, f"{prefix}.out.>")
-    cfg = make_config(
+    cfg = transport.config(
         prefix,
         routes=[
             {
@@ -175,6 +195,7 @@ async def test_overload_drops_are_reported_never_silent(nc: Any, nats_url: str, 
         "every event in a result or a DLQ record",
     )
     await engine.stop()
+    await round_trip(nc)
     dropped = {r["event_id"] for _, _, r in dlq.items if r["reason"] == "overloaded"}
     fused = {eid for _, _, r in out.items for ids in r["events"].values() for eid in ids}
     assert dropped, "a queue of 2 behind a 200 ms batch must overflow"
@@ -189,7 +210,7 @@ def _wav(samples: np.ndarray, rate: int = 16_000) -> bytes:
 
 
 async def test_real_processors_reject_bad_inputs_and_keep_the_rest(
-    nc: Any, nats_url: str, prefix: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
@@ -203,7 +224,7 @@ async def test_real_processors_reject_bad_inputs_and_keep_the_rest(
         {"modality": "audio", "processor": "mfcc", "batch": {"max_batch_size": 8, "max_wait_ms": 200}},
         {"modality": "text", "processor": "minilm", "batch": {"max_batch_size": 8, "max_wait_ms": 200}},
     ]
-    engine = Engine(make_config(prefix, routes=routes, aligner={"window_ms": 10_000}))
+    engine = Engine(transport.config(prefix, routes=routes, aligner={"window_ms": 10_000}))
     await engine.start(nats_url)
     t = time.time_ns() // 10**10 * 10**10  # all events in one 10 s window
     img = np.full((48, 64, 3), 120, np.uint8)
@@ -232,8 +253,11 @@ async def test_real_processors_reject_bad_inputs_and_keep_the_rest(
         await send(nc, prefix, "dev", mod, body, t + i * 40 * MS, content_type=ct, event_id=eid)
     await nc.flush()
     records = await dlq.wait_for(len(bad), timeout=60)
+    # the window closes on the idle timeout (a durable stop would leave it open)
+    await out.wait_for(1, timeout=30)
     await engine.stop()
-    [result] = await out.wait_for(1)
+    await round_trip(nc)
+    [result] = [body for _, _, body in out.items]
     assert {r["event_id"]: r["reason"] for r in records} == {eid: reason for *_, eid, reason in bad}
     fused = {eid for ids in result["events"].values() for eid in ids}
     assert fused == {eid for *_, eid in good}
@@ -243,10 +267,12 @@ async def test_real_processors_reject_bad_inputs_and_keep_the_rest(
     assert feats["text"]["texts"] == ["café au lait"]
 
 
-async def test_nearest_mode_and_late_subject_over_nats(nc: Any, nats_url: str, prefix: str) -> None:
+async def test_nearest_mode_and_late_subject_over_nats(
+    nc: Any, nats_url: str, prefix: str, transport: Transport
+) -> None:
     out = await collect(nc, f"{prefix}.out.>")
     late = await collect(nc, f"{prefix}.late.>")
-    cfg = make_config(
+    cfg = transport.config(
         prefix,
         aligner={
             "mode": "nearest",
@@ -263,8 +289,10 @@ async def test_nearest_mode_and_late_subject_over_nats(nc: Any, nats_url: str, p
                           ("image", 200, "p200"), ("audio", 10, "a10-late")]:  # fmt: skip
         await send(nc, prefix, "cam", mod, b"x", t + off * MS, event_id=eid)
     await nc.flush()
-    results = await out.wait_for(3)
+    await out.wait_for(3)
     await engine.stop()
+    await round_trip(nc)
+    results = [body for _, _, body in out.items]
     assert [r["events"] for r in results] == [
         {"image": ["p0"], "audio": ["a8"]},
         {"image": ["p40"], "text": ["t45"]},
@@ -280,21 +308,23 @@ async def test_nearest_mode_and_late_subject_over_nats(nc: Any, nats_url: str, p
 
 
 async def test_results_carry_real_answers_from_an_openai_compatible_server(
-    nc: Any, nats_url: str, prefix: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     from tests.chat_server import ChatServer
 
     out = await collect(nc, f"{prefix}.out.>")
     async with ChatServer(lambda n, body: ("ok", f"answer {n}")) as srv:
         glm = {"backend": "openai", "base_url": srv.url, "model": "glm-4", "trigger": "every", "retries": 0}
-        engine = Engine(make_config(prefix, glm=glm))
+        engine = Engine(transport.config(prefix, glm=glm))
         await engine.start(nats_url)
         base = time.time_ns()
         for s in range(3):
             await send(nc, prefix, f"cam{s}", "text", f"caption {s}".encode(), base, event_id=f"c{s}")
         await nc.flush()
-        results = await out.wait_for(3)
+        await out.wait_for(3)
         await engine.stop()
+    await round_trip(nc)
+    results = [body for _, _, body in out.items]
     assert sorted(r["answer"] for r in results) == ["answer 0", "answer 1", "answer 2"]
     for r in results:
         assert r["glm"]["backend"] == "openai" and r["glm"]["model"] == "glm-4"
@@ -303,20 +333,22 @@ async def test_results_carry_real_answers_from_an_openai_compatible_server(
     assert len(srv.requests) == 3
 
 
-async def test_a_second_engine_on_the_same_prefix_is_refused(nats_url: str, prefix: str) -> None:
-    first = Engine(make_config(prefix))
+async def test_a_second_engine_on_the_same_prefix_is_refused(
+    nats_url: str, prefix: str, transport: Transport
+) -> None:
+    first = Engine(transport.config(prefix))
     await first.start(nats_url)
     try:
-        second = Engine(make_config(prefix))
+        second = Engine(transport.config(prefix))
         with pytest.raises(
             ConfigError, match=f"nats.subject_prefix = '{prefix}': another engine already serves"
         ):
             await second.start(nats_url)
-        other = Engine(make_config(prefix + "x"))  # another prefix on the same server is fine
+        other = Engine(transport.config(prefix + "x"))  # another prefix on the same server is fine
         await other.start(nats_url)
         await other.stop()
     finally:
         await first.stop()
-    again = Engine(make_config(prefix))  # once the first has stopped, the prefix is free
+    again = Engine(transport.config(prefix))  # once the first has stopped, the prefix is free
     await again.start(nats_url)
     await again.stop()

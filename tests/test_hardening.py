@@ -12,7 +12,7 @@ import contextlib
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ import pytest
 from engine.contracts.types import Features, InputEvent, Modality
 from engine.pipeline import pipeline as engine_app
 from engine.runtime.engine import Engine
+from engine.transport.jetstream import JetStreamTransport
 from engine.wire.codec import encode_headers
 from processors.params import PassthroughParams
-from processors.registry import ProcessorSpec, register
-from tests.conftest import collect, eventually, make_config, send, stored
+from processors.registry import ProcessorSpec
+from tests.conftest import Transport, collect, eventually, make_config, send, srv_stats, stats_when, stored
 
 MS = 1_000_000
 
@@ -91,14 +92,13 @@ def a_bug_on(payload: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_app, "decode_event", decode)
 
 
-@pytest.mark.parametrize("mode", ["core", "durable"])
 async def test_a_bug_on_one_message_becomes_its_dlq_record_and_intake_goes_on(
-    nc: Any, nats_url: str, prefix: str, mode: str, monkeypatch: pytest.MonkeyPatch
+    nc: Any, nats_url: str, prefix: str, transport: Transport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a_bug_on(b"boom", monkeypatch)
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
-    engine = Engine(make_config(prefix, nats=durable(prefix) | {"durable": mode == "durable"}))
+    engine = Engine(transport.config(prefix))
     await engine.start(nats_url)
     t = time.time_ns()
     await send(nc, prefix, "cam", "text", b"boom", t, event_id="cam-boom")
@@ -110,20 +110,20 @@ async def test_a_bug_on_one_message_becomes_its_dlq_record_and_intake_goes_on(
     assert record["message"].startswith("ValueError: invalid literal")
     await out.wait_events({f"cam-{i}" for i in range(5)})
     assert (await health(nc, prefix))["status"] == "ok"
-    assert engine.stats.internal_errors == 1
-    if mode == "durable":
+    assert (await srv_stats(nc, prefix))["internal_errors"] == 1
+    if transport.durable:
         info = await consumer_done(nc, prefix)
         assert info.num_ack_pending == 0 and info.num_pending == 0
     await engine.stop()
 
 
-async def test_unicode_digits_in_every_number_are_refused_and_durable_intake_survives(
-    nc: Any, nats_url: str, prefix: str
+async def test_unicode_digits_in_every_number_are_refused_and_intake_survives(
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
-    """A 40-byte event used to kill the fetch loop for good: ``int()`` of ``²``."""
+    """A 40-byte event used to kill the durable fetch loop for good: ``int()`` of ``²``."""
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
-    engine = Engine(make_config(prefix, nats=durable(prefix)))
+    engine = Engine(transport.config(prefix))
     await engine.start(nats_url)
     t = time.time_ns()
     hostile = [
@@ -171,8 +171,8 @@ async def test_a_message_that_keeps_failing_is_poison_after_max_deliver(
     [record] = await dlq.wait_for(1)
     assert record["reason"] == "poison" and record["event_id"] == "cam-boom"
     await out.wait_events({"cam-fine"})
-    assert engine.transport is not None and engine.transport.durable and engine.transport.poisoned == 1
-    assert engine.transport.handler_errors == 1
+    assert (await srv_stats(nc, prefix))["jetstream"]["poisoned"] == 1
+    assert isinstance(engine.transport, JetStreamTransport) and engine.transport.handler_errors == 1
     info = await consumer_done(nc, prefix)
     assert info.num_ack_pending == 0 and info.num_pending == 0
     await engine.stop()
@@ -187,7 +187,7 @@ async def test_a_dead_task_makes_the_engine_unhealthy_and_serve_exit_non_zero(
     engine = Engine(make_config(prefix, nats=durable(prefix)))
     await engine.start(nats_url)
     assert (await health(nc, prefix))["status"] == "ok"
-    assert engine.transport is not None and engine.transport.durable
+    assert engine.transport is not None
     fetch = engine.transport.tasks["jetstream-fetch"]
     assert fetch is not None
     fetch.cancel()  # as if it had died: it is not stopping
@@ -231,7 +231,7 @@ async def test_a_store_failing_longer_than_ack_wait_delays_records_but_never_kil
         await send(nc, prefix, "cam", "text", b"ok", t + (i + 1) * MS, event_id=f"cam-ok-{i}")
     await nc.flush()
     # Retrying for longer than ack_wait (backoff 0.05 s doubling: 5 tries > 1.5 s), and saying so.
-    await eventually(_now(lambda: engine.snapshot().stats.store_retries >= 5), "five store retries", 30)
+    await stats_when(nc, prefix, lambda s: s["store_retries"] >= 5, "five store retries", 30)
     report = await health(nc, prefix)
     assert report["status"] == "degraded" and "store_retrying" in report["degraded"]
     await js.add_stream(StreamConfig(name=out_stream, subjects=kept.subjects, duplicate_window=120))
@@ -267,7 +267,7 @@ async def test_a_window_that_grows_after_it_was_published_is_stored_as_a_second_
         await send(nc, prefix, src, "text", b"x", t + i * MS, event_id=eid)
         await nc.flush()
         # One at a time, so each arrival evicts the other source.
-        await _until(lambda n=i + 1: sum(engine.stats.received.values()) >= n)
+        await stats_when(nc, prefix, lambda s, n=i + 1: sum(s["received"].values()) >= n, f"{eid} received")
     sent = {eid for _, eid in plan}
     stored = await stored_holding(nc, f"{prefix}.out.>", sent)
     fused = fused_in(stored)
@@ -278,19 +278,6 @@ async def test_a_window_that_grows_after_it_was_published_is_stored_as_a_second_
     info = await consumer_done(nc, prefix)
     assert info.num_ack_pending == 0
     await engine.stop()
-
-
-def _now(done: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    """A plain condition (this process's own counters) in the form ``eventually`` takes."""
-
-    async def check() -> bool:
-        return done()
-
-    return check
-
-
-async def _until(done: Callable[[], bool], timeout: float = 10.0) -> None:
-    await eventually(_now(done), "the condition", timeout)
 
 
 async def test_processed_events_leave_the_input_stream_and_the_recording_keeps_them(
@@ -365,19 +352,24 @@ def make_slow(params: PassthroughParams, modality: Modality, device: str, dtype:
     return Slow(modality)
 
 
-register(ProcessorSpec("test-limited", None, PassthroughParams, "tests.test_hardening:make_limited"))
-register(ProcessorSpec("test-slow50", None, PassthroughParams, "tests.test_hardening:make_slow"))
+@pytest.fixture
+def limited(use_processor: Callable[[ProcessorSpec], None]) -> None:
+    use_processor(ProcessorSpec("test-limited", None, PassthroughParams, "tests.test_hardening:make_limited"))
 
 
-@pytest.mark.parametrize("mode", ["core", "durable"])
+@pytest.fixture
+def slow50(use_processor: Callable[[ProcessorSpec], None]) -> None:
+    use_processor(ProcessorSpec("test-slow50", None, PassthroughParams, "tests.test_hardening:make_slow"))
+
+
+@pytest.mark.usefixtures("limited")
 async def test_rate_limited_events_are_named_in_their_windows_result(
-    nc: Any, nats_url: str, prefix: str, mode: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     out = await collect(nc, f"{prefix}.out.>")
     route = {"modality": "text", "processor": "test-limited", "batch": {"max_wait_ms": 1}}
-    cfg = make_config(
+    cfg = transport.config(
         prefix,
-        nats={"subject_prefix": prefix, "durable": mode == "durable"},
         routes=[route],
         aligner={"window_ms": 1000, "idle_timeout_ms": 300},
     )
@@ -391,14 +383,14 @@ async def test_rate_limited_events_are_named_in_their_windows_result(
     await out.wait_events(sent)
     [result] = [body for _, _, body in out.items]
     limited = result["skipped"]["rate_limited"]
-    assert len(limited) == engine.stats.rate_limited["text"] > 0
+    assert len(limited) == (await srv_stats(nc, prefix))["rate_limited"]["text"] > 0
     assert sorted(result["events"]["text"] + limited) == sorted(sent)
     await engine.stop()
 
 
-@pytest.mark.parametrize("mode", ["core", "durable"])
+@pytest.mark.usefixtures("slow50")
 async def test_complete_intake_waiting_for_room_does_not_make_sources_idle(
-    nc: Any, nats_url: str, prefix: str, mode: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     """While intake waits for room in a slow route, the events exist but are not
     read: the idle timeout used to seal the window and refuse them as too_late
@@ -406,9 +398,8 @@ async def test_complete_intake_waiting_for_room_does_not_make_sources_idle(
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
     route = {"modality": "image", "processor": "test-slow50", "batch": {"max_batch_size": 1, "max_queue": 2}}
-    cfg = make_config(
+    cfg = transport.config(
         prefix,
-        nats={"subject_prefix": prefix, "durable": mode == "durable"},
         routes=[route],
         # 40 frames at 50 ms each = 2 s of work in a 10 s window; quiet means idle after 100 ms
         aligner={"window_ms": 10_000, "idle_timeout_ms": 100, "allowed_lateness_ms": 0},
@@ -426,7 +417,7 @@ async def test_complete_intake_waiting_for_room_does_not_make_sources_idle(
         timeout=30,
     )
     assert not dlq.items, [r["reason"] for _, _, r in dlq.items]
-    assert engine.stats.intake_waits > 0
+    assert (await srv_stats(nc, prefix))["intake_waits"] > 0
     assert sorted(out.event_ids()) == sorted(sent)
     await engine.stop()
 
@@ -465,12 +456,10 @@ async def test_after_a_crash_events_already_in_a_stored_result_are_acked_not_fus
         await js.delete_consumer(f"{prefix.upper()}_IN", "autoglm-engine")
     engine = Engine(make_config(prefix, nats=durable(prefix)))
     await engine.start(nats_url)
-    assert engine.transport is not None and engine.transport.durable
-    stored: list[dict[str, Any]] = []
     stored = await stored_holding(nc, f"{prefix}.out.>", {"cam-3", "cam-4"})
     fused = sorted(fused_in(stored))
     assert fused == ["cam-1", "cam-2", "cam-3", "cam-4"], fused
-    assert engine.transport.recovered == 2
+    assert (await srv_stats(nc, prefix))["jetstream"]["recovered"] == 2
     info = await consumer_done(nc, prefix)
     assert info.num_ack_pending == 0 and info.num_pending == 0
     await engine.stop()
@@ -493,16 +482,15 @@ def raw_publish(url: str, subject: bytes, headers: bytes, body: bytes) -> None:
             pass
 
 
-@pytest.mark.parametrize("mode", ["core", "durable"])
 async def test_a_subject_that_is_not_utf8_is_refused_and_the_engine_still_hears(
-    nc: Any, nats_url: str, prefix: str, mode: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     """nats-py decoded subjects strictly: one ``<prefix>.in.\\xff.text`` ended its read
     loop while it still said connected. The engine heard nothing more, health
     requests went unanswered, JetStream gave up on every later event."""
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
-    engine = Engine(make_config(prefix, nats={"subject_prefix": prefix, "durable": mode == "durable"}))
+    engine = Engine(transport.config(prefix))
     await engine.start(nats_url)
     t = time.time_ns()
     hdrs = b"AutoGLM-Timestamp: %d\r\nContent-Type: text/plain\r\nNats-Msg-Id: evil-1\r\n" % t
@@ -518,9 +506,11 @@ async def test_a_subject_that_is_not_utf8_is_refused_and_the_engine_still_hears(
     await engine.stop()
 
 
-async def test_a_nats_client_that_stops_reading_fails_the_engine(nc: Any, nats_url: str, prefix: str) -> None:
+async def test_a_nats_client_that_stops_reading_fails_the_engine(
+    nc: Any, nats_url: str, prefix: str, transport: Transport
+) -> None:
     """Connected and deaf is the worst state there is: it must end in a restart."""
-    engine = Engine(make_config(prefix, nats=durable(prefix)))
+    engine = Engine(transport.config(prefix))
     await engine.start(nats_url)
     engine._nc._reading_task.cancel()  # whatever ends it behind our back
     await asyncio.wait_for(engine.supervisor.failed.wait(), 10)
@@ -547,7 +537,7 @@ def test_a_loop_with_no_progress_and_no_reason_is_hung() -> None:
 
 
 async def test_an_object_whose_chunks_never_come_is_object_missing_and_intake_goes_on(
-    nc: Any, nats_url: str, prefix: str
+    nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:
     """nats-py waits for chunks without a limit: metadata alone (chunks expired
     first, or a producer that publishes only metadata) held the fetch loop for good."""
@@ -560,7 +550,7 @@ async def test_an_object_whose_chunks_never_come_is_object_missing_and_intake_go
     bucket = f"{prefix}-objects"
     out = await collect(nc, f"{prefix}.out.>")
     dlq = await collect(nc, f"{prefix}.dlq.>")
-    engine = Engine(make_config(prefix, nats=durable(prefix, object_bucket=bucket, object_fetch_timeout_s=1)))
+    engine = Engine(transport.config(prefix, nats={"object_bucket": bucket, "object_fetch_timeout_s": 1}))
     await engine.start(nats_url)
     js = nc.jetstream()
     data = b"never stored"
@@ -681,14 +671,18 @@ def make_broken(params: PassthroughParams, modality: Modality, device: str, dtyp
     return Broken(modality)
 
 
-register(ProcessorSpec("test-broken", None, PassthroughParams, "tests.test_hardening:make_broken"))
+@pytest.fixture
+def broken(use_processor: Callable[[ProcessorSpec], None]) -> None:
+    use_processor(ProcessorSpec("test-broken", None, PassthroughParams, "tests.test_hardening:make_broken"))
 
 
+@pytest.mark.usefixtures("broken")
 async def test_a_dlq_record_of_an_admitted_event_names_its_delivery(
     nc: Any, nats_url: str, prefix: str
 ) -> None:
     """Rejected after admission (its batch failed): the record's Nats-Msg-Id is the
-    input's stream sequence, so a redelivery after a lost ack stores no second one."""
+    input's stream sequence (JetStream only), so a redelivery after a lost ack
+    stores no second one."""
     dlq = await collect(nc, f"{prefix}.dlq.>")
     route = {"modality": "text", "processor": "test-broken", "batch": {"max_wait_ms": 1}}
     engine = Engine(make_config(prefix, nats=durable(prefix), routes=[route]))

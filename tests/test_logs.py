@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from engine.observe.logs import JsonFormatter
-from tests.conftest import send, spawn_engine
+from tests.conftest import collect, send, spawn_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,12 +38,12 @@ async def test_engine_logs_json_without_payload_bytes(
     cfg.write_text(
         f'[nats]\nsubject_prefix = "{prefix}"\n[[routes]]\nmodality = "text"\nprocessor = "minilm"\n'
     )
+    dlq = await collect(nc, f"{prefix}.dlq.>")
     proc = await spawn_engine(
         "--config", str(cfg), "--nats-url", nats_url, options=("--log-level", "INFO", "--log-format", "json")
     )
     await send(nc, prefix, "cam1", "text", b"SECRET-PAYLOAD \xff", time.time_ns(), event_id="bad-1")
-    await nc.flush()
-    await asyncio.sleep(1.0)
+    await dlq.wait_for(1)  # the engine logs a rejection before it publishes the record
     proc.send_signal(signal.SIGTERM)
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     lines = [orjson.loads(x) for x in err.decode().splitlines() if x.startswith("{")]

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.runtime.engine import Engine
-from tests.conftest import collect, make_config, send
+from tests.conftest import collect, eventually, make_config, send
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(port: int) -> Samples:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -22,10 +25,23 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+async def scrape_when(port: int, done: Callable[[Samples], bool], what: str) -> Samples:
+    """Scrape until the samples satisfy ``done`` (the counters follow the events
+    asynchronously: acks, for one, come after the result was stored)."""
+
+    async def check() -> Samples | None:
+        m = await asyncio.to_thread(scrape, port)
+        return m if done(m) else None
+
+    found: Samples = await eventually(check, what)
+    return found
+
+
 async def test_metrics_endpoint_counts_events_rejections_batches_and_latency(
     nc: Any, nats_url: str, prefix: str
 ) -> None:
-    engine = Engine(make_config(prefix, metrics={"port": 0}, aligner={"idle_timeout_ms": 200}))
+    cfg = make_config(prefix, nats={"durable": True}, metrics={"port": 0}, aligner={"idle_timeout_ms": 200})
+    engine = Engine(cfg)  # durable: the JetStream series too
     await engine.start(nats_url)
     assert engine.metrics is not None
     base = time.time_ns()
@@ -33,8 +49,12 @@ async def test_metrics_endpoint_counts_events_rejections_batches_and_latency(
         await send(nc, prefix, f"cam{i % 2}", "text", b"ok", base + i * 1_000_000, event_id=f"e{i}")
     await send(nc, prefix, "cam0", "text", b"x", base, content_type="video/mp4", event_id="bad")
     await nc.flush()
-    await asyncio.sleep(1.0)
-    m = await asyncio.to_thread(scrape, engine.metrics.port)
+    fused = ("autoglm_aligner_outcomes_total", (("modality", "text"), ("outcome", "fused")))
+    m = await scrape_when(
+        engine.metrics.port,
+        lambda m: m.get(fused) == 10 and m.get(("autoglm_jetstream_unacked", ())) == 0,
+        "ten events fused and every input acked",
+    )
     await engine.stop()
     assert m[("autoglm_events_received_total", (("modality", "text"),))] == 11
     assert (
@@ -58,10 +78,9 @@ async def test_per_source_series_only_when_asked(nc: Any, nats_url: str, prefix:
     assert engine.metrics is not None
     await send(nc, prefix, "camA", "text", b"ok", time.time_ns(), event_id="a1")
     await nc.flush()
-    await asyncio.sleep(1.0)
-    m = await asyncio.to_thread(scrape, engine.metrics.port)
-    await engine.stop()
     key = ("autoglm_source_outcomes_total", (("modality", "text"), ("outcome", "fused"), ("source", "camA")))
+    m = await scrape_when(engine.metrics.port, lambda m: key in m, "camA's series")
+    await engine.stop()
     assert m[key] == 1
 
 

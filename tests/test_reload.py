@@ -11,7 +11,7 @@ from typing import Any
 
 from engine.config.models import load_config, with_overrides
 from engine.runtime.engine import Engine
-from tests.conftest import ROOT, collect, send, spawn_engine
+from tests.conftest import ROOT, collect, round_trip, send, spawn_engine, srv_stats
 
 MS = 1_000_000
 
@@ -35,7 +35,8 @@ async def started(cfg: Path, url: str) -> Engine:
 
 
 async def stream(nc: Any, prefix: str, n: int, sent: set[str], pause: float = 0.002) -> None:
-    """Publish n text+image pairs from two sources with advancing event time."""
+    """Publish n text+image pairs from two sources with advancing event time
+    (paced, so that a reload lands while events still arrive)."""
     base = time.time_ns()
     for i in range(n):
         for s in ("a", "b"):
@@ -56,16 +57,17 @@ async def test_reload_under_load_swaps_routes_and_glm_and_loses_nothing(
     image_route, text_route = engine.routes
     sent: set[str] = set()
     producer = asyncio.create_task(stream(nc, prefix, 400, sent))
-    await asyncio.sleep(0.3)
+    await out.wait_for(1)  # mid-stream: the old config has published
     cfg.write_text(routing(prefix, text_batch=16, template="v2 {source}"))
     report = await engine.reload()
     assert report["ok"] and report["applied"] == ["routes", "glm"], report
     assert report["routes"] == {"kept": 1, "new": 1, "retired": 1}
     await producer
     await nc.flush()
-    await asyncio.sleep(0.5)
+    await out.wait_events(sent)
+    stats = await srv_stats(nc, prefix)
     await engine.stop()
-    await asyncio.sleep(0.2)
+    await round_trip(nc)  # whatever the stop published has reached us: no second copy hides
     results = [body for _, _, body in out.items]
     fused = [e for r in results for group in r["events"].values() for e in group]
     assert len(fused) == len(set(fused)) and set(fused) == sent  # every event once, none dropped
@@ -73,7 +75,7 @@ async def test_reload_under_load_swaps_routes_and_glm_and_loses_nothing(
     assert engine.routes[1].batcher.max_batch_size == 16
     prompts = [r["prompt"].split()[0] for r in results]
     assert prompts[0] == "v1" and prompts[-1] == "v2"  # the new GLM template took over
-    assert engine.stats.reloads == 1 and engine.config.glm.template == "v2 {source}"
+    assert stats["reloads"] == 1 and engine.config.glm.template == "v2 {source}"
 
 
 async def test_invalid_file_is_refused_with_its_errors_and_the_running_config_stays(
@@ -96,14 +98,16 @@ async def test_invalid_file_is_refused_with_its_errors_and_the_running_config_st
     )
     report = await engine.reload()
     assert not report["ok"] and "/nope" in report["errors"][0], report
-    assert engine.config is before and engine.routes == routes and engine.stats.reloads_failed == 2
+    assert engine.config is before and engine.routes == routes
+    assert (await srv_stats(nc, prefix))["reloads_failed"] == 2
     sent: set[str] = set()
     await stream(nc, prefix, 10, sent)  # still running on the old config
     await nc.flush()
-    await asyncio.sleep(0.4)
+    await out.wait_events(sent)
     await engine.stop()
-    fused = {e for _, _, r in out.items for group in r["events"].values() for e in group}
-    assert fused == sent
+    await round_trip(nc)
+    fused = [e for _, _, r in out.items for group in r["events"].values() for e in group]
+    assert sorted(fused) == sorted(sent)
 
 
 async def test_sections_that_need_a_restart_are_reported_and_kept(

@@ -17,7 +17,7 @@ from engine.config.models import load_config
 from engine.contracts.errors import ConfigError
 from engine.runtime.engine import Engine
 from engine.tools.replay import parse_since, replay
-from tests.conftest import ROOT, collect, send
+from tests.conftest import ROOT, collect, eventually, send, srv_stats
 
 MS = 1_000_000
 
@@ -35,7 +35,7 @@ def test_since_accepts_all_durations_and_zoned_times_only() -> None:
 
 def routing(prefix: str) -> str:
     return (
-        f'[nats]\nsubject_prefix = "{prefix}"\n'
+        f'[nats]\nsubject_prefix = "{prefix}"\ndurable = true\n'
         "[aligner]\nwindow_ms = 50\nidle_timeout_ms = 300\n"
         '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
         '[[routes]]\nmodality = "image"\nprocessor = "passthrough"\n'
@@ -51,9 +51,10 @@ async def record(
 ) -> tuple[list[dict[str, Any]], set[str]]:
     """Run the engine in durable mode over a small stream; return its results and the sent ids."""
     out = await collect(nc, f"{prefix}.out.>")
+    dlq = await collect(nc, f"{prefix}.dlq.>")
     engine = Engine(load_config(cfg_path, env={}))
     await engine.start(nats_url)
-    assert engine.transport is not None and engine.transport.durable  # durable: the inputs are recorded
+    assert (await srv_stats(nc, prefix))["durable"]  # durable: the inputs are recorded
     base = time.time_ns() // (50 * MS) * 50 * MS
     sent = set()
     for i in range(40):
@@ -62,13 +63,27 @@ async def record(
             eid = f"{src}-{i}"
             sent.add(eid)
             await send(nc, prefix, src, mod, b"x" * (i + 1), base + i * 10 * MS, event_id=eid)
+        # Pacing, not synchronisation: the recording spans 0.4 s of stream time,
+        # which the paced replay below must take as long as.
         await asyncio.sleep(0.01)
     await send(nc, prefix, "a", "text", b"bad", base + 400 * MS, content_type="video/mp4", event_id="bad")
     await send(nc, prefix, "b", "text", b"no id", base + 400 * MS)  # the engine names it js<seq>
     await nc.flush()
-    await asyncio.sleep(0.6)
+
+    def all_in() -> bool:
+        ids = set(out.event_ids())
+        return sent <= ids and len(ids - sent) == 1  # + the event without an id
+
+    # every window closed on the idle timeout (a durable stop leaves open ones unacked)
+    await out.wait_until(all_in, "all 81 events in results")
+    await dlq.wait_for(1)
     await engine.stop()
-    await asyncio.sleep(0.2)
+    js = nc.jetstream()
+
+    async def recorded() -> bool:  # the mirror follows the input stream asynchronously
+        return bool((await js.stream_info(f"{prefix.upper()}_REC")).state.messages == 82)
+
+    await eventually(recorded, "82 inputs in the recording")
     return [body for _, _, body in out.items], sent
 
 
