@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from engine.contracts.errors import TransportError
 from engine.runtime.engine import Engine
 from tests.conftest import eventually, make_config, send, spawn_engine, stats_when, stored
 
@@ -235,3 +238,21 @@ async def test_result_store_acks_after_the_pubacks_and_retries_what_was_not_stor
     assert stored[50:] == [("b", "x")] and retried == [f"{prefix}.nostream"] and store.retried == 1
     info = await js.stream_info(f"{prefix.upper()}_RS")
     assert info.state.messages == 50  # each stored once
+
+
+async def test_a_stream_left_with_the_wrong_retention_refuses_the_start_and_says_why(
+    nc: Any, nats_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older version's input stream (limits retention) must not be used as a
+    work queue; the start fails naming it, and undoes what it had started."""
+    await nc.jetstream().add_stream(name=f"{prefix.upper()}_IN", subjects=[f"{prefix}.in.>"])
+    engine = Engine(make_config(prefix, nats={"subject_prefix": prefix, "durable": True}))
+    with pytest.raises(TransportError, match=r"has retention limits but the engine needs workqueue"):
+        await engine.start(nats_url)
+    assert not [r for r in caplog.records if r.levelname == "CRITICAL"], "a failed start is not a crash"
+    assert engine.supervisor.failure is None
+    # Nothing answers for the prefix: a second try (after the stream is fixed) is not refused.
+    await nc.jetstream().delete_stream(f"{prefix.upper()}_IN")
+    again = Engine(make_config(prefix, nats={"subject_prefix": prefix, "durable": True}))
+    await again.start(nats_url)
+    await again.stop()

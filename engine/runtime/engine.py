@@ -16,6 +16,7 @@ path (see benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
@@ -170,6 +171,40 @@ class Engine:
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self, url: str | None = None) -> str:
+        """Connect, set the transport up, start everything; returns the NATS URL.
+        A start that fails half way undoes what it started and raises."""
+        try:
+            return await self._start(url)
+        except BaseException:
+            await self._abort()
+            raise
+
+    async def _abort(self) -> None:
+        self._stopping = self.supervisor.stopping = True  # what is cancelled now did not fail
+        if self.driver is not None:
+            with contextlib.suppress(Exception):
+                await self.driver.stop()
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                await self.transport.stop_intake()
+        for task in self.glm.tasks:
+            task.cancel()
+        if self.service is not None:
+            with contextlib.suppress(Exception):
+                await self.service.stop()
+        if self._broker is not None:
+            with contextlib.suppress(Exception):
+                await self._broker.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.driver is not None:
+            await self.driver.close()
+        else:
+            for route in self.pipeline.routes:
+                await asyncio.to_thread(route.close)
+        await self._stop_server()
+
+    async def _start(self, url: str | None) -> str:
         url = url or self.config.nats.url
         if not url:
             conf = self.config.nats.server_config

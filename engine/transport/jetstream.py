@@ -240,7 +240,8 @@ class JetStreamTransport:
         have = info.config.retention
         if stream.retention is not None and have != stream.retention:
             raise TransportError(
-                f"stream {stream.name} has retention {have.value if have else '?'} but the engine "
+                # nats-py reads it back as a plain string, not the enum
+                f"stream {stream.name} has retention {getattr(have, 'value', have) or '?'} but the engine "
                 f"needs {stream.retention.value}; it was made by an older version: "
                 f"delete it (nats stream rm {stream.name}) or set nats.stream to a new name"
             )
