@@ -237,13 +237,14 @@ async def test_a_store_failing_longer_than_ack_wait_delays_records_but_never_kil
     await js.add_stream(StreamConfig(name=out_stream, subjects=kept.subjects, duplicate_window=120))
     await dlq.wait_for(1)
     await out.wait_events({f"cam-ok-{i}" for i in range(5)}, timeout=30)
+    # Every input is acked only once its record is stored: then the stream holds them all.
+    info = await consumer_done(nc, prefix, 30)
+    assert info.num_pending == 0 and info.num_ack_pending == 0
     # Each try reached plain subscribers; the stream kept one (heartbeated: never redelivered).
     stored = await stored_records(nc, f"{prefix}.dlq.>")
     assert [r["event_id"] for r in stored] == ["cam-bad"]
     assert (await health(nc, prefix))["status"] == "ok"
     assert engine.supervisor.failure is None
-    info = await consumer_done(nc, prefix)
-    assert info.num_pending == 0
     await engine.stop()
 
 
