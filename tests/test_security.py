@@ -27,8 +27,8 @@ from engine.contracts.errors import ConfigError, TransportError
 from engine.runtime.engine import Engine
 from engine.runtime.server import EmbeddedServer
 from engine.tools.publish import connect, sync_with_server
-from engine.transport.jetstream import stream_names
 from engine.transport.security import connect_kwargs, read_env_file, redact_url
+from engine.transport.streams import stream_names
 from engine.wire.claimcheck import OBJECT_REF, put_payload
 from tests.conftest import ROOT, Collector, collect, make_config, send
 from tests.natsjwt import operator_setup

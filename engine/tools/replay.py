@@ -38,7 +38,7 @@ from engine.contracts.types import Nanos
 from engine.pipeline.pipeline import Ask, Output, Pipeline
 from engine.pipeline.router import Route
 from engine.runtime.build import build_aligner, build_routes
-from engine.transport.jetstream import record_stream
+from engine.transport.streams import record_stream
 from engine.wire import claimcheck, natsguard
 from engine.wire.codec import (
     TIMESTAMP_HEADER,

@@ -13,7 +13,7 @@ from firing. A message delivered ``max_deliver`` times is ``poison``: a DLQ
 record, then ``term``, so one event can never wedge intake.
 
 After a crash the consumer is rebuilt to deliver the unacked backlog in
-stream order (see :meth:`DurableIntake._replay_point`), and the results
+stream order (see :func:`engine.transport.streams.replay_point`), and the results
 stored since the oldest unacked event are read back so that an event whose
 result was stored but whose ack was lost is acked, not fused a second time.
 """
@@ -24,29 +24,31 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
-    DiscardPolicy,
-    KeyValueConfig,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-    StreamSource,
 )
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from engine.contracts.errors import TransportError
 from engine.contracts.messages import Finish, Key, Message, Publish
 from engine.contracts.subjects import Subjects
 from engine.transport.base import Sink, TransportState
+from engine.transport.recovery import CrashGuard, ReadBack
 from engine.transport.resultstore import ResultStore
+from engine.transport.streams import (
+    dlq_msg_id,
+    ensure,
+    mirror_attached,
+    record_stream,
+    replay_point,
+    stream_configs,
+    stream_names,
+)
 from engine.wire.codec import ID_HEADER
 
 if TYPE_CHECKING:
@@ -57,28 +59,6 @@ log = logging.getLogger("autoglm.durable")
 #: Seconds a store keeps retrying once the engine is stopping; past it the
 #: inputs stay unacked and JetStream delivers them to the next engine.
 STOP_RETRY_S = 10.0
-
-
-def stream_names(config: NatsConfig) -> tuple[str, str]:
-    """The input and result streams: ``<STREAM>_IN`` and ``<STREAM>_OUT``."""
-    base = config.stream or config.subject_prefix.replace(".", "_").upper()
-    return f"{base}_IN", f"{base}_OUT"
-
-
-def record_stream(config: NatsConfig) -> str:
-    """The replay history: ``<STREAM>_REC``, a mirror of the input stream."""
-    return stream_names(config)[0][: -len("_IN")] + "_REC"
-
-
-def state_bucket(config: NatsConfig) -> str:
-    """The KV bucket where an engine notes how its last run ended: ``<STREAM>_STATE``."""
-    return stream_names(config)[0][: -len("_IN")] + "_STATE"
-
-
-def dlq_msg_id(stream: str, seq: int) -> str:
-    """``Nats-Msg-Id`` of the DLQ record of input ``seq``: a second record of the
-    same input (a redelivery after a lost ack) is dropped by the results stream."""
-    return f"dlq:{stream}:{seq}"
 
 
 def _seq(delivery: str) -> int | None:
@@ -112,8 +92,8 @@ class JetStreamTransport:
         self.handler_errors = 0
         #: Found already stored at recovery: acked without being processed again.
         self.recovered = 0
-        self._stored_keys: set[Key] = set()
-        self._stored_seqs: set[int] = set()
+        self.read_back = ReadBack(self.js, config)
+        self.guard = CrashGuard(self.js, config)
         #: max_ack_pending reached: the server delivers nothing until acks free room.
         self.stalled_since: float | None = None
         self.stalls = 0
@@ -121,11 +101,6 @@ class JetStreamTransport:
         self._task: asyncio.Task[None] | None = None
         self._beat: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        #: Crash isolation (see :meth:`_crash_guard`): handle inputs up to this
-        #: sequence one by one, each noted in the state bucket while in hand.
-        self.careful_until = 0
-        self._poison_first: list[int] = []
-        self._kv: Any = None
         self._sink: Sink | None = None
         self.results = ResultStore(self.js, self._stored, self._store)
         self.store_retries = 0
@@ -166,44 +141,14 @@ class JetStreamTransport:
         return None  # a pull consumer is never a slow consumer
 
     async def setup(self) -> None:
-        """Create or update the streams and the durable consumer."""
+        """Create or update the streams and the durable consumer; learn from the last run."""
         cfg = self.config
-        inputs = StreamConfig(
-            name=self.in_stream,
-            subjects=[self.subjects.inputs],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-            max_age=cfg.stream_max_age_s,
-            max_bytes=cfg.stream_max_bytes,
-            duplicate_window=cfg.duplicate_window_s,
-            # Full: refuse new events (the producer's PubAck says so); what
-            # fills it is unprocessed, so dropping the oldest would lose data.
-            discard=DiscardPolicy.NEW,
-        )
-        outputs = StreamConfig(
-            name=self.out_stream,
-            subjects=list(self.subjects.outputs),
-            storage=StorageType.FILE,
-            max_age=cfg.stream_max_age_s,
-            max_bytes=cfg.stream_max_bytes,
-            duplicate_window=cfg.duplicate_window_s,
-        )
         try:
-            await self._ensure(inputs)
-            await self._ensure(outputs)
+            for stream in stream_configs(cfg):
+                await ensure(self.js, stream)
             if cfg.record_max_bytes > 0:
-                await self._ensure(
-                    StreamConfig(
-                        name=self.rec_stream,
-                        mirror=StreamSource(name=self.in_stream),
-                        storage=StorageType.FILE,
-                        max_age=cfg.record_max_age_s,
-                        max_bytes=cfg.record_max_bytes,
-                        discard=DiscardPolicy.OLD,
-                    )
-                )
-                await self._mirror_attached()
-            start = await self._replay_point()
+                await mirror_attached(self.js, self.rec_stream, self.in_stream)
+            start, self.replayed_from = await replay_point(self.js, self.in_stream, cfg.consumer)
             self.sub = await self.js.pull_subscribe(
                 self.subjects.inputs,
                 durable=cfg.consumer,
@@ -217,8 +162,8 @@ class JetStreamTransport:
                 ),
             )
             if start is not None:
-                await self._recover(start)
-            await self._crash_guard()
+                await self.read_back.read_back(start)
+            await self.guard.setup()
         except TransportError:
             raise
         except Exception as exc:  # nats-py raises APIError, TimeoutError, NoRespondersError...
@@ -231,198 +176,13 @@ class JetStreamTransport:
                 )
             raise TransportError(f"JetStream setup failed: {exc}{hint}") from exc
 
-    async def _ensure(self, stream: StreamConfig) -> None:
-        try:
-            info = await self.js.stream_info(stream.name)
-        except NotFoundError:
-            await self.js.add_stream(stream)
-            return
-        have = info.config.retention
-        if stream.retention is not None and have != stream.retention:
-            raise TransportError(
-                # nats-py reads it back as a plain string, not the enum
-                f"stream {stream.name} has retention {getattr(have, 'value', have) or '?'} but the engine "
-                f"needs {stream.retention.value}; it was made by an older version: "
-                f"delete it (nats stream rm {stream.name}) or set nats.stream to a new name"
-            )
-        if stream.mirror is None:  # a mirror's configuration cannot be updated
-            await self.js.update_stream(stream)
-
-    async def _mirror_attached(self, timeout: float = 5.0) -> None:
-        """Wait until the recording mirror follows the input stream: events acked
-        before it attaches would leave the work queue unrecorded."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = await self.js.stream_info(self.rec_stream)
-            if info.mirror is not None and info.mirror.active is not None and info.mirror.active >= 0:
-                return
-            await asyncio.sleep(0.05)
-        log.warning("the recording stream %s has not attached to %s yet", self.rec_stream, self.in_stream)
-
-    async def _replay_point(self) -> datetime | None:
-        """At start: what is left in the work queue is unfinished. Returns its
-        oldest event's stream time (results stored since then are read back),
-        or ``None`` when the queue is empty.
-
-        The decision rests on the stream, not on the consumer: a crash while
-        the consumer was being rebuilt, or during the read-back, leaves a
-        fresh consumer that knows nothing of what was delivered before.
-
-        The consumer is rebuilt to deliver the whole queue in stream order
-        when it holds unacked events (otherwise they would come back only
-        when their AckWait ran out, after newer events had moved the
-        watermark, and be refused as too late) or when the queue holds
-        events the consumer no longer delivers (it gave up on them at
-        max_deliver while the engine could not hear them).
-        """
-        state = (await self.js.stream_info(self.in_stream)).state
-        if not state.messages:
-            return None
-        try:
-            info = await self.js.consumer_info(self.in_stream, self.config.consumer)
-        except NotFoundError:
-            info = None
-        oldest = await self.js.get_msg(self.in_stream, seq=state.first_seq, next=True)
-        if info is not None and (
-            info.num_ack_pending or state.messages > info.num_pending + info.num_ack_pending
-        ):
-            log.warning(
-                "%d events unfinished at the last stop (%d unacked): replaying %s from sequence %d",
-                state.messages,
-                info.num_ack_pending,
-                self.in_stream,
-                oldest.seq,
-            )
-            await self.js.delete_consumer(self.in_stream, self.config.consumer)
-            self.replayed_from = oldest.seq
-        when: datetime | None = oldest.time
-        return when
-
-    @property
-    def _inflight_key(self) -> str:
-        return f"{self.config.consumer}.inflight"
-
-    @property
-    def _run_key(self) -> str:
-        return f"{self.config.consumer}.run"
-
-    async def _crash_guard(self) -> None:
-        """Catch an input that takes the whole process down.
-
-        A decoder's segfault or the OOM killer escapes every ``try``, and since
-        the consumer is rebuilt at each start, ``max_deliver`` too: restarted
-        by its supervisor, the engine would meet the same input forever, and
-        nothing behind it would ever be processed. So each start notes in the
-        state bucket whether the last run ended cleanly and what the oldest
-        unfinished input was. After ``max_deliver - 1`` crashes in a row with
-        the same oldest input, the backlog is handled one input at a time,
-        each noted while in hand (through its processors): the start after the
-        next crash finds the culprit there, records it as ``poison`` and
-        removes it from the queue.
-        """
-        name = state_bucket(self.config)
-        try:
-            self._kv = await self.js.key_value(name)
-        except BucketNotFoundError:
-            self._kv = await self.js.create_key_value(
-                KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE)
-            )
-        last = await self._read(self._run_key)
-        culprit = await self._read(self._inflight_key)
-        if culprit is not None:
-            log.error("input %s took the engine down while in hand: recording it as poison", culprit)
-            self._poison_first.append(int(culprit))
-            await self._note(self._inflight_key, None)
-        state = (await self.js.stream_info(self.in_stream)).state
-        oldest = state.first_seq if state.messages else None
-        crashes = 0
-        if isinstance(last, dict) and not last.get("clean") and oldest is not None and culprit is None:
-            crashes = int(last.get("crashes", 0)) + 1 if last.get("oldest") == oldest else 1
-        if crashes >= self.config.max_deliver - 1:
-            self.careful_until = state.last_seq
-            log.warning(
-                "%d crashes in a row with input %d unfinished: handling inputs up to %d one at a time "
-                "to find the one that takes the engine down",
-                crashes,
-                oldest,
-                self.careful_until,
-            )
-        await self._note(self._run_key, orjson.dumps({"clean": False, "crashes": crashes, "oldest": oldest}))
-
-    async def _read(self, key: str) -> Any:
-        try:
-            entry = await self._kv.get(key)
-        except KeyNotFoundError:
-            return None
-        return orjson.loads(entry.value) if entry.value else None
-
-    async def _note(self, key: str, value: bytes | None) -> None:
-        """Write (``None``: delete) a state entry; trouble here must not stop intake."""
-        try:
-            if value is None:
-                await self._kv.delete(key)
-            else:
-                await self._kv.put(key, value)
-        except Exception as exc:  # the server is away: the guard is best effort
-            log.warning("state bucket: %s", exc)
-
     async def close(self, clean: bool) -> None:
         """Note how this run ended (a failed one counts as a crash)."""
-        if self._kv is not None and clean:
-            await self._note(self._run_key, orjson.dumps({"clean": True, "crashes": 0, "oldest": None}))
-
-    async def _recover(self, since: datetime) -> None:
-        """Read the results and DLQ records stored since ``since``: their inputs
-        are done, whatever became of their acks."""
-        sub = await self.js.pull_subscribe(
-            self.subjects.everything,
-            stream=self.out_stream,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.NONE,
-                deliver_policy=DeliverPolicy.BY_START_TIME,
-                opt_start_time=since - timedelta(seconds=1),
-                inactive_threshold=30.0,
-            ),
-        )
-        try:
-            while True:
-                try:
-                    batch = await sub.fetch(500, timeout=1.0)
-                except (NatsTimeoutError, TimeoutError):
-                    break
-                for msg in batch:
-                    self._remember(msg)
-                if not batch or batch[-1].metadata.num_pending == 0:
-                    break
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        log.warning(
-            "recovery: %d events and %d rejected inputs were already stored since %s",
-            len(self._stored_keys),
-            len(self._stored_seqs),
-            since.isoformat(),
-        )
-
-    def _remember(self, msg: Any) -> None:
-        msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
-        if msg_id.startswith(f"dlq:{self.in_stream}:"):
-            with contextlib.suppress(ValueError):
-                self._stored_seqs.add(int(msg_id.rsplit(":", 1)[1]))
-            return
-        try:
-            record = orjson.loads(msg.data)
-            source = record["source"]
-            groups = [*(record.get("events") or {}).values(), *(record.get("skipped") or {}).values()]
-            if record.get("event_id"):  # a DLQ record
-                groups.append([record["event_id"]])
-            self._stored_keys.update((source, eid) for group in groups for eid in group)
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            log.warning("recovery: unreadable record on %s", msg.subject)
+        await self.guard.close(clean)
 
     def stored_before(self, key: Key, delivery: str) -> bool:
         """Recovery found this input's result or DLQ record stored."""
-        if key in self._stored_keys:
+        if key in self.read_back.stored_keys:
             self.recovered += 1
             return True
         return False
@@ -435,7 +195,7 @@ class JetStreamTransport:
         self._beat = loop.create_task(self._heartbeat(), name="autoglm:jetstream-heartbeat")
 
     async def _fetch(self, sink: Sink) -> None:
-        for seq in self._poison_first:  # it took the process down while in hand
+        for seq in self.guard.culprits:  # it took the process down while in hand
             try:
                 raw = await self.js.get_msg(self.in_stream, seq=seq)
             except NotFoundError:
@@ -445,7 +205,7 @@ class JetStreamTransport:
             await sink.poison(
                 Message(raw.subject, raw.headers, raw.data, f"js{seq}"), self.config.max_deliver
             )
-        self._poison_first = []
+        self.guard.culprits = []
         batch = self.config.fetch_batch
         while not self._stop.is_set():
             self._last_turn = time.monotonic()
@@ -476,7 +236,7 @@ class JetStreamTransport:
             if seq in self.held:  # still in hand or in a window: its newest copy is the one to ack
                 self.held[seq] = (msg, time.monotonic())
                 return
-        if seq in self._stored_seqs:  # its DLQ record was stored before a crash lost the ack
+        if seq in self.read_back.stored_seqs:  # its DLQ record was stored before a crash lost the ack
             self.recovered += 1
             await self._settle(msg)
             return
@@ -492,14 +252,14 @@ class JetStreamTransport:
             self.poisoned += 1
             await sink.poison(message, meta.num_delivered)
             return
-        careful = seq <= self.careful_until
+        careful = seq <= self.guard.careful_until
         if careful:  # if this one takes the process down, the next start knows it
-            await self._note(self._inflight_key, str(seq).encode())
+            await self.guard.in_hand(seq)
         try:
             await sink.message(message)
             if careful:
                 await sink.settle()
-                await self._note(self._inflight_key, None)
+                await self.guard.in_hand(None)
         except Exception:  # the sink turns errors into DLQ records; this is its own failure
             self.handler_errors += 1
             self.held.pop(seq, None)

@@ -48,7 +48,7 @@ from engine.config.nats import INBOX_PREFIX_ENV
 from engine.config.nats import redact_url as redact_url  # its home is config; callers import it here
 from engine.contracts.errors import ConfigError
 from engine.contracts.subjects import SRV_ALL, Subjects, object_chunks, object_meta
-from engine.transport.jetstream import state_bucket, stream_names
+from engine.transport.streams import state_bucket, stream_names
 
 #: The Object Store bucket for claim-checked payloads (engine/wire/claimcheck.py).
 DEFAULT_BUCKET = "autoglm-payloads"
@@ -140,7 +140,7 @@ def permissions(nats: NatsConfig) -> dict[str, dict[str, Any]]:
             "publish": [
                 *s.outputs, s.services,
                 "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", SRV_ALL,
-                f"$KV.{state_bucket(nats)}.>",  # how its last run ended (durable.py, crash guard)
+                f"$KV.{state_bucket(nats)}.>",  # how its last run ended (transport/recovery.py, crash guard)
             ],
             "subscribe": [s.inputs, s.services, SRV_ALL, f"{inbox_prefix('engine')}.>"],
             # It answers $SRV and <prefix>.svc requests on the asker's inbox,
