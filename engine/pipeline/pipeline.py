@@ -90,6 +90,7 @@ class Pipeline:
         stored_before: StoredBefore | None = None,
         tracer: Tracer | None = None,
         trigger: ChangeTrigger | None = None,
+        batch_clock: Clock | None = None,
     ) -> None:
         self.routes = list(routes)
         self.router = Router(self.routes)
@@ -98,6 +99,11 @@ class Pipeline:
         self.subjects = Subjects(prefix)
         self.limits = limits
         self.clock = clock
+        #: When batches fall due: monotonic in the live engine (a wall-clock step
+        #: must not hold a queue), the same event-time clock in replay.
+        self.batch_clock = batch_clock or clock
+        #: Called with each decoded event before it is routed (replay's clock follows it).
+        self.on_event: Callable[[InputEvent], None] | None = None
         self.glm_backend = glm_backend
         self.late_to = late_to
         self.stats = stats or EngineStats()
@@ -163,6 +169,8 @@ class Pipeline:
         except EventRejected as exc:
             return [self.refuse(msg, exc)]
         self.stats.received[event.modality] += 1
+        if self.on_event is not None:
+            self.on_event(event)
         key = (event.source, event.event_id)
         delivery = msg.delivery
         if delivery is not None and self.stored_before is not None and self.stored_before(key, delivery):
@@ -200,7 +208,7 @@ class Pipeline:
 
     def _offer(self, route: Route, event: InputEvent) -> list[Output]:
         try:
-            dropped = route.batcher.offer(event, self.clock())
+            dropped = route.batcher.offer(event, self.batch_clock())
         except BackpressureError as exc:
             return self.abandon(event, EventRejected("overloaded", str(exc)))
         if dropped is not None:
@@ -223,7 +231,7 @@ class Pipeline:
 
     def batches(self, *, force: bool = False) -> list[Batch]:
         """The batches to run now (``force``: everything queued, at the end)."""
-        now = self.clock()
+        now = self.batch_clock()
         out: list[Batch] = []
         for route in (*self.routes, *self.retiring):
             while self._busy.get(id(route), 0) < route.config.workers:
@@ -231,7 +239,7 @@ class Pipeline:
                 if not events:
                     break
                 if route.config.intake == "real_time":
-                    events = self._fresh(route, events, now)
+                    events = self._fresh(route, events, self.clock())
                     if not events:
                         continue
                 self._busy[id(route)] = self._busy.get(id(route), 0) + 1
@@ -257,8 +265,13 @@ class Pipeline:
                 self.aligner.skip(event, "stale", admitted=True)  # listed in its window's result
         return fresh
 
+    def until_due(self) -> Nanos | None:
+        """Nanoseconds until the next batch falls due by time (``None``: only new events make one)."""
+        deadline = self.deadline()
+        return None if deadline is None else max(0, deadline - self.batch_clock())
+
     def deadline(self) -> Nanos | None:
-        """When the next batch falls due by time (``None``: only new events make one)."""
+        """When (on :attr:`batch_clock`) the next batch falls due by time."""
         due = [
             d
             for r in (*self.routes, *self.retiring)
@@ -279,11 +292,21 @@ class Pipeline:
             self.stats.observe("model", model_s)
         out: list[Output] = []
         for event, outcome in zip(batch.events, outcomes, strict=True):
-            if isinstance(outcome, EventRejected):
-                out.extend(self.abandon(event, outcome))
-            else:
-                self.stats.processed[event.modality] += 1
-                self.aligner.complete(event.source, event.event_id, outcome, took_ns)
+            try:
+                if isinstance(outcome, EventRejected):
+                    out.extend(self.abandon(event, outcome))
+                else:
+                    self.stats.processed[event.modality] += 1
+                    self.aligner.complete(event.source, event.event_id, outcome, took_ns)
+            except Exception as exc:  # as at intake: one event's bug is its own rejection
+                self.stats.internal_errors += 1
+                log.exception("internal error completing %s", event.event_id)
+                with contextlib.suppress(Exception):
+                    self.aligner.discard(event.source, event.event_id)
+                acks = self._deliveries.pop((event.source, event.event_id), [])
+                why = EventRejected("internal_error", f"{type(exc).__name__}: {exc}"[:500])
+                hdrs = {TIMESTAMP_HEADER: str(event.ts_ns), ID_HEADER: event.event_id}
+                out.append(self.rejection(event.subject, hdrs, why, event.modality, acks))
         return out
 
     def batch_failed(self, batch: Batch, exc: BaseException) -> list[Output]:

@@ -139,7 +139,7 @@ class Driver:
                     await self._room.wait()
             finally:
                 self.supervisor.recover("intake_waiting")
-        if self.pipeline.has_ready or self.pipeline.deadline() is not None:
+        if self.pipeline.has_ready or self.pipeline.until_due() is not None:
             self._kick.set()
 
     async def poison(self, msg: Message, delivered: int) -> None:
@@ -167,9 +167,9 @@ class Driver:
         polled = time.monotonic()
         while not self._stopping:
             timeout = self.tick
-            deadline = self.pipeline.deadline()
-            if deadline is not None:
-                timeout = min(timeout, max(0.0, (deadline - self.pipeline.clock()) / 1e9))
+            due = self.pipeline.until_due()
+            if due is not None:
+                timeout = min(timeout, due / 1e9)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), timeout)
             self._kick.clear()
@@ -209,15 +209,25 @@ class Driver:
             outputs = self.pipeline.batch_done(batch, outcomes, time.perf_counter_ns() - t0)
         try:
             await self.emit(outputs)
+        except Exception:  # not supervised: say so, and keep the pump going
+            self.pipeline.stats.emit_errors += 1
+            log.exception("publishing the outcome of a batch failed")
         finally:
             self._kick.set()
 
     async def _free_retired(self) -> None:
+        """Free replaced routes in the background: a slow model unload must not
+        hold up batches and windows."""
         for route in self.pipeline.retired():
-            pool = self._pools.pop(id(route), None)
-            if pool is not None:
-                await asyncio.to_thread(pool.shutdown, True)
-            await asyncio.to_thread(route.close)
+            task = asyncio.get_running_loop().create_task(self._free(route))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _free(self, route: Route) -> None:
+        pool = self._pools.pop(id(route), None)
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, True)
+        await asyncio.to_thread(route.close)
 
     # -- output ---------------------------------------------------------------------
 

@@ -91,6 +91,7 @@ class Engine:
             prefix=self.prefix,
             limits=Limits(max_payload_bytes=config.limits.max_payload_bytes),
             clock=clock,
+            batch_clock=time.monotonic_ns,
             glm_backend=config.glm.backend,
             late_to=config.aligner.late_to,
             tracer=self.tracing.frame_spans,

@@ -85,6 +85,8 @@ class JetStreamTransport:
         #: Taken out of the stream by sequence (the crash guard's culprits):
         #: deleted, not acked, once their record is stored.
         self._delete_when_stored: set[int] = set()
+        #: The crash guard's culprits of this run: recorded as poison, never handed in.
+        self._culprits: set[int] = set()
         self._terminate: set[int] = set()
         self.acked = 0
         self.redelivered = 0
@@ -202,6 +204,7 @@ class JetStreamTransport:
                 continue
             self.poisoned += 1
             self._delete_when_stored.add(seq)
+            self._culprits.add(seq)
             await sink.poison(
                 Message(raw.subject, raw.headers, raw.data, f"js{seq}"), self.config.max_deliver
             )
@@ -236,6 +239,12 @@ class JetStreamTransport:
             if seq in self.held:  # still in hand or in a window: its newest copy is the one to ack
                 self.held[seq] = (msg, time.monotonic())
                 return
+        if seq in self._culprits:  # its poison record is stored or on its way: never handed in again
+            if seq in self._delete_when_stored:
+                self.held[seq] = (msg, time.monotonic())  # ended (terminated) with its record
+            else:
+                await self._settle(msg, term=True)
+            return
         if seq in self.read_back.stored_seqs:  # its DLQ record was stored before a crash lost the ack
             self.recovered += 1
             await self._settle(msg)
