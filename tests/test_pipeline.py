@@ -66,9 +66,7 @@ def finish(p: Pipeline, outputs: list[Output]) -> list[Publish]:
     done: list[Publish] = []
     for o in outputs:
         if isinstance(o, Ask):
-            done.append(
-                p.result(o.frame, o.record, {"prompt": None, "answer": None, "glm": {"backend": "none"}})
-            )
+            done.append(p.result(o.frame, {"prompt": None, "answer": None, "glm": {"backend": "none"}}))
         elif isinstance(o, Publish):
             done.append(o)
     return done

@@ -230,6 +230,21 @@ class Result(_WindowFields):
     ``Nats-Msg-Id`` = ``result_id``. Parts of one window share ``source`` and
     ``window.start_ns``, hold disjoint events, and are merged by the consumer."""
 
+    @classmethod
+    def of(
+        cls, frame: FusedFrame, *, prompt: str | None, answer: str | None, glm: Glm, latency_ms: Latency
+    ) -> Result:
+        """The published result of a closed window, in one step (the hot path;
+        trusted: built without validation)."""
+        fields = _frame_fields(frame)
+        fields["prompt"], fields["answer"], fields["glm"], fields["latency_ms"] = (
+            prompt,
+            answer,
+            glm,
+            latency_ms,
+        )
+        return cls._trusted(fields)
+
     prompt: str | None = Field(
         description="null when no call was made and glm.include_prompt = false, or only skipped events"
     )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.contracts.errors import GLMError
+from engine.contracts.records import trace_id_of
 from engine.contracts.types import Clock, FusedFrame
 from engine.glm.client import AutoGLM, CircuitBreaker, TransformersBackend
 from engine.glm.prompts import History, PromptTemplate, prompt_values
@@ -214,7 +215,7 @@ class GLMStage:
                 "GLM call failed (%s): %s",
                 self.breaker.state,
                 error,
-                extra={"source": batch[0][0].source, "trace_id": batch[0][1].get("trace_id")},
+                extra={"source": batch[0][0].source, "trace_id": trace_id_of(batch[0][0])},
             )
         for i, (frame, record) in enumerate(batch):
             glm: dict[str, Any] = {

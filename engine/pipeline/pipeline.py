@@ -29,13 +29,13 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from engine.align.aligner import Aligner
 from engine.align.nearest import NearestAligner
 from engine.contracts.errors import BackpressureError, EventRejected
 from engine.contracts.messages import Finish, Key, Message, Publish
-from engine.contracts.records import FrameRecord, Latency, Rejection, Result, event_ids
+from engine.contracts.records import Latency, Rejection, Result, event_ids
 from engine.contracts.subjects import Subjects
 from engine.contracts.types import Clock, FusedFrame, InputEvent, Nanos
 from engine.glm.trigger import ChangeTrigger, Verdict
@@ -57,7 +57,6 @@ class Ask:
     """A closed window for the GLM stage; its answer comes back through :meth:`Pipeline.result`."""
 
     frame: FusedFrame
-    record: FrameRecord
     #: The trigger found no call due (``no_change``): the stage publishes it as skipped.
     skip: Verdict | None = None
 
@@ -370,35 +369,39 @@ class Pipeline:
     def _frames(self, frames: list[FusedFrame]) -> list[Output]:
         out: list[Output] = []
         for frame in frames:
-            part = FrameRecord.from_frame(frame)
             if frame.modalities:
                 verdict = self.trigger.decide(frame) if self.trigger is not None else None
-                out.append(Ask(frame, part, verdict if verdict is not None and not verdict.send else None))
+                out.append(Ask(frame, verdict if verdict is not None and not verdict.send else None))
             else:  # only skipped events: nothing to ask the model about
                 part_glm = {"prompt": None, "answer": None, "glm": {"backend": self.glm_backend}}
-                out.append(self.result(frame, part, part_glm))
+                out.append(self.result(frame, part_glm))
         return out
 
-    def result(self, frame: FusedFrame, part: FrameRecord, glm: dict[str, Any]) -> Publish:
+    def result(self, frame: FusedFrame, glm: dict[str, Any]) -> Publish:
         """The finished result of ``frame``: ``glm`` is the GLM stage's part
         (``prompt``, ``answer``, ``glm``); the latencies are added here."""
         now = self.clock()
         latest = max((ts for f in frame.modalities.values() for ts in f.timestamps), default=now)
-        ms: dict[str, float] = {
-            "process": round(frame.process_ns / 1e6, 3),
-            "align": round((frame.closed_ns - frame.first_arrival_ns) / 1e6, 3),
-            "glm": glm["glm"].get("latency_ms", 0.0),
-            "event_to_result": round((now - latest) / 1e6, 3),
-        }
-        for stage, value in ms.items():
-            self.stats.observe(stage, value / 1000)
-        lat = cast(Latency, ms)
-        record = part.result(prompt=glm["prompt"], answer=glm["answer"], glm=glm["glm"], latency_ms=lat)
+        process = round(frame.process_ns / 1e6, 3)
+        align = round((frame.closed_ns - frame.first_arrival_ns) / 1e6, 3)
+        glm_ms = glm["glm"].get("latency_ms", 0.0)
+        event_to_result = round((now - latest) / 1e6, 3)
+        observe = self.stats.observe
+        observe("process", process / 1000)
+        observe("align", align / 1000)
+        observe("glm", glm_ms / 1000)
+        observe("event_to_result", event_to_result / 1000)
+        lat: Latency = {"process": process, "align": align, "glm": glm_ms, "event_to_result": event_to_result}
+        record = Result.of(frame, prompt=glm["prompt"], answer=glm["answer"], glm=glm["glm"], latency_ms=lat)
         headers = {ID_HEADER: record.result_id}
         traceparent = self.tracer(frame, record, record.result_id, now) if self.tracer is not None else None
         if traceparent:
             headers["traceparent"] = traceparent
-        acks = [d for eid in event_ids(frame) for d in self._deliveries.pop((frame.source, eid), ())]
+        acks = (  # nothing is held where nothing is acked (core NATS)
+            [d for eid in event_ids(frame) for d in self._deliveries.pop((frame.source, eid), ())]
+            if self._deliveries
+            else []
+        )
         self.stats.results += 1
         for mod, fused in frame.modalities.items():
             self.stats.results_events[mod] += len(fused.event_ids)

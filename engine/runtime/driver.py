@@ -139,8 +139,7 @@ class Driver:
                     await self._room.wait()
             finally:
                 self.supervisor.recover("intake_waiting")
-        if self.pipeline.has_ready or self.pipeline.until_due() is not None:
-            self._kick.set()
+        self._kick.set()  # a batch or a window may be due now
 
     async def poison(self, msg: Message, delivered: int) -> None:
         why = EventRejected(
@@ -164,7 +163,6 @@ class Driver:
     # -- the pump -------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        polled = time.monotonic()
         while not self._stopping:
             timeout = self.tick
             due = self.pipeline.until_due()
@@ -177,10 +175,10 @@ class Driver:
                 check()
             try:
                 self._dispatch()
-                if self.pipeline.has_ready or time.monotonic() - polled >= self.tick:
-                    polled = time.monotonic()
-                    await self.emit(self.pipeline.poll())
-                    await self._free_retired()
+                # Every turn: a quiet source's window closes on its idle timeout,
+                # which no event announces.
+                await self.emit(self.pipeline.poll())
+                await self._free_retired()
             except Exception:  # a bug here must not stop every later result
                 self.pipeline.stats.emit_errors += 1
                 log.exception("publishing fused frames failed")
@@ -234,10 +232,8 @@ class Driver:
     async def emit(self, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Ask):
-                # The stage fills in prompt, answer and glm, and carries the
-                # record's deterministic part through to :meth:`answered`.
-                record = {"part": out.record, "trace_id": out.record.trace_id}
-                await self.glm.submit(out.frame, record, out.skip)
+                # The stage fills in prompt, answer and glm (see :meth:`answered`).
+                await self.glm.submit(out.frame, {}, out.skip)
             elif isinstance(out, Finish):
                 await self.transport.finish(out)
             else:
@@ -251,7 +247,7 @@ class Driver:
 
     async def answered(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         """The GLM stage's publish callback: the frame's finished result."""
-        await self.publish(self.pipeline.result(frame, record.pop("part"), record))
+        await self.publish(self.pipeline.result(frame, record))
 
     async def flush(self) -> None:
         """Close and publish every open window now."""

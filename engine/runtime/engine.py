@@ -244,6 +244,7 @@ class Engine:
             idle_timeout_ms=self.config.aligner.idle_timeout_ms,
         )
         driver.checks.append(self._check)
+        self.glm.publish = driver.answered  # straight to the driver from now on
         driver.start()
         self.glm.start()
         for task in self.glm.tasks:

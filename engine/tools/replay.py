@@ -33,6 +33,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from engine.config.models import EngineConfig, updated
 from engine.contracts.errors import ConfigError, EventRejected, TransportError
 from engine.contracts.messages import Message, Publish
+from engine.contracts.records import FrameRecord
 from engine.contracts.subjects import Subjects
 from engine.contracts.types import InputEvent, Nanos
 from engine.pipeline.pipeline import Ask, Output, Pipeline
@@ -163,7 +164,7 @@ class Replayer:
     def _emit(self, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Ask):
-                self._frame(out.record.to_bytes())
+                self._frame(FrameRecord.from_frame(out.frame).to_bytes())
             elif isinstance(out, Publish) and out.kind == "rejection":
                 record = orjson.loads(out.payload)
                 self.stats.rejected[record["reason"]] += 1
