@@ -51,7 +51,11 @@ async def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedServer(tmp) as server:
         text = bus.CONFIG.format(
-            prefix=bus.BENCH.prefix, idle=20, durable=str(args.durable).lower(), prompt="false", record=1024**3
+            prefix=bus.BENCH.prefix,
+            idle=20,
+            durable=str(args.durable).lower(),
+            prompt="false",
+            record=1024**3,
         )
         engine = Engine(parse_config(tomllib.loads(text), env={}))
         await engine.start(server.url)
