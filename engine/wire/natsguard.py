@@ -12,6 +12,9 @@
 2. Whatever else ends that read loop behind our back, :func:`reader_dead`
    says so, and the engine's supervisor fails on it (exit 70) rather than
    stay connected and deaf.
+
+:func:`install` also gives the client :func:`engine.wire.headers.parse_header_lines`,
+the same header parsing without nats-py's per-character generator.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from typing import Any
 
 from nats.aio.client import Client
 
+from engine.wire.headers import parse_header_lines
+
 _installed = False
+#: nats-py's own header parser, kept for the test that holds ours equal to it.
+NATS_PARSE_HEADER_LINES = Client._parse_header_lines
 
 
 def install() -> None:
@@ -42,6 +49,7 @@ def install() -> None:
         )
 
     Client._build_message = _build_message  # type: ignore[method-assign]
+    Client._parse_header_lines = staticmethod(parse_header_lines)  # type: ignore[method-assign]
     _installed = True
 
 
