@@ -230,3 +230,23 @@ def test_the_glm_trigger_decides_in_the_pipeline() -> None:
         asks += [o for o in p.poll() if isinstance(o, Ask)]
     assert len(asks) == 2 and asks[0].skip is None  # the first frame of a source is always sent
     assert asks[1].skip is not None and asks[1].skip.why == "no_change"
+
+
+def test_a_trigger_that_fails_sends_the_frame_on_instead_of_losing_the_poll() -> None:
+    """The trigger runs processors' vocabulary code; its bug must not lose frames."""
+    clock = Clock()
+    p = pipeline(clock)
+    p.trigger = ChangeTrigger(threshold=0.3, max_interval_ns=10_000 * MS)
+
+    def broken(frame: Any) -> Any:
+        raise ValueError("matmul: size 384 is different from 512")
+
+    p.trigger.decide = broken  # type: ignore[method-assign]
+    p.receive(msg("a", T0, delivery="js1"))
+    clock.now += 5 * MS
+    run(p, p.batches())
+    clock.now += 400 * MS
+    [ask] = p.poll()
+    assert isinstance(ask, Ask) and ask.skip is None and p.stats.internal_errors == 1
+    [result] = finish(p, [ask])
+    assert result.acks == ("js1",)

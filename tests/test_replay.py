@@ -15,6 +15,8 @@ import pytest
 
 from engine.config.models import load_config, parse_config
 from engine.contracts.errors import ConfigError
+from engine.pipeline.router import RateLimiter
+from engine.runtime.build import build_routes
 from engine.runtime.engine import Engine
 from engine.tools.replay import Replayer, parse_since, replay
 from engine.wire.codec import encode_headers
@@ -207,3 +209,32 @@ def test_a_refused_message_does_not_move_replays_clock() -> None:
     )
     assert [rec["rejected"]["reason"] for rec in lines if "rejected" in rec] == ["bad_subject"]
     assert [rec["events"] for rec in lines if "events" in rec] == [{"text": ["e0", "e1"]}]
+
+
+def test_a_window_of_rate_limited_events_only_is_written_as_its_window_part() -> None:
+    """Replay writes what the engine publishes before the GLM adds its part,
+    also for a window whose events were all skipped (no prompt, no latencies)."""
+    cfg = parse_config(
+        {
+            "nats": {"subject_prefix": "r"},
+            "routes": [{"modality": "text", "processor": "passthrough"}],
+            "aligner": {"window_ms": 50, "allowed_lateness_ms": 0, "idle_timeout_ms": 300},
+        },
+        env={},
+    )
+    routes = build_routes(cfg)
+    routes[0].limiter = RateLimiter(5)  # one event in 200 ms
+    out = io.BytesIO()
+    r = Replayer(cfg, out, routes=routes)
+    for i in range(8):
+        r.feed(
+            "r.in.cam.text", encode_headers(T + i * 60 * MS, "text/plain", event_id=f"e{i}"), b"x", f"js{i}"
+        )
+    r.finish()
+    r.close()
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    skipped_only = [rec for rec in lines if not rec["events"]]
+    assert skipped_only and all(rec["skipped"]["rate_limited"] for rec in skipped_only)
+    window_part = {"result_id", "source", "window", "events", "missing", "features", "trace_id", "skipped"}
+    assert all(set(rec) == window_part for rec in skipped_only)
+    assert not any({"prompt", "answer", "glm", "latency_ms"} & set(rec) for rec in lines)

@@ -52,6 +52,8 @@ def embedding_change(before: FloatArray | None, now: FloatArray | None) -> float
         return 1.0
     if before is None or now is None:
         return 0.0
+    if before.shape != now.shape:  # another model since (a reload): a new scene
+        return 1.0
     denom = float(np.linalg.norm(before) * np.linalg.norm(now))
     cos = float(before @ now) / denom if denom > 0 else 1.0
     return min(1.0, max(0.0, 1.0 - cos))

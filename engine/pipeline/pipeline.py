@@ -370,12 +370,24 @@ class Pipeline:
         out: list[Output] = []
         for frame in frames:
             if frame.modalities:
-                verdict = self.trigger.decide(frame) if self.trigger is not None else None
-                out.append(Ask(frame, verdict if verdict is not None and not verdict.send else None))
+                out.append(Ask(frame, self._skip(frame)))
             else:  # only skipped events: nothing to ask the model about
                 part_glm = {"prompt": None, "answer": None, "glm": {"backend": self.glm_backend}}
                 out.append(self.result(frame, part_glm))
         return out
+
+    def _skip(self, frame: FusedFrame) -> Verdict | None:
+        """The trigger's verdict when it skips the call. Its bug (a processor's
+        vocabulary) must not lose the frame: the frame is sent on."""
+        if self.trigger is None:
+            return None
+        try:
+            verdict = self.trigger.decide(frame)
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("the GLM trigger failed on a frame of %s; sending it on", frame.source)
+            return None
+        return None if verdict.send else verdict
 
     def result(self, frame: FusedFrame, glm: dict[str, Any]) -> Publish:
         """The finished result of ``frame``: ``glm`` is the GLM stage's part

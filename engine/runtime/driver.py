@@ -87,6 +87,7 @@ class Driver:
                 break
             await asyncio.gather(*list(self._running), return_exceptions=True)
         await self._free_retired()
+        await asyncio.gather(*list(self._running), return_exceptions=True)  # the routes freed
 
     async def stop(self) -> None:
         """Stop the pump (after :meth:`drain`)."""

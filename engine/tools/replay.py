@@ -169,8 +169,11 @@ class Replayer:
                 record = orjson.loads(out.payload)
                 self.stats.rejected[record["reason"]] += 1
                 self.out.write(orjson.dumps({"rejected": record}) + b"\n")
-            elif isinstance(out, Publish):  # a window of skipped events only
-                self._frame(out.payload)
+            elif isinstance(out, Publish):  # a window of skipped events only: its window part
+                record = orjson.loads(out.payload)
+                for live_only in ("prompt", "answer", "glm", "latency_ms"):
+                    del record[live_only]
+                self._frame(orjson.dumps(record))
         self.stats.rate_limited = sum(self.pipeline.stats.rate_limited.values())
 
     def _frame(self, line: bytes) -> None:

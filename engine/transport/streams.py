@@ -137,14 +137,23 @@ async def replay_point(js: Any, in_stream: str, consumer: str) -> tuple[datetime
     events the consumer no longer delivers (it gave up on them at
     max_deliver while the engine could not hear them).
     """
-    state = (await js.stream_info(in_stream)).state
-    if not state.messages:
-        return None, None
-    try:
-        info = await js.consumer_info(in_stream, consumer)
-    except NotFoundError:
-        info = None
-    oldest = await js.get_msg(in_stream, seq=state.first_seq, next=True)
+    for _ in range(10):
+        state = (await js.stream_info(in_stream)).state
+        if not state.messages:
+            return None, None
+        try:
+            info = await js.consumer_info(in_stream, consumer)
+        except NotFoundError:
+            info = None
+        try:
+            oldest = await js.get_msg(in_stream, seq=state.first_seq, next=True)
+            break
+        except NotFoundError:
+            # Acked in the meantime: a killed engine's last acks can still be on
+            # their way to the server when its successor starts. Read again.
+            await asyncio.sleep(0.05)
+    else:
+        raise TransportError(f"{in_stream}: its oldest message kept disappearing while the engine started")
     if info is not None and (
         info.num_ack_pending or state.messages > info.num_pending + info.num_ack_pending
     ):
