@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -64,7 +65,7 @@ class Driver:
         self._pump: asyncio.Task[None] | None = None
         self._stopping = False
         #: Called each turn of the pump (the engine's liveness checks).
-        self.checks: list[Any] = []
+        self.checks: list[Callable[[], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------
 
