@@ -537,6 +537,26 @@ def test_a_loop_with_no_progress_and_no_reason_is_hung() -> None:
     assert sup.failure is not None and sup.failure.startswith("fetch: no progress")
 
 
+def test_a_reason_held_twice_clears_when_both_holders_are_done() -> None:
+    """Two stores retrying at once: the first that succeeds must not clear the
+    reason while the other still waits (health would say ok, and a fetch loop
+    held by the second would then count as hung and exit)."""
+    from engine.runtime.supervisor import Supervisor
+
+    sup = Supervisor()
+    sup.degrade("store_retrying")
+    sup.degrade("store_retrying")
+    sup.recover("store_retrying")
+    assert sup.status == "degraded" and "store_retrying" in sup.report()["degraded"]
+    sup.calm_since -= 120
+    sup.check_progress("fetch", time.monotonic() - 120, 60)
+    assert sup.failure is None  # still explained by the second store
+    sup.recover("store_retrying")
+    assert sup.status == "ok"
+    sup.recover("store_retrying")  # one recover too many changes nothing
+    assert sup.status == "ok" and sup.failure is None
+
+
 async def test_an_object_whose_chunks_never_come_is_object_missing_and_intake_goes_on(
     nc: Any, nats_url: str, prefix: str, transport: Transport
 ) -> None:

@@ -36,7 +36,9 @@ class Supervisor:
         self.failure: str | None = None
         self.stopping = False
         #: reason -> monotonic second since when it holds.
-        self._degraded: dict[str, float] = {}
+        #: reason -> (monotonic second it began, how many hold it now): two
+        #: stores retrying at once are one reason that ends when both have.
+        self._degraded: dict[str, tuple[float, int]] = {}
         #: Monotonic second the last degraded reason cleared (a loop held up until
         #: then is not hung).
         self.calm_since = time.monotonic()
@@ -82,10 +84,19 @@ class Supervisor:
         self.failed.set()
 
     def degrade(self, reason: str) -> None:
-        self._degraded.setdefault(reason, time.monotonic())
+        since, holders = self._degraded.get(reason, (time.monotonic(), 0))
+        self._degraded[reason] = (since, holders + 1)
 
     def recover(self, reason: str) -> None:
-        self._degraded.pop(reason, None)
+        """One holder of ``reason`` is done; the reason clears with its last."""
+        entry = self._degraded.get(reason)
+        if entry is None:
+            return
+        since, holders = entry
+        if holders > 1:
+            self._degraded[reason] = (since, holders - 1)
+            return
+        del self._degraded[reason]
         self.calm_since = time.monotonic()
 
     @property
@@ -112,5 +123,5 @@ class Supervisor:
         if self.failure is not None:
             out["failure"] = self.failure
         if self._degraded:
-            out["degraded"] = {r: round(now - t, 1) for r, t in self._degraded.items()}
+            out["degraded"] = {r: round(now - since, 1) for r, (since, _) in self._degraded.items()}
         return out
