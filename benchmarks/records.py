@@ -90,9 +90,8 @@ def constructed() -> bytes:  # pydantic's own model_construct instead of _truste
 
 
 def typed() -> bytes:
-    part = FrameRecord.from_frame(FRAME)
-    return part.result(
-        prompt=PROMPT, answer="a person walks by", glm=dict(GLM), latency_ms=dict(LAT)
+    return Result.of(
+        FRAME, prompt=PROMPT, answer="a person walks by", glm=dict(GLM), latency_ms=dict(LAT)
     ).to_bytes()  # type: ignore[arg-type]
 
 
@@ -100,7 +99,7 @@ RECORD = orjson.loads(as_dicts())
 MODEL = Result.model_validate(RECORD)
 CASES: dict[str, Callable[[], object]] = {
     "result, dict + orjson.dumps (before)": as_dicts,
-    "result, FrameRecord.from_frame().result().to_bytes()": typed,
+    "result, Result.of().to_bytes()": typed,
     "result, FrameRecord/Result.model_construct(...).to_bytes()": constructed,
     "result, Result.model_validate(dict).to_bytes()": lambda: Result.model_validate(RECORD).to_bytes(),
     "result, Result.model_validate(dict).model_dump_json()": lambda: Result.model_validate(

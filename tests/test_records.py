@@ -71,7 +71,7 @@ def test_records_serialize_to_the_bytes_the_engine_sent_as_dicts(skipped: dict[s
     part = FrameRecord.from_frame(f)
     assert part.to_bytes() == orjson.dumps(frame_record(f))  # what replay writes
     glm = {"backend": "openai", "model": "glm-4", "latency_ms": 812.5}
-    result = part.result(prompt="Source cam", answer="a person", glm=glm, latency_ms=LAT)  # type: ignore[arg-type]
+    result = Result.of(f, prompt="Source cam", answer="a person", glm=glm, latency_ms=LAT)  # type: ignore[arg-type]
     old = frame_record(f)  # the engine's dict, extended the way the GLM stage and send_result do
     old.update(prompt="Source cam", answer="a person", glm=glm)
     old["latency_ms"] = LAT
@@ -84,9 +84,7 @@ def test_records_serialize_to_the_bytes_the_engine_sent_as_dicts(skipped: dict[s
 
 
 def test_records_are_frozen_and_refuse_what_the_contract_does_not_allow() -> None:
-    result = FrameRecord.from_frame(frame()).result(
-        prompt=None, answer=None, glm={"backend": "none"}, latency_ms=LAT
-    )
+    result = Result.of(frame(), prompt=None, answer=None, glm={"backend": "none"}, latency_ms=LAT)
     with pytest.raises(ValidationError):
         result.answer = "changed"  # type: ignore[misc]
     good = orjson.loads(result.to_bytes())
@@ -272,11 +270,13 @@ def test_the_validator_refuses_what_breaks_the_contract() -> None:
     """The checks above could not pass by accident: the same validators refuse
     a wrong type, a missing field, an unknown field and an unknown variant."""
     good = orjson.loads(
-        FrameRecord.from_frame(frame(skipped={"stale": ("s1",)}))
-        .result(
-            prompt="p", answer="a", glm={"backend": "hf", "model": "m", "latency_ms": 1.0}, latency_ms=LAT
-        )
-        .to_bytes()
+        Result.of(
+            frame(skipped={"stale": ("s1",)}),
+            prompt="p",
+            answer="a",
+            glm={"backend": "hf", "model": "m", "latency_ms": 1.0},
+            latency_ms=LAT,
+        ).to_bytes()
     )
     results = validator("result")
     assert list(results.iter_errors(good)) == []

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from engine.config.models import TracingConfig
-from engine.contracts.records import FrameRecord
+from engine.contracts.records import Result
 from engine.contracts.types import FusedFrame, ModalityFusion
 from engine.observe.tracing import Tracing, new_traceparent
 from engine.runtime.engine import Engine
@@ -174,7 +174,7 @@ def test_a_typed_result_makes_the_same_spans_as_its_dict_form() -> None:
     frame = FusedFrame("cam", t, t + 100 * MS, {"text": fused}, (), None, t, t + 2 * MS)
     latency = {"process": 1.0, "align": 2.0, "glm": 3.0, "event_to_result": 4.0}
     glm = {"backend": "openai", "model": "glm-4", "latency_ms": 3.0, "error": "HTTP 500"}
-    result = FrameRecord.from_frame(frame).result(prompt="p", answer=None, glm=glm, latency_ms=latency)  # type: ignore[arg-type]
+    result = Result.of(frame, prompt="p", answer=None, glm=glm, latency_ms=latency)  # type: ignore[arg-type]
     seen = []
     for record in (result, orjson.loads(result.to_bytes())):
         exporter = InMemorySpanExporter()

@@ -142,8 +142,9 @@ def _frame_fields(frame: FusedFrame) -> dict[str, Any]:
 
 
 def frame_record(frame: FusedFrame) -> dict[str, Any]:
-    """:meth:`FrameRecord.from_frame` as a plain dict (for code that still
-    extends a dict: engine.py and replay.py until they hold a FrameRecord)."""
+    """:meth:`FrameRecord.from_frame` as a plain dict: how the engine built it
+    before records were typed, the reference the byte-equality tests and
+    ``benchmarks/records.py`` compare against."""
     record = _frame_fields(frame)
     if record["skipped"] is None:
         del record["skipped"]
@@ -212,17 +213,12 @@ class _WindowFields(_Record):
 
 class FrameRecord(_WindowFields):
     """The deterministic part of a result: same events + same clock -> same bytes
-    (what ``autoglm replay`` writes). The engine completes it with :meth:`result`."""
+    (what ``autoglm replay`` writes). The published result is :meth:`Result.of`."""
 
     @classmethod
     def from_frame(cls, frame: FusedFrame) -> Self:
         """The record of a closed window (trusted: built without validation)."""
         return cls._trusted(_frame_fields(frame))
-
-    def result(self, *, prompt: str | None, answer: str | None, glm: Glm, latency_ms: Latency) -> Result:
-        """This window's published result (trusted: built without validation)."""
-        fields = {**self.__dict__, "prompt": prompt, "answer": answer, "glm": glm, "latency_ms": latency_ms}
-        return Result._trusted(fields)
 
 
 class Result(_WindowFields):
