@@ -21,7 +21,7 @@ from engine.contracts.types import Features, InputEvent, Modality
 from engine.runtime.engine import Engine
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec
-from tests.conftest import Transport, collect, round_trip, send, srv_stats
+from tests.conftest import Transport, collect, round_trip, send, srv_stats, until
 
 MS = 1_000_000
 
@@ -333,22 +333,46 @@ async def test_results_carry_real_answers_from_an_openai_compatible_server(
     assert len(srv.requests) == 3
 
 
-async def test_a_second_engine_on_the_same_prefix_is_refused(
-    nats_url: str, prefix: str, transport: Transport
-) -> None:
-    first = Engine(transport.config(prefix))
+async def test_a_second_core_engine_on_the_same_prefix_is_refused(nats_url: str, prefix: str) -> None:
+    """Core NATS has no leases: a second engine would split sources' windows."""
+    core = Transport("core")
+    first = Engine(core.config(prefix))
     await first.start(nats_url)
     try:
-        second = Engine(transport.config(prefix))
+        second = Engine(core.config(prefix))
         with pytest.raises(
             ConfigError, match=f"nats.subject_prefix = '{prefix}': another engine already serves"
         ):
             await second.start(nats_url)
-        other = Engine(transport.config(prefix + "x"))  # another prefix on the same server is fine
+        other = Engine(core.config(prefix + "x"))  # another prefix on the same server is fine
         await other.start(nats_url)
         await other.stop()
     finally:
         await first.stop()
-    again = Engine(transport.config(prefix))  # once the first has stopped, the prefix is free
+    again = Engine(core.config(prefix))  # once the first has stopped, the prefix is free
     await again.start(nats_url)
     await again.stop()
+
+
+async def test_a_second_durable_engine_on_the_same_prefix_stands_by_and_takes_over(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """With JetStream, ownership replaces the refusal: one partition, one owner;
+    the other engine waits and takes it over when the owner stops."""
+    durable = Transport("jetstream")
+    first, second = Engine(durable.config(prefix)), Engine(durable.config(prefix))
+    await first.start(nats_url)
+    await second.start(nats_url)
+    try:
+        assert first.transport is not None and second.transport is not None
+        assert first.transport.state().partitions == ("0",) and second.transport.state().partitions == ()
+        await first.stop()
+        standby = second.transport
+        await until(lambda: standby.state().partitions == ("0",), "the standby to take over")
+        out = await collect(nc, f"{prefix}.out.>")
+        await send(nc, prefix, "cam", "text", b"hello", time.time_ns(), event_id="after")
+        [result] = await out.wait_for(1)
+        assert result["events"] == {"text": ["after"]}
+    finally:
+        await first.stop()
+        await second.stop()

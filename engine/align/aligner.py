@@ -25,7 +25,7 @@ pushes it out, or at shutdown. An event whose window is already sealed is
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -176,6 +176,25 @@ class AlignerBase(Generic[S]):
     def source_names(self) -> list[str]:
         return list(self._sources)
 
+    def pending_of(self, owns: Callable[[str], bool]) -> bool:
+        """Some event of a source ``owns`` picks is still being processed."""
+        raise NotImplementedError
+
+    def release(self, owns: Callable[[str], bool]) -> list[tuple[str, str]]:
+        """Forget the sources ``owns`` picks (another worker takes them over):
+        every event they hold that is not in an emitted frame comes back as
+        ``(source, event id)``, unfused, for the caller to hand back. Call it
+        once :meth:`pending_of` is false and :meth:`poll` emitted what was due."""
+        keys = [
+            (source, eid)
+            for source, groups in self._loose.items()
+            if owns(source)
+            for ids in groups.values()
+            for eid in ids
+        ]
+        self._loose = {s: g for s, g in self._loose.items() if not owns(s)}
+        return keys
+
     def source_counts(self, source: str) -> Counter[tuple[Modality, str]]:
         src = self._sources.get(source)
         return Counter(src.counts) if src else Counter()
@@ -324,6 +343,28 @@ class Aligner(AlignerBase[_Source]):
     def has_ready(self) -> bool:
         """Some sealed window waits to be emitted (poll soon)."""
         return bool(self._ready)
+
+    def pending_of(self, owns: Callable[[str], bool]) -> bool:
+        return any(
+            w.pending
+            for s in (*self._sources.values(), *self._retired)
+            if owns(s.name)
+            for w in s.windows.values()
+        )
+
+    def release(self, owns: Callable[[str], bool]) -> list[tuple[str, str]]:
+        keys = super().release(owns)
+        for src in [*self._sources.values(), *self._retired]:
+            if not owns(src.name):
+                continue
+            for win in src.windows.values():
+                keys.extend((src.name, eid) for eid in win.slots)
+                keys.extend((src.name, eid) for ids in win.skipped.values() for eid in ids)
+            self._sources.pop(src.name, None)
+            self._active.pop(src.name, None)
+            self._ready.pop(id(src), None)
+        self._retired = [r for r in self._retired if not owns(r.name)]
+        return keys
 
     @property
     def open_windows(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -138,6 +139,24 @@ class NearestAligner(AlignerBase[_NSource]):
     @property
     def has_ready(self) -> bool:
         return bool(self._dirty) or bool(self._out) or bool(self._loose)
+
+    def pending_of(self, owns: Callable[[str], bool]) -> bool:
+        return any(
+            x.features is None
+            for s in (*self._sources.values(), *self._retired)
+            if owns(s.name)
+            for x in s.slots.values()
+        )
+
+    def release(self, owns: Callable[[str], bool]) -> list[tuple[str, str]]:
+        keys = super().release(owns)
+        for src in [*self._sources.values(), *self._retired]:
+            if owns(src.name):
+                keys.extend((src.name, eid) for eid in src.slots)
+                self._sources.pop(src.name, None)
+                self._dirty.pop(id(src), None)
+        self._retired = [r for r in self._retired if not owns(r.name)]
+        return keys
 
     @property
     def open_windows(self) -> int:

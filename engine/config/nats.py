@@ -114,6 +114,19 @@ class NatsConfig(Frozen):
     stream_max_age_s: float = Field(24 * 3600.0, gt=0)
     stream_max_bytes: int = Field(1024**3, gt=0)
     duplicate_window_s: float = Field(120.0, gt=0)
+    #: Sources are spread over this many partitions (a subject transform on
+    #: the input stream, ``{{partition(N,1)}}`` of the source token); each is
+    #: owned by one live worker at a time. 1 = one partition, as before.
+    #: Changing it needs an empty input stream (the engine refuses otherwise).
+    partitions: int = Field(1, ge=1, le=256)
+    #: A worker's hold on its partitions lasts this long without renewal
+    #: (renewed every third of it): a dead worker's partitions move after
+    #: about this long. It stops work on a partition it could not renew
+    #: before the lease can pass to another.
+    lease_s: float = Field(3.0, ge=1.0, le=120.0)
+    #: Replicas of the streams and buckets the engine makes: 0 = as many as
+    #: the JetStream cluster has servers, at most 3 (1 on a single server).
+    replicas: int = Field(0, ge=0, le=5)
     #: Replay history: ``<stream>_REC`` mirrors the inputs with its own limits
     #: and drops its oldest when full (it never refuses an event). 0 = no recording.
     record_max_age_s: float = Field(24 * 3600.0, ge=0)

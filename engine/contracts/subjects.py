@@ -3,6 +3,11 @@
 Under one prefix (``autoglm`` unless configured)::
 
     <prefix>.in.<source>.<modality>   an input event (raw payload + headers)
+    <prefix>.part.<p>.<source>.<modality>
+                                      the same event stored in partition ``p`` (the
+                                      input stream's subject transform, or the
+                                      server's mapping in core mode; producers never
+                                      publish here)
     <prefix>.out.<source>             a result record
     <prefix>.dlq.<source>             a rejection record (``<prefix>.dlq._``: bad subject)
     <prefix>.late.<source>            a ``too_late`` rejection with ``late_to = "late"``
@@ -12,11 +17,11 @@ Under one prefix (``autoglm`` unless configured)::
     $O.<bucket>.C|M.<token>           the claim-check Object Store's chunks and metadata
 
 Callers never format these themselves: they hold a :class:`Subjects` and ask
-it. That is what lets the layout change in one file: partitioning inputs
-across workers adds a token (``<prefix>.in.<partition>.<source>.<modality>``
-or a server-side mapping) by giving :class:`Subjects` a field, and
-``input()``, ``inputs`` and ``parse_input()`` take it into account while
-every caller stays as it is.
+it. Partitioning inputs across workers (``nats.partitions``) is a server-side
+transform of ``in.<source>.<modality>`` into ``part.<p>.<source>.<modality>``
+with ``{{partition(N,1)}}``: producers are unchanged, :meth:`parse_input`
+reads both, and :func:`partition_of` finds a source's partition the way the
+server does.
 
 Plain string work, no regex on the hot path: ``result()`` runs once per
 published record and ``parse_input()`` once per new subject (the codec
@@ -69,6 +74,15 @@ def object_meta(bucket: str, token: str = ">") -> str:
     """``$O.<bucket>.M.<token>``: an Object Store bucket's metadata (``token`` is
     an object's base64url name; ``>``/``*`` as for :func:`object_chunks`)."""
     return f"$O.{bucket}.M.{token}"
+
+
+def partition_of(source: str, partitions: int) -> int:
+    """The partition nats-server's ``{{partition(N,1)}}`` puts ``source`` in:
+    FNV-1a (32 bit) of the token, modulo ``partitions``."""
+    h = 0x811C9DC5
+    for byte in source.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
 
 
 def valid_source(source: str) -> bool:
@@ -140,6 +154,21 @@ class Subjects:
         """``<prefix>.in.>``: every input event (the input stream, a live subscription)."""
         return f"{self.prefix}.in.>"
 
+    def partition(self, p: int | str) -> str:
+        """``<prefix>.part.<p>.>``: every input stored in partition ``p``
+        (``*``: in any partition)."""
+        return f"{self.prefix}.part.{p}.>"
+
+    def partition_transform(self, partitions: int) -> tuple[str, str]:
+        """The subject transform that spreads sources over ``partitions``:
+        ``(source, destination)`` for a stream's ``subject_transform`` or a
+        server's ``mappings``. Subjects of any other shape keep their subject
+        (and are refused by whoever owns the ``in.>`` rest)."""
+        return (
+            f"{self.prefix}.in.*.*",
+            f"{self.prefix}.part.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}",
+        )
+
     @property
     def results(self) -> str:
         """``<prefix>.out.>``: every result."""
@@ -173,8 +202,14 @@ class Subjects:
     # -- parsing --------------------------------------------------------------------------
 
     def parse_input(self, subject: str) -> InputSubject:
-        """Split ``<prefix>.in.<source>.<modality>``; raise ``bad_subject`` otherwise."""
+        """Split ``<prefix>.in.<source>.<modality>`` (or the partitioned
+        ``<prefix>.part.<p>.<source>.<modality>``); raise ``bad_subject`` otherwise."""
         head = self.prefix + ".in."
+        if subject.startswith(self.prefix + ".part."):
+            # Only the server writes these (a transform of a valid in.<source>.<modality>).
+            rest = subject[len(self.prefix) + 6 :].split(".", 1)
+            if len(rest) == 2 and rest[0].isdigit():
+                subject = head + rest[1]
         if not subject.startswith(head):
             raise EventRejected("bad_subject", f"subject {subject!r} does not start with {head!r}")
         parts = subject[len(head) :].split(".")

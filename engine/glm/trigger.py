@@ -12,7 +12,7 @@ Pure: no clock, no I/O, the decision a function of the frames seen so far.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from engine.contracts.types import MODALITIES, FusedFrame, Modality, ModalityFusion, Nanos
@@ -86,6 +86,11 @@ class ChangeTrigger:
     def adopt(self, old: ChangeTrigger) -> None:
         """Carry a replaced trigger's memory (hot reload): no source starts over."""
         self._last = old._last
+
+    def forget(self, owns: Callable[[str], bool]) -> None:
+        """Drop the sources ``owns`` picks (handed over to another worker)."""
+        for source in [s for s in self._last if owns(s)]:
+            del self._last[source]
 
     def decide(self, frame: FusedFrame) -> Verdict:
         """Send or skip ``frame``; a sent frame becomes its source's new reference."""

@@ -226,6 +226,26 @@ class Pipeline:
     def resume_idle(self) -> None:
         self.aligner.resume_idle()
 
+    # -- handing sources over ---------------------------------------------------------
+
+    def pending_of(self, owns: Callable[[str], bool]) -> bool:
+        """An event of a source ``owns`` picks is queued or in its processors."""
+        parked = self._parked is not None and owns(self._parked[1].source)
+        return parked or self.aligner.pending_of(owns)
+
+    def release(self, owns: Callable[[str], bool]) -> list[str]:
+        """Hand over the sources ``owns`` picks (their partition moves to another
+        worker): their open windows are dropped, unpublished, and the deliveries
+        of every event in them come back for the transport to leave unacked, so
+        the new owner receives them again and builds those windows whole. Call
+        once :meth:`pending_of` is false and :meth:`poll`'s records are out."""
+        given: list[str] = []
+        for key in self.aligner.release(owns):
+            given.extend(self._deliveries.pop(key, ()))
+        if self.trigger is not None:
+            self.trigger.forget(owns)
+        return given
+
     # -- batches ------------------------------------------------------------------
 
     def batches(self, *, force: bool = False) -> list[Batch]:

@@ -162,6 +162,22 @@ class Driver:
             self.pipeline.resume_idle()
             self.supervisor.recover(reason)
 
+    async def release(self, owns: Callable[[str], bool]) -> list[str]:
+        # Quiet sources must not close early while their partition is handed over.
+        self.pipeline.pause_idle()
+        try:
+            while self.pipeline.pending_of(owns):
+                self._dispatch(force=True)
+                if self._running:
+                    await asyncio.wait(set(self._running), return_when=asyncio.FIRST_COMPLETED)
+                else:  # a parked event waits for the pump to make room
+                    self._kick.set()
+                    await asyncio.sleep(self.tick)
+            await self.emit(self.pipeline.poll())
+            return self.pipeline.release(owns)
+        finally:
+            self.pipeline.resume_idle()
+
     # -- the pump -------------------------------------------------------------------
 
     async def _loop(self) -> None:

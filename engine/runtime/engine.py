@@ -57,6 +57,7 @@ from engine.transport.base import Transport, TransportState
 from engine.transport.core import CoreTransport
 from engine.transport.jetstream import JetStreamTransport
 from engine.transport.security import redact_url, security_for
+from engine.transport.streams import replicas_for
 from engine.transport.sync import sync_with_server
 from engine.wire import claimcheck, natsguard
 from engine.wire.codec import Limits
@@ -229,8 +230,11 @@ class Engine:
         )
         transport: Transport
         if await self._use_jetstream():
-            transport = JetStreamTransport(self._nc, nats)
+            transport = JetStreamTransport(self._nc, nats, replicas=await replicas_for(self._nc, nats))
         else:
+            # Without JetStream there are no leases: one engine per prefix (a
+            # second would split sources' windows between two aligners).
+            await refuse_a_second_engine(self._nc, self.prefix, redact_url(url))
             transport = CoreTransport(self._nc, Subjects(self.prefix).inputs)
         await transport.setup()
         self.transport = transport
@@ -283,12 +287,6 @@ class Engine:
         except Exception as exc:  # nats-py raises OSError, TimeoutError, NoServersError...
             await self._stop_server()
             raise TransportError(f"cannot connect to NATS at {redact_url(url)}: {exc}") from exc
-        try:
-            await refuse_a_second_engine(self._nc, self.prefix, redact_url(url))
-        except ConfigError:
-            await self._broker.stop()
-            await self._stop_server()
-            raise
 
     async def _use_jetstream(self) -> bool:
         if self.config.nats.durable is not None:

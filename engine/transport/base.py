@@ -11,7 +11,7 @@ which one runs; partitioning will be a property of a transport too.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +32,11 @@ class Sink(Protocol):
 
     def trouble(self, reason: str, active: bool) -> None:
         """The transport cannot make progress (``active``) or can again."""
+
+    async def release(self, owns: Callable[[str], bool]) -> list[str]:
+        """Hand over the sources ``owns`` picks (their partition moves to another
+        worker): returns once nothing of theirs is in the processors, with the
+        deliveries of the events of their open windows, given back unfinished."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,12 @@ class TransportState:
     stalls: int = 0
     #: Messages the client dropped because intake fell behind (core NATS).
     slow_consumer: int = 0
+    #: This worker's name, the partitions it owns now, the live workers of its
+    #: configuration, and how many times a partition came or went.
+    worker: str = ""
+    partitions: tuple[str, ...] = ()
+    workers: tuple[str, ...] = ()
+    moves: int = 0
 
 
 class Transport(Protocol):

@@ -1,4 +1,4 @@
-"""The JetStream transport: a work-queue stream over the inputs and a durable pull consumer.
+"""The JetStream transport: a work-queue stream over the inputs, pull consumers, confirmed stores.
 
 ``<STREAM>_IN`` holds the *unprocessed* backlog: an event leaves it when it
 is acked, and it is acked only once what it turned into is safely stored —
@@ -8,14 +8,13 @@ stream's limits bound the backlog, never the history: it refuses new events
 Replay history is ``<STREAM>_REC``, a mirror with its own limits that drops
 its oldest when full. A crash before the store means redelivery, never loss.
 
-While an event waits in an open window, ``in_progress`` keeps ``AckWait``
-from firing. A message delivered ``max_deliver`` times is ``poison``: a DLQ
-record, then ``term``, so one event can never wedge intake.
-
-After a crash the consumer is rebuilt to deliver the unacked backlog in
-stream order (see :func:`engine.transport.streams.replay_point`), and the results
-stored since the oldest unacked event are read back so that an event whose
-result was stored but whose ack was lost is acked, not fused a second time.
+With ``nats.partitions = N`` the input stream's subject transform spreads
+sources over N partitions, each with its own consumer (an
+:class:`~engine.transport.intake.Intake`); workers own partitions by lease
+(:mod:`engine.transport.partitions`). Taking one over replays what its last
+owner left unfinished; handing one over publishes what is done, leaves the
+open windows' events unacked for the new owner, and only then lets go. One
+engine alone owns them all, as before partitioning.
 """
 
 from __future__ import annotations
@@ -24,28 +23,23 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-)
-from nats.js.errors import NotFoundError
-
 from engine.contracts.errors import TransportError
-from engine.contracts.messages import Finish, Key, Message, Publish
-from engine.contracts.subjects import Subjects
+from engine.contracts.messages import Finish, Key, Publish
+from engine.contracts.subjects import partition_of
 from engine.transport.base import Sink, TransportState
-from engine.transport.recovery import CrashGuard, ReadBack
+from engine.transport.intake import Intake
+from engine.transport.partitions import Ownership
 from engine.transport.resultstore import ResultStore
 from engine.transport.streams import (
+    Slot,
     dlq_msg_id,
     ensure,
     mirror_attached,
     record_stream,
-    replay_point,
+    slots,
     stream_configs,
     stream_names,
 )
@@ -59,6 +53,10 @@ log = logging.getLogger("autoglm.durable")
 #: Seconds a store keeps retrying once the engine is stopping; past it the
 #: inputs stay unacked and JetStream delivers them to the next engine.
 STOP_RETRY_S = 10.0
+#: Seconds a handover waits for the records of what it finished to be stored.
+HANDOVER_S = 60.0
+
+_COUNTERS = ("acked", "redelivered", "poisoned", "handler_errors", "recovered", "stalls")
 
 
 def _seq(delivery: str) -> int | None:
@@ -66,106 +64,97 @@ def _seq(delivery: str) -> int | None:
     return int(delivery[2:]) if delivery.startswith("js") and delivery[2:].isdigit() else None
 
 
+def owner_test(slot: Slot, partitions: int) -> Callable[[str], bool]:
+    """Which sources' windows belong to ``slot`` (the ``rest`` holds none: its
+    inputs never parse, so they are refused before any window)."""
+    if partitions == 1:
+        return lambda source: True
+    if not slot.name.isdigit():
+        return lambda source: False
+    p = int(slot.name)
+    return lambda source: partition_of(source, partitions) == p
+
+
 class JetStreamTransport:
-    """Streams, the pull consumer, confirmed stores, and the acks the engine still owes."""
+    """Streams, the owned partitions' intakes, and confirmed stores."""
 
     durable = True
 
-    def __init__(self, nc: Any, config: NatsConfig) -> None:
+    def __init__(self, nc: Any, config: NatsConfig, *, worker: str | None = None, replicas: int = 1) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.config = config
-        self.prefix = config.subject_prefix
-        self.subjects = Subjects(config.subject_prefix)
+        self.replicas = replicas
         self.in_stream, self.out_stream = stream_names(config)
         self.rec_stream = record_stream(config)
-        #: Inputs in hand, being handled or waiting in windows for their record
-        #: to be stored: stream sequence -> (newest delivered copy, last in_progress).
-        self.held: dict[int, tuple[Any, float]] = {}
-        #: Taken out of the stream by sequence (the crash guard's culprits):
-        #: deleted, not acked, once their record is stored.
-        self._delete_when_stored: set[int] = set()
-        #: The crash guard's culprits of this run: recorded as poison, never handed in.
-        self._culprits: set[int] = set()
-        self._terminate: set[int] = set()
-        self.acked = 0
-        self.redelivered = 0
-        self.poisoned = 0
-        self.handler_errors = 0
-        #: Found already stored at recovery: acked without being processed again.
-        self.recovered = 0
-        self.read_back = ReadBack(self.js, config)
-        self.guard = CrashGuard(self.js, config)
-        #: max_ack_pending reached: the server delivers nothing until acks free room.
-        self.stalled_since: float | None = None
-        self.stalls = 0
-        self.replayed_from: int | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._beat: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
+        self.intakes: dict[str, Intake] = {}
+        #: Counts of intakes handed over or lost, so the totals never go back.
+        self._past: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self.ownership = Ownership(
+            self.js,
+            config,
+            slots(config),
+            take=self._take,
+            give=self._give,
+            lose=self._lose,
+            worker=worker,
+            replicas=replicas,
+        )
+        self.ownership.check = self._check_intakes
         self._sink: Sink | None = None
         self.results = ResultStore(self.js, self._stored, self._store)
         self.store_retries = 0
         self._stopping = False
         self._stop_deadline = 0.0
-        #: Monotonic second of the fetch loop's last turn (watched by health).
-        self._last_turn = time.monotonic()
+
+    @property
+    def worker(self) -> str:
+        return self.ownership.worker
 
     @property
     def last_turn(self) -> float | None:
-        return self._last_turn
+        turns = [i.last_turn for i in self.intakes.values() if i.fetching]
+        return min(turns) if turns else None
 
     @property
     def tasks(self) -> dict[str, asyncio.Task[None] | None]:
-        return {
-            "jetstream-fetch": self._task,
-            "jetstream-heartbeat": self._beat,
-            "result-store": self.results.task,
-        }
+        return {"partitions": self.ownership.task, "result-store": self.results.task}
+
+    def _sum(self, name: str) -> int:
+        return self._past[name] + sum(int(getattr(i, name)) for i in self.intakes.values())
 
     def state(self) -> TransportState:
         return TransportState(
             durable=True,
-            unacked=len(self.held),
-            acked=self.acked,
-            redelivered=self.redelivered,
-            poisoned=self.poisoned,
-            recovered=self.recovered,
+            unacked=sum(len(i.held) for i in self.intakes.values()),
+            acked=self._sum("acked"),
+            redelivered=self._sum("redelivered"),
+            poisoned=self._sum("poisoned"),
+            recovered=self._sum("recovered"),
             results_duplicate=self.results.duplicates,
             results_retried=self.results.retried,
             store_retries=self.store_retries,
             publishing=self.results.pending,
-            stalled=self.stalled_since is not None,
-            stalls=self.stalls,
+            stalled=any(i.stalled_since is not None for i in self.intakes.values()),
+            stalls=self._sum("stalls"),
+            worker=self.worker,
+            partitions=tuple(self.ownership.owned),
+            workers=tuple(self.ownership.members),
+            moves=self.ownership.taken + self.ownership.given + self.ownership.lost,
         )
 
     def slow_consumer(self) -> None:
         return None  # a pull consumer is never a slow consumer
 
     async def setup(self) -> None:
-        """Create or update the streams and the durable consumer; learn from the last run."""
+        """Create or update the streams and the workers' bucket."""
         cfg = self.config
         try:
-            for stream in stream_configs(cfg):
+            for stream in stream_configs(cfg, self.replicas):
                 await ensure(self.js, stream)
             if cfg.record_max_bytes > 0:
                 await mirror_attached(self.js, self.rec_stream, self.in_stream)
-            start, self.replayed_from = await replay_point(self.js, self.in_stream, cfg.consumer)
-            self.sub = await self.js.pull_subscribe(
-                self.subjects.inputs,
-                durable=cfg.consumer,
-                stream=self.in_stream,
-                config=ConsumerConfig(
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=cfg.ack_wait_s,
-                    max_ack_pending=cfg.max_ack_pending,
-                    max_deliver=cfg.max_deliver,
-                    deliver_policy=DeliverPolicy.ALL,
-                ),
-            )
-            if start is not None:
-                await self.read_back.read_back(start)
-            await self.guard.setup()
+            await self.ownership.setup()
         except TransportError:
             raise
         except Exception as exc:  # nats-py raises APIError, TimeoutError, NoRespondersError...
@@ -178,130 +167,88 @@ class JetStreamTransport:
                 )
             raise TransportError(f"JetStream setup failed: {exc}{hint}") from exc
 
-    async def close(self, clean: bool) -> None:
-        """Note how this run ended (a failed one counts as a crash)."""
-        await self.guard.close(clean)
+    async def start(self, sink: Sink) -> None:
+        """Take what is rightfully ours and free now (a lone engine: everything),
+        then keep the leases in step with the live workers."""
+        self._sink = sink
+        self.results.start()
+        try:
+            await self.ownership.tick(wait=True)
+        except TransportError:
+            raise
+        except Exception as exc:
+            raise TransportError(f"JetStream setup failed: {exc}") from exc
+        self.ownership.start()
+
+    # -- partitions ---------------------------------------------------------------------
+
+    async def _take(self, slot: Slot) -> None:
+        intake = Intake(self.js, self.config, slot)
+        await intake.setup()
+        assert self._sink is not None
+        self.intakes[slot.name] = intake
+        intake.start(self._sink)
+        log.info("partition %s: consuming %s", slot.name, slot.filter)
+
+    async def _give(self, slot: Slot) -> None:
+        """Hand a partition over: finish what is done, give back what is open."""
+        intake = self.intakes.get(slot.name)
+        if intake is None:
+            return
+        await intake.stop_fetching()
+        assert self._sink is not None
+        given = await self._sink.release(owner_test(slot, self.config.partitions))
+        intake.give_back([s for d in given if (s := _seq(d)) is not None])
+        if not await intake.emptied(HANDOVER_S):  # the records of finished windows are being stored
+            log.error(
+                "partition %s: %d inputs still unfinished after %.0f s; handed over unacked",
+                slot.name,
+                len(intake.held),
+                HANDOVER_S,
+            )
+        await self._retire(slot, intake, clean=True)
+
+    async def _lose(self, slot: Slot) -> None:
+        """Another worker has the partition now: drop its work, ack nothing more."""
+        intake = self.intakes.get(slot.name)
+        if intake is None:
+            return
+        await intake.stop_fetching()
+        if self._sink is not None:
+            given = await self._sink.release(owner_test(slot, self.config.partitions))
+            intake.give_back([s for d in given if (s := _seq(d)) is not None])
+        intake.held.clear()
+        await self._retire(slot, intake, clean=False)
+
+    async def _retire(self, slot: Slot, intake: Intake, *, clean: bool) -> None:
+        await intake.close(clean)
+        for name in _COUNTERS:
+            self._past[name] += getattr(intake, name)
+        self.intakes.pop(slot.name, None)
+
+    def _check_intakes(self) -> None:
+        """An intake's loop that ended by itself is a failure of the whole transport
+        (the supervisor watches the partitions loop, which raises it)."""
+        for name, intake in self.intakes.items():
+            for what, task in intake.tasks.items():
+                if task is not None and task.done() and intake.fetching:
+                    exc = task.exception() if not task.cancelled() else None
+                    raise TransportError(f"partition {name}: {what} ended: {exc or 'cancelled'}") from exc
+
+    def _holder(self, seq: int) -> Intake | None:
+        for intake in self.intakes.values():
+            if intake.holds(seq):
+                return intake
+        return None
 
     def stored_before(self, key: Key, delivery: str) -> bool:
         """Recovery found this input's result or DLQ record stored."""
-        if key in self.read_back.stored_keys:
-            self.recovered += 1
+        seq = _seq(delivery)
+        intake = self._holder(seq) if seq is not None else None
+        if intake is not None and key in intake.read_back.stored_keys:
+            intake.recovered += 1
             return True
         return False
-
-    async def start(self, sink: Sink) -> None:
-        self._sink = sink
-        self.results.start()
-        loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._fetch(sink), name="autoglm:jetstream-fetch")
-        self._beat = loop.create_task(self._heartbeat(), name="autoglm:jetstream-heartbeat")
-
-    async def _fetch(self, sink: Sink) -> None:
-        for seq in self.guard.culprits:  # it took the process down while in hand
-            try:
-                raw = await self.js.get_msg(self.in_stream, seq=seq)
-            except NotFoundError:
-                continue
-            self.poisoned += 1
-            self._delete_when_stored.add(seq)
-            self._culprits.add(seq)
-            await sink.poison(
-                Message(raw.subject, raw.headers, raw.data, f"js{seq}"), self.config.max_deliver
-            )
-        self.guard.culprits = []
-        batch = self.config.fetch_batch
-        while not self._stop.is_set():
-            self._last_turn = time.monotonic()
-            try:
-                msgs = await self.sub.fetch(batch, timeout=0.05)
-            except (NatsTimeoutError, TimeoutError):
-                self._check_stall()
-                continue
-            except Exception as exc:  # reconnecting, server restarting: try again shortly
-                log.warning("JetStream fetch failed (%s); retrying", exc)
-                await asyncio.sleep(0.5)
-                continue
-            if not msgs:
-                self._check_stall()
-                continue
-            if self.stalled_since is not None:
-                log.warning("intake resumed after a %.1f s stall", time.monotonic() - self.stalled_since)
-                self.stalled_since = None
-            for msg in msgs:
-                await self._one(msg, sink)
-
-    async def _one(self, msg: Any, sink: Sink) -> None:
-        self._last_turn = time.monotonic()
-        meta = msg.metadata
-        seq = meta.sequence.stream
-        if meta.num_delivered > 1:
-            self.redelivered += 1
-            if seq in self.held:  # still in hand or in a window: its newest copy is the one to ack
-                self.held[seq] = (msg, time.monotonic())
-                return
-        if seq in self._culprits:  # its poison record is stored or on its way: never handed in again
-            if seq in self._delete_when_stored:
-                self.held[seq] = (msg, time.monotonic())  # ended (terminated) with its record
-            else:
-                await self._settle(msg, term=True)
-            return
-        if seq in self.read_back.stored_seqs:  # its DLQ record was stored before a crash lost the ack
-            self.recovered += 1
-            await self._settle(msg)
-            return
-        try:
-            headers = msg.headers
-        except Exception:  # nats-py parses lazily on some paths: the codec refuses it
-            headers = None
-        message = Message(msg.subject, headers, msg.data, f"js{seq}")
-        # Held from now on: what it turns into may be stored (and acked) before
-        # the handler returns, and a long store retry keeps it heartbeated.
-        self.held[seq] = (msg, time.monotonic())
-        if meta.num_delivered >= self.config.max_deliver:
-            self.poisoned += 1
-            await sink.poison(message, meta.num_delivered)
-            return
-        careful = seq <= self.guard.careful_until
-        if careful:  # if this one takes the process down, the next start knows it
-            await self.guard.in_hand(seq)
-        try:
-            await sink.message(message)
-            if careful:
-                await sink.settle()
-                await self.guard.in_hand(None)
-        except Exception:  # the sink turns errors into DLQ records; this is its own failure
-            self.handler_errors += 1
-            self.held.pop(seq, None)
-            log.exception("handling sequence %d failed; it will be redelivered", seq)
-
-    def _check_stall(self) -> None:
-        """Say so, once per stall, when max_ack_pending stops delivery: events wait
-        in windows (long windows, many sources, a slow GLM) and none can be acked yet."""
-        if self.stalled_since is None and len(self.held) >= self.config.max_ack_pending:
-            self.stalled_since = time.monotonic()
-            self.stalls += 1
-            log.warning(
-                "intake stalled: %d events held unacked = nats.max_ack_pending (%d); JetStream delivers "
-                "nothing more until their windows publish. Raise max_ack_pending, or shorten windows.",
-                len(self.held),
-                self.config.max_ack_pending,
-            )
-
-    async def _heartbeat(self) -> None:
-        """``in_progress`` for events held (or being handled) longer than a third of AckWait."""
-        period = max(0.5, self.config.ack_wait_s / 3)
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), period)
-            now = time.monotonic()
-            for seq, (msg, since) in list(self.held.items()):
-                if now - since >= period:
-                    try:
-                        await msg.in_progress()
-                        if seq in self.held:
-                            self.held[seq] = (msg, now)
-                    except Exception as exc:  # the connection is down; redelivery covers it
-                        log.debug("in_progress failed: %s", exc)
 
     # -- records --------------------------------------------------------------------
 
@@ -313,7 +260,9 @@ class JetStreamTransport:
             # A second record of the same input (a redelivery after a lost ack) is dropped.
             headers = {**headers, ID_HEADER: dlq_msg_id(self.in_stream, seq)}
         if out.terminate:
-            self._terminate.update(s for d in out.acks if (s := _seq(d)) is not None)
+            for d in out.acks:
+                if (s := _seq(d)) is not None and (intake := self._holder(s)) is not None:
+                    intake.terminate.add(s)
         await self.results.put(out.subject, out.payload, headers, out.acks)
 
     async def finish(self, done: Finish) -> None:
@@ -323,18 +272,8 @@ class JetStreamTransport:
         """The record that finishes ``acks`` is stored: ack (or end) their messages."""
         for delivery in acks:
             seq = _seq(delivery)
-            if seq is None:
-                continue
-            held = self.held.pop(seq, None)
-            if held is not None:
-                await self._settle(held[0], term=seq in self._terminate)
-            self._terminate.discard(seq)
-            if seq in self._delete_when_stored:
-                self._delete_when_stored.discard(seq)
-                try:
-                    await self.js.delete_msg(self.in_stream, seq)
-                except Exception as exc:  # gone already, or the server is away: it is poisoned again
-                    log.warning("could not remove poison input %d: %s", seq, exc)
+            if seq is not None and (intake := self._holder(seq)) is not None:
+                await intake.stored(seq)
 
     async def _store(self, subject: str, payload: bytes, headers: dict[str, str]) -> Any:
         """The awaited store: retried with backoff for as long as the server is
@@ -361,30 +300,21 @@ class JetStreamTransport:
             if retrying and self._sink is not None:
                 self._sink.trouble("store_retrying", False)
 
+    async def stop_intake(self, timeout: float = 30.0) -> None:
+        """Take and fetch nothing more; the leases are kept (renewed) until :meth:`close`."""
+        self._stopping = True
+        self._stop_deadline = time.monotonic() + STOP_RETRY_S
+        await self.ownership.stop()
+        for intake in list(self.intakes.values()):
+            await intake.stop_fetching(timeout)
+
     async def drain(self) -> None:
         await self.results.drain()  # every stored record's inputs acked before we leave
 
-    async def _settle(self, msg: Any, *, term: bool = False) -> None:
-        try:
-            await (msg.term() if term else msg.ack())
-            self.acked += 1
-        except Exception as exc:  # a lost ack means a redelivery, recognised by recovery or dedup
-            log.warning("ack failed: %s", exc)
-
-    async def stop_intake(self, timeout: float = 30.0) -> None:
-        self._stopping = True
-        self._stop_deadline = time.monotonic() + STOP_RETRY_S
-        self._stop.set()
-        for task in (self._task, self._beat):
-            if task is not None and not task.done():
-                try:  # a handler stuck for good must not stop the stop: what it holds is redelivered
-                    await asyncio.wait_for(asyncio.shield(task), timeout)
-                except TimeoutError:
-                    log.error("%s did not stop within %.0f s; cancelled", task.get_name(), timeout)
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-        # A pull subscription left open makes the connection's drain wait for
-        # its whole timeout (30 s): the durable consumer stays on the server.
-        with contextlib.suppress(Exception):
-            await self.sub.unsubscribe()
+    async def close(self, clean: bool) -> None:
+        """Note how this run ended (a failed one counts as a crash) and give the
+        leases up, so the other workers take over now."""
+        for intake in list(self.intakes.values()):
+            with contextlib.suppress(Exception):
+                await intake.close(clean)
+        await self.ownership.leave()

@@ -25,7 +25,8 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from engine.contracts.messages import Key
 from engine.contracts.subjects import Subjects
-from engine.transport.streams import state_bucket, stream_names
+from engine.transport.streams import Slot, state_bucket, stream_names
+from engine.transport.streams import oldest as oldest_of
 
 if TYPE_CHECKING:
     from engine.config.models import NatsConfig
@@ -96,9 +97,10 @@ class ReadBack:
 class CrashGuard:
     """Catch an input that takes the whole process down (see the module docstring)."""
 
-    def __init__(self, js: Any, config: NatsConfig) -> None:
+    def __init__(self, js: Any, config: NatsConfig, slot: Slot) -> None:
         self.js = js
         self.config = config
+        self.slot = slot
         self.in_stream = stream_names(config)[0]
         #: Handle inputs up to this sequence one by one, each noted while in hand.
         self.careful_until = 0
@@ -108,11 +110,11 @@ class CrashGuard:
 
     @property
     def _inflight_key(self) -> str:
-        return f"{self.config.consumer}.inflight"
+        return f"{self.slot.consumer}.inflight"
 
     @property
     def _run_key(self) -> str:
-        return f"{self.config.consumer}.run"
+        return f"{self.slot.consumer}.run"
 
     async def in_hand(self, seq: int | None) -> None:
         """Note the input now in hand (``None``: it went through)."""
@@ -145,13 +147,13 @@ class CrashGuard:
             log.error("input %s took the engine down while in hand: recording it as poison", culprit)
             self.culprits.append(int(culprit))
             await self._note(self._inflight_key, None)
-        state = (await self.js.stream_info(self.in_stream)).state
-        oldest = state.first_seq if state.messages else None
+        first = await oldest_of(self.js, self.in_stream, self.slot.filter)
+        oldest = first.seq if first is not None else None
         crashes = 0
         if isinstance(last, dict) and not last.get("clean") and oldest is not None and culprit is None:
             crashes = int(last.get("crashes", 0)) + 1 if last.get("oldest") == oldest else 1
         if crashes >= self.config.max_deliver - 1:
-            self.careful_until = state.last_seq
+            self.careful_until = (await self.js.stream_info(self.in_stream)).state.last_seq
             log.warning(
                 "%d crashes in a row with input %d unfinished: handling inputs up to %d one at a time "
                 "to find the one that takes the engine down",

@@ -1,0 +1,277 @@
+"""Who owns which partition: leases in a NATS KV bucket, compare-and-set, TTL.
+
+Every worker of one configuration (the same streams) shares the bucket
+``<STREAM>_WORKERS``, whose entries expire ``nats.lease_s`` after their last
+write:
+
+- ``w.<worker>``: the worker is alive (rewritten every third of the lease);
+- ``p.<slot>``: the worker named in it owns that slot. Taken with ``create``
+  (fails while anyone holds it), renewed with ``update`` at the revision the
+  owner last wrote (fails once anyone else wrote it), given up with
+  ``delete`` at that revision.
+
+Each slot's rightful owner is the live worker with the highest
+rendezvous hash of ``(slot, worker)``: every worker computes the same answer
+from the same member list, a join moves only the slots the newcomer wins,
+and a death moves only the dead worker's. No home-made consensus: NATS
+orders the writes and says who won.
+
+A worker that has not renewed a lease for three quarters of ``lease_s``
+(its server is unreachable, its loop starved) stops work on that slot before
+the lease can expire and pass to another (:meth:`Ownership.tick`, ``lose``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+
+from engine.transport.streams import Slot, workers_bucket
+
+if TYPE_CHECKING:
+    from engine.config.models import NatsConfig
+
+log = logging.getLogger("autoglm.partitions")
+
+Action = Callable[[Slot], Awaitable[None]]
+
+
+def worker_name() -> str:
+    """``<host>-<pid>-<4 hex>``: unique, and says where the worker runs."""
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+def rightful(slot: str, members: list[str]) -> str | None:
+    """The member that owns ``slot`` (rendezvous hashing), ``None`` with no members."""
+    if not members:
+        return None
+    return max(members, key=lambda m: hashlib.sha256(f"{slot}\x00{m}".encode()).digest())
+
+
+async def keys(kv: Any, pattern: str) -> list[str]:
+    """The live keys of ``kv`` matching ``pattern`` (filtered by the server)."""
+    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
+    found = []
+    try:
+        async for entry in watcher:
+            if entry is None:  # the end of what is stored now
+                break
+            found.append(entry.key)
+    finally:
+        await watcher.stop()
+    return found
+
+
+class Ownership:
+    """This worker's leases: takes what is rightfully its, gives what is not."""
+
+    def __init__(
+        self,
+        js: Any,
+        config: NatsConfig,
+        slots: list[Slot],
+        *,
+        take: Action,
+        give: Action,
+        lose: Action,
+        worker: str | None = None,
+        replicas: int = 1,
+    ) -> None:
+        self.js = js
+        self.config = config
+        self.slots = {s.name: s for s in slots}
+        self.worker = worker or worker_name()
+        self.replicas = replicas
+        self.lease_s = config.lease_s
+        self._take, self._give, self._lose = take, give, lose
+        self.kv: Any = None
+        #: slot -> (revision of our lease, monotonic second it was last written).
+        self.held: dict[str, tuple[int, float]] = {}
+        #: Slots being taken over or handed over right now.
+        self._busy: dict[str, asyncio.Task[None]] = {}
+        self.members: list[str] = []
+        self.taken = 0
+        self.given = 0
+        self.lost = 0
+        self._since = time.time()
+        self._stop = asyncio.Event()
+        #: Cleared when the engine stops: leases are still renewed while it
+        #: finishes what it holds, but nothing is taken or given.
+        self._active = True
+        self.task: asyncio.Task[None] | None = None
+        #: Called each turn: raises when what the leases feed has died.
+        self.check: Callable[[], None] = lambda: None
+
+    @property
+    def owned(self) -> list[str]:
+        return sorted(self.held, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+
+    async def setup(self) -> None:
+        name = workers_bucket(self.config)
+        try:
+            self.kv = await self.js.key_value(name)
+        except BucketNotFoundError:
+            self.kv = await self.js.create_key_value(
+                KeyValueConfig(
+                    bucket=name,
+                    history=1,
+                    ttl=self.lease_s,
+                    storage=StorageType.FILE,
+                    replicas=self.replicas,
+                )
+            )
+        ttl = (await self.kv.status()).ttl
+        if ttl and abs(ttl - self.lease_s) > 1e-3:
+            log.warning(
+                "the workers bucket %s keeps leases %.1f s, not nats.lease_s = %.1f: using %.1f s "
+                "(every worker of one configuration shares it)",
+                name,
+                ttl,
+                self.lease_s,
+                ttl,
+            )
+            self.lease_s = ttl
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop(), name="autoglm:partitions")
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.lease_s / 3)
+            if self._stop.is_set():
+                return
+            await self.tick()
+            self.check()
+            for slot, task in list(self._busy.items()):
+                if task.done():
+                    del self._busy[slot]
+                    task.result()  # a takeover or handover that failed is the loop's failure
+
+    async def tick(self, *, wait: bool = False) -> None:
+        """Say we are alive, renew our leases, then take and give toward the
+        rightful owners; ``wait``: finish the takeovers before returning (start)."""
+        now = time.monotonic()
+        await self._announce()
+        for name in list(self.held):
+            await self._renew(name, now)
+        if not self._active:
+            return
+        members = await self._members()
+        if members is None:
+            return
+        self.members = members
+        for name, slot in self.slots.items():
+            if name in self._busy:
+                continue
+            mine = rightful(name, members) == self.worker
+            if mine and name not in self.held:
+                if await self._claim(name):
+                    task = asyncio.get_running_loop().create_task(self._taking(slot))
+                    self._busy[name] = task
+                    if wait:
+                        await task
+            elif not mine and name in self.held:
+                self._busy[name] = asyncio.get_running_loop().create_task(self._giving(slot))
+
+    async def _announce(self) -> None:
+        value = orjson.dumps({"since": self._since, "slots": self.owned, "pid": os.getpid()})
+        try:
+            await self.kv.put(f"w.{self.worker}", value)
+        except Exception as exc:  # the server is away: the leases' own clocks decide
+            log.warning("could not announce worker %s: %s", self.worker, exc)
+
+    async def _members(self) -> list[str] | None:
+        try:
+            return sorted(k[2:] for k in await keys(self.kv, "w.*"))
+        except Exception as exc:
+            log.warning("could not list workers: %s", exc)
+            return None
+
+    async def _claim(self, name: str) -> bool:
+        value = orjson.dumps({"worker": self.worker, "at": time.time()})
+        try:
+            rev = await self.kv.create(f"p.{name}", value)
+        except Exception:  # held by another (its lease runs out, or it gives it up)
+            return False
+        self.held[name] = (rev, time.monotonic())
+        return True
+
+    async def _renew(self, name: str, now: float) -> None:
+        rev, last = self.held[name]
+        value = orjson.dumps({"worker": self.worker, "at": time.time()})
+        try:
+            self.held[name] = (await self.kv.update(f"p.{name}", value, last=rev), now)
+            return
+        except KeyWrongLastSequenceError:
+            why = "another worker holds its lease now"
+        except Exception as exc:
+            if now - last < self.lease_s * 0.75:
+                log.warning("could not renew the lease of partition %s (%s); retrying", name, exc)
+                return
+            why = f"its lease could not be renewed for {now - last:.1f} s ({exc})"
+        log.error("partition %s lost: %s; dropping its work (the new owner replays it)", name, why)
+        self.held.pop(name, None)
+        self.lost += 1
+        busy = self._busy.pop(name, None)
+        if busy is not None:
+            busy.cancel()
+            with contextlib.suppress(BaseException):
+                await busy
+        await self._lose(self.slots[name])
+
+    async def _taking(self, slot: Slot) -> None:
+        log.info("worker %s takes partition %s", self.worker, slot.name)
+        try:
+            await self._take(slot)
+        except Exception:
+            await self._release_lease(slot.name)
+            raise
+        self.taken += 1
+
+    async def _giving(self, slot: Slot) -> None:
+        log.info("worker %s hands partition %s over", self.worker, slot.name)
+        await self._give(slot)
+        await self._release_lease(slot.name)
+        self.given += 1
+
+    async def _release_lease(self, name: str) -> None:
+        held = self.held.pop(name, None)
+        if held is None:
+            return
+        with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError):
+            await self.kv.delete(f"p.{name}", last=held[0])
+
+    async def stop(self) -> None:
+        """Take and give nothing more; the leases are still renewed until :meth:`leave`."""
+        self._active = False
+        for task in list(self._busy.values()):
+            with contextlib.suppress(BaseException):
+                await task
+        self._busy.clear()
+
+    async def leave(self) -> None:
+        """Give every lease up at once (the engine stopped): the others take over now,
+        not when the leases run out."""
+        self._stop.set()
+        if self.task is not None and not self.task.done():
+            with contextlib.suppress(BaseException):
+                await self.task
+        for name in list(self.held):
+            with contextlib.suppress(Exception):
+                await self._release_lease(name)
+        with contextlib.suppress(Exception):
+            await self.kv.delete(f"w.{self.worker}")
