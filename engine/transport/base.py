@@ -68,6 +68,8 @@ class TransportState:
     partitions: tuple[str, ...] = ()
     workers: tuple[str, ...] = ()
     moves: int = 0
+    #: Owned partition -> inputs waiting in it or unacked (read each lease turn).
+    lag: tuple[tuple[str, int], ...] = ()
 
 
 class Transport(Protocol):

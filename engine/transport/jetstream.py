@@ -101,6 +101,8 @@ class JetStreamTransport:
             replicas=replicas,
         )
         self.ownership.check = self._check_intakes
+        self.ownership.after = self._measure
+        self._lag: dict[str, int] = {}
         self._sink: Sink | None = None
         self.results = ResultStore(self.js, self._stored, self._store)
         self.store_retries = 0
@@ -141,6 +143,7 @@ class JetStreamTransport:
             partitions=tuple(self.ownership.owned),
             workers=tuple(self.ownership.members),
             moves=self.ownership.taken + self.ownership.given + self.ownership.lost,
+            lag=tuple((name, self._lag[name]) for name in self.ownership.owned if name in self._lag),
         )
 
     def slow_consumer(self) -> None:
@@ -234,6 +237,17 @@ class JetStreamTransport:
                 if task is not None and task.done() and intake.fetching:
                     exc = task.exception() if not task.cancelled() else None
                     raise TransportError(f"partition {name}: {what} ended: {exc or 'cancelled'}") from exc
+
+    async def _measure(self) -> None:
+        """Each lease turn: how far behind each owned partition is."""
+        for name, intake in list(self.intakes.items()):
+            try:
+                info = await self.js.consumer_info(self.in_stream, intake.slot.consumer)
+            except Exception:  # the server is away; the last figure stands
+                continue
+            self._lag[name] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        for name in [n for n in self._lag if n not in self.intakes]:
+            del self._lag[name]
 
     def _holder(self, seq: int) -> Intake | None:
         for intake in self.intakes.values():

@@ -114,6 +114,8 @@ class Ownership:
         self.task: asyncio.Task[None] | None = None
         #: Called each turn: raises when what the leases feed has died.
         self.check: Callable[[], None] = lambda: None
+        #: Awaited after each turn (the transport measures its partitions' lag).
+        self.after: Callable[[], Awaitable[None]] | None = None
 
     @property
     def owned(self) -> list[str]:
@@ -156,6 +158,8 @@ class Ownership:
                 return
             await self.tick()
             self.check()
+            if self.after is not None:
+                await self.after()
             for slot, task in list(self._busy.items()):
                 if task.done():
                     del self._busy[slot]
