@@ -188,7 +188,8 @@ async def test_a_dead_task_makes_the_engine_unhealthy_and_serve_exit_non_zero(
     await engine.start(nats_url)
     assert (await health(nc, prefix))["status"] == "ok"
     assert engine.transport is not None
-    fetch = engine.transport.tasks["jetstream-fetch"]
+    assert isinstance(engine.transport, JetStreamTransport)
+    fetch = engine.transport.intakes["0"].tasks["jetstream-fetch"]
     assert fetch is not None
     fetch.cancel()  # as if it had died: it is not stopping
     await asyncio.wait_for(engine.supervisor.failed.wait(), 10)

@@ -257,6 +257,8 @@ class Engine:
             self.metrics = MetricsServer(self.snapshot, self.config.metrics.host, self.config.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics.port)
         self.service = await register(self._nc, self.snapshot, self.reload)
+        if isinstance(transport, JetStreamTransport):
+            transport.watch, transport.unwatch = self.supervisor.watch, self.supervisor.release
         await transport.start(driver)
         for name, loop_task in transport.tasks.items():
             if loop_task is not None:

@@ -100,9 +100,12 @@ class JetStreamTransport:
             worker=worker,
             replicas=replicas,
         )
-        self.ownership.check = self._check_intakes
         self.ownership.after = self._measure
         self._lag: dict[str, int] = {}
+        #: The supervisor's watch and release (set by the engine): an intake's
+        #: loops are watched from its takeover until its handover.
+        self.watch: Callable[[str, asyncio.Task[None] | None], None] = lambda name, task: None
+        self.unwatch: Callable[[asyncio.Task[None] | None], None] = lambda task: None
         self._sink: Sink | None = None
         self.results = ResultStore(self.js, self._stored, self._store)
         self.store_retries = 0
@@ -121,6 +124,10 @@ class JetStreamTransport:
     @property
     def tasks(self) -> dict[str, asyncio.Task[None] | None]:
         return {"partitions": self.ownership.task, "result-store": self.results.task}
+
+    @property
+    def handler_errors(self) -> int:
+        return self._sum("handler_errors")
 
     def _sum(self, name: str) -> int:
         return self._past[name] + sum(int(getattr(i, name)) for i in self.intakes.values())
@@ -191,6 +198,8 @@ class JetStreamTransport:
         assert self._sink is not None
         self.intakes[slot.name] = intake
         intake.start(self._sink)
+        for name, task in intake.tasks.items():
+            self.watch(name if slot.name == "0" else f"{name}-{slot.name}", task)
         log.info("partition %s: consuming %s", slot.name, slot.filter)
 
     async def _give(self, slot: Slot) -> None:
@@ -224,19 +233,12 @@ class JetStreamTransport:
         await self._retire(slot, intake, clean=False)
 
     async def _retire(self, slot: Slot, intake: Intake, *, clean: bool) -> None:
+        for task in intake.tasks.values():
+            self.unwatch(task)
         await intake.close(clean)
         for name in _COUNTERS:
             self._past[name] += getattr(intake, name)
         self.intakes.pop(slot.name, None)
-
-    def _check_intakes(self) -> None:
-        """An intake's loop that ended by itself is a failure of the whole transport
-        (the supervisor watches the partitions loop, which raises it)."""
-        for name, intake in self.intakes.items():
-            for what, task in intake.tasks.items():
-                if task is not None and task.done() and intake.fetching:
-                    exc = task.exception() if not task.cancelled() else None
-                    raise TransportError(f"partition {name}: {what} ended: {exc or 'cancelled'}") from exc
 
     async def _measure(self) -> None:
         """Each lease turn: how far behind each owned partition is."""

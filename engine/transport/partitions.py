@@ -112,8 +112,6 @@ class Ownership:
         #: finishes what it holds, but nothing is taken or given.
         self._active = True
         self.task: asyncio.Task[None] | None = None
-        #: Called each turn: raises when what the leases feed has died.
-        self.check: Callable[[], None] = lambda: None
         #: Awaited after each turn (the transport measures its partitions' lag).
         self.after: Callable[[], Awaitable[None]] | None = None
 
@@ -157,7 +155,6 @@ class Ownership:
             if self._stop.is_set():
                 return
             await self.tick()
-            self.check()
             if self.after is not None:
                 await self.after()
             for slot, task in list(self._busy.items()):
