@@ -9,13 +9,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import nats
 import orjson
+import pytest
 from nats.js.api import RetentionPolicy, StreamConfig, SubjectTransform
 
+from engine.contracts.errors import ConfigError
 from engine.contracts.subjects import Subjects, partition_of
 from engine.runtime.engine import Engine
-from engine.transport.partitions import keys, rightful
-from tests.conftest import eventually, make_config, send, spawn_engine, stored, until
+from engine.transport.partitions import assignment, keys
+from tests.conftest import collect, eventually, make_config, send, spawn_engine, stored, until
 
 MS = 1_000_000
 SOURCES = [f"cam{i}" for i in range(60)]
@@ -42,16 +45,20 @@ async def test_partition_of_puts_a_source_where_the_server_does(nc: Any, prefix:
     assert len({partition_of(s, 7) for s in SOURCES}) == 7  # 60 sources reach every partition
 
 
-def test_rendezvous_moves_only_what_a_join_or_a_death_must() -> None:
+def test_the_assignment_is_even_and_a_join_moves_only_a_share() -> None:
     slots = [str(p) for p in range(64)]
-    two = {s: rightful(s, ["a", "b"]) for s in slots}
-    three = {s: rightful(s, ["a", "b", "c"]) for s in slots}
+    two = assignment(slots, ["a", "b"])
+    three = assignment(slots, ["a", "b", "c"])
+    assert sorted(Counter(two.values()).values()) == [32, 32]
+    assert sorted(Counter(three.values()).values()) == [21, 21, 22]
     moved = [s for s in slots if two[s] != three[s]]
-    assert all(three[s] == "c" for s in moved) and 10 < len(moved) < 35  # about a third, all to c
-    assert {s: rightful(s, ["a", "b"]) for s in slots if three[s] != "c"} == {
-        s: three[s] for s in slots if three[s] != "c"
-    }
-    assert rightful("0", []) is None
+    assert len(moved) < 32 and sum(three[s] == "c" for s in moved) >= 21
+    for n in range(1, 8):  # five slots: nobody is ever left without one
+        members = [f"w{i}" for i in range(n)]
+        loads = Counter(assignment(["0", "1", "2", "3", "rest"], members).values())
+        assert sum(loads.values()) == 5 and (n > 5 or len(loads) == n)
+        assert max(loads.values()) - min(loads.values()) <= 1
+    assert assignment(slots, []) == {}
 
 
 def config_text(prefix: str, partitions: int = 4) -> str:
@@ -187,3 +194,57 @@ async def test_sigkill_of_a_worker_moves_its_partitions_and_loses_nothing(
     logs.append(err.decode())
     assert survivor.returncode == 0, logs
     check_exactly_once(results, sent, logs)
+
+
+async def test_core_mode_workers_share_the_partitions_of_the_servers_mapping(
+    tmp_path: Path, prefix: str
+) -> None:
+    """Core NATS: the embedded server maps inputs to partitions; two workers
+    subscribe to what they own, and each event is in one result."""
+    cfg = make_config(
+        prefix,
+        nats={
+            "subject_prefix": prefix,
+            "durable": False,
+            "partitions": 4,
+            "lease_s": 1.0,
+            "data_dir": str(tmp_path / "store"),
+        },
+        aligner={"window_ms": 100, "allowed_lateness_ms": 0, "idle_timeout_ms": 300},
+    )
+    first = Engine(cfg)
+    url = await first.start()  # the embedded server, started with the mapping
+    second = Engine(cfg)
+    client = await nats.connect(url)
+    try:
+        await second.start(url)
+        assert first.transport is not None and second.transport is not None
+        both = (first.transport, second.transport)
+        await until(lambda: all(t.state().partitions for t in both), "both workers to own partitions")
+        await until(
+            lambda: sorted(p for t in both for p in t.state().partitions) == ["0", "1", "2", "3", "rest"],
+            "every partition owned once",
+        )
+        out = await collect(client, f"{prefix}.out.>")
+        sent: set[str] = set()
+        base = time.time_ns()
+        for i in range(5):
+            await publish_round(client, prefix, i, base, sent)
+        await client.flush()
+        await out.wait_events(sent, timeout=30)
+        fused = [e for _, _, r in out.items for group in r["events"].values() for e in group]
+        assert sorted(fused) == sorted(sent)
+        assert {r["source"] for _, _, r in out.items} == set(SOURCES)
+    finally:
+        await client.close()
+        await second.stop()
+        await first.stop()
+
+
+async def test_core_partitions_need_jetstream_for_their_leases(tmp_path: Path, prefix: str) -> None:
+    from engine.runtime.server import EmbeddedServer
+
+    with EmbeddedServer(tmp_path, jetstream=False) as server:
+        cfg = make_config(prefix, nats={"subject_prefix": prefix, "durable": False, "partitions": 2})
+        with pytest.raises(ConfigError, match="nats.partitions = 2: workers own partitions by lease"):
+            await Engine(cfg).start(server.url)

@@ -90,12 +90,18 @@ async def record(
     return [body for _, _, body in out.items], sent
 
 
+@pytest.mark.parametrize("partitions", [1, 3])
 async def test_replay_is_deterministic_and_matches_the_live_run(
-    nc: Any, nats_url: str, prefix: str, tmp_path: Path
+    nc: Any, nats_url: str, prefix: str, tmp_path: Path, partitions: int
 ) -> None:
+    """With partitions, the recording holds the subjects as the transform stored them."""
     cfg_path = tmp_path / "routing.toml"
-    cfg_path.write_text(routing(prefix))
+    cfg_path.write_text(
+        routing(prefix).replace("durable = true\n", f"durable = true\npartitions = {partitions}\n")
+    )
     live, sent = await record(nc, nats_url, prefix, cfg_path)
+    first = await nc.jetstream().get_msg(f"{prefix.upper()}_REC", seq=1)
+    assert first.subject.startswith(f"{prefix}.part." if partitions > 1 else f"{prefix}.in.")
     cfg = load_config(cfg_path, env={})
     runs = []
     for _ in range(2):

@@ -180,6 +180,10 @@ class AlignerBase(Generic[S]):
         """Some event of a source ``owns`` picks is still being processed."""
         raise NotImplementedError
 
+    def close_sources(self, owns: Callable[[str], bool]) -> None:
+        """Seal every window of the sources ``owns`` picks (their partition leaves)."""
+        raise NotImplementedError
+
     def release(self, owns: Callable[[str], bool]) -> list[tuple[str, str]]:
         """Forget the sources ``owns`` picks (another worker takes them over):
         every event they hold that is not in an emitted frame comes back as
@@ -351,6 +355,11 @@ class Aligner(AlignerBase[_Source]):
             if owns(s.name)
             for w in s.windows.values()
         )
+
+    def close_sources(self, owns: Callable[[str], bool]) -> None:
+        for src in list(self._active.values()):
+            if owns(src.name):
+                self._seal_before(src, None)
 
     def release(self, owns: Callable[[str], bool]) -> list[tuple[str, str]]:
         keys = super().release(owns)

@@ -148,6 +148,11 @@ class NearestAligner(AlignerBase[_NSource]):
             for x in s.slots.values()
         )
 
+    def close_sources(self, owns: Callable[[str], bool]) -> None:
+        for src in list(self._sources.values()):
+            if owns(src.name) and src.slots:
+                self._close(src)
+
     def release(self, owns: Callable[[str], bool]) -> list[tuple[str, str]]:
         keys = super().release(owns)
         for src in [*self._sources.values(), *self._retired]:

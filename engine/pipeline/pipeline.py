@@ -233,6 +233,10 @@ class Pipeline:
         parked = self._parked is not None and owns(self._parked[1].source)
         return parked or self.aligner.pending_of(owns)
 
+    def close_sources(self, owns: Callable[[str], bool]) -> None:
+        """Seal the windows of the sources ``owns`` picks: the next :meth:`poll` emits them."""
+        self.aligner.close_sources(owns)
+
     def release(self, owns: Callable[[str], bool]) -> list[str]:
         """Hand over the sources ``owns`` picks (their partition moves to another
         worker): their open windows are dropped, unpublished, and the deliveries

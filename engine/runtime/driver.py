@@ -162,7 +162,7 @@ class Driver:
             self.pipeline.resume_idle()
             self.supervisor.recover(reason)
 
-    async def release(self, owns: Callable[[str], bool]) -> list[str]:
+    async def release(self, owns: Callable[[str], bool], *, finish: bool = False) -> list[str]:
         # Quiet sources must not close early while their partition is handed over.
         self.pipeline.pause_idle()
         try:
@@ -173,6 +173,8 @@ class Driver:
                 else:  # a parked event waits for the pump to make room
                     self._kick.set()
                     await asyncio.sleep(self.tick)
+            if finish:
+                self.pipeline.close_sources(owns)
             await self.emit(self.pipeline.poll())
             return self.pipeline.release(owns)
         finally:

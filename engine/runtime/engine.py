@@ -211,7 +211,11 @@ class Engine:
         if not url:
             conf = self.config.nats.server_config
             self._server = EmbeddedServer(
-                self.config.nats.data_dir, extra_args=["-c", conf] if conf else None
+                self.config.nats.data_dir,
+                extra_args=["-c", conf] if conf else None,
+                mappings=dict([Subjects(self.prefix).partition_transform(self.config.nats.partitions)])
+                if self.config.nats.partitions > 1 and self.config.nats.durable is False
+                else None,
             )
             url = await asyncio.to_thread(self._server.start)
             log.info("embedded nats-server on %s", url)
@@ -231,9 +235,19 @@ class Engine:
         transport: Transport
         if await self._use_jetstream():
             transport = JetStreamTransport(self._nc, nats, replicas=await replicas_for(self._nc, nats))
+        elif nats.partitions > 1:
+            if not await self._has_jetstream():
+                raise ConfigError(
+                    [
+                        f"nats.partitions = {nats.partitions}: workers own partitions by lease in a KV "
+                        "bucket, and this server has no JetStream; enable it, or set nats.partitions = 1"
+                    ]
+                )
+            replicas = await replicas_for(self._nc, nats)
+            transport = CoreTransport(self._nc, Subjects(self.prefix).inputs, config=nats, replicas=replicas)
         else:
-            # Without JetStream there are no leases: one engine per prefix (a
-            # second would split sources' windows between two aligners).
+            # Without leases, one engine per prefix (a second would split
+            # sources' windows between two aligners).
             await refuse_a_second_engine(self._nc, self.prefix, redact_url(url))
             transport = CoreTransport(self._nc, Subjects(self.prefix).inputs)
         await transport.setup()
@@ -293,6 +307,9 @@ class Engine:
     async def _use_jetstream(self) -> bool:
         if self.config.nats.durable is not None:
             return self.config.nats.durable
+        return await self._has_jetstream()
+
+    async def _has_jetstream(self) -> bool:
         try:
             await self._nc.jetstream().account_info()
         except Exception:  # no JetStream on this server (or not for this account)

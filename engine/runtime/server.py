@@ -48,8 +48,12 @@ class EmbeddedServer:
         host: str = "127.0.0.1",
         port: int = -1,
         extra_args: list[str] | None = None,
+        mappings: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        #: Server-side subject mappings (core-mode partitions), written to a
+        #: config file that includes the one ``extra_args`` names with ``-c``.
+        self.mappings = mappings or {}
         self.jetstream = jetstream
         self.host = host
         self.extra_args = extra_args or []
@@ -72,7 +76,7 @@ class EmbeddedServer:
         args = [str(binary), "-a", self.host, "-p", str(self.want_port), "--ports_file_dir", str(run_dir)]
         if self.jetstream:
             args += ["-js", "-sd", str(self.data_dir / "jetstream")]
-        args += self.extra_args
+        args += self._with_mappings(run_dir)
         log = (self.data_dir / "nats-server.log").open("ab")
         try:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
@@ -100,6 +104,23 @@ class EmbeddedServer:
             time.sleep(0.02)
         self.stop()
         raise ServerStartError(f"nats-server did not become ready within {timeout} s")
+
+    def _with_mappings(self, run_dir: Path) -> list[str]:
+        """``extra_args``, with ``-c`` pointing at a config that adds the mappings."""
+        if not self.mappings:
+            return self.extra_args
+        args = list(self.extra_args)
+        lines = []
+        if "-c" in args:
+            i = args.index("-c")
+            lines.append(f"include {json.dumps(str(Path(args[i + 1]).resolve()))}")
+            del args[i : i + 2]
+        lines.append("mappings {")
+        lines.extend(f"  {json.dumps(src)}: {json.dumps(dest)}" for src, dest in self.mappings.items())
+        lines.append("}")
+        conf = run_dir / "mappings.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return [*args, "-c", str(conf)]
 
     def _accepts(self) -> bool:
         assert self.port is not None

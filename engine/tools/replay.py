@@ -199,7 +199,9 @@ async def recorded(nc: Any, config: EngineConfig, since: datetime | None) -> Asy
         return
     policy = DeliverPolicy.ALL if since is None else DeliverPolicy.BY_START_TIME
     sub = await js.pull_subscribe(
-        Subjects(config.nats.subject_prefix).inputs,
+        # everything the recording holds: inputs as sent (in.>), or as the
+        # partition transform stored them (part.>)
+        Subjects(config.nats.subject_prefix).everything,
         stream=stream,
         config=ConsumerConfig(
             ack_policy=AckPolicy.NONE,

@@ -33,10 +33,12 @@ class Sink(Protocol):
     def trouble(self, reason: str, active: bool) -> None:
         """The transport cannot make progress (``active``) or can again."""
 
-    async def release(self, owns: Callable[[str], bool]) -> list[str]:
+    async def release(self, owns: Callable[[str], bool], *, finish: bool = False) -> list[str]:
         """Hand over the sources ``owns`` picks (their partition moves to another
         worker): returns once nothing of theirs is in the processors, with the
-        deliveries of the events of their open windows, given back unfinished."""
+        deliveries of the events of their open windows, given back unfinished;
+        ``finish``: close and publish those windows instead (core NATS, where
+        nothing would deliver their events again)."""
 
 
 @dataclass(frozen=True, slots=True)

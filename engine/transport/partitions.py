@@ -10,11 +10,12 @@ write:
   owner last wrote (fails once anyone else wrote it), given up with
   ``delete`` at that revision.
 
-Each slot's rightful owner is the live worker with the highest
-rendezvous hash of ``(slot, worker)``: every worker computes the same answer
-from the same member list, a join moves only the slots the newcomer wins,
-and a death moves only the dead worker's. No home-made consensus: NATS
-orders the writes and says who won.
+Each slot's rightful owner comes from rendezvous hashing of ``(slot,
+worker)``, capped so the spread is even (:func:`assignment`): every worker
+computes the same answer from the same member list, and a join or a death
+moves only a share of the slots. No home-made consensus: NATS orders the
+writes and says who won; until the member lists agree, a slot stays with
+whoever holds its lease.
 
 A worker that has not renewed a lease for three quarters of ``lease_s``
 (its server is unreachable, its loop starved) stops work on that slot before
@@ -54,11 +55,30 @@ def worker_name() -> str:
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
-def rightful(slot: str, members: list[str]) -> str | None:
-    """The member that owns ``slot`` (rendezvous hashing), ``None`` with no members."""
+def assignment(slots: list[str], members: list[str]) -> dict[str, str]:
+    """Slot -> the member that rightfully owns it: rendezvous hashing, capped so
+    that every member gets ``len(slots) // len(members)`` or one more. Plain
+    rendezvous hashing leaves a worker of two with nothing one time in sixteen
+    over five slots; the cap keeps the spread even while a join or a death
+    still moves only a share of the slots."""
     if not members:
-        return None
-    return max(members, key=lambda m: hashlib.sha256(f"{slot}\x00{m}".encode()).digest())
+        return {}
+    base, extra = divmod(len(slots), len(members))
+    ranked = sorted(
+        ((hashlib.sha256(f"{slot}\x00{m}".encode()).digest(), slot, m) for slot in slots for m in members),
+        reverse=True,
+    )
+    owner: dict[str, str] = {}
+    load = dict.fromkeys(members, 0)
+    for _, slot, m in ranked:
+        if slot in owner:
+            continue
+        if load[m] < base or (load[m] == base and extra > 0):
+            if load[m] == base:
+                extra -= 1
+            owner[slot] = m
+            load[m] += 1
+    return owner
 
 
 async def keys(kv: Any, pattern: str) -> list[str]:
@@ -175,10 +195,11 @@ class Ownership:
         if members is None:
             return
         self.members = members
+        owners = assignment(list(self.slots), members)
         for name, slot in self.slots.items():
             if name in self._busy:
                 continue
-            mine = rightful(name, members) == self.worker
+            mine = owners.get(name) == self.worker
             if mine and name not in self.held:
                 if await self._claim(name):
                     task = asyncio.get_running_loop().create_task(self._taking(slot))
