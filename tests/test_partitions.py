@@ -246,5 +246,5 @@ async def test_core_partitions_need_jetstream_for_their_leases(tmp_path: Path, p
 
     with EmbeddedServer(tmp_path, jetstream=False) as server:
         cfg = make_config(prefix, nats={"subject_prefix": prefix, "durable": False, "partitions": 2})
-        with pytest.raises(ConfigError, match="nats.partitions = 2: workers own partitions by lease"):
+        with pytest.raises(ConfigError, match=r"nats\.partitions = 2: workers own partitions by lease"):
             await Engine(cfg).start(server.url)
