@@ -1,20 +1,24 @@
-"""Soak: minutes of a multi-source stream with the engine SIGKILLed every minute.
+"""Soak: minutes of a multi-source stream with an engine worker SIGKILLed every minute.
 
     .venv/bin/python benchmarks/soak.py [--minutes 5] [--rate 1000] [--sources 20] [--kill-every 60]
+                                        [--workers 2] [--partitions 4]
 
-One file-backed JetStream nats-server (the embedded binary) and ``autoglm
-run`` in its own process, in durable mode, with passthrough processors on
-all three modalities. A producer publishes ``--rate`` events/s from
-``--sources`` sources with JetStream PubAcks (an event counts as published
-once the server has stored it). Every ``--kill-every`` seconds the engine
-gets SIGKILL and is started again two seconds later. At the end the producer
-stops, the engine drains and exits on SIGTERM, and the results stream
-``SOAK_OUT`` is read the way a consumer would:
+One file-backed JetStream nats-server (the embedded binary) and ``--workers``
+``autoglm run`` processes with the same config (``nats.partitions =
+--partitions``), in durable mode, with passthrough processors on all three
+modalities. A producer publishes ``--rate`` events/s from ``--sources``
+sources with JetStream PubAcks (an event counts as published once the server
+has stored it). Every ``--kill-every`` seconds one worker (in turn) gets
+SIGKILL and is started again two seconds later: its partitions move to the
+others meanwhile, and some move back when it returns. At the end the
+producer stops, the workers drain the input stream and exit on SIGTERM, and
+the results stream ``SOAK_OUT`` is read the way a consumer would:
 
 - in: events the server acknowledged;
 - results out: result messages stored, and the events they hold;
 - lost: acknowledged events in no result and no DLQ record;
 - duplicated: result ids stored twice, and events found in two results;
+- windows split: one source's window in two results;
 - peak RSS of every engine incarnation (VmHWM).
 
 Exit status 1 when anything was lost or duplicated.
@@ -26,6 +30,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -50,6 +55,8 @@ CONFIG = """
 subject_prefix = "{prefix}"
 ack_wait_s = 10
 max_ack_pending = 50000
+partitions = {partitions}
+lease_s = 2
 [aligner]
 window_ms = 200
 allowed_lateness_ms = 50
@@ -76,8 +83,10 @@ def peak_rss_kib(pid: int) -> int:
 class Engine:
     """``autoglm run`` as a child process, restartable, with its peak RSS watched."""
 
-    def __init__(self, cfg: Path, url: str) -> None:
+    def __init__(self, cfg: Path, url: str, log: Path) -> None:
         self.cfg, self.url = cfg, url
+        #: Each incarnation's stderr, appended (kept when the soak fails).
+        self.log = log.open("ab")
         self.proc: asyncio.subprocess.Process | None = None
         self.peak_kib = 0
         self.starts = 0
@@ -86,7 +95,7 @@ class Engine:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "engine.tools.cli", "run", "--config", str(self.cfg),
             "--nats-url", self.url,
-            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=self.log,
         )  # fmt: skip
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(self.proc.stdout.readline(), 120)
@@ -164,20 +173,25 @@ async def main() -> int:
     ap.add_argument("--rate", type=int, default=1000, help="events/s offered")
     ap.add_argument("--sources", type=int, default=20)
     ap.add_argument("--kill-every", type=float, default=60.0, help="seconds between SIGKILLs")
+    ap.add_argument("--workers", type=int, default=2, help="engine processes (one is killed at a time)")
+    ap.add_argument("--partitions", type=int, default=4, help="nats.partitions")
     args = ap.parse_args()
     seconds = args.minutes * 60
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"{args.minutes:g} min at {args.rate} events/s from {args.sources} sources, "
-        f"SIGKILL every {args.kill_every:g} s"
+        f"{args.workers} workers over {args.partitions} partitions, one SIGKILLed every {args.kill_every:g} s"
     )
     with tempfile.TemporaryDirectory(prefix="autoglm-soak-") as tmp:
         server = EmbeddedServer(Path(tmp) / "nats")
         url = await asyncio.to_thread(server.start)
         cfg = Path(tmp) / "routing.toml"
-        cfg.write_text(CONFIG.format(prefix=SOAK.prefix, routes="".join(ROUTE.format(m=m) for m in MODS)))
-        engine = Engine(cfg, url)
-        await engine.start()
+        routes = "".join(ROUTE.format(m=m) for m in MODS)
+        cfg.write_text(CONFIG.format(prefix=SOAK.prefix, partitions=args.partitions, routes=routes))
+        logs = Path(tempfile.mkdtemp(prefix="autoglm-soak-logs-"))
+        engines = [Engine(cfg, url, logs / f"worker{i + 1}.log") for i in range(args.workers)]
+        for engine in engines:
+            await engine.start()
         nc = await nats.connect(url)
         js = nc.jetstream()
         accepted: set[str] = set()
@@ -187,26 +201,31 @@ async def main() -> int:
         kills = 0
         while not producer.done():
             await asyncio.sleep(1.0)
-            engine.sample()
+            for engine in engines:
+                engine.sample()
             if time.monotonic() - t0 >= (kills + 1) * args.kill_every and time.monotonic() - t0 < seconds - 5:
-                await engine.kill()
+                victim = engines[kills % len(engines)]
+                await victim.kill()
                 kills += 1
+                which = engines.index(victim) + 1
                 print(
-                    f"[{time.monotonic() - t0:6.1f}s] SIGKILL #{kills}; {len(accepted)} events stored so far",
+                    f"[{time.monotonic() - t0:6.1f}s] SIGKILL #{kills} (worker {which}); "
+                    f"{len(accepted)} events stored so far",
                     flush=True,
                 )
                 await asyncio.sleep(2.0)
-                await engine.start()
+                await victim.start()
         failed = await producer
-        # Let the engine catch up: until every accepted event is in a result or the DLQ.
+        # Let the workers catch up: the input stream is a work queue, empty once
+        # every accepted event's result or DLQ record is stored and acked.
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            info = await js.consumer_info("SOAK_IN", "autoglm-engine")
-            engine.sample()
-            if info.num_pending == 0 and info.num_ack_pending == 0:
+            for engine in engines:
+                engine.sample()
+            if not (await js.stream_info("SOAK_IN")).state.messages:
                 break
             await asyncio.sleep(1.0)
-        code = await engine.stop()
+        codes = [await engine.stop() for engine in engines]
         results = await read_stream(js, SOAK.results)
         dlq = await read_stream(js, SOAK.rejections)
         await nc.close()
@@ -217,15 +236,22 @@ async def main() -> int:
     lost = accepted - set(events) - rejected
     dup_results = sum(n - 1 for n in ids.values() if n > 1)
     dup_events = sum(n - 1 for n in events.values() if n > 1)
+    windows = Counter((r["source"], r["window"]["start_ns"]) for _, r in results)
+    split = sum(n - 1 for n in windows.values() if n > 1)
     print(
         f"in {len(accepted)} events (stored by the server; {failed} publishes failed "
         f"and were not stored)\nresults out {len(results)} messages holding {sum(events.values())} events; "
         f"DLQ {len(dlq)} ({Counter(r['reason'] for _, r in dlq).most_common()})\n"
-        f"lost {len(lost)}, duplicated results {dup_results}, duplicated events {dup_events}\n"
-        f"engine: {engine.starts} starts, {kills} SIGKILLs, last exit {code}, "
-        f"peak RSS {engine.peak_kib / 1024:.0f} MiB"
+        f"lost {len(lost)}, duplicated results {dup_results}, duplicated events {dup_events}, "
+        f"windows split {split}\n"
+        f"workers: {sum(e.starts for e in engines)} starts, {kills} SIGKILLs, last exits {codes}, "
+        f"peak RSS {max(e.peak_kib for e in engines) / 1024:.0f} MiB"
     )
-    return 1 if lost or dup_results or dup_events or code != 0 else 0
+    failed_run = bool(lost or dup_results or dup_events or split or any(codes))
+    print(f"workers' stderr: {logs}" if failed_run else "", end="\n" if failed_run else "")
+    if not failed_run:
+        shutil.rmtree(logs, ignore_errors=True)
+    return 1 if failed_run else 0
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ async def test_a_worker_joining_mid_stream_takes_its_share_and_splits_no_window(
         assert not set(a.partitions) & set(b.partitions)
         assert a.moves >= 6 and b.moves >= 1  # 5 taken, at least 1 given; b took what a gave
         assert sorted(a.workers) == sorted([a.worker, b.worker])
+        # a handover ends the giver's fetch loops on purpose: not a failure
+        assert first.supervisor.failure is None and second.supervisor.failure is None
     finally:
         await second.stop()
         await first.stop()

@@ -207,6 +207,8 @@ class JetStreamTransport:
         intake = self.intakes.get(slot.name)
         if intake is None:
             return
+        for task in intake.tasks.values():  # its loops end now on purpose
+            self.unwatch(task)
         await intake.stop_fetching()
         assert self._sink is not None
         given = await self._sink.release(owner_test(slot, self.config.partitions))
@@ -225,6 +227,8 @@ class JetStreamTransport:
         intake = self.intakes.get(slot.name)
         if intake is None:
             return
+        for task in intake.tasks.values():
+            self.unwatch(task)
         await intake.stop_fetching()
         if self._sink is not None:
             given = await self._sink.release(owner_test(slot, self.config.partitions))
@@ -233,8 +237,6 @@ class JetStreamTransport:
         await self._retire(slot, intake, clean=False)
 
     async def _retire(self, slot: Slot, intake: Intake, *, clean: bool) -> None:
-        for task in intake.tasks.values():
-            self.unwatch(task)
         await intake.close(clean)
         for name in _COUNTERS:
             self._past[name] += getattr(intake, name)
