@@ -48,11 +48,15 @@ class EmbeddedServer:
         host: str = "127.0.0.1",
         port: int = -1,
         extra_args: list[str] | None = None,
+        own_group: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.jetstream = jetstream
         self.host = host
         self.extra_args = extra_args or []
+        #: In a process group of its own: a Ctrl-C at the terminal does not stop
+        #: it under the engines that still drain into it (they stop it after).
+        self.own_group = own_group
         self.process: subprocess.Popen[bytes] | None = None
         #: ``-1`` lets the server pick a free port; a fixed one survives restarts.
         self.want_port = port
@@ -75,7 +79,9 @@ class EmbeddedServer:
         args += self.extra_args
         log = (self.data_dir / "nats-server.log").open("ab")
         try:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, process_group=0 if self.own_group else None
+            )
         except OSError as exc:
             raise ServerStartError(f"cannot run {binary}: {exc}") from exc
         finally:
