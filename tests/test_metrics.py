@@ -10,10 +10,13 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.contracts.subjects import partition_of
 from engine.runtime.engine import Engine
 from tests.conftest import collect, eventually, make_config, send
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+MOVES = ("autoglm_partition_moves_total", ())
+WORKERS = ("autoglm_workers", ())
 
 
 def scrape(port: int) -> Samples:
@@ -125,3 +128,56 @@ async def test_standard_process_and_gc_series_and_a_real_queue_wait_histogram(
     assert len(finite) >= 10 and buckets["+Inf"] == 6
     counts = [finite[le] for le in sorted(finite)]
     assert counts == sorted(counts) and counts[-1] == 6  # cumulative, and the finite buckets hold them
+
+
+async def test_partition_ownership_lag_and_moves_of_two_workers(nc: Any, nats_url: str, prefix: str) -> None:
+    """Each worker exports every partition, 1 where it holds the lease: summed
+    over the workers each partition is owned once, before and after a join."""
+    cfg = make_config(
+        prefix,
+        nats={"subject_prefix": prefix, "durable": True, "partitions": 4, "lease_s": 1.0},
+        metrics={"port": 0},
+        aligner={"window_ms": 600_000, "allowed_lateness_ms": 0, "idle_timeout_ms": 600_000},
+    )
+    slots = ("0", "1", "2", "3", "rest")
+    first, second = Engine(cfg), Engine(cfg)
+    await first.start(nats_url)
+    try:
+        assert first.metrics is not None and first.transport is not None
+        me = first.transport.state().worker
+        part = str(partition_of("cam7", 4))
+        for i in range(3):  # held open in their window: the lag of cam7's partition
+            await send(nc, prefix, "cam7", "text", b"x", time.time_ns(), event_id=f"m{i}")
+        alone = await scrape_when(
+            first.metrics.port,
+            lambda m: m.get(("autoglm_partition_lag", (("partition", part),))) == 3,
+            "three inputs lagging in cam7's partition",
+        )
+        for p in slots:
+            assert alone[("autoglm_partition_owned", (("partition", p), ("worker", me)))] == 1
+        assert alone[MOVES] == 5  # took all five
+        assert alone[WORKERS] == 1
+        await second.start(nats_url)
+        assert second.metrics is not None and second.transport is not None
+        them = second.transport.state().worker
+        ports = (first.metrics.port, second.metrics.port)
+
+        def owned(m: Samples, worker: str) -> dict[str, float | None]:
+            return {
+                p: m.get(("autoglm_partition_owned", (("partition", p), ("worker", worker)))) for p in slots
+            }
+
+        async def shared() -> bool:
+            a, b = [await asyncio.to_thread(scrape, port) for port in ports]
+            mine, theirs = owned(a, me), owned(b, them)
+            once = all({mine[p], theirs[p]} == {0.0, 1.0} for p in slots)
+            given = sum(1 for p in slots if theirs[p] == 1.0)
+            moved = a.get(MOVES) == 5 + given and b.get(MOVES) == given
+            lag = ("autoglm_partition_lag", (("partition", part),))
+            held = (a if mine[part] == 1.0 else b).get(lag) == 3  # the handover kept them
+            return once and moved and held and a.get(WORKERS) == b.get(WORKERS) == 2
+
+        await eventually(shared, "each partition owned by exactly one of the two workers")
+    finally:
+        await second.stop()
+        await first.stop()

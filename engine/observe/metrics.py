@@ -2,9 +2,10 @@
 
 Nothing is recorded twice and the hot path pays nothing for metrics: a custom
 collector turns :class:`engine.observe.stats.EngineStats`, the aligner's counters, the
-batchers' statistics, the GLM stage and the durable intake into metric
-families when Prometheus scrapes. Labels stay bounded: modality, reason,
-outcome, route and stage — no per-source labels.
+batchers' statistics, the GLM stage, the durable intake and this worker's
+partitions into metric families when Prometheus scrapes. Labels stay
+bounded: modality, reason, outcome, route, stage, partition (at most
+``nats.partitions`` + 1) and worker — no per-source labels.
 """
 
 from __future__ import annotations
@@ -173,6 +174,38 @@ class EngineCollector(Collector):
             yield CounterMetricFamily(
                 "autoglm_jetstream_stalls", "Times max_ack_pending stopped delivery", value=t.stalls
             )
+        if t.worker:
+            yield from partition_families(e)
+
+
+def partition_families(e: Snapshot) -> Iterator[Any]:
+    """Ownership as each worker sees its own share. Every partition of the
+    configuration is exported, 1 where this worker owns it and 0 elsewhere, so
+    ``sum by (partition) (autoglm_partition_owned)`` over all workers is 1 for a
+    healthy partition, 0 for one nobody owns (a failover under way) and never 2."""
+    t = e.transport
+    owned = GaugeMetricFamily(
+        "autoglm_partition_owned", "1 where this worker holds the partition's lease",
+        labels=["partition", "worker"],
+    )  # fmt: skip
+    mine = set(t.partitions)
+    for slot in e.slots or t.partitions:
+        owned.add_metric([slot, t.worker], 1.0 if slot in mine else 0.0)
+    yield owned
+    lag = GaugeMetricFamily(
+        "autoglm_partition_lag", "Inputs waiting in an owned partition or unacked (read each lease turn)",
+        labels=["partition"],
+    )  # fmt: skip
+    for slot, n in t.lag:
+        lag.add_metric([slot], n)
+    yield lag
+    yield CounterMetricFamily(
+        "autoglm_partition_moves", "Partitions this worker took, handed over or lost", value=t.moves
+    )
+    yield GaugeMetricFamily(
+        "autoglm_workers", "Live workers of this configuration, as the leases bucket says",
+        value=len(t.workers),
+    )  # fmt: skip
 
 
 class MetricsServer:

@@ -130,14 +130,14 @@ async def find_engines(nc: Any, wait: float = 0.5, verb: SrvVerb = "STATS") -> l
 
 
 def status_table(replies: list[dict[str, Any]]) -> str:
-    """The ``autoglm status`` table, one line per engine."""
+    """The ``autoglm status`` table: one row per engine, then (durable mode)
+    its worker line; then, per prefix with workers, who owns what."""
     head = (
         f"{'engine':<24}{'prefix':<10}{'recv':>8}{'results':>9}{'rejected':>9}{'rate-lim':>9}{'unacked':>8}"
     )
     lines = [head + "  batches (mean size)  glm"]
-    for r in replies:
-        data = (r.get("endpoints") or [{}])[0].get("data") or {}
-        prefix = (r.get("metadata") or {}).get("subject_prefix", "?")
+    rows = sorted(((_prefix(r), _data(r), r) for r in replies), key=lambda x: (x[0], x[1].get("worker", "")))
+    for prefix, data, r in rows:
         batches = ", ".join(f"{k} {v['mean_size']}" for k, v in data.get("batches", {}).items())
         glm = data.get("glm", {})
         rejected = sum(data.get("rejected", {}).values())
@@ -147,6 +147,56 @@ def status_table(replies: list[dict[str, Any]]) -> str:
             f"{sum(data.get('rate_limited', {}).values()):>9}{data.get('unacked', 0):>8}  {batches or '-'}  "
             f"{glm.get('backend', '?')} {glm.get('breaker', '')} calls {glm.get('calls', 0)}"
         )
+        if data.get("worker"):
+            lines.append("  " + worker_line(data))
     if not replies:
         lines.append("(no engine answered)")
+    for prefix in sorted({p for p, data, _ in rows if data.get("worker")}):
+        lines.append(coverage(prefix, [data for p, data, _ in rows if p == prefix and data.get("worker")]))
     return "\n".join(lines)
+
+
+def worker_line(data: dict[str, Any]) -> str:
+    """``worker <name>  moves <n>  partitions 0 (lag 3), rest (lag 0)``."""
+    lag = data.get("lag") or {}
+    owned = ", ".join(f"{p} (lag {lag.get(p, '?')})" for p in data.get("partitions") or [])
+    owned = owned or "none (standing by)"
+    return f"worker {data['worker']}  moves {data.get('moves', 0)}  partitions {owned}"
+
+
+def coverage(prefix: str, workers: list[dict[str, Any]]) -> str:
+    """Who owns what on one prefix: a partition nobody answering owns (a
+    failover or a join under way) or owned twice shows here, and so does a
+    worker the leases bucket lists that did not answer."""
+    owners: dict[str, int] = {}
+    for data in workers:
+        for p in data.get("partitions") or []:
+            owners[p] = owners.get(p, 0) + 1
+    slots = sorted({s for data in workers for s in data.get("slots") or []} | set(owners), key=_slot_order)
+    live = {w for data in workers for w in data.get("workers") or []}
+    silent = sorted(live - {data["worker"] for data in workers})
+    line = f"{prefix}: {len(workers)} worker{'s' * (len(workers) != 1)} answering"
+    if silent:
+        line += f" ({len(silent)} more in the leases bucket: {', '.join(silent)})"
+    unowned = [s for s in slots if s not in owners]
+    twice = [s for s in slots if owners.get(s, 0) > 1]
+    if not unowned and not twice:
+        return f"{line}; all {len(slots)} partitions owned"
+    if unowned:
+        line += f"; unowned: {', '.join(unowned)}"
+    if twice:
+        line += f"; owned twice: {', '.join(twice)}"
+    return line
+
+
+def _slot_order(slot: str) -> tuple[bool, int, str]:
+    return (not slot.isdigit(), int(slot) if slot.isdigit() else 0, slot)
+
+
+def _data(reply: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = (reply.get("endpoints") or [{}])[0].get("data") or {}
+    return data
+
+
+def _prefix(reply: dict[str, Any]) -> str:
+    return str((reply.get("metadata") or {}).get("subject_prefix", "?"))

@@ -68,6 +68,10 @@ class Snapshot:
     #: The configuration that runs (a frozen model), as JSON.
     config_json: str
     per_source_metrics: bool = False
+    #: Every partition of the configuration (``"0"`` .. ``"N-1"``, and with
+    #: ``N > 1`` ``"rest"``); empty in core mode, which has no leases. Lets an
+    #: observer tell a partition nobody owns from one this worker does not.
+    slots: tuple[str, ...] = ()
 
     @property
     def status(self) -> str:
@@ -107,6 +111,23 @@ class Snapshot:
             if t.durable
             else None,
             "stalled": t.stalled,
+            **self.ownership(),
+        }
+
+    def ownership(self) -> dict[str, Any]:
+        """This worker's share (durable mode): its name, the partitions it owns
+        with each one's lag (inputs waiting or unacked), the live workers it
+        sees in the leases bucket, and how often a partition came or went."""
+        t = self.transport
+        if not t.worker:
+            return {"worker": None}
+        return {
+            "worker": t.worker,
+            "partitions": list(t.partitions),
+            "lag": dict(t.lag),
+            "workers": list(t.workers),
+            "moves": t.moves,
+            "slots": list(self.slots),
         }
 
 

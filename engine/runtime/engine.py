@@ -57,7 +57,7 @@ from engine.transport.base import Transport, TransportState
 from engine.transport.core import CoreTransport
 from engine.transport.jetstream import JetStreamTransport
 from engine.transport.security import redact_url, security_for
-from engine.transport.streams import replicas_for
+from engine.transport.streams import replicas_for, slots
 from engine.transport.sync import sync_with_server
 from engine.wire import claimcheck, natsguard
 from engine.wire.codec import Limits
@@ -168,6 +168,7 @@ class Engine:
             health=self.supervisor.report(),
             config_json=self.config.model_dump_json(),
             per_source_metrics=per_source,
+            slots=tuple(s.name for s in slots(self.config.nats)) if t is not None and t.worker else (),
         )
 
     # -- lifecycle ----------------------------------------------------------------

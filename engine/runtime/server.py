@@ -49,6 +49,7 @@ class EmbeddedServer:
         port: int = -1,
         extra_args: list[str] | None = None,
         mappings: dict[str, str] | None = None,
+        own_group: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         #: Server-side subject mappings (core-mode partitions), written to a
@@ -57,6 +58,9 @@ class EmbeddedServer:
         self.jetstream = jetstream
         self.host = host
         self.extra_args = extra_args or []
+        #: In a process group of its own: a Ctrl-C at the terminal does not stop
+        #: it under the engines that still drain into it (they stop it after).
+        self.own_group = own_group
         self.process: subprocess.Popen[bytes] | None = None
         #: ``-1`` lets the server pick a free port; a fixed one survives restarts.
         self.want_port = port
@@ -79,7 +83,9 @@ class EmbeddedServer:
         args += self._with_mappings(run_dir)
         log = (self.data_dir / "nats-server.log").open("ab")
         try:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, process_group=0 if self.own_group else None
+            )
         except OSError as exc:
             raise ServerStartError(f"cannot run {binary}: {exc}") from exc
         finally:

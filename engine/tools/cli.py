@@ -39,6 +39,7 @@ from engine.observe.logs import setup_logging
 
 if TYPE_CHECKING:
     from engine.runtime.engine import Engine
+    from engine.transport.security import LockedDown
 
 DEFAULT_CONFIG = "routing.toml"
 
@@ -125,6 +126,19 @@ async def _run(args: argparse.Namespace) -> int:
         }
         cfg = with_overrides(cfg, overrides)
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)  # noqa: ASYNC240
+    if args.workers > 1:
+        from engine.tools.workers import run_workers
+        from engine.transport.security import read_env_file
+
+        return await run_workers(
+            args.workers,
+            cfg,
+            url=args.nats_url or cfg.nats.url,
+            child_args=[*(["--config", path] if path else []), *_trace_args(args)],
+            options=["--log-level", str(args.log_level), "--log-format", args.log_format],
+            env=read_env_file(locked.env_files["engine"]) if locked is not None else None,
+            note=(lambda url: _secure_note(locked, url)) if locked is not None else None,
+        )
     engine = Engine(cfg, config_path=path, overrides=overrides)
     url = redact_url(await engine.start(args.nats_url))  # what is shown: never a password
     # The handlers go in before the lines that say we run: a supervisor (or a
@@ -149,16 +163,23 @@ async def _run(args: argparse.Namespace) -> int:
     inputs = Subjects(cfg.nats.subject_prefix).input_pattern("<source>", "<modality>")
     print(f"autoglm: engine running on {url}; inputs on {inputs}")
     if locked is not None:
-        env = locked.env_files
-        print(
-            "autoglm: --secure: anonymous clients are refused. Credentials (0600): "
-            f"producer {env['producer']}, results reader {env['reader']}, tools {env['engine']}. "
-            "Publish with:\n"
-            f"  autoglm publish --nats-url {url} --auth-file {env['producer']} --source cam1 --text hello",
-            flush=True,
-        )
+        print(_secure_note(locked, url), flush=True)
     print("autoglm: Ctrl-C (SIGINT) or SIGTERM drains and exits; SIGHUP reloads the routing file", flush=True)
     return await serve(engine, stop)
+
+
+def _secure_note(locked: LockedDown, url: str) -> str:
+    env = locked.env_files
+    return (
+        "autoglm: --secure: anonymous clients are refused. Credentials (0600): "
+        f"producer {env['producer']}, results reader {env['reader']}, tools {env['engine']}. "
+        "Publish with:\n"
+        f"  autoglm publish --nats-url {url} --auth-file {env['producer']} --source cam1 --text hello"
+    )
+
+
+def _trace_args(args: argparse.Namespace) -> list[str]:
+    return ["--trace-file", args.trace_file] if args.trace_file else []
 
 
 async def serve(engine: Engine, stop: asyncio.Event) -> int:
@@ -477,6 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedded server with generated users (producer, engine, reader); anonymous refused",
     )
     run.add_argument("--trace-file", help="append OpenTelemetry spans to this file as JSON lines")
+    run.add_argument(
+        "--workers",
+        type=_int_in(1, 256),
+        default=1,
+        help="start K worker processes of this config, kept up by this one; the partitions spread "
+        "over them (K > 1 needs JetStream; see docs/scaling.md)",
+    )
+    run.add_argument(
+        "--metrics-port", type=_PORT, help="serve Prometheus /metrics on this port (worker i: PORT+i-1)"
+    )
 
     pub = sub.add_parser("publish", help="publish one event (audio files are split into chunks)")
     pub.add_argument("--source", required=True, type=_source, help="source name, 1-64 of [A-Za-z0-9_-]")
