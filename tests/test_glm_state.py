@@ -207,7 +207,12 @@ async def test_writes_under_a_stalled_store_coalesce_and_drop_the_oldest_without
 
 
 async def test_a_worker_that_let_a_source_go_never_overwrites_its_new_owner(nc: Any, prefix: str) -> None:
-    store = await KVStateStore.open(nc.jetstream(), NatsConfig(subject_prefix=prefix))
+    config = NatsConfig(subject_prefix=prefix, glm_state_ttl_s=600, glm_state_max_bytes=1 << 20)
+    store = await KVStateStore.open(nc.jetstream(), config)
+    bucket = (await nc.jetstream().stream_info(f"KV_{glm_bucket(config)}")).config
+    assert (bucket.max_age, bucket.max_bytes, bucket.max_msgs_per_subject) == (600, 1 << 20, 1)
+    assert getattr(bucket.discard, "value", bucket.discard) == "old"  # full: the longest unwritten go
+    assert (await KVStateStore.open(nc.jetstream(), config)).kv is not None  # a second worker binds to it
 
     def worker() -> tuple[Memory, ChangeTrigger]:
         trigger = ChangeTrigger(0.3, 10 * S)
