@@ -131,6 +131,19 @@ class NatsConfig(Frozen):
     #: and drops its oldest when full (it never refuses an event). 0 = no recording.
     record_max_age_s: float = Field(24 * 3600.0, ge=0)
     record_max_bytes: int = Field(1024**3, ge=0)
+    #: Durable mode: each source's GLM history and last frame sent (on_change)
+    #: live in the KV bucket ``<stream>_GLM``, so a source that moves to
+    #: another worker keeps its context. An entry lasts this long after its
+    #: last write; the bucket holds at most this many bytes (full: the
+    #: sources written longest ago go first, and start afresh).
+    glm_state_ttl_s: float = Field(24 * 3600.0, gt=0)
+    glm_state_max_bytes: int = Field(256 * 1024**2, gt=0)
+    #: Sources whose state waits to be written (each once, as it stands when
+    #: written); past it the one waiting longest is dropped and counted.
+    glm_state_pending: int = Field(1024, ge=1)
+    #: How long closing windows waits for a moved source's state to be read,
+    #: and a handover for its last writes; past it the source starts afresh.
+    glm_state_timeout_s: float = Field(2.0, gt=0, le=60)
 
     @field_validator("subject_prefix")
     @classmethod

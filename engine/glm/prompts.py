@@ -64,6 +64,10 @@ class History:
         if self._items.maxlen:
             self._items.append(Answer(start_ns, end_ns, text))
 
+    def answers(self) -> tuple[Answer, ...]:
+        """Oldest first (what another worker needs to go on)."""
+        return tuple(self._items)
+
     def render(self) -> str:
         """Newest last; the oldest lines go first when over ``max_chars``."""
         lines = [f"[{a.start_ns}..{a.end_ns}] {a.text.strip()}" for a in self._items]

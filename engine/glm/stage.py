@@ -29,7 +29,7 @@ from engine.contracts.errors import GLMError
 from engine.contracts.records import trace_id_of
 from engine.contracts.types import Clock, FusedFrame
 from engine.glm.client import AutoGLM, CircuitBreaker, TransformersBackend
-from engine.glm.prompts import History, PromptTemplate, prompt_values
+from engine.glm.prompts import Answer, History, PromptTemplate, prompt_values
 from engine.glm.trigger import Verdict
 
 if TYPE_CHECKING:
@@ -96,6 +96,19 @@ class GLMStage:
                 self._histories.popitem(last=False)
         self._histories.move_to_end(source)
         return h
+
+    def answers(self, source: str) -> tuple[Answer, ...]:
+        """``source``'s history as it stands (none kept: empty)."""
+        h = self._histories.get(source)
+        return h.answers() if h is not None else ()
+
+    def restore(self, source: str, answers: tuple[Answer, ...]) -> None:
+        """``source``'s history from elsewhere (another worker had it): it replaces
+        what this stage may still hold of it from an earlier turn."""
+        self._histories.pop(source, None)
+        h = self.history(source)
+        for a in answers:
+            h.add(a.start_ns, a.end_ns, a.text)
 
     def prompt(self, frame: FusedFrame) -> str:
         values = prompt_values(frame, self.history(frame.source).render())

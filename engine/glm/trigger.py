@@ -7,16 +7,20 @@ passed since that one. How much a modality changed is its vocabulary's call
 step); the frame's score is the largest over its modalities.
 
 Pure: no clock, no I/O, the decision a function of the frames seen so far.
+A source's snapshot can come from elsewhere (:meth:`ChangeTrigger.restore`:
+another worker had the source, :mod:`engine.glm.memory`); it names its
+vocabularies by :func:`vocabulary_key`, and the source's next frame binds
+them back to the live ones (:func:`bind`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass, replace
 
-from engine.contracts.types import MODALITIES, FusedFrame, Modality, ModalityFusion, Nanos
-from engine.contracts.vocabulary import vocabulary_of
+from engine.contracts.types import MODALITIES, FusedFrame, Modality, ModalityFusion, Nanos, Vocabulary
+from engine.contracts.vocabulary import DEFAULT_VOCABULARY, FeatureVocabulary, vocabulary_of
 
 #: Sources whose last sent frame is remembered (least recently sent go first).
 MAX_SOURCES = 10_000
@@ -28,6 +32,45 @@ class Snapshot:
 
     end_ns: Nanos
     modalities: Mapping[Modality, ModalityFusion]
+    #: Read back from elsewhere: its vocabularies are :class:`Recalled` until bound.
+    recalled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Recalled(FeatureVocabulary):
+    """A vocabulary known only by its :func:`vocabulary_key` (a snapshot read back
+    from another worker). Unbound, it reads as another processor's: a change."""
+
+    key: str = ""
+
+    def change(self, before: ModalityFusion | None, now: ModalityFusion | None) -> float:
+        return 1.0
+
+
+def vocabulary_key(vocabulary: Vocabulary | None) -> str:
+    """What names a vocabulary across processes: its class, and its fields when
+    it is a dataclass (equal vocabularies have equal keys)."""
+    v = DEFAULT_VOCABULARY if vocabulary is None else vocabulary
+    if isinstance(v, Recalled):
+        return v.key
+    name = f"{type(v).__module__}.{type(v).__qualname__}"
+    return f"{name}{v!r}" if is_dataclass(v) else name
+
+
+def bind(prev: Snapshot, frame: FusedFrame) -> Snapshot:
+    """``prev`` (recalled) with each vocabulary that ``frame``'s modality names
+    the same way replaced by the live one; the others stay :class:`Recalled`."""
+    mods = dict(prev.modalities)
+    for m, fused in prev.modalities.items():
+        v = fused.vocabulary
+        if not isinstance(v, Recalled):
+            continue
+        now = frame.modalities.get(m)
+        if now is not None and vocabulary_key(now.vocabulary) == v.key:
+            mods[m] = replace(fused, vocabulary=now.vocabulary)
+        elif v.key == vocabulary_key(None):
+            mods[m] = replace(fused, vocabulary=None)
+    return Snapshot(prev.end_ns, mods)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,18 +135,32 @@ class ChangeTrigger:
         for source in [s for s in self._last if owns(s)]:
             del self._last[source]
 
+    def snapshot_of(self, source: str) -> Snapshot | None:
+        """The last frame of ``source`` sent (what another worker needs to go on)."""
+        return self._last.get(source)
+
+    def restore(self, source: str, snap: Snapshot) -> None:
+        """Take ``source``'s snapshot from elsewhere, unless one was sent here since."""
+        if source not in self._last:
+            self._remember(source, snap)
+
     def decide(self, frame: FusedFrame) -> Verdict:
         """Send or skip ``frame``; a sent frame becomes its source's new reference."""
         prev = self._last.get(frame.source)
+        if prev is not None and prev.recalled:
+            prev = self._last[frame.source] = bind(prev, frame)
         score = change_score(prev, frame)
         due = prev is None or frame.end_ns - prev.end_ns >= self.max_interval_ns
         if score < self.threshold and not due:
             return Verdict(False, round(score, 4), "no_change")
-        self._last[frame.source] = snapshot(frame)
-        self._last.move_to_end(frame.source)
+        self._remember(frame.source, snapshot(frame))
+        return Verdict(True, round(score, 4))
+
+    def _remember(self, source: str, snap: Snapshot) -> None:
+        self._last[source] = snap
+        self._last.move_to_end(source)
         if len(self._last) > self.max_sources:
             self._last.popitem(last=False)
-        return Verdict(True, round(score, 4))
 
     def __len__(self) -> int:
         return len(self._last)

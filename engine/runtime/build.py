@@ -10,6 +10,7 @@ name in :mod:`engine.contracts.plugins`, so nothing here imports
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from engine.align.aligner import Aligner
@@ -24,16 +25,20 @@ from engine.config.models import (
 )
 from engine.contracts.plugins import lookup
 from engine.contracts.types import Clock
+from engine.glm.memory import Memory
 from engine.glm.stage import GLMStage, Publish
 from engine.glm.trigger import ChangeTrigger
 from engine.observe.tracing import Tracing
 from engine.pipeline.batcher import Batcher
 from engine.pipeline.router import Route
+from engine.runtime.memorykv import KVStateStore
+from engine.transport.streams import replicas_for
 
 __all__ = [
     "build_aligner",
     "build_batcher",
     "build_glm_stage",
+    "build_memory",
     "build_route",
     "build_routes",
     "build_tracing",
@@ -74,6 +79,21 @@ def build_trigger(cfg: GLMConfig) -> ChangeTrigger | None:
     if cfg.trigger != "on_change":
         return None
     return ChangeTrigger(cfg.change_threshold, cfg.max_interval_ms * 1_000_000)
+
+
+async def build_memory(
+    nc: Any, config: EngineConfig, trigger: Callable[[], ChangeTrigger | None], stage: Callable[[], GLMStage]
+) -> Memory:
+    """Durable mode: the GLM state of each source in ``<STREAM>_GLM``, shared by the workers."""
+    nats = config.nats
+    store = await KVStateStore.open(nc.jetstream(), nats, await replicas_for(nc, nats))
+    return Memory(
+        store,
+        trigger=trigger,
+        stage=stage,
+        max_pending=nats.glm_state_pending,
+        timeout_s=nats.glm_state_timeout_s,
+    )
 
 
 def build_tracing(cfg: TracingConfig) -> Tracing:

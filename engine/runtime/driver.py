@@ -6,6 +6,11 @@ batches on each route's model threads, closes windows on a timer, hands
 frames to the GLM stage and every record to the transport. It owns no
 policy: what to publish, when a batch is due and what an event turned into
 are the pipeline's answers.
+
+With a :class:`~engine.glm.memory.Memory` (durable mode) it also tells the
+memory what happens to each source's GLM state: a source's first event here
+starts reading its state, windows close only once those reads are in, sent
+frames and answers are written behind, and a handover lets the sources go.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 from engine.contracts.errors import EventRejected
 from engine.contracts.messages import Finish, Message, Publish
 from engine.contracts.types import FusedFrame
+from engine.glm.memory import Memory
 from engine.glm.stage import GLMStage
 from engine.pipeline.pipeline import Ask, Batch, Output, Pipeline
 from engine.pipeline.router import Route
@@ -48,12 +54,14 @@ class Driver:
         *,
         claims: claimcheck.ClaimChecks | None,
         idle_timeout_ms: int,
+        memory: Memory | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.transport = transport
         self.glm = glm
         self.supervisor = supervisor
         self.claims = claims
+        self.memory = memory
         self.tick = min(0.05, idle_timeout_ms / 4000)
         #: id(route) -> the threads its batches run on.
         self._pools: dict[int, ThreadPoolExecutor] = {}
@@ -115,6 +123,8 @@ class Driver:
     # -- intake (the transport's sink) ---------------------------------------------
 
     async def message(self, msg: Message) -> None:
+        if self.memory is not None:
+            self._recall(msg.subject)
         if claimcheck.is_ref(msg.headers):
             try:
                 if self.claims is None:
@@ -142,6 +152,20 @@ class Driver:
             finally:
                 self.supervisor.recover("intake_waiting")
         self._kick.set()  # a batch or a window may be due now
+
+    def _recall(self, subject: str) -> None:
+        """A source's first event here: start reading its GLM state (not awaited)."""
+        assert self.memory is not None
+        source = subject.rpartition(".")[0].rpartition(".")[2]  # ...<source>.<modality>
+        if self.memory.knows(source) or not self.memory.active:
+            return
+        if self.pipeline.subjects.source_of(subject) == source:  # a subject that parses
+            self.memory.recall(source)
+
+    async def _closing(self) -> None:
+        """Windows are about to close: the sources' states being read are in."""
+        if self.memory is not None and self.memory.loading:
+            await self.memory.settle()
 
     async def poison(self, msg: Message, delivered: int) -> None:
         why = EventRejected(
@@ -173,10 +197,16 @@ class Driver:
                 else:  # a parked event waits for the pump to make room
                     self._kick.set()
                     await asyncio.sleep(self.tick)
+            await self._closing()
             if finish:
                 self.pipeline.close_sources(owns)
             await self.emit(self.pipeline.poll())
-            return self.pipeline.release(owns)
+            if self.memory is None:
+                return self.pipeline.release(owns)
+            left = self.memory.leave(owns)  # before the trigger forgets their snapshots
+            given = self.pipeline.release(owns)
+            await self.memory.written(left)  # the next owner reads them
+            return given
         finally:
             self.pipeline.resume_idle()
 
@@ -197,6 +227,7 @@ class Driver:
                 self._dispatch()
                 # Every turn: a quiet source's window closes on its idle timeout,
                 # which no event announces.
+                await self._closing()
                 await self.emit(self.pipeline.poll())
                 await self._free_retired()
             except Exception:  # a bug here must not stop every later result
@@ -252,6 +283,8 @@ class Driver:
     async def emit(self, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Ask):
+                if self.memory is not None and out.skip is None and self.pipeline.trigger is not None:
+                    self.memory.changed(out.frame.source)  # the trigger's new reference
                 # The stage fills in prompt, answer and glm (see :meth:`answered`).
                 await self.glm.submit(out.frame, {}, out.skip)
             elif isinstance(out, Finish):
@@ -267,8 +300,11 @@ class Driver:
 
     async def answered(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         """The GLM stage's publish callback: the frame's finished result."""
+        if self.memory is not None and record.get("answer") is not None and self.glm.config.history:
+            self.memory.changed(frame.source)  # the answer went into its history
         await self.publish(self.pipeline.result(frame, record))
 
     async def flush(self) -> None:
         """Close and publish every open window now."""
+        await self._closing()
         await self.emit(self.pipeline.flush())

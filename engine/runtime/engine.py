@@ -33,6 +33,7 @@ from engine.config.models import EngineConfig, Overrides
 from engine.contracts.errors import ConfigError, TransportError
 from engine.contracts.subjects import Subjects
 from engine.contracts.types import Clock, FusedFrame
+from engine.glm.memory import Memory
 from engine.glm.stage import GLMStage
 from engine.observe.metrics import MetricsServer
 from engine.observe.service import refuse_a_second_engine, register
@@ -45,6 +46,7 @@ from engine.runtime import reload as reloading
 from engine.runtime.build import (
     build_aligner,
     build_glm_stage,
+    build_memory,
     build_route,
     build_routes,
     build_tracing,
@@ -103,6 +105,8 @@ class Engine:
         self.transport: Transport | None = None
         self.driver: Driver | None = None
         self.claims: claimcheck.ClaimChecks | None = None
+        #: Durable mode: each source's GLM state, shared with the other workers.
+        self.memory: Memory | None = None
         self.metrics: MetricsServer | None = None
         self.service: Any = None
         self.config_path = config_path
@@ -192,6 +196,8 @@ class Engine:
                 await self.transport.stop_intake()
         for task in self.glm.tasks:
             task.cancel()
+        if self.memory is not None and self.memory.task is not None:
+            self.memory.task.cancel()
         if self.service is not None:
             with contextlib.suppress(Exception):
                 await self.service.stop()
@@ -253,6 +259,10 @@ class Engine:
             transport = CoreTransport(self._nc, Subjects(self.prefix).inputs)
         await transport.setup()
         self.transport = transport
+        if transport.durable:
+            self.memory = await build_memory(
+                self._nc, self.config, lambda: self.pipeline.trigger, lambda: self.glm
+            )
         self.pipeline.stored_before = transport.stored_before
         driver = self.driver = Driver(
             self.pipeline,
@@ -261,11 +271,15 @@ class Engine:
             self.supervisor,
             claims=self.claims,
             idle_timeout_ms=self.config.aligner.idle_timeout_ms,
+            memory=self.memory,
         )
         driver.checks.append(self._check)
         self.glm.publish = driver.answered  # straight to the driver from now on
         driver.start()
         self.glm.start()
+        if self.memory is not None:
+            self.memory.start()
+            self.supervisor.watch("glm-memory", self.memory.task)
         for task in self.glm.tasks:
             self.supervisor.watch("glm-worker", task)
         if self.config.metrics.port is not None:
@@ -344,6 +358,8 @@ class Engine:
                 await self.driver.flush()
             await self.driver.stop()
         await self.glm.drain(self.config.glm.call_timeout_s)
+        if self.memory is not None:  # before the leases go: the next owner reads it
+            await self.memory.close()
         if self.transport is not None:
             await self.transport.drain()
             await self.transport.close(clean=self.supervisor.failure is None)

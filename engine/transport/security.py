@@ -48,7 +48,7 @@ from engine.config.nats import INBOX_PREFIX_ENV
 from engine.config.nats import redact_url as redact_url  # its home is config; callers import it here
 from engine.contracts.errors import ConfigError
 from engine.contracts.subjects import SRV_ALL, Subjects, object_chunks, object_meta
-from engine.transport.streams import state_bucket, stream_names, workers_bucket
+from engine.transport.streams import glm_bucket, state_bucket, stream_names, workers_bucket
 
 #: The Object Store bucket for claim-checked payloads (engine/wire/claimcheck.py).
 DEFAULT_BUCKET = "autoglm-payloads"
@@ -142,6 +142,7 @@ def permissions(nats: NatsConfig) -> dict[str, dict[str, Any]]:
                 "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", SRV_ALL,
                 f"$KV.{state_bucket(nats)}.>",  # how its last run ended (transport/recovery.py, crash guard)
                 f"$KV.{workers_bucket(nats)}.>",  # its leases (transport/partitions.py)
+                f"$KV.{glm_bucket(nats)}.>",  # each source's GLM state (glm/memory.py)
             ],
             "subscribe": [s.inputs, s.services, SRV_ALL, f"{inbox_prefix('engine')}.>"],
             # It answers $SRV and <prefix>.svc requests on the asker's inbox,

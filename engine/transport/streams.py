@@ -57,6 +57,11 @@ def workers_bucket(config: NatsConfig) -> str:
     return stream_names(config)[0][: -len("_IN")] + "_WORKERS"
 
 
+def glm_bucket(config: NatsConfig) -> str:
+    """The KV bucket of each source's GLM history and last frame sent: ``<STREAM>_GLM``."""
+    return stream_names(config)[0][: -len("_IN")] + "_GLM"
+
+
 @dataclass(frozen=True, slots=True)
 class Slot:
     """A share of the input stream that one worker owns at a time: a partition
