@@ -220,6 +220,9 @@ class Engine:
             self._server = EmbeddedServer(
                 self.config.nats.data_dir,
                 extra_args=["-c", conf] if conf else None,
+                # A terminal's Ctrl-C reaches the whole group: the server must
+                # outlive the signal until the engine has drained into it.
+                own_group=True,
                 mappings=dict([Subjects(self.prefix).partition_transform(self.config.nats.partitions)])
                 if self.config.nats.partitions > 1 and self.config.nats.durable is False
                 else None,
