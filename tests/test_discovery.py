@@ -11,7 +11,7 @@ import orjson
 
 from engine.contracts.subjects import partition_of
 from engine.runtime.engine import Engine
-from engine.transport.partitions import rightful
+from engine.transport.partitions import assignment
 from tests.conftest import collect, make_config, send, stats_when, until
 
 SLOTS = ("0", "1", "2", "3", "rest")
@@ -106,7 +106,8 @@ async def test_status_shows_each_worker_with_its_partitions_lag_and_moves(
             members = sorted(s.worker for s in now)
             return all(
                 sorted(s.workers) == members
-                and set(s.partitions) == {p for p in SLOTS if rightful(p, members) == s.worker}
+                and set(s.partitions)
+                == {p for p, w in assignment(list(SLOTS), members).items() if w == s.worker}
                 for s in now
             )
 

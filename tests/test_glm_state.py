@@ -29,7 +29,7 @@ from engine.runtime.engine import Engine
 from engine.runtime.memorykv import KVStateStore
 from engine.runtime.server import EmbeddedServer
 from engine.transport import partitions
-from engine.transport.partitions import rightful
+from engine.transport.partitions import assignment
 from engine.transport.streams import glm_bucket
 from processors import registry
 from processors.params import PassthroughParams
@@ -267,7 +267,7 @@ async def test_a_source_moved_to_another_engine_keeps_its_history_and_last_sent_
     """``stop``: A stops and B, starting after, takes the partition over.
     ``handover``: B joins while A runs, and is the partition's rightful owner."""
     a_name = "worker-a"
-    b_name = next(n for n in (f"worker-b{i}" for i in range(100)) if rightful("0", [a_name, n]) == n)
+    b_name = next(n for n in (f"worker-b{i}" for i in range(100)) if assignment(["0"], [a_name, n])["0"] == n)
     names = iter([a_name, b_name])
     monkeypatch.setattr(partitions, "worker_name", lambda: next(names))
     out = await collect(nc, f"{prefix}.out.>")

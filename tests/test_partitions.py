@@ -250,3 +250,39 @@ async def test_core_partitions_need_jetstream_for_their_leases(tmp_path: Path, p
         cfg = make_config(prefix, nats={"subject_prefix": prefix, "durable": False, "partitions": 2})
         with pytest.raises(ConfigError, match=r"nats\.partitions = 2: workers own partitions by lease"):
             await Engine(cfg).start(server.url)
+
+
+async def test_three_workers_over_sixty_sources_put_every_event_in_one_result(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    cfg = make_config(
+        prefix,
+        nats={"subject_prefix": prefix, "durable": True, "partitions": 6, "lease_s": 1.0},
+        aligner={"window_ms": 100, "allowed_lateness_ms": 0, "idle_timeout_ms": 400},
+    )
+    engines = [Engine(cfg) for _ in range(3)]
+    for engine in engines:
+        await engine.start(nats_url)
+    try:
+        transports = [e.transport for e in engines]
+        assert all(t is not None for t in transports)
+
+        def spread() -> bool:
+            owned = [t.state().partitions for t in transports if t is not None]
+            return all(len(p) >= 2 for p in owned) and sum(map(len, owned)) == 7  # 6 + the rest
+
+        await until(spread, "seven partitions spread over three workers, two or three each")
+        sent: set[str] = set()
+        base = time.time_ns()
+        for i in range(30):
+            await publish_round(nc, prefix, i, base, sent)
+            await asyncio.sleep(0.01)
+        await nc.flush()
+        results = await all_stored(nc, prefix, sent)
+        check_exactly_once(results, sent, [])
+        for engine in engines:
+            assert engine.supervisor.failure is None
+            assert engine.pipeline.stats.results > 0  # each worker fused its own sources
+    finally:
+        for engine in engines:
+            await engine.stop()
