@@ -113,20 +113,41 @@ async def reload_all(nc: Any, prefix: str | None = None, timeout: float = 60.0) 
 
 
 async def find_engines(nc: Any, wait: float = 0.5, verb: SrvVerb = "STATS") -> list[dict[str, Any]]:
-    """Every engine's ``$SRV.STATS`` (or ``INFO``, ``PING``) reply on this NATS."""
+    """Every engine's ``$SRV.STATS`` (or ``INFO``, ``PING``) reply on this NATS.
+
+    A status message (``503`` no responders) is not an engine. A fresh
+    connection has been seen to get a 503 for its very first request while
+    two engines were listening, and no answers: asked again, they answer."""
+    for _ in range(2):
+        found, refused = await _ask(nc, wait, verb)
+        if found or not refused:
+            return sorted(found, key=lambda r: str(r.get("id")))
+    return []
+
+
+async def _ask(nc: Any, wait: float, verb: SrvVerb) -> tuple[list[dict[str, Any]], bool]:
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     await nc.publish(srv(verb), b"", reply=inbox)
     found = []
+    refused = False
     deadline = time.monotonic() + wait
     while (left := deadline - time.monotonic()) > 0:
         try:
             msg = await sub.next_msg(timeout=left)
         except Exception:  # nats TimeoutError: everyone answered
             break
-        found.append(orjson.loads(msg.data))
+        if not msg.data or (msg.headers or {}).get("Status"):
+            refused = True
+            continue
+        try:
+            reply = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            continue  # not one of ours
+        if isinstance(reply, dict):
+            found.append(reply)
     await sub.unsubscribe()
-    return sorted(found, key=lambda r: str(r.get("id")))
+    return found, refused
 
 
 def status_table(replies: list[dict[str, Any]]) -> str:
