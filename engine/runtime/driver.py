@@ -175,6 +175,9 @@ class Driver:
         )
         await self.emit([self.pipeline.refuse(msg, why, received=False)])
 
+    async def refuse(self, msg: Message, why: EventRejected) -> None:
+        await self.emit([self.pipeline.refuse(msg, why)])
+
     async def settle(self) -> None:
         await self.idle()
 

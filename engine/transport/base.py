@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from engine.contracts.errors import EventRejected
 from engine.contracts.messages import Finish, Key, Message, Publish
 
 
@@ -26,6 +27,9 @@ class Sink(Protocol):
 
     async def poison(self, msg: Message, delivered: int) -> None:
         """A message delivered ``delivered`` times without an outcome: reject it."""
+
+    async def refuse(self, msg: Message, why: EventRejected) -> None:
+        """Reject a message the transport will not hand in (its DLQ record)."""
 
     async def settle(self) -> None:
         """Return once what was handed in went through its processors."""

@@ -22,6 +22,7 @@ import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from engine.contracts.errors import EventRejected
 from engine.contracts.messages import Finish, Key, Message, Publish
 from engine.contracts.subjects import partition_of
 from engine.transport.base import Sink, TransportState
@@ -87,13 +88,29 @@ class CoreTransport:
     async def _subscribe(self, name: str, subject: str) -> None:
         sink = self._sink
         assert sink is not None
+        n = self.config.partitions if self.config is not None else 1
+        head = subject[:-1]  # <prefix>.part.<p>.
+        mine = int(name) if n > 1 and name.isdigit() else None
 
         async def on_msg(msg: Any) -> None:
             try:
                 headers = msg.headers
             except Exception:  # nats-py parses lazily on some paths: the codec refuses it
                 headers = None
-            await sink.message(Message(msg.subject, headers, msg.data))
+            message = Message(msg.subject, headers, msg.data)
+            if mine is not None:
+                # Only the server's mapping writes here; anyone can publish here
+                # too, and a source in two partitions has its windows split.
+                source = msg.subject[len(head) :].split(".", 1)[0]
+                if partition_of(source, n) != mine:
+                    why = EventRejected(
+                        "bad_subject",
+                        f"subject {msg.subject!r}: source {source!r} is not in partition {mine}; "
+                        "publish on <prefix>.in.<source>.<modality>",
+                    )
+                    await sink.refuse(message, why)
+                    return
+            await sink.message(message)
 
         self._subs[name] = await self.nc.subscribe(
             subject,
