@@ -7,10 +7,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from engine.runtime.engine import Engine
+from engine.transport.partitions import Ownership, assignment
+from engine.transport.streams import Slot, slots
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec
-from tests.conftest import collect, make_config, send
+from tests.conftest import collect, make_config, send, until
 from tests.test_partitions import SOURCES
 
 MS = 1_000_000
@@ -57,3 +61,44 @@ async def test_a_full_queue_parks_one_event_at_a_time_whatever_the_partitions(
         assert sorted(fused) == sorted(sent)
     finally:
         await engine.stop()
+
+
+async def test_a_handover_whose_lease_another_took_meanwhile_does_not_kill_the_worker(
+    nc: Any, prefix: str
+) -> None:
+    """A worker hands a partition over while its lease has passed to another (it
+    ran out during a stall, or while the handover waited): deleting the lease at
+    its old revision fails with 'wrong last sequence', which nats-py's
+    ``KeyValue.delete`` raises as a plain ``BadRequestError`` (10071), not as
+    ``KeyWrongLastSequenceError``. That is the expected outcome of a lost race,
+    not a failure of the worker's partitions loop (the supervisor stops the
+    whole worker for it)."""
+    config = make_config(prefix, nats={"subject_prefix": prefix, "partitions": 1, "lease_s": 1.0}).nats
+    kv: Any = None
+    given: list[str] = []
+
+    async def take(slot: Slot) -> None:
+        return None
+
+    async def give(slot: Slot) -> None:
+        # Meanwhile its lease passed to another worker.
+        await kv.delete(f"p.{slot.name}")
+        await kv.create(f"p.{slot.name}", orjson.dumps({"worker": "other"}))
+        given.append(slot.name)
+
+    async def lose(slot: Slot) -> None:
+        return None
+
+    own = Ownership(nc.jetstream(), config, slots(config), take=take, give=give, lose=lose, worker="me")
+    await own.setup()
+    kv = own.kv
+    await own.tick(wait=True)
+    assert own.owned == ["0"]
+    other = next(n for n in (f"other{i}" for i in range(100)) if assignment(["0"], ["me", n])["0"] == n)
+    await kv.put(f"w.{other}", b"{}")  # the partition's rightful owner joins
+    own.start()
+    try:
+        await until(lambda: own.given == 1 or own.task is None or own.task.done(), "the handover to end")
+        assert own.task is not None and not own.task.done(), own.task.exception() if own.task else None
+    finally:
+        await own.leave()

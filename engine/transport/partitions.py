@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("autoglm.partitions")
 
 Action = Callable[[Slot], Awaitable[None]]
+#: JetStream's "wrong last sequence" error codes (a compare-and-set that lost).
+WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
 def worker_name() -> str:
@@ -271,11 +273,21 @@ class Ownership:
         self.given += 1
 
     async def _release_lease(self, name: str) -> None:
+        """Delete our lease so the next owner need not wait for it to expire. It
+        may be another's by now (it ran out while we stalled): nats-py's
+        ``delete`` then raises a plain ``APIError`` 10071, not
+        ``KeyWrongLastSequenceError``. Any failure leaves the lease to its TTL:
+        never a reason to stop the worker."""
         held = self.held.pop(name, None)
         if held is None:
             return
-        with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError):
+        try:
             await self.kv.delete(f"p.{name}", last=held[0])
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            pass
+        except Exception as exc:
+            if getattr(exc, "err_code", None) not in WRONG_LAST_SEQUENCE:
+                log.warning("could not delete the lease of partition %s (%s); it expires", name, exc)
 
     async def stop(self) -> None:
         """Take and give nothing more; the leases are still renewed until :meth:`leave`."""
