@@ -8,8 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import pytest
 
 from engine.runtime.engine import Engine
+from engine.transport import partitions
 from engine.transport.partitions import Ownership, assignment
 from engine.transport.streams import Slot, slots
 from processors.params import PassthroughParams
@@ -101,4 +103,50 @@ async def test_a_handover_whose_lease_another_took_meanwhile_does_not_kill_the_w
         await until(lambda: own.given == 1 or own.task is None or own.task.done(), "the handover to end")
         assert own.task is not None and not own.task.done(), own.task.exception() if own.task else None
     finally:
+        await own.leave()
+
+
+async def test_a_listing_of_workers_without_this_one_moves_nothing(
+    nc: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The member list comes from a KV watch, whose end-of-listing marker
+    nats-py can put before the entries (it compares the consumer's pending count
+    with what it has processed, and under load the server's answer overtakes
+    the delivery): the list then comes back short, or empty. Seen in every
+    loaded run: a lone worker listed no workers at all and handed every
+    partition over to nobody, twice in thirty seconds, each a full replay; one
+    of those handovers hung. A worker that ticks is alive and has just
+    announced itself: a list without it is incomplete, and nothing may be given
+    on it."""
+    config = make_config(prefix, nats={"subject_prefix": prefix, "partitions": 4, "lease_s": 1.0}).nats
+    given: list[str] = []
+
+    async def take(slot: Slot) -> None:
+        return None
+
+    async def give(slot: Slot) -> None:
+        given.append(slot.name)
+
+    own = Ownership(nc.jetstream(), config, slots(config), take=take, give=give, lose=take, worker="me")
+    await own.setup()
+    await own.tick(wait=True)
+    assert own.owned == ["0", "1", "2", "3", "rest"]
+
+    own.start()
+    await until(lambda: not own._busy, "the takeovers to be done")
+    listed: list[str] = []
+
+    async def short(kv: Any, pattern: str) -> list[str]:
+        listed.append(pattern)
+        return []  # what the watch returned when its marker came first
+
+    monkeypatch.setattr(partitions, "keys", short)
+    try:
+        await until(lambda: len(listed) >= 2, "two turns on the short listing")
+        for task in list(own._busy.values()):
+            await task
+        assert not given, f"handed {given} over on a listing without this worker"
+        assert own.owned == ["0", "1", "2", "3", "rest"]
+    finally:
+        monkeypatch.undo()
         await own.leave()

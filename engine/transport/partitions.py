@@ -219,11 +219,25 @@ class Ownership:
             log.warning("could not announce worker %s: %s", self.worker, exc)
 
     async def _members(self) -> list[str] | None:
+        """The live workers; ``None`` when the list cannot be trusted this turn.
+
+        nats-py's watch can end its listing before the entries come in (its
+        end marker is decided on the consumer's pending count, which the
+        server's answer may report before the delivery arrives): the list
+        comes back short, or empty. We announced ourselves just before, so a
+        list without us is such a list (or our entry ran out while the loop
+        stalled), and giving partitions away on it would hand them to nobody."""
         try:
-            return sorted(k[2:] for k in await keys(self.kv, "w.*"))
+            members = sorted(k[2:] for k in await keys(self.kv, "w.*"))
         except Exception as exc:
             log.warning("could not list workers: %s", exc)
             return None
+        if self.worker not in members:
+            log.info(
+                "the list of workers came back without this one (%d listed); deciding nothing", len(members)
+            )
+            return None
+        return members
 
     async def _claim(self, name: str) -> bool:
         value = orjson.dumps({"worker": self.worker, "at": time.time()})
