@@ -3,8 +3,12 @@ across workers, each a test that fails while the problem is there."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -16,8 +20,15 @@ from engine.transport.partitions import Ownership, assignment
 from engine.transport.streams import Slot, slots
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec
-from tests.conftest import collect, make_config, send, until
-from tests.test_partitions import SOURCES
+from tests.conftest import collect, eventually, make_config, send, spawn_engine, stored, until
+from tests.test_partitions import (
+    SOURCES,
+    all_stored,
+    check_exactly_once,
+    config_text,
+    owners,
+    publish_round,
+)
 
 MS = 1_000_000
 
@@ -150,3 +161,84 @@ async def test_a_listing_of_workers_without_this_one_moves_nothing(
     finally:
         monkeypatch.undo()
         await own.leave()
+
+
+async def test_a_worker_paused_past_its_lease_does_not_work_the_partitions_it_lost(
+    nc: Any, nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """SIGSTOP one of two workers until the other owns every partition, then
+    SIGCONT it: its open windows, its fetch requests on the (rebuilt) durable
+    consumers and its acks must not reach the stream before it learns that
+    its leases are gone. Every event in exactly one result, no window split.
+
+    Before the fence (Ownership.confirmed) it woke, closed its windows as idle,
+    pulled from the consumers the new owner had rebuilt and refused what it
+    pulled as too_late: a few hundred events in a DLQ record (and most of them
+    in the new owner's results too), dozens of windows split. What remains: a
+    record already in the client's buffers when the SIGSTOP came lands after
+    the new owner read back, which can split a window (about one run in ten
+    here); only a fence on the server (see the review report) closes that."""
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(config_text(prefix))
+    workers = [await spawn_engine("--config", str(cfg), "--nats-url", nats_url) for _ in range(2)]
+    logs: list[str] = []
+
+    async def spread() -> bool:
+        held = await owners(nc, prefix)
+        return len(held) == 5 and len(set(held.values())) == 2
+
+    await eventually(spread, "two workers sharing the partitions", 30)
+    sleeper = workers[0]
+    sleeper_name = next(w for w in (await owners(nc, prefix)).values() if f"-{sleeper.pid}-" in w)
+    sent: set[str] = set()
+    base = time.time_ns()
+    i = 0
+    for i in range(20):
+        await publish_round(nc, prefix, i, base, sent)
+        await asyncio.sleep(0.01)
+    await nc.flush()
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    try:
+
+        async def taken_over() -> bool:
+            held = await owners(nc, prefix)
+            return len(held) == 5 and sleeper_name not in held.values()
+
+        # Events keep coming while it sleeps, into the windows it had open.
+        while not await taken_over():
+            i += 1
+            await publish_round(nc, prefix, i, base, sent)
+            await asyncio.sleep(0.02)
+            assert i < 2000, "the paused worker's partitions never moved"
+        for _ in range(3):  # the new owner has rebuilt the consumers and replays
+            i += 1
+            await publish_round(nc, prefix, i, base, sent)
+    finally:
+        os.kill(sleeper.pid, signal.SIGCONT)
+    for _ in range(20):
+        i += 1
+        await publish_round(nc, prefix, i, base, sent)
+        await asyncio.sleep(0.01)
+    await nc.flush()
+    results = await all_stored(nc, prefix, sent)
+    for proc in workers:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        logs.append(err.decode()[-3000:])
+    await check_with_rejections(nc, prefix, results, sent, logs)
+
+
+async def rejections(nc: Any, prefix: str) -> list[tuple[str, str, str]]:
+    """(event id, reason, message) of every rejection record stored."""
+    got = await stored(nc, f"{prefix}.dlq.>") + await stored(nc, f"{prefix}.late.>")
+    return [(r.get("event_id"), r["reason"], r["message"][:160]) for _, r in got]
+
+
+async def check_with_rejections(
+    nc: Any, prefix: str, results: list[tuple[dict[str, str], Any]], sent: set[str], logs: list[str]
+) -> None:
+    """:func:`check_exactly_once`, and no event refused besides (every event here
+    is on time: a ``too_late`` means a worker saw a partition's events out of order)."""
+    refused = await rejections(nc, prefix)
+    assert not refused, f"{len(refused)} rejections, e.g. {refused[:3]}; stderr: {logs}"
+    check_exactly_once(results, sent, logs)

@@ -122,7 +122,9 @@ class Ownership:
         self.kv: Any = None
         #: slot -> (revision of our lease, monotonic second it was last written).
         self.held: dict[str, tuple[int, float]] = {}
-        #: Slots being taken over or handed over right now.
+        #: Set (and replaced) after each renewal: confirmed() waits on it.
+        self._turn = asyncio.Event()
+        #: Slots being taken over, handed over or dropped right now.
         self._busy: dict[str, asyncio.Task[None]] = {}
         self.members: list[str] = []
         self.taken = 0
@@ -241,18 +243,46 @@ class Ownership:
 
     async def _claim(self, name: str) -> bool:
         value = orjson.dumps({"worker": self.worker, "at": time.time()})
+        sent = time.monotonic()  # the lease runs from when the server wrote it, after this
         try:
             rev = await self.kv.create(f"p.{name}", value)
         except Exception:  # held by another (its lease runs out, or it gives it up)
             return False
-        self.held[name] = (rev, time.monotonic())
+        self.held[name] = (rev, sent)
         return True
+
+    def valid(self, name: str) -> bool:
+        """This worker holds partition ``name``'s lease, last written less than
+        three quarters of ``lease_s`` ago by the monotonic clock (which runs on
+        while the process is stopped): nobody else can have it."""
+        held = self.held.get(name)
+        return held is not None and time.monotonic() - held[1] < self.lease_s * 0.75
+
+    async def confirmed(self, name: str) -> bool:
+        """:meth:`valid`, after the lease loop's next word on a lease gone stale.
+
+        Asked before each fetch and each record stored. A worker whose loop
+        stalled past its lease (SIGSTOP, a starved loop, a suspended VM) wakes
+        with windows to close and pulls to make before its lease loop runs: a
+        pull would take events from the consumer the new owner rebuilt, a
+        record could split a window the new owner is building. So they wait
+        for the renewal: it succeeds only if nobody wrote the lease meanwhile
+        (then nobody else had the partition), else the partition is lost."""
+        while name in self.held and not self.valid(name):
+            await self._turn.wait()
+        return self.valid(name)
+
+    def _renewed(self) -> None:
+        """Wake whoever waits in :meth:`confirmed`."""
+        self._turn.set()
+        self._turn = asyncio.Event()
 
     async def _renew(self, name: str, now: float) -> None:
         rev, last = self.held[name]
         value = orjson.dumps({"worker": self.worker, "at": time.time()})
         try:
-            self.held[name] = (await self.kv.update(f"p.{name}", value, last=rev), now)
+            sent = time.monotonic()
+            self.held[name] = (await self.kv.update(f"p.{name}", value, last=rev), sent)
             return
         except KeyWrongLastSequenceError:
             why = "another worker holds its lease now"
@@ -261,11 +291,20 @@ class Ownership:
                 log.warning("could not renew the lease of partition %s (%s); retrying", name, exc)
                 return
             why = f"its lease could not be renewed for {now - last:.1f} s ({exc})"
+        finally:
+            self._renewed()
         log.error("partition %s lost: %s; dropping its work (the new owner replays it)", name, why)
         self.held.pop(name, None)
+        self._renewed()  # what waits on it gives up now, before its work is dropped
         self.lost += 1
-        busy = self._busy.pop(name, None)
-        if busy is not None:
+        # Dropped in the background: dropping waits for the driver, whose
+        # records may wait in confirmed() for the renewal of other partitions.
+        self._busy[name] = asyncio.get_running_loop().create_task(
+            self._losing(name, self._busy.pop(name, None))
+        )
+
+    async def _losing(self, name: str, busy: asyncio.Task[None] | None) -> None:
+        if busy is not None:  # a takeover or handover under way ends here
             busy.cancel()
             with contextlib.suppress(BaseException):
                 await busy
