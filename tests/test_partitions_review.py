@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from engine.contracts.errors import TransportError
 from engine.runtime.engine import Engine
 from engine.transport import partitions
 from engine.transport.partitions import Ownership, assignment
@@ -242,3 +243,30 @@ async def check_with_rejections(
     refused = await rejections(nc, prefix)
     assert not refused, f"{len(refused)} rejections, e.g. {refused[:3]}; stderr: {logs}"
     check_exactly_once(results, sent, logs)
+
+
+async def test_a_workers_bucket_that_keeps_entries_forever_is_refused(nc: Any, prefix: str) -> None:
+    """Leases are entries of ``<STREAM>_WORKERS`` that expire ``lease_s`` after
+    their last write: that expiry is the whole failover. A bucket of that name
+    made without a TTL (``nats kv add``, another tool) was adopted silently: a
+    SIGKILLed worker's leases and its ``w.`` entry then never expire, and its
+    partitions never move. A bucket with another TTL is adopted with a warning;
+    one without any must be refused (or given one)."""
+    from nats.js.api import KeyValueConfig
+
+    config = make_config(prefix, nats={"subject_prefix": prefix, "partitions": 2, "lease_s": 1.0}).nats
+    await nc.jetstream().create_key_value(KeyValueConfig(bucket=f"{prefix.upper()}_WORKERS", history=1))
+
+    async def nothing(slot: Slot) -> None:
+        return None
+
+    own = Ownership(
+        nc.jetstream(), config, slots(config), take=nothing, give=nothing, lose=nothing, worker="me"
+    )
+    try:
+        await own.setup()
+    except TransportError as exc:
+        assert "_WORKERS" in str(exc) and "TTL" in str(exc)
+        return
+    ttl = (await own.kv.status()).ttl
+    assert ttl and ttl <= 2 * config.lease_s, f"leases in {own.kv._name} never expire (ttl {ttl})"

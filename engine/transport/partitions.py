@@ -39,6 +39,7 @@ import orjson
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 
+from engine.contracts.errors import TransportError
 from engine.transport.streams import Slot, workers_bucket
 
 if TYPE_CHECKING:
@@ -158,7 +159,13 @@ class Ownership:
                 )
             )
         ttl = (await self.kv.status()).ttl
-        if ttl and abs(ttl - self.lease_s) > 1e-3:
+        if not ttl:
+            raise TransportError(
+                f"the workers bucket {name} keeps its entries forever (no TTL), so a dead worker's "
+                f"leases would never run out and its partitions never move: delete it (nats kv del "
+                f"{name}; the engine makes it again with a TTL of nats.lease_s) or give it a TTL"
+            )
+        if abs(ttl - self.lease_s) > 1e-3:
             log.warning(
                 "the workers bucket %s keeps leases %.1f s, not nats.lease_s = %.1f: using %.1f s "
                 "(every worker of one configuration shares it)",
