@@ -11,10 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import nats
 import orjson
 import pytest
 
 from engine.contracts.errors import TransportError
+from engine.contracts.subjects import Subjects, partition_of
 from engine.runtime.engine import Engine
 from engine.transport import partitions
 from engine.transport.partitions import Ownership, assignment
@@ -270,3 +272,30 @@ async def test_a_workers_bucket_that_keeps_entries_forever_is_refused(nc: Any, p
         return
     ttl = (await own.kv.status()).ttl
     assert ttl and ttl <= 2 * config.lease_s, f"leases in {own.kv._name} never expire (ttl {ttl})"
+
+
+async def test_the_embedded_servers_mappings_keep_the_users_server_config(tmp_path: Path) -> None:
+    """Core-mode partitions start the embedded server with a config that adds
+    the mapping and includes the user's ``nats.server_config`` (or the one
+    ``--secure`` writes). The include named an absolute path, which nats-server
+    joins to the including file's directory: the server did not start at all."""
+    from engine.runtime.server import EmbeddedServer
+
+    conf = tmp_path / "mine.conf"
+    conf.write_text("max_payload: 2MB\n")
+    subjects = Subjects("m")
+    with EmbeddedServer(
+        tmp_path / "data",
+        jetstream=False,
+        extra_args=["-c", str(conf)],
+        mappings=dict([subjects.partition_transform(2)]),
+    ) as server:
+        client = await nats.connect(server.url)
+        try:
+            got = await collect(client, subjects.partition("*"))
+            await client.publish(subjects.input("cam1", "text"), b"{}")
+            await got.wait_for(1)
+            assert got.items[0][0] == f"m.part.{partition_of('cam1', 2)}.cam1.text"
+            assert client.max_payload == 2 * 1024 * 1024  # the user's config still applies
+        finally:
+            await client.close()
