@@ -274,6 +274,52 @@ async def test_a_workers_bucket_that_keeps_entries_forever_is_refused(nc: Any, p
     assert ttl and ttl <= 2 * config.lease_s, f"leases in {own.kv._name} never expire (ttl {ttl})"
 
 
+async def test_a_secure_core_mode_worker_may_subscribe_to_its_partitions(tmp_path: Path) -> None:
+    """``--secure`` confines the engine user to subscribing ``<prefix>.in.>``;
+    core mode with partitions subscribes ``<prefix>.part.<p>.>`` instead (the
+    server maps the inputs there). The server refuses those subscriptions, which
+    nats-py reports only to the error callback: the worker runs, says it is
+    healthy, owns every partition, and never receives an event."""
+    from engine.config.models import NatsConfig, nats_from_env
+    from engine.tools.publish import connect
+    from engine.transport.security import connect_kwargs, read_env_file
+    from tests.test_security import publish_cli
+
+    prefix = "secp"
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        f'[nats]\nsubject_prefix = "{prefix}"\ndata_dir = "{tmp_path / "data"}"\n'
+        "durable = false\npartitions = 2\nlease_s = 1.0\n"
+        "[aligner]\nwindow_ms = 100\nidle_timeout_ms = 300\n"
+        '[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+    )
+    proc = await spawn_engine("--config", str(cfg), "--secure")
+    assert proc.stdout is not None
+    banner = [(await asyncio.wait_for(proc.stdout.readline(), 30)).decode() for _ in range(2)]
+    url = next(w for line in banner for w in line.split() if w.startswith("nats://"))
+    files = tmp_path / "data" / "secure"
+
+    def login(user: str) -> dict[str, Any]:
+        return connect_kwargs(nats_from_env(NatsConfig(), read_env_file(files / f"{user}.env")))
+
+    reader = await connect(url, **login("reader"))
+    try:
+        out = await collect(reader, f"{prefix}.out.>")
+        code, _, err = await publish_cli(url, prefix, "--auth-file", str(files / "producer.env"))
+        assert code == 0, err
+        try:
+            await out.wait_for(1, timeout=15)
+        except AssertionError:
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            raise AssertionError(f"no result; the worker said: {err.decode()[-2000:]}") from None
+    finally:
+        await reader.close()
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.communicate(), 30)
+
+
 async def test_the_embedded_servers_mappings_keep_the_users_server_config(tmp_path: Path) -> None:
     """Core-mode partitions start the embedded server with a config that adds
     the mapping and includes the user's ``nats.server_config`` (or the one
