@@ -21,6 +21,7 @@ from engine.runtime.engine import Engine
 from engine.transport import partitions
 from engine.transport.partitions import Ownership, assignment
 from engine.transport.streams import Slot, slots
+from engine.wire.codec import encode_headers
 from processors.params import PassthroughParams
 from processors.registry import ProcessorSpec
 from tests.conftest import collect, eventually, make_config, send, spawn_engine, stored, until
@@ -345,3 +346,48 @@ async def test_the_embedded_servers_mappings_keep_the_users_server_config(tmp_pa
             assert client.max_payload == 2 * 1024 * 1024  # the user's config still applies
         finally:
             await client.close()
+
+
+async def test_core_mode_does_not_take_an_input_published_on_a_partition_subject(
+    tmp_path: Path, prefix: str
+) -> None:
+    """Producers publish on ``<prefix>.in.<source>.<modality>``; in core mode the
+    server maps that to ``<prefix>.part.<p>...`` and each worker subscribes to
+    the partitions it owns. A message published straight on a partition subject
+    (another partition than the source's) is taken by that partition's owner
+    as an event of the source: two workers then build windows for one source
+    (split windows, an event order nothing guarantees). It must be refused
+    (``bad_subject``), as it is in durable mode, where the input stream does not
+    even store it."""
+    cfg = make_config(
+        prefix,
+        nats={
+            "subject_prefix": prefix,
+            "durable": False,
+            "partitions": 4,
+            "lease_s": 1.0,
+            "data_dir": str(tmp_path / "store"),
+        },
+        aligner={"window_ms": 100, "allowed_lateness_ms": 0, "idle_timeout_ms": 300},
+    )
+    engine = Engine(cfg)
+    url = await engine.start()
+    client = await nats.connect(url)
+    try:
+        out = await collect(client, f"{prefix}.out.>")
+        dlq = await collect(client, f"{prefix}.dlq.>")
+        wrong = (partition_of("cam1", 4) + 1) % 4
+        forged = Subjects(prefix).partition(wrong).replace(">", "cam1.text")
+        await client.publish(
+            forged, b"hi", headers=encode_headers(time.time_ns(), "text/plain", event_id="forged")
+        )
+        await client.flush()
+
+        def decided() -> bool:
+            return "forged" in out.event_ids() or any(r.get("event_id") == "forged" for _, _, r in dlq.items)
+
+        await until(decided, "the forged input to be fused or refused")
+        assert "forged" not in out.event_ids(), f"{forged} was taken as an input of cam1"
+    finally:
+        await client.close()
+        await engine.stop()
