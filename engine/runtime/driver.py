@@ -141,17 +141,27 @@ class Driver:
                 self.pipeline.stats.internal_errors += 1
                 await self.emit([self.pipeline.refuse(msg, why)])
                 return
+        # Several intakes call in at once (one fetch loop per partition): while
+        # another's event is parked, receiving this one would park it over that
+        # one, which would then never be processed (nor its window closed).
+        # Nothing awaits between this wait and ``receive``.
+        await self._wait_for_room()
         await self.emit(self.pipeline.receive(msg))
-        if self.pipeline.paused:
-            self.supervisor.degrade("intake_waiting")
-            try:
-                while self.pipeline.paused:
-                    self._room.clear()
-                    self._kick.set()
-                    await self._room.wait()
-            finally:
-                self.supervisor.recover("intake_waiting")
+        await self._wait_for_room()
         self._kick.set()  # a batch or a window may be due now
+
+    async def _wait_for_room(self) -> None:
+        """While a ``complete`` route's queue is full (an event parked), intake waits."""
+        if not self.pipeline.paused:
+            return
+        self.supervisor.degrade("intake_waiting")
+        try:
+            while self.pipeline.paused:
+                self._room.clear()
+                self._kick.set()
+                await self._room.wait()
+        finally:
+            self.supervisor.recover("intake_waiting")
 
     def _recall(self, subject: str) -> None:
         """A source's first event here: start reading its GLM state (not awaited)."""

@@ -119,7 +119,10 @@ class EmbeddedServer:
         lines = []
         if "-c" in args:
             i = args.index("-c")
-            lines.append(f"include {json.dumps(str(Path(args[i + 1]).resolve()))}")
+            # nats-server joins an include's path to the including file's
+            # directory even when it is absolute: give it a relative one.
+            own = os.path.relpath(Path(args[i + 1]).resolve(), run_dir.resolve())
+            lines.append(f"include {json.dumps(own)}")
             del args[i : i + 2]
         lines.append("mappings {")
         lines.extend(f"  {json.dumps(src)}: {json.dumps(dest)}" for src, dest in self.mappings.items())

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
     from engine.config.models import NatsConfig
 
 log = logging.getLogger("autoglm.durable")
+
+
+async def _always() -> bool:
+    return True
 
 
 class Intake:
@@ -76,6 +81,10 @@ class Intake:
         self._empty = asyncio.Event()
         #: Monotonic second of the fetch loop's last turn (watched by health).
         self.last_turn = time.monotonic()
+        #: Whether this worker's lease on the slot still holds, once the lease
+        #: loop has had its word on a stale one (the transport's ownership):
+        #: nothing is fetched or handed in without it.
+        self.confirmed: Callable[[], Awaitable[bool]] = _always
 
     @property
     def fetching(self) -> bool:
@@ -131,6 +140,9 @@ class Intake:
         batch = self.config.fetch_batch
         while not self._stop.is_set():
             self.last_turn = time.monotonic()
+            if not await self.confirmed():  # a pull now could take events from the new owner
+                await asyncio.sleep(0.05)  # the partition is being dropped: this loop ends
+                continue
             try:
                 msgs = await self.sub.fetch(batch, timeout=0.05)
             except (NatsTimeoutError, TimeoutError):
@@ -147,6 +159,8 @@ class Intake:
                 log.warning("intake resumed after a %.1f s stall", time.monotonic() - self.stalled_since)
                 self.stalled_since = None
             for msg in msgs:
+                if not await self.confirmed():  # the rest stay unacked: the new owner replays them
+                    break
                 await self._one(msg, sink)
 
     async def _one(self, msg: Any, sink: Sink) -> None:

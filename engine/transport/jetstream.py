@@ -109,6 +109,8 @@ class JetStreamTransport:
         self._sink: Sink | None = None
         self.results = ResultStore(self.js, self._stored, self._store)
         self.store_retries = 0
+        #: Records not stored because their partition was no longer this worker's.
+        self.fenced = 0
         self._stopping = False
         self._stop_deadline = 0.0
 
@@ -194,6 +196,7 @@ class JetStreamTransport:
 
     async def _take(self, slot: Slot) -> None:
         intake = Intake(self.js, self.config, slot)
+        intake.confirmed = lambda: self.ownership.confirmed(slot.name)
         await intake.setup()
         assert self._sink is not None
         self.intakes[slot.name] = intake
@@ -273,6 +276,17 @@ class JetStreamTransport:
     async def publish(self, out: Publish) -> None:
         """Into the results stream without waiting: :class:`ResultStore` confirms it
         and then finishes ``out.acks``."""
+        if out.acks and not await self._may_store(out.acks):
+            self.fenced += 1
+            if self.fenced == 1 or self.fenced % 100 == 0:  # after a stall they come in hundreds
+                log.warning(
+                    "a %s on %s not stored: this worker no longer holds its partition, whose owner "
+                    "replays it (%d records so far)",
+                    out.kind,
+                    out.subject,
+                    self.fenced,
+                )
+            return
         headers = out.headers
         if out.kind == "rejection" and out.acks and (seq := _seq(out.acks[0])) is not None:
             # A second record of the same input (a redelivery after a lost ack) is dropped.
@@ -282,6 +296,19 @@ class JetStreamTransport:
                 if (s := _seq(d)) is not None and (intake := self._holder(s)) is not None:
                     intake.terminate.add(s)
         await self.results.put(out.subject, out.payload, headers, out.acks)
+
+    async def _may_store(self, acks: tuple[str, ...]) -> bool:
+        """A record is stored only while its inputs are held under a lease that
+        still holds (see :meth:`Ownership.confirmed`). Otherwise (a worker that
+        stalled past its lease, a record that comes after its partition was
+        lost or handed over: a late GLM answer) another worker has its inputs,
+        or will at its next turn, and stores their records: ours could split a
+        window or put an event in two records."""
+        seq = next((s for d in acks if (s := _seq(d)) is not None), None)
+        if seq is None:
+            return True
+        intake = self._holder(seq)  # a record's inputs are of one source: one partition
+        return intake is not None and await self.ownership.confirmed(intake.slot.name)
 
     async def finish(self, done: Finish) -> None:
         await self._stored(done.acks)

@@ -39,6 +39,7 @@ import orjson
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 
+from engine.contracts.errors import TransportError
 from engine.transport.streams import Slot, workers_bucket
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("autoglm.partitions")
 
 Action = Callable[[Slot], Awaitable[None]]
+#: JetStream's "wrong last sequence" error codes (a compare-and-set that lost).
+WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
 def worker_name() -> str:
@@ -120,7 +123,9 @@ class Ownership:
         self.kv: Any = None
         #: slot -> (revision of our lease, monotonic second it was last written).
         self.held: dict[str, tuple[int, float]] = {}
-        #: Slots being taken over or handed over right now.
+        #: Set (and replaced) after each renewal: confirmed() waits on it.
+        self._turn = asyncio.Event()
+        #: Slots being taken over, handed over or dropped right now.
         self._busy: dict[str, asyncio.Task[None]] = {}
         self.members: list[str] = []
         self.taken = 0
@@ -154,7 +159,13 @@ class Ownership:
                 )
             )
         ttl = (await self.kv.status()).ttl
-        if ttl and abs(ttl - self.lease_s) > 1e-3:
+        if not ttl:
+            raise TransportError(
+                f"the workers bucket {name} keeps its entries forever (no TTL), so a dead worker's "
+                f"leases would never run out and its partitions never move: delete it (nats kv del "
+                f"{name}; the engine makes it again with a TTL of nats.lease_s) or give it a TTL"
+            )
+        if abs(ttl - self.lease_s) > 1e-3:
             log.warning(
                 "the workers bucket %s keeps leases %.1f s, not nats.lease_s = %.1f: using %.1f s "
                 "(every worker of one configuration shares it)",
@@ -217,26 +228,68 @@ class Ownership:
             log.warning("could not announce worker %s: %s", self.worker, exc)
 
     async def _members(self) -> list[str] | None:
+        """The live workers; ``None`` when the list cannot be trusted this turn.
+
+        nats-py's watch can end its listing before the entries come in (its
+        end marker is decided on the consumer's pending count, which the
+        server's answer may report before the delivery arrives): the list
+        comes back short, or empty. We announced ourselves just before, so a
+        list without us is such a list (or our entry ran out while the loop
+        stalled), and giving partitions away on it would hand them to nobody."""
         try:
-            return sorted(k[2:] for k in await keys(self.kv, "w.*"))
+            members = sorted(k[2:] for k in await keys(self.kv, "w.*"))
         except Exception as exc:
             log.warning("could not list workers: %s", exc)
             return None
+        if self.worker not in members:
+            log.info(
+                "the list of workers came back without this one (%d listed); deciding nothing", len(members)
+            )
+            return None
+        return members
 
     async def _claim(self, name: str) -> bool:
         value = orjson.dumps({"worker": self.worker, "at": time.time()})
+        sent = time.monotonic()  # the lease runs from when the server wrote it, after this
         try:
             rev = await self.kv.create(f"p.{name}", value)
         except Exception:  # held by another (its lease runs out, or it gives it up)
             return False
-        self.held[name] = (rev, time.monotonic())
+        self.held[name] = (rev, sent)
         return True
+
+    def valid(self, name: str) -> bool:
+        """This worker holds partition ``name``'s lease, last written less than
+        three quarters of ``lease_s`` ago by the monotonic clock (which runs on
+        while the process is stopped): nobody else can have it."""
+        held = self.held.get(name)
+        return held is not None and time.monotonic() - held[1] < self.lease_s * 0.75
+
+    async def confirmed(self, name: str) -> bool:
+        """:meth:`valid`, after the lease loop's next word on a lease gone stale.
+
+        Asked before each fetch and each record stored. A worker whose loop
+        stalled past its lease (SIGSTOP, a starved loop, a suspended VM) wakes
+        with windows to close and pulls to make before its lease loop runs: a
+        pull would take events from the consumer the new owner rebuilt, a
+        record could split a window the new owner is building. So they wait
+        for the renewal: it succeeds only if nobody wrote the lease meanwhile
+        (then nobody else had the partition), else the partition is lost."""
+        while name in self.held and not self.valid(name):
+            await self._turn.wait()
+        return self.valid(name)
+
+    def _renewed(self) -> None:
+        """Wake whoever waits in :meth:`confirmed`."""
+        self._turn.set()
+        self._turn = asyncio.Event()
 
     async def _renew(self, name: str, now: float) -> None:
         rev, last = self.held[name]
         value = orjson.dumps({"worker": self.worker, "at": time.time()})
         try:
-            self.held[name] = (await self.kv.update(f"p.{name}", value, last=rev), now)
+            sent = time.monotonic()
+            self.held[name] = (await self.kv.update(f"p.{name}", value, last=rev), sent)
             return
         except KeyWrongLastSequenceError:
             why = "another worker holds its lease now"
@@ -245,11 +298,20 @@ class Ownership:
                 log.warning("could not renew the lease of partition %s (%s); retrying", name, exc)
                 return
             why = f"its lease could not be renewed for {now - last:.1f} s ({exc})"
+        finally:
+            self._renewed()
         log.error("partition %s lost: %s; dropping its work (the new owner replays it)", name, why)
         self.held.pop(name, None)
+        self._renewed()  # what waits on it gives up now, before its work is dropped
         self.lost += 1
-        busy = self._busy.pop(name, None)
-        if busy is not None:
+        # Dropped in the background: dropping waits for the driver, whose
+        # records may wait in confirmed() for the renewal of other partitions.
+        self._busy[name] = asyncio.get_running_loop().create_task(
+            self._losing(name, self._busy.pop(name, None))
+        )
+
+    async def _losing(self, name: str, busy: asyncio.Task[None] | None) -> None:
+        if busy is not None:  # a takeover or handover under way ends here
             busy.cancel()
             with contextlib.suppress(BaseException):
                 await busy
@@ -271,11 +333,21 @@ class Ownership:
         self.given += 1
 
     async def _release_lease(self, name: str) -> None:
+        """Delete our lease so the next owner need not wait for it to expire. It
+        may be another's by now (it ran out while we stalled): nats-py's
+        ``delete`` then raises a plain ``APIError`` 10071, not
+        ``KeyWrongLastSequenceError``. Any failure leaves the lease to its TTL:
+        never a reason to stop the worker."""
         held = self.held.pop(name, None)
         if held is None:
             return
-        with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError):
+        try:
             await self.kv.delete(f"p.{name}", last=held[0])
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            pass
+        except Exception as exc:
+            if getattr(exc, "err_code", None) not in WRONG_LAST_SEQUENCE:
+                log.warning("could not delete the lease of partition %s (%s); it expires", name, exc)
 
     async def stop(self) -> None:
         """Take and give nothing more; the leases are still renewed until :meth:`leave`."""

@@ -10,7 +10,8 @@ arguments) to ``nats.connect``, so there is one reading of the settings.
 with the least each needs, as a nats-server ``authorization`` block, and an
 env file per user (0600) that the tools read.
 
-    producer  publish <prefix>.in.> and new objects into the claim-check
+    producer  publish <prefix>.in.> (core-mode partitions: <prefix>.part.*.>
+              too) and new objects into the claim-check
               bucket; it reads nothing: no results, no DLQ, no object, no
               other user's replies
     engine    subscribe <prefix>.in.>, publish results/DLQ/late, JetStream,
@@ -131,9 +132,14 @@ def permissions(nats: NatsConfig) -> dict[str, dict[str, Any]]:
     objects = [object_chunks(bucket, "*"), object_meta(bucket, "*")]
     out = out_stream
     s = Subjects(prefix)
+    # Core mode with partitions: the server maps each input to
+    # <prefix>.part.<p>.<source>.<modality> and checks the producer's publish
+    # permission on that subject, not on the one it published; each worker
+    # subscribes to its partitions there. (Durable mode maps in the stream.)
+    mapped = [s.partition("*")] if nats.durable is False and nats.partitions > 1 else []
     return {
         "producer": {
-            "publish": [s.inputs, *objects],
+            "publish": [s.inputs, *mapped, *objects],
             "subscribe": [f"{inbox_prefix('producer')}.>"],
         },
         "engine": {
@@ -144,7 +150,7 @@ def permissions(nats: NatsConfig) -> dict[str, dict[str, Any]]:
                 f"$KV.{workers_bucket(nats)}.>",  # its leases (transport/partitions.py)
                 f"$KV.{glm_bucket(nats)}.>",  # each source's GLM state (glm/memory.py)
             ],
-            "subscribe": [s.inputs, s.services, SRV_ALL, f"{inbox_prefix('engine')}.>"],
+            "subscribe": [s.inputs, *mapped, s.services, SRV_ALL, f"{inbox_prefix('engine')}.>"],
             # It answers $SRV and <prefix>.svc requests on the asker's inbox,
             # one reply per request, and may publish on no other inbox.
             "allow_responses": True,
