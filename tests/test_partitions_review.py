@@ -398,7 +398,13 @@ async def test_a_worker_that_joins_and_leaves_again_and_again_loses_and_splits_n
 ) -> None:
     """Churn: one worker stays while others join, take their share and leave,
     by SIGTERM (a handover back) or SIGKILL (a failover), while events flow.
-    Every event in exactly one result, no window split, nothing refused."""
+    Every event in exactly one result, no window split, nothing refused.
+
+    Fails in about two runs of three: a joiner SIGKILLed while taking a
+    partition over leaves it without a consumer, and the recording mirror makes
+    the server drop its events (see the test below); with ``record_max_bytes =
+    0`` it passed four runs of four. Before the fixes of this review (parked
+    events, lists of workers without this one) it failed on main as well."""
     cfg = tmp_path / "r.toml"
     cfg.write_text(config_text(prefix))
     args = ("--config", str(cfg), "--nats-url", nats_url)
