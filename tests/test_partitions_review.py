@@ -403,8 +403,7 @@ async def test_a_worker_that_joins_and_leaves_again_and_again_loses_and_splits_n
     Fails in about two runs of three: a joiner SIGKILLed while taking a
     partition over leaves it without a consumer, and the recording mirror makes
     the server drop its events (see the test below); with ``record_max_bytes =
-    0`` it passed four runs of four. Before the fixes of this review (parked
-    events, lists of workers without this one) it failed on main as well."""
+    0`` it passed four runs of four."""
     cfg = tmp_path / "r.toml"
     cfg.write_text(config_text(prefix))
     args = ("--config", str(cfg), "--nats-url", nats_url)
