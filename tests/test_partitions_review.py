@@ -15,7 +15,7 @@ import nats
 import orjson
 import pytest
 
-from engine.contracts.errors import TransportError
+from engine.contracts.errors import ConfigError, TransportError
 from engine.contracts.subjects import Subjects, partition_of
 from engine.runtime.engine import Engine
 from engine.transport import partitions
@@ -506,3 +506,25 @@ async def test_a_takeover_cut_short_after_the_consumer_was_deleted_loses_no_inpu
         f"{expected - left} of the partition's {expected} events left the work queue with no consumer "
         "to take them (they are only in the recording now)"
     )
+
+
+async def test_a_worker_with_another_partition_count_is_refused_while_others_run(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """``nats.partitions`` may change only with an empty input stream, and the
+    check looks at the stream alone: a worker started with another N while the
+    running ones keep up (the stream is empty at that instant) rewrites the
+    stream's transform under them. Each side then computes the owners over its
+    own list of partitions: partitions only the newcomer knows, that its
+    assignment gives the other, are owned by nobody and never consumed; a
+    partition both know may be given by one to the other, who does not take it.
+    The second worker must be refused while a worker of another N is alive."""
+    first = Engine(make_config(prefix, nats={"subject_prefix": prefix, "durable": True, "partitions": 4}))
+    second = Engine(make_config(prefix, nats={"subject_prefix": prefix, "durable": True, "partitions": 8}))
+    await first.start(nats_url)
+    try:
+        with pytest.raises((ConfigError, TransportError), match="partitions"):
+            await second.start(nats_url)
+    finally:
+        await second.stop()
+        await first.stop()
