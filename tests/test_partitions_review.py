@@ -15,7 +15,7 @@ import nats
 import orjson
 import pytest
 
-from engine.contracts.errors import TransportError
+from engine.contracts.errors import ConfigError, TransportError
 from engine.contracts.subjects import Subjects, partition_of
 from engine.runtime.engine import Engine
 from engine.transport import partitions
@@ -391,3 +391,140 @@ async def test_core_mode_does_not_take_an_input_published_on_a_partition_subject
     finally:
         await client.close()
         await engine.stop()
+
+
+async def test_a_worker_that_joins_and_leaves_again_and_again_loses_and_splits_nothing(
+    nc: Any, nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Churn: one worker stays while others join, take their share and leave,
+    by SIGTERM (a handover back) or SIGKILL (a failover), while events flow.
+    Every event in exactly one result, no window split, nothing refused.
+
+    Fails in about two runs of three: a joiner SIGKILLed while taking a
+    partition over leaves it without a consumer, and the recording mirror makes
+    the server drop its events (see the test below); with ``record_max_bytes =
+    0`` it passed four runs of four."""
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(config_text(prefix))
+    args = ("--config", str(cfg), "--nats-url", nats_url)
+    stay = await spawn_engine(*args)
+    logs: list[str] = []
+    sent: set[str] = set()
+    base = time.time_ns()
+    rounds = 0
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        nonlocal rounds
+        while not stop.is_set():
+            await publish_round(nc, prefix, rounds, base, sent)
+            rounds += 1
+            await asyncio.sleep(0.02)
+
+    producer = asyncio.get_running_loop().create_task(produce())
+    try:
+        for cycle, sig in enumerate((signal.SIGTERM, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL)):
+            joiner = await spawn_engine(*args)
+
+            async def has_share(pid: int = joiner.pid) -> bool:
+                return any(f"-{pid}-" in w for w in (await owners(nc, prefix)).values())
+
+            await eventually(has_share, f"joiner {cycle} to own a partition", 30)
+            joiner.send_signal(sig)
+            _, err = await asyncio.wait_for(joiner.communicate(), 60)
+            logs.append(f"joiner {cycle} ({sig.name}): {err.decode()[-1500:]}")
+
+            async def all_back() -> bool:
+                held = await owners(nc, prefix)
+                return len(held) == 5 and all(f"-{stay.pid}-" in w for w in held.values())
+
+            await eventually(all_back, "the staying worker to own every partition again", 30)
+    finally:
+        stop.set()
+        await producer
+    await nc.flush()
+    results = await all_stored(nc, prefix, sent)
+    stay.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(stay.communicate(), 60)
+    logs.append(f"stayer: {err.decode()[-3000:]}")
+    await check_with_rejections(nc, prefix, results, sent, logs)
+
+
+async def test_a_takeover_cut_short_after_the_consumer_was_deleted_loses_no_input(
+    nc: Any, prefix: str
+) -> None:
+    """A takeover rebuilds the partition's consumer when it holds unacked
+    events (every handover leaves its open windows' events so, every failover
+    too): ``replay_point`` deletes it and the new owner makes it again. A
+    worker killed in between (SIGKILL, a machine gone) leaves the partition
+    without a consumer until the next owner's takeover, a lease later.
+
+    nats-server (2.15) then drops that partition's events from the work-queue
+    stream while the recording mirror (``<STREAM>_REC``, on by default) is
+    attached: within a second or two of the consumer's deletion, the events
+    delivered and unacked, and those arriving meanwhile, are gone (they are
+    only in the recording). In the churn run (a joiner SIGKILLed while taking
+    over) up to 1 740 events were never processed. Without the mirror nothing
+    is dropped. The events must still be there for the next owner."""
+    from engine.transport.intake import Intake
+    from engine.transport.streams import count, ensure, mirror_attached, replay_point, stream_configs
+
+    cfg = make_config(prefix, nats={"subject_prefix": prefix, "partitions": 2, "ack_wait_s": 30}).nats
+    js = nc.jetstream()
+    for stream in stream_configs(cfg):
+        await ensure(js, stream)
+    in_stream = f"{prefix.upper()}_IN"
+    await mirror_attached(js, f"{prefix.upper()}_REC", in_stream)
+    slot = slots(cfg)[0]
+    mine = [s for s in SOURCES if partition_of(s, 2) == 0][:10]
+    base = time.time_ns()
+    for i, source in enumerate(mine):
+        await send(nc, prefix, source, "text", b"e", base + i * MS, event_id=f"{source}-a")
+    first = Intake(js, cfg, slot)  # the owner: takes them in hand, then hands the partition over
+    await first.setup()
+    held = await first.sub.fetch(len(mine), timeout=5)
+    assert len(held) == len(mine)
+    await first.sub.unsubscribe()  # handed over with their windows open: unacked
+    _, rebuilt = await replay_point(js, in_stream, slot)  # the next owner's takeover ...
+    assert rebuilt is not None  # ... deleted the consumer, and died there
+    for i, source in enumerate(mine):  # events keep coming
+        await send(nc, prefix, source, "text", b"e", base + (100 + i) * MS, event_id=f"{source}-b")
+    await nc.flush()
+    expected = 2 * len(mine)
+
+    async def dropped() -> list[int] | None:
+        left = await count(js, in_stream, slot.filter)
+        return [left] if left < expected else None
+
+    # The server drops them a second or two after the deletion; the next
+    # owner comes a lease later (nats.lease_s, 3 s by default).
+    try:
+        left = (await eventually(dropped, "the partition's events to leave the work queue", 5))[0]
+    except AssertionError:
+        return  # all still there
+    raise AssertionError(
+        f"{expected - left} of the partition's {expected} events left the work queue with no consumer "
+        "to take them (they are only in the recording now)"
+    )
+
+
+async def test_a_worker_with_another_partition_count_is_refused_while_others_run(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """``nats.partitions`` may change only with an empty input stream, and the
+    check looks at the stream alone: a worker started with another N while the
+    running ones keep up (the stream is empty at that instant) rewrites the
+    stream's transform under them. Each side then computes the owners over its
+    own list of partitions: partitions only the newcomer knows, that its
+    assignment gives the other, are owned by nobody and never consumed; a
+    partition both know may be given by one to the other, who does not take it.
+    The second worker must be refused while a worker of another N is alive."""
+    first = Engine(make_config(prefix, nats={"subject_prefix": prefix, "durable": True, "partitions": 4}))
+    second = Engine(make_config(prefix, nats={"subject_prefix": prefix, "durable": True, "partitions": 8}))
+    await first.start(nats_url)
+    try:
+        with pytest.raises((ConfigError, TransportError), match="partitions"):
+            await second.start(nats_url)
+    finally:
+        await second.stop()
+        await first.stop()

@@ -236,17 +236,17 @@ class Ownership:
         comes back short, or empty. We announced ourselves just before, so a
         list without us is such a list (or our entry ran out while the loop
         stalled), and giving partitions away on it would hand them to nobody."""
-        try:
-            members = sorted(k[2:] for k in await keys(self.kv, "w.*"))
-        except Exception as exc:
-            log.warning("could not list workers: %s", exc)
-            return None
-        if self.worker not in members:
-            log.info(
-                "the list of workers came back without this one (%d listed); deciding nothing", len(members)
-            )
-            return None
-        return members
+        members: list[str] = []
+        for _ in range(3):  # the race is rare: asking again usually gives the whole list
+            try:
+                members = sorted(k[2:] for k in await keys(self.kv, "w.*"))
+            except Exception as exc:
+                log.warning("could not list workers: %s", exc)
+                return None
+            if self.worker in members:
+                return members
+        log.info("the list of workers came back without this one (%d listed); deciding nothing", len(members))
+        return None
 
     async def _claim(self, name: str) -> bool:
         value = orjson.dumps({"worker": self.worker, "at": time.time()})
