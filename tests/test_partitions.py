@@ -286,3 +286,52 @@ async def test_three_workers_over_sixty_sources_put_every_event_in_one_result(
     finally:
         for engine in engines:
             await engine.stop()
+
+
+async def test_events_of_a_partition_nobody_has_taken_yet_wait_for_its_owner(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """On a work-queue stream the recording mirror's own consumer takes what no
+    consumer's filter covers (nats-server 2.15). Every partition's consumer is
+    made at setup, so events for a partition whose owner has not taken it yet
+    (here: a worker that has announced itself and never takes anything) stay
+    in the queue for it."""
+    from nats.js.api import KeyValueConfig
+
+    js = nc.jetstream()
+    kv = await js.create_key_value(KeyValueConfig(bucket=f"{prefix.upper()}_WORKERS", ttl=5.0))
+    cfg = make_config(
+        prefix,
+        nats={"subject_prefix": prefix, "durable": True, "partitions": 4, "lease_s": 5.0},
+        aligner={"window_ms": 100, "allowed_lateness_ms": 0, "idle_timeout_ms": 300},
+    )
+    await kv.put("w.ghost", b"{}")  # alive for 5 s, owed some partitions, takes none
+    engine = Engine(cfg)
+    await engine.start(nats_url)
+    try:
+        assert engine.transport is not None
+        mine = set(engine.transport.state().partitions)
+        assert mine and len(mine) < 5
+        sent: set[str] = set()
+        await publish_round(nc, prefix, 0, time.time_ns(), sent)
+        await nc.flush()
+        theirs = [s for s in SOURCES if str(partition_of(s, 4)) not in mine]
+
+        async def recorded() -> bool:
+            return bool((await js.stream_info(f"{prefix.upper()}_REC")).state.messages >= len(SOURCES))
+
+        await eventually(recorded, "the recording to hold every event", 10)
+        waiting = sum(
+            (
+                (
+                    await js.stream_info(f"{prefix.upper()}_IN", subjects_filter=f"{prefix}.part.>")
+                ).state.subjects
+                or {}
+            ).values()
+        )
+        assert waiting >= len(theirs), "events of the ghost's partitions left the queue unprocessed"
+        await kv.delete("w.ghost")  # gone: its partitions come to the engine
+        results = await all_stored(nc, prefix, sent)
+        check_exactly_once(results, sent, [])
+    finally:
+        await engine.stop()

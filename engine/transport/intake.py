@@ -43,6 +43,32 @@ async def _always() -> bool:
     return True
 
 
+def consumer_config(config: NatsConfig, slot: Slot) -> ConsumerConfig:
+    """The durable pull consumer of ``slot``."""
+    return ConsumerConfig(
+        durable_name=slot.consumer,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=config.ack_wait_s,
+        max_ack_pending=config.max_ack_pending,
+        max_deliver=config.max_deliver,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=slot.filter,
+    )
+
+
+async def ensure_consumers(js: Any, config: NatsConfig, every: list[Slot]) -> None:
+    """Every slot's consumer exists, owned or not. On a work-queue stream an
+    input that no consumer's filter covers is taken by the recording mirror's
+    own consumer and leaves the queue (nats-server 2.15): events published
+    before any worker ever took their partition would only be in the recording."""
+    in_stream = stream_names(config)[0]
+    for slot in every:
+        try:
+            await js.consumer_info(in_stream, slot.consumer)
+        except NotFoundError:
+            await js.add_consumer(in_stream, consumer_config(config, slot))
+
+
 class Intake:
     """One slot's consumer, what it holds, and the acks it still owes."""
 
@@ -105,14 +131,7 @@ class Intake:
             self.slot.filter,
             durable=self.slot.consumer,
             stream=self.in_stream,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=cfg.ack_wait_s,
-                max_ack_pending=cfg.max_ack_pending,
-                max_deliver=cfg.max_deliver,
-                deliver_policy=DeliverPolicy.ALL,
-                filter_subject=self.slot.filter,
-            ),
+            config=consumer_config(cfg, self.slot),
         )
         if start is not None:
             await self.read_back.read_back(start)
@@ -179,7 +198,6 @@ class Intake:
                 await self.settle(msg, term=True)
             return
         if seq in self.read_back.stored_seqs:  # its DLQ record was stored before a crash lost the ack
-            log.info("TRACE recovered-dlq %s", seq)
             self.recovered += 1
             await self.settle(msg)
             return
@@ -188,7 +206,6 @@ class Intake:
         except Exception:  # nats-py parses lazily on some paths: the codec refuses it
             headers = None
         message = Message(msg.subject, headers, msg.data, f"js{seq}")
-        log.info("TRACE in %s %s d%d c%d %s", self.slot.name, seq, meta.num_delivered, meta.sequence.consumer, (headers or {}).get("Nats-Msg-Id") if isinstance(headers, dict) else headers)
         # Held from now on: what it turns into may be stored (and acked) before
         # the handler returns, and a long store retry keeps it heartbeated.
         self.held[seq] = (msg, time.monotonic())
@@ -243,7 +260,6 @@ class Intake:
     async def stored(self, seq: int) -> None:
         """The record that finishes input ``seq`` is stored: ack (or end) it."""
         held = self.held.pop(seq, None)
-        log.info("TRACE stored %s %s %s", self.slot.name, seq, held is not None)
         if not self.held:
             self._empty.set()
         if held is not None:
@@ -259,7 +275,6 @@ class Intake:
     def give_back(self, seqs: list[int]) -> None:
         """Leave these inputs unacked and stop heartbeating them: the next owner
         of the slot receives them again."""
-        log.info("TRACE giveback %s %s", self.slot.name, sorted(seqs))
         for seq in seqs:
             self.held.pop(seq, None)
             self.terminate.discard(seq)

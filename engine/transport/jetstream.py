@@ -26,22 +26,26 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
 from engine.contracts.errors import TransportError
 from engine.contracts.messages import Finish, Key, Publish
 from engine.contracts.subjects import partition_of
 from engine.transport.base import Sink, TransportState
-from engine.transport.intake import Intake
-from engine.transport.partitions import Ownership
+from engine.transport.intake import Intake, ensure_consumers
+from engine.transport.partitions import Ownership, keys
 from engine.transport.resultstore import ResultStore
 from engine.transport.streams import (
     Slot,
     dlq_msg_id,
     ensure,
     mirror_attached,
+    partitions_of,
     record_stream,
     slots,
     stream_configs,
     stream_names,
+    workers_bucket,
 )
 from engine.wire.codec import ID_HEADER
 
@@ -162,8 +166,11 @@ class JetStreamTransport:
         """Create or update the streams and the workers' bucket."""
         cfg = self.config
         try:
+            await self._same_partitions_as_the_others()
             for stream in stream_configs(cfg, self.replicas):
                 await ensure(self.js, stream)
+                if stream.name == self.in_stream:  # before the recording mirror attaches
+                    await ensure_consumers(self.js, cfg, slots(cfg))
             if cfg.record_max_bytes > 0:
                 await mirror_attached(self.js, self.rec_stream, self.in_stream)
             await self.ownership.setup()
@@ -178,6 +185,28 @@ class JetStreamTransport:
                     "the server more max_file_store)"
                 )
             raise TransportError(f"JetStream setup failed: {exc}{hint}") from exc
+
+    async def _same_partitions_as_the_others(self) -> None:
+        """Refuse another ``nats.partitions`` while workers of this configuration
+        live: rewriting the transform under them leaves partitions nobody owns."""
+        try:
+            info = await self.js.stream_info(self.in_stream)
+        except NotFoundError:
+            return
+        had = partitions_of(info.config.subject_transform)
+        if had == self.config.partitions:
+            return
+        try:
+            kv = await self.js.key_value(workers_bucket(self.config))
+            live = await keys(kv, "w.*")
+        except BucketNotFoundError:
+            return
+        if live:
+            raise TransportError(
+                f"nats.partitions = {self.config.partitions}, but {len(live)} worker(s) of this "
+                f"configuration run with nats.partitions = {had} ({', '.join(k[2:] for k in live[:3])}): "
+                "stop them all (and let the input stream empty) before changing it"
+            )
 
     async def start(self, sink: Sink) -> None:
         """Take what is rightfully ours and free now (a lone engine: everything),
@@ -267,7 +296,6 @@ class JetStreamTransport:
         seq = _seq(delivery)
         intake = self._holder(seq) if seq is not None else None
         if intake is not None and key in intake.read_back.stored_keys:
-            log.info("TRACE recovered %s %s", key, delivery)
             intake.recovered += 1
             return True
         return False

@@ -166,8 +166,8 @@ async def ensure(js: Any, stream: StreamConfig) -> None:
             f"delete it (nats stream rm {stream.name}) or set nats.stream to a new name"
         )
     if stream.retention == RetentionPolicy.WORK_QUEUE:
-        had = _partitions_of(info.config.subject_transform)
-        want = _partitions_of(stream.subject_transform)
+        had = partitions_of(info.config.subject_transform)
+        want = partitions_of(stream.subject_transform)
         if had != want and info.state.messages:
             raise TransportError(
                 f"nats.partitions = {want}, but {stream.name} still holds {info.state.messages} "
@@ -178,7 +178,7 @@ async def ensure(js: Any, stream: StreamConfig) -> None:
         await js.update_stream(stream)
 
 
-def _partitions_of(transform: Any) -> int:
+def partitions_of(transform: Any) -> int:
     """N of a ``{{partition(N,1)}}`` transform; 1 for none."""
     dest = getattr(transform, "dest", None) or ""
     if "partition(" not in dest:
