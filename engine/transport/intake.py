@@ -179,7 +179,6 @@ class Intake:
                 await self.settle(msg, term=True)
             return
         if seq in self.read_back.stored_seqs:  # its DLQ record was stored before a crash lost the ack
-            log.info("TRACE recovered-dlq %s", seq)
             self.recovered += 1
             await self.settle(msg)
             return
@@ -188,7 +187,6 @@ class Intake:
         except Exception:  # nats-py parses lazily on some paths: the codec refuses it
             headers = None
         message = Message(msg.subject, headers, msg.data, f"js{seq}")
-        log.info("TRACE in %s %s d%d c%d %s", self.slot.name, seq, meta.num_delivered, meta.sequence.consumer, (headers or {}).get("Nats-Msg-Id") if isinstance(headers, dict) else headers)
         # Held from now on: what it turns into may be stored (and acked) before
         # the handler returns, and a long store retry keeps it heartbeated.
         self.held[seq] = (msg, time.monotonic())
@@ -243,7 +241,6 @@ class Intake:
     async def stored(self, seq: int) -> None:
         """The record that finishes input ``seq`` is stored: ack (or end) it."""
         held = self.held.pop(seq, None)
-        log.info("TRACE stored %s %s %s", self.slot.name, seq, held is not None)
         if not self.held:
             self._empty.set()
         if held is not None:
@@ -259,7 +256,6 @@ class Intake:
     def give_back(self, seqs: list[int]) -> None:
         """Leave these inputs unacked and stop heartbeating them: the next owner
         of the slot receives them again."""
-        log.info("TRACE giveback %s %s", self.slot.name, sorted(seqs))
         for seq in seqs:
             self.held.pop(seq, None)
             self.terminate.discard(seq)

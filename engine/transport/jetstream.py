@@ -267,7 +267,6 @@ class JetStreamTransport:
         seq = _seq(delivery)
         intake = self._holder(seq) if seq is not None else None
         if intake is not None and key in intake.read_back.stored_keys:
-            log.info("TRACE recovered %s %s", key, delivery)
             intake.recovered += 1
             return True
         return False
