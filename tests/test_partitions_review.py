@@ -4,6 +4,7 @@ across workers, each a test that fails while the problem is there."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -528,3 +529,30 @@ async def test_a_worker_with_another_partition_count_is_refused_while_others_run
     finally:
         await second.stop()
         await first.stop()
+
+
+async def test_a_record_waiting_for_a_stale_lease_does_not_wait_for_a_dead_lease_loop(
+    nc: Any, prefix: str
+) -> None:
+    """Records and pulls of a partition whose lease went stale wait for the lease
+    loop's next renewal (Ownership.confirmed). When that loop has died (the
+    supervisor then stops the engine, which flushes its windows) nothing will
+    renew anything: waiting would hang the engine's stop."""
+    config = make_config(prefix, nats={"subject_prefix": prefix, "partitions": 1, "lease_s": 1.0}).nats
+
+    async def nothing(slot: Slot) -> None:
+        return None
+
+    js = nc.jetstream()
+    own = Ownership(js, config, slots(config), take=nothing, give=nothing, lose=nothing, worker="me")
+    await own.setup()
+    await own.tick(wait=True)
+    assert await own.confirmed("0")
+    own.start()
+    assert own.task is not None
+    own.task.cancel()  # the loop dies
+    with contextlib.suppress(asyncio.CancelledError):
+        await own.task
+    await until(lambda: not own.valid("0"), "the lease to go stale", 5)
+    assert await asyncio.wait_for(own.confirmed("0"), 5) is False
+    await own.leave()

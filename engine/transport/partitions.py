@@ -178,6 +178,7 @@ class Ownership:
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop(), name="autoglm:partitions")
+        self.task.add_done_callback(lambda _: self._renewed())  # see confirmed()
 
     async def _loop(self) -> None:
         while not self._stop.is_set():
@@ -276,6 +277,8 @@ class Ownership:
         for the renewal: it succeeds only if nobody wrote the lease meanwhile
         (then nobody else had the partition), else the partition is lost."""
         while name in self.held and not self.valid(name):
+            if self._stop.is_set() or (self.task is not None and self.task.done()):
+                return False  # nothing renews it any more (leaving, or the loop died)
             await self._turn.wait()
         return self.valid(name)
 
@@ -361,6 +364,7 @@ class Ownership:
         """Give every lease up at once (the engine stopped): the others take over now,
         not when the leases run out."""
         self._stop.set()
+        self._renewed()  # whatever waits in confirmed() gives up
         if self.task is not None and not self.task.done():
             with contextlib.suppress(BaseException):
                 await self.task
