@@ -133,8 +133,16 @@ async def run_workers(k: int, args: argparse.Namespace, tmp: Path) -> dict[str, 
             await until(lambda: drained(js), "the workers to finish the backlog")
         except RuntimeError:
             for info in await js.consumers_info("SOAK_IN"):
-                print(info.name, info.config.filter_subject, "pending", info.num_pending,
-                      "ack_pending", info.num_ack_pending, "redelivered", info.num_redelivered)
+                print(
+                    info.name,
+                    info.config.filter_subject,
+                    "pending",
+                    info.num_pending,
+                    "ack_pending",
+                    info.num_ack_pending,
+                    "redelivered",
+                    info.num_redelivered,
+                )
             print((await js.stream_info("SOAK_IN")).state)
             raise
         took, used = time.monotonic() - t0, sum(map(cpu_seconds, pids)) - c0
