@@ -136,14 +136,14 @@ async def test_a_worker_joining_mid_stream_takes_its_share_and_splits_no_window(
                 await second.start(nats_url)
             if i > 10 and second.transport is not None and not second.transport.state().partitions:
                 await nc.flush()  # pacing: the stream goes on while the handover happens
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # pacing, not synchronisation: the stream spans wall time
         await until(
             lambda: second.transport is not None and bool(second.transport.state().partitions),
             "the second worker to own partitions",
         )
         for i in range(40, 60):  # and after it
             await publish_round(nc, prefix, i, base, sent)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # pacing, not synchronisation: the stream spans wall time
         await nc.flush()
         results = await all_stored(nc, prefix, sent)
         check_exactly_once(results, sent, [])
@@ -181,7 +181,7 @@ async def test_sigkill_of_a_worker_moves_its_partitions_and_loses_nothing(
             victim.send_signal(signal.SIGKILL)
             _, err = await asyncio.wait_for(victim.communicate(), 30)
             logs.append(err.decode())
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # pacing, not synchronisation: the stream spans wall time
     await nc.flush()
 
     async def one_owner() -> bool:
@@ -276,7 +276,7 @@ async def test_three_workers_over_sixty_sources_put_every_event_in_one_result(
         base = time.time_ns()
         for i in range(30):
             await publish_round(nc, prefix, i, base, sent)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # pacing, not synchronisation: the stream spans wall time
         await nc.flush()
         results = await all_stored(nc, prefix, sent)
         check_exactly_once(results, sent, [])
