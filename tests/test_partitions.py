@@ -198,12 +198,9 @@ async def test_sigkill_of_a_worker_moves_its_partitions_and_loses_nothing(
     check_exactly_once(results, sent, logs)
 
 
-async def test_core_mode_workers_share_the_partitions_of_the_servers_mapping(
-    tmp_path: Path, prefix: str
-) -> None:
-    """Core NATS: the embedded server maps inputs to partitions; two workers
-    subscribe to what they own, and each event is in one result."""
-    cfg = make_config(
+def core_config(prefix: str, tmp_path: Path) -> Any:
+    """Core mode over four partitions on an embedded server of the test's own."""
+    return make_config(
         prefix,
         nats={
             "subject_prefix": prefix,
@@ -214,6 +211,14 @@ async def test_core_mode_workers_share_the_partitions_of_the_servers_mapping(
         },
         aligner={"window_ms": 100, "allowed_lateness_ms": 0, "idle_timeout_ms": 300},
     )
+
+
+async def test_core_mode_workers_share_the_partitions_of_the_servers_mapping(
+    tmp_path: Path, prefix: str
+) -> None:
+    """Core NATS: the embedded server maps inputs to partitions; two workers
+    subscribe to what they own, and each event is in one result."""
+    cfg = core_config(prefix, tmp_path)
     first = Engine(cfg)
     url = await first.start()  # the embedded server, started with the mapping
     second = Engine(cfg)

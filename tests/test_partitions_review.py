@@ -31,6 +31,7 @@ from tests.test_partitions import (
     all_stored,
     check_exactly_once,
     config_text,
+    core_config,
     owners,
     publish_round,
 )
@@ -371,17 +372,7 @@ async def test_core_mode_does_not_take_an_input_published_on_a_partition_subject
     (split windows, an event order nothing guarantees). It must be refused
     (``bad_subject``), as it is in durable mode, where the input stream does not
     even store it."""
-    cfg = make_config(
-        prefix,
-        nats={
-            "subject_prefix": prefix,
-            "durable": False,
-            "partitions": 4,
-            "lease_s": 1.0,
-            "data_dir": str(tmp_path / "store"),
-        },
-        aligner={"window_ms": 100, "allowed_lateness_ms": 0, "idle_timeout_ms": 300},
-    )
+    cfg = core_config(prefix, tmp_path)
     engine = Engine(cfg)
     url = await engine.start()
     client = await nats.connect(url)
