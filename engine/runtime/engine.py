@@ -56,7 +56,7 @@ from engine.runtime.supervisor import Supervisor
 from engine.transport.base import Transport, TransportState
 from engine.transport.core import CoreTransport
 from engine.transport.jetstream import JetStreamTransport
-from engine.transport.security import redact_url, security_for
+from engine.transport.security import redact_url, security_for, server_urls
 from engine.transport.streams import replicas_for
 from engine.transport.sync import sync_with_server
 from engine.wire import claimcheck, natsguard
@@ -268,7 +268,7 @@ class Engine:
 
     async def _connect(self, url: str) -> None:
         self._broker = NatsBroker(
-            url,
+            server_urls(url),  # a cluster's nodes: it moves to another when one goes
             logger=None,
             error_cb=self._on_error,
             connect_timeout=int(self.config.nats.connect_timeout_s),
