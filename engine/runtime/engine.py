@@ -220,6 +220,7 @@ class Engine:
         self.url = url
         await self._connect(url)
         nats = self.config.nats
+        replicas = await replicas_for(self._nc, nats)
         self.claims = await claimcheck.setup(
             self._nc,
             nats.object_bucket,
@@ -227,10 +228,11 @@ class Engine:
             self.config.limits.max_payload_bytes,
             timeout=nats.object_fetch_timeout_s,
             bucket_bytes=nats.object_max_bytes,
+            replicas=replicas,
         )
         transport: Transport
         if await self._use_jetstream():
-            transport = JetStreamTransport(self._nc, nats, replicas=await replicas_for(self._nc, nats))
+            transport = JetStreamTransport(self._nc, nats, replicas=replicas)
         else:
             # Without JetStream there are no leases: one engine per prefix (a
             # second would split sources' windows between two aligners).
