@@ -131,7 +131,15 @@ class Driver:
                 self.pipeline.stats.internal_errors += 1
                 await self.emit([self.pipeline.refuse(msg, why)])
                 return
+        # Several intakes (partitions) hand messages in at once, and the pipeline
+        # parks one event at a time: a second one must not take the first's place.
+        await self._room_to_park()
         await self.emit(self.pipeline.receive(msg))
+        await self._room_to_park()
+        self._kick.set()  # a batch or a window may be due now
+
+    async def _room_to_park(self) -> None:
+        """Wait while an event is parked (a ``complete`` route's queue is full)."""
         if self.pipeline.paused:
             self.supervisor.degrade("intake_waiting")
             try:
@@ -141,7 +149,6 @@ class Driver:
                     await self._room.wait()
             finally:
                 self.supervisor.recover("intake_waiting")
-        self._kick.set()  # a batch or a window may be due now
 
     async def poison(self, msg: Message, delivered: int) -> None:
         why = EventRejected(
