@@ -186,7 +186,7 @@ class JetStreamTransport:
     # -- partitions ---------------------------------------------------------------------
 
     async def _take(self, slot: Slot) -> None:
-        intake = Intake(self.js, self.config, slot)
+        intake = Intake(self.js, self.config, slot, self.replicas, lambda: self.ownership.fresh(slot.name))
         await intake.setup()
         assert self._sink is not None
         self.intakes[slot.name] = intake
@@ -273,6 +273,8 @@ class JetStreamTransport:
         if out.kind == "rejection" and out.acks and (seq := _seq(out.acks[0])) is not None:
             # A second record of the same input (a redelivery after a lost ack) is dropped.
             headers = {**headers, ID_HEADER: dlq_msg_id(self.in_stream, seq)}
+        if not await self._ours(out.acks):
+            return  # its partition is lost: the new owner replays these inputs
         if out.terminate:
             for d in out.acks:
                 if (s := _seq(d)) is not None and (intake := self._holder(s)) is not None:
@@ -280,7 +282,28 @@ class JetStreamTransport:
         await self.results.put(out.subject, out.payload, headers, out.acks)
 
     async def finish(self, done: Finish) -> None:
-        await self._stored(done.acks)
+        if await self._ours(done.acks):
+            await self._stored(done.acks)
+
+    async def _ours(self, acks: tuple[str, ...]) -> bool:
+        """May this worker store what finishes ``acks``? Not once their
+        partition is lost (the new owner replays them and stores its own
+        record), and not yet while its lease is unconfirmed (it may have run
+        out and passed on): wait until renewed, or lost. Records of inputs
+        held by no intake are not judged here."""
+        while True:
+            intake = next((i for d in acks if (q := _seq(d)) is not None and (i := self._holder(q))), None)
+            if intake is None:
+                return True
+            name = intake.slot.name
+            if name not in self.ownership.held:
+                log.warning(
+                    "partition %s is no longer ours: a record of %d inputs not stored", name, len(acks)
+                )
+                return False
+            if self.ownership.fresh(name):
+                return True
+            await asyncio.sleep(0.05)
 
     async def _stored(self, acks: tuple[str, ...]) -> None:
         """The record that finishes ``acks`` is stored: ack (or end) their messages."""
@@ -289,15 +312,20 @@ class JetStreamTransport:
             if seq is not None and (intake := self._holder(seq)) is not None:
                 await intake.stored(seq)
 
-    async def _store(self, subject: str, payload: bytes, headers: dict[str, str]) -> Any:
+    async def _store(
+        self, subject: str, payload: bytes, headers: dict[str, str], acks: tuple[str, ...]
+    ) -> Any:
         """The awaited store: retried with backoff for as long as the server is
         away (the inputs stay unacked and heartbeated meanwhile; ``health`` says
         ``degraded``); returns the PubAck. Only a stopping engine gives up, after
-        :data:`STOP_RETRY_S`: its inputs are then delivered again."""
+        :data:`STOP_RETRY_S`, and one whose partition was lost meanwhile: its
+        inputs are then delivered again."""
         delay = 0.05
         retrying = False
         try:
             while True:
+                if not await self._ours(acks):
+                    raise TransportError(f"{subject}: the partition of its inputs is no longer ours")
                 try:
                     return await self.js.publish(subject, payload, headers=headers, timeout=2.0)
                 except Exception as exc:  # no responders, timeout, reconnecting

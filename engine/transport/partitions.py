@@ -35,10 +35,20 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    NoRespondersError,
+    StaleConnectionError,
+)
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyWrongLastSequenceError,
+    ServiceUnavailableError,
+)
 
-from engine.transport.streams import Slot, workers_bucket
+from engine.transport.streams import Slot, raise_replicas, workers_bucket
 
 if TYPE_CHECKING:
     from engine.config.models import NatsConfig
@@ -46,6 +56,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("autoglm.partitions")
 
 Action = Callable[[Slot], Awaitable[None]]
+
+#: Seconds the server keeps a finished listing's consumer (see :func:`keys`).
+WATCHER_IDLE_S = 2.0
+
+#: What a NATS cluster answers while a node is down: a stream or consumer
+#: electing a new leader (503, timeouts), the client moving to another node.
+#: A takeover that meets one is released and tried again at the next turn.
+TRANSIENT = (TimeoutError, NoRespondersError, ServiceUnavailableError, ConnectionClosedError,
+             ConnectionReconnectingError, StaleConnectionError)  # fmt: skip
 
 
 def worker_name() -> str:
@@ -62,8 +81,15 @@ def rightful(slot: str, members: list[str]) -> str | None:
 
 
 async def keys(kv: Any, pattern: str) -> list[str]:
-    """The live keys of ``kv`` matching ``pattern`` (filtered by the server)."""
-    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
+    """The live keys of ``kv`` matching ``pattern`` (filtered by the server).
+
+    Each listing is a watcher, an ephemeral consumer that the server keeps
+    until it has been unused for its ``inactive_threshold``: nats-py's 5
+    minutes kept ~300 per worker at a 1 s turn, and the stream refused new
+    ones at 1000 ("maximum consumers limit reached"). Not cancelled half
+    made either (a consumer made with no one to stop it): bounded by the
+    JetStream timeout, not ``wait_for``."""
+    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True, inactive_threshold=WATCHER_IDLE_S)
     found = []
     try:
         async for entry in watcher:
@@ -118,6 +144,22 @@ class Ownership:
         self.after: Callable[[], Awaitable[None]] | None = None
 
     @property
+    def call_s(self) -> float:
+        """The longest one KV write of the lease loop may take (nats-py waits
+        5 s): a server that went away (a killed node, an election) must not
+        hold the loop for several leases; one that answers later than a
+        whole lease could not have kept it anyway."""
+        return self.lease_s
+
+    def fresh(self, name: str) -> bool:
+        """Whether this worker may still act for slot ``name``: its lease was
+        renewed within three quarters of ``lease_s``. Past that it may have
+        run out on the server and passed to another, so the slot's intake
+        fetches nothing until a renewal (or the loss) settles it."""
+        held = self.held.get(name)
+        return held is not None and time.monotonic() - held[1] < self.lease_s * 0.75
+
+    @property
     def owned(self) -> list[str]:
         return sorted(self.held, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
 
@@ -135,6 +177,9 @@ class Ownership:
                     replicas=self.replicas,
                 )
             )
+        else:
+            if self.replicas > 1:
+                await raise_replicas(self.js, f"KV_{name}", self.replicas)
         ttl = (await self.kv.status()).ttl
         if ttl and abs(ttl - self.lease_s) > 1e-3:
             log.warning(
@@ -159,23 +204,30 @@ class Ownership:
             await self.tick()
             self.check()
             if self.after is not None:
-                await self.after()
+                with contextlib.suppress(TimeoutError):  # a figure for status: never worth a lease
+                    await asyncio.wait_for(self.after(), self.call_s)
             for slot, task in list(self._busy.items()):
                 if task.done():
                     del self._busy[slot]
-                    task.result()  # a takeover or handover that failed is the loop's failure
+                    exc = None if task.cancelled() else task.exception()
+                    if exc is not None and isinstance(exc, TRANSIENT):
+                        # a NATS node died: the cluster elects, the client moves; next turn
+                        log.warning("partition %s: takeover or handover failed (%r); trying again", slot, exc)
+                        continue
+                    task.result()  # a takeover or handover that failed otherwise is the loop's failure
 
     async def tick(self, *, wait: bool = False) -> None:
         """Say we are alive, renew our leases, then take and give toward the
         rightful owners; ``wait``: finish the takeovers before returning (start)."""
-        now = time.monotonic()
         await self._announce()
-        for name in list(self.held):
-            await self._renew(name, now)
+        await self._renew_all()
         if not self._active:
             return
         members = await self._members()
-        if members is None:
+        if members is None or self.worker not in members:
+            # A listing without this worker, which has just announced itself, is
+            # wrong (nats-py's watcher now and then ends before the first entry):
+            # acting on it would hand every partition over and take it back.
             return
         self.members = members
         for name, slot in self.slots.items():
@@ -194,7 +246,7 @@ class Ownership:
     async def _announce(self) -> None:
         value = orjson.dumps({"since": self._since, "slots": self.owned, "pid": os.getpid()})
         try:
-            await self.kv.put(f"w.{self.worker}", value)
+            await asyncio.wait_for(self.kv.put(f"w.{self.worker}", value), self.call_s)
         except Exception as exc:  # the server is away: the leases' own clocks decide
             log.warning("could not announce worker %s: %s", self.worker, exc)
 
@@ -208,25 +260,42 @@ class Ownership:
     async def _claim(self, name: str) -> bool:
         value = orjson.dumps({"worker": self.worker, "at": time.time()})
         try:
-            rev = await self.kv.create(f"p.{name}", value)
+            sent = time.monotonic()
+            rev = await asyncio.wait_for(self.kv.create(f"p.{name}", value), self.call_s)
         except Exception:  # held by another (its lease runs out, or it gives it up)
             return False
-        self.held[name] = (rev, time.monotonic())
+        self.held[name] = (rev, sent)
         return True
 
-    async def _renew(self, name: str, now: float) -> None:
+    async def _renew_all(self) -> None:
+        """Renew every lease at once (a server that went away costs one
+        timeout, not one per partition), then drop the ones lost."""
+        names = list(self.held)
+        lost = await asyncio.gather(*(self._renew(name) for name in names))
+        for name, why in zip(names, lost, strict=True):
+            if why is not None and name in self.held:
+                await self._drop(name, why)
+
+    async def _renew(self, name: str) -> str | None:
+        """Renew the lease of ``name``; returns why it is lost, if it is."""
         rev, last = self.held[name]
         value = orjson.dumps({"worker": self.worker, "at": time.time()})
+        now = time.monotonic()  # when this write leaves: the lease runs from about then
         try:
-            self.held[name] = (await self.kv.update(f"p.{name}", value, last=rev), now)
-            return
+            update = self.kv.update(f"p.{name}", value, last=rev)
+            self.held[name] = (await asyncio.wait_for(update, self.call_s), now)
+            return None
         except KeyWrongLastSequenceError:
-            why = "another worker holds its lease now"
+            return "another worker holds its lease now, or it ran out"
         except Exception as exc:
-            if now - last < self.lease_s * 0.75:
+            if time.monotonic() - last < self.lease_s * 0.75:
                 log.warning("could not renew the lease of partition %s (%s); retrying", name, exc)
-                return
-            why = f"its lease could not be renewed for {now - last:.1f} s ({exc})"
+                return None
+            return f"its lease could not be renewed for {time.monotonic() - last:.1f} s ({exc!r})"
+
+    async def _drop(self, name: str, why: str) -> None:
+        """Drop the work of a lost slot in the background: what it publishes meanwhile
+        may wait for other slots' leases, which this loop must go on renewing."""
         log.error("partition %s lost: %s; dropping its work (the new owner replays it)", name, why)
         self.held.pop(name, None)
         self.lost += 1
@@ -235,7 +304,7 @@ class Ownership:
             busy.cancel()
             with contextlib.suppress(BaseException):
                 await busy
-        await self._lose(self.slots[name])
+        self._busy[name] = asyncio.get_running_loop().create_task(self._lose(self.slots[name]))
 
     async def _taking(self, slot: Slot) -> None:
         log.info("worker %s takes partition %s", self.worker, slot.name)
@@ -256,8 +325,10 @@ class Ownership:
         held = self.held.pop(name, None)
         if held is None:
             return
-        with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError):
+        try:
             await self.kv.delete(f"p.{name}", last=held[0])
+        except Exception as exc:  # expired ("wrong last sequence: 0"), taken, or the server away:
+            log.debug("lease of partition %s not deleted: %s", name, exc)  # its TTL frees it
 
     async def stop(self) -> None:
         """Take and give nothing more; the leases are still renewed until :meth:`leave`."""
