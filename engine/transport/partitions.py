@@ -304,7 +304,7 @@ class Ownership:
             busy.cancel()
             with contextlib.suppress(BaseException):
                 await busy
-        self._busy[name] = asyncio.get_running_loop().create_task(self._lose(self.slots[name]))
+        self._busy[name] = asyncio.ensure_future(self._lose(self.slots[name]))
 
     async def _taking(self, slot: Slot) -> None:
         log.info("worker %s takes partition %s", self.worker, slot.name)
