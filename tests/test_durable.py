@@ -224,7 +224,7 @@ async def test_result_store_acks_after_the_pubacks_and_retries_what_was_not_stor
     async def on_stored(keys: list[Any]) -> None:
         stored.extend(keys)
 
-    async def retry(subject: str, payload: bytes, headers: dict[str, str]) -> None:
+    async def retry(subject: str, payload: bytes, headers: dict[str, str], acks: Any) -> None:
         retried.append(subject)  # the awaited path; here it "succeeds"
 
     store = ResultStore(js, on_stored, retry, timeout=1.0)

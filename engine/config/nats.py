@@ -24,10 +24,31 @@ _INBOX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
+#: Where a comma starts the next server of a list: before a scheme.
+_NEXT_URL_RE = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers of ``nats.url``: one URL, or several separated by commas
+    (``nats://a:4222,nats://b:4222``, the nodes of a cluster), as the client
+    libraries take them.
+
+    A password may hold a comma, so where any URL carries user info the list
+    is cut only before a scheme (``,nats://``): give every URL its scheme
+    then. Without user info every comma separates (``a:4222,b:4222``)."""
+    parts = _NEXT_URL_RE.split(url) if "@" in url else url.split(",")
+    return [p.strip() for p in parts if p.strip()]
+
+
 def redact_url(url: str) -> str:
-    """``url`` fit to show: its user info (``user:password@`` or ``token@``)
-    becomes ``***@``. Everything up to the *last* ``@`` goes, so a password
-    holding ``@``, ``/`` or ``,`` does not leak either."""
+    """``url`` fit to show, each server of a list (:func:`server_urls`) on its
+    own: its user info (``user:password@`` or ``token@``) becomes ``***@``."""
+    return ",".join(_redact_one(u) for u in server_urls(url)) if "," in url else _redact_one(url)
+
+
+def _redact_one(url: str) -> str:
+    """Everything up to the *last* ``@`` goes, so a password holding ``@``,
+    ``/`` or ``,`` does not leak either."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
@@ -70,6 +91,9 @@ class TlsConfig(Frozen):
 class NatsConfig(Frozen):
     """Where NATS is. No ``url`` (and no ``AUTOGLM_NATS_URL``) starts the embedded server."""
 
+    #: One server, or the nodes of a cluster separated by commas
+    #: (``nats://a:4222,nats://b:4222``): the client connects to one of them
+    #: and moves to another when it goes away (see :func:`server_urls`).
     url: str | None = None
     auth: AuthConfig = AuthConfig()
     #: Replies to this connection's requests (JetStream's included) arrive on
@@ -125,7 +149,9 @@ class NatsConfig(Frozen):
     #: before the lease can pass to another.
     lease_s: float = Field(3.0, ge=1.0, le=120.0)
     #: Replicas of the streams and buckets the engine makes: 0 = as many as
-    #: the JetStream cluster has servers, at most 3 (1 on a single server).
+    #: the cluster has servers (what the server advertises), at most 3; 1 on a
+    #: single server. An existing stream or bucket is raised to it, never
+    #: lowered (a start while a node is down counts one server less).
     replicas: int = Field(0, ge=0, le=5)
     #: Replay history: ``<stream>_REC`` mirrors the inputs with its own limits
     #: and drops its oldest when full (it never refuses an event). 0 = no recording.

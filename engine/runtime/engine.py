@@ -58,7 +58,7 @@ from engine.runtime.supervisor import Supervisor
 from engine.transport.base import Transport, TransportState
 from engine.transport.core import CoreTransport
 from engine.transport.jetstream import JetStreamTransport
-from engine.transport.security import redact_url, security_for
+from engine.transport.security import redact_url, security_for, server_urls
 from engine.transport.streams import replicas_for, slots
 from engine.transport.sync import sync_with_server
 from engine.wire import claimcheck, natsguard
@@ -234,6 +234,7 @@ class Engine:
         self.url = url
         await self._connect(url)
         nats = self.config.nats
+        replicas = await replicas_for(self._nc, nats)
         self.claims = await claimcheck.setup(
             self._nc,
             nats.object_bucket,
@@ -241,10 +242,11 @@ class Engine:
             self.config.limits.max_payload_bytes,
             timeout=nats.object_fetch_timeout_s,
             bucket_bytes=nats.object_max_bytes,
+            replicas=replicas,
         )
         transport: Transport
         if await self._use_jetstream():
-            transport = JetStreamTransport(self._nc, nats, replicas=await replicas_for(self._nc, nats))
+            transport = JetStreamTransport(self._nc, nats, replicas=replicas)
         elif nats.partitions > 1:
             if not await self._has_jetstream():
                 raise ConfigError(
@@ -253,7 +255,6 @@ class Engine:
                         "bucket, and this server has no JetStream; enable it, or set nats.partitions = 1"
                     ]
                 )
-            replicas = await replicas_for(self._nc, nats)
             transport = CoreTransport(self._nc, Subjects(self.prefix).inputs, config=nats, replicas=replicas)
         else:
             # Without leases, one engine per prefix (a second would split
@@ -302,7 +303,7 @@ class Engine:
 
     async def _connect(self, url: str) -> None:
         self._broker = NatsBroker(
-            url,
+            server_urls(url),  # a cluster's nodes: it moves to another when one goes
             logger=None,
             error_cb=self._on_error,
             connect_timeout=int(self.config.nats.connect_timeout_s),

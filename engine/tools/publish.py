@@ -20,7 +20,7 @@ from engine.contracts.errors import AutoGLMError, TransportError
 from engine.contracts.subjects import Subjects
 from engine.contracts.types import Modality
 from engine.observe.tracing import new_traceparent
-from engine.transport.security import redact_url
+from engine.transport.security import redact_url, server_urls
 from engine.transport.sync import sync_with_server as sync_with_server  # tools and tests import it here
 from engine.wire.claimcheck import OBJECT_REF, put_payload
 from engine.wire.codec import ID_HEADER, encode_headers
@@ -50,6 +50,7 @@ def audio_chunks(path: Path, chunk_ms: int) -> tuple[list[bytes], str, int]:
 
 async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:
     """nats-py connect with one clear error instead of an endless first-connect loop.
+    ``url`` may name several servers, comma-separated (a cluster's nodes).
 
     A caller's ``error_cb`` still gets every error; this one only keeps the
     last few to name the cause of a failed connect."""
@@ -69,7 +70,7 @@ async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:
     kwargs.setdefault("max_reconnect_attempts", 1)
     kwargs.setdefault("reconnect_time_wait", 0.5)
     try:
-        return await asyncio.wait_for(nats.connect(url, connect_timeout=2, **kwargs), timeout)
+        return await asyncio.wait_for(nats.connect(server_urls(url), connect_timeout=2, **kwargs), timeout)
     except Exception as exc:  # nats-py raises several unrelated types here
         # The server's -ERR says why; a reset read first (a TCP race) says nothing.
         telling = [e for e in seen if "Violation" in str(e) or "SSL" in str(e) or "certificate" in str(e)]

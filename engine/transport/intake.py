@@ -72,10 +72,22 @@ async def ensure_consumers(js: Any, config: NatsConfig, every: list[Slot]) -> No
 class Intake:
     """One slot's consumer, what it holds, and the acks it still owes."""
 
-    def __init__(self, js: Any, config: NatsConfig, slot: Slot) -> None:
+    def __init__(
+        self,
+        js: Any,
+        config: NatsConfig,
+        slot: Slot,
+        replicas: int = 1,
+    ) -> None:
         self.js = js
         self.config = config
         self.slot = slot
+        #: Whether this worker's lease on the slot is surely still its own
+        #: without asking (:meth:`~engine.transport.partitions.Ownership.valid`).
+        self.valid: Callable[[], bool] = lambda: True
+        #: Why intake is held up now ("fetch_failing", "lease_unconfirmed"):
+        #: the sink is told, so health says degraded and no window closes as idle.
+        self._waiting: str | None = None
         self.in_stream = stream_names(config)[0]
         #: Inputs in hand, being handled or waiting in windows for their record
         #: to be stored: stream sequence -> (newest delivered copy, last in_progress).
@@ -93,7 +105,7 @@ class Intake:
         #: Found already stored at recovery: acked without being processed again.
         self.recovered = 0
         self.read_back = ReadBack(js, config)
-        self.guard = CrashGuard(js, config, slot)
+        self.guard = CrashGuard(js, config, slot, replicas)
         #: max_ack_pending reached: the server delivers nothing until acks free room.
         self.stalled_since: float | None = None
         self.stalls = 0
@@ -156,21 +168,32 @@ class Intake:
                 Message(raw.subject, raw.headers, raw.data, f"js{seq}"), self.config.max_deliver
             )
         self.guard.culprits = []
+        try:
+            await self._fetch_loop(sink)
+        finally:
+            self._wait(sink, None)
+
+    async def _fetch_loop(self, sink: Sink) -> None:
         batch = self.config.fetch_batch
         while not self._stop.is_set():
             self.last_turn = time.monotonic()
+            if not self.valid():  # stale: the lease loop has its word before any pull
+                self._wait(sink, "lease_unconfirmed")
             if not await self.confirmed():  # a pull now could take events from the new owner
                 await asyncio.sleep(0.05)  # the partition is being dropped: this loop ends
                 continue
             try:
                 msgs = await self.sub.fetch(batch, timeout=0.05)
             except (NatsTimeoutError, TimeoutError):
+                self._wait(sink, None)
                 self._check_stall()
                 continue
-            except Exception as exc:  # reconnecting, server restarting: try again shortly
-                log.warning("JetStream fetch failed (%s); retrying", exc)
+            except Exception as exc:  # reconnecting, a stream electing its leader: try again shortly
+                if self._wait(sink, "fetch_failing"):
+                    log.warning("JetStream fetch of %s failed (%s); retrying", self.slot.filter, exc)
                 await asyncio.sleep(0.5)
                 continue
+            self._wait(sink, None)
             if not msgs:
                 self._check_stall()
                 continue
@@ -225,6 +248,20 @@ class Intake:
             self.handler_errors += 1
             self.held.pop(seq, None)
             log.exception("handling sequence %d failed; it will be redelivered", seq)
+
+    def _wait(self, sink: Sink, reason: str | None) -> bool:
+        """Intake is held up for ``reason`` (``None``: it is not); returns whether
+        that changed. Events that exist are not being read meanwhile, so their
+        sources are not idle: a window must not close before they come (they
+        would be refused as too late)."""
+        if reason == self._waiting:
+            return False
+        if self._waiting is not None:
+            sink.trouble(self._waiting, False)
+        if reason is not None:
+            sink.trouble(reason, True)
+        self._waiting = reason
+        return True
 
     def _check_stall(self) -> None:
         """Say so, once per stall, when max_ack_pending stops delivery: events wait

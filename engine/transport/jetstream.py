@@ -224,7 +224,8 @@ class JetStreamTransport:
     # -- partitions ---------------------------------------------------------------------
 
     async def _take(self, slot: Slot) -> None:
-        intake = Intake(self.js, self.config, slot)
+        intake = Intake(self.js, self.config, slot, self.replicas)
+        intake.valid = lambda: self.ownership.valid(slot.name)
         intake.confirmed = lambda: self.ownership.confirmed(slot.name)
         await intake.setup()
         assert self._sink is not None
@@ -340,7 +341,21 @@ class JetStreamTransport:
         return intake is not None and await self.ownership.confirmed(intake.slot.name)
 
     async def finish(self, done: Finish) -> None:
-        await self._stored(done.acks)
+        if await self._ours(done.acks):
+            await self._stored(done.acks)
+
+    async def _ours(self, acks: tuple[str, ...]) -> bool:
+        """May this worker ack ``acks``, or go on storing their record? Not once
+        their partition is lost (the new owner replays them and stores its own
+        record), and not while its lease is stale until the lease loop has had
+        its word (:meth:`Ownership.confirmed`). Inputs held by no intake are
+        not judged here."""
+        intake = next((i for d in acks if (q := _seq(d)) is not None and (i := self._holder(q))), None)
+        if intake is None or await self.ownership.confirmed(intake.slot.name):
+            return True
+        name = intake.slot.name
+        log.warning("partition %s is no longer ours: %d inputs left to its new owner", name, len(acks))
+        return False
 
     async def _stored(self, acks: tuple[str, ...]) -> None:
         """The record that finishes ``acks`` is stored: ack (or end) their messages."""
@@ -349,15 +364,20 @@ class JetStreamTransport:
             if seq is not None and (intake := self._holder(seq)) is not None:
                 await intake.stored(seq)
 
-    async def _store(self, subject: str, payload: bytes, headers: dict[str, str]) -> Any:
+    async def _store(
+        self, subject: str, payload: bytes, headers: dict[str, str], acks: tuple[str, ...]
+    ) -> Any:
         """The awaited store: retried with backoff for as long as the server is
         away (the inputs stay unacked and heartbeated meanwhile; ``health`` says
         ``degraded``); returns the PubAck. Only a stopping engine gives up, after
-        :data:`STOP_RETRY_S`: its inputs are then delivered again."""
+        :data:`STOP_RETRY_S`, and one whose partition was lost meanwhile: its
+        inputs are then delivered again."""
         delay = 0.05
         retrying = False
         try:
             while True:
+                if not await self._ours(acks):
+                    raise TransportError(f"{subject}: the partition of its inputs is no longer ours")
                 try:
                     return await self.js.publish(subject, payload, headers=headers, timeout=2.0)
                 except Exception as exc:  # no responders, timeout, reconnecting

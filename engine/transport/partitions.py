@@ -36,11 +36,22 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    NoRespondersError,
+    StaleConnectionError,
+)
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    ServiceUnavailableError,
+)
 
 from engine.contracts.errors import TransportError
-from engine.transport.streams import Slot, workers_bucket
+from engine.transport.streams import Slot, raise_replicas, workers_bucket
 
 if TYPE_CHECKING:
     from engine.config.models import NatsConfig
@@ -50,6 +61,15 @@ log = logging.getLogger("autoglm.partitions")
 Action = Callable[[Slot], Awaitable[None]]
 #: JetStream's "wrong last sequence" error codes (a compare-and-set that lost).
 WRONG_LAST_SEQUENCE = (10071, 10164)
+
+#: Seconds the server keeps a finished listing's consumer (see :func:`keys`).
+WATCHER_IDLE_S = 2.0
+
+#: What a NATS cluster answers while a node is down: a stream or consumer
+#: electing a new leader (503, timeouts), the client moving to another node.
+#: A takeover that meets one is released and tried again at the next turn.
+TRANSIENT = (TimeoutError, NoRespondersError, ServiceUnavailableError, ConnectionClosedError,
+             ConnectionReconnectingError, StaleConnectionError)  # fmt: skip
 
 
 def worker_name() -> str:
@@ -85,8 +105,15 @@ def assignment(slots: list[str], members: list[str]) -> dict[str, str]:
 
 
 async def keys(kv: Any, pattern: str) -> list[str]:
-    """The live keys of ``kv`` matching ``pattern`` (filtered by the server)."""
-    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
+    """The live keys of ``kv`` matching ``pattern`` (filtered by the server).
+
+    Each listing is a watcher, an ephemeral consumer that the server keeps
+    until it has been unused for its ``inactive_threshold``: nats-py's 5
+    minutes kept ~300 per worker at a 1 s turn, and the stream refused new
+    ones at 1000 ("maximum consumers limit reached"). Not cancelled half
+    made either (a consumer made with no one to stop it): bounded by the
+    JetStream timeout, not ``wait_for``."""
+    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True, inactive_threshold=WATCHER_IDLE_S)
     found = []
     try:
         async for entry in watcher:
@@ -141,6 +168,14 @@ class Ownership:
         self.after: Callable[[], Awaitable[None]] | None = None
 
     @property
+    def call_s(self) -> float:
+        """The longest one KV write of the lease loop may take (nats-py waits
+        5 s): a server that went away (a killed node, an election) must not
+        hold the loop for several leases; one that answers later than a
+        whole lease could not have kept it anyway."""
+        return self.lease_s
+
+    @property
     def owned(self) -> list[str]:
         return sorted(self.held, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
 
@@ -158,6 +193,9 @@ class Ownership:
                     replicas=self.replicas,
                 )
             )
+        else:
+            if self.replicas > 1:
+                await raise_replicas(self.js, f"KV_{name}", self.replicas)
         ttl = (await self.kv.status()).ttl
         if not ttl:
             raise TransportError(
@@ -188,23 +226,30 @@ class Ownership:
                 return
             await self.tick()
             if self.after is not None:
-                await self.after()
+                with contextlib.suppress(TimeoutError):  # a figure for status: never worth a lease
+                    await asyncio.wait_for(self.after(), self.call_s)
             for slot, task in list(self._busy.items()):
                 if task.done():
                     del self._busy[slot]
-                    task.result()  # a takeover or handover that failed is the loop's failure
+                    exc = None if task.cancelled() else task.exception()
+                    if exc is not None and isinstance(exc, TRANSIENT):
+                        # a NATS node died: the cluster elects, the client moves; next turn
+                        log.warning("partition %s: takeover or handover failed (%r); trying again", slot, exc)
+                        continue
+                    task.result()  # a takeover or handover that failed otherwise is the loop's failure
 
     async def tick(self, *, wait: bool = False) -> None:
         """Say we are alive, renew our leases, then take and give toward the
         rightful owners; ``wait``: finish the takeovers before returning (start)."""
-        now = time.monotonic()
         await self._announce()
-        for name in list(self.held):
-            await self._renew(name, now)
+        await self._renew_all()
         if not self._active:
             return
         members = await self._members()
-        if members is None:
+        if members is None or self.worker not in members:
+            # A listing without this worker, which has just announced itself, is
+            # wrong (nats-py's watcher now and then ends before the first entry):
+            # acting on it would hand every partition over and take it back.
             return
         self.members = members
         owners = assignment(list(self.slots), members)
@@ -224,7 +269,7 @@ class Ownership:
     async def _announce(self) -> None:
         value = orjson.dumps({"since": self._since, "slots": self.owned, "pid": os.getpid()})
         try:
-            await self.kv.put(f"w.{self.worker}", value)
+            await asyncio.wait_for(self.kv.put(f"w.{self.worker}", value), self.call_s)
         except Exception as exc:  # the server is away: the leases' own clocks decide
             log.warning("could not announce worker %s: %s", self.worker, exc)
 
@@ -251,9 +296,9 @@ class Ownership:
 
     async def _claim(self, name: str) -> bool:
         value = orjson.dumps({"worker": self.worker, "at": time.time()})
-        sent = time.monotonic()  # the lease runs from when the server wrote it, after this
         try:
-            rev = await self.kv.create(f"p.{name}", value)
+            sent = time.monotonic()  # the lease runs from when the server wrote it, after this
+            rev = await asyncio.wait_for(self.kv.create(f"p.{name}", value), self.call_s)
         except Exception:  # held by another (its lease runs out, or it gives it up)
             return False
         self.held[name] = (rev, sent)
@@ -270,12 +315,13 @@ class Ownership:
         """:meth:`valid`, after the lease loop's next word on a lease gone stale.
 
         Asked before each fetch and each record stored. A worker whose loop
-        stalled past its lease (SIGSTOP, a starved loop, a suspended VM) wakes
-        with windows to close and pulls to make before its lease loop runs: a
-        pull would take events from the consumer the new owner rebuilt, a
-        record could split a window the new owner is building. So they wait
-        for the renewal: it succeeds only if nobody wrote the lease meanwhile
-        (then nobody else had the partition), else the partition is lost."""
+        stalled past its lease (SIGSTOP, a starved loop, a suspended VM, a
+        NATS node that went away with the KV leader) wakes with windows to
+        close and pulls to make before its lease loop runs: a pull would take
+        events from the consumer the new owner rebuilt, a record could split a
+        window the new owner is building. So they wait for the renewal: it
+        succeeds only if nobody wrote the lease meanwhile (then nobody else
+        had the partition), else the partition is lost."""
         while name in self.held and not self.valid(name):
             if self._stop.is_set() or (self.task is not None and self.task.done()):
                 return False  # nothing renews it any more (leaving, or the loop died)
@@ -287,28 +333,43 @@ class Ownership:
         self._turn.set()
         self._turn = asyncio.Event()
 
-    async def _renew(self, name: str, now: float) -> None:
-        rev, last = self.held[name]
-        value = orjson.dumps({"worker": self.worker, "at": time.time()})
+    async def _renew_all(self) -> None:
+        """Renew every lease at once (a server that went away costs one
+        timeout, not one per partition), then drop the ones lost."""
+        names = list(self.held)
         try:
-            sent = time.monotonic()
-            self.held[name] = (await self.kv.update(f"p.{name}", value, last=rev), sent)
-            return
-        except KeyWrongLastSequenceError:
-            why = "another worker holds its lease now"
-        except Exception as exc:
-            if now - last < self.lease_s * 0.75:
-                log.warning("could not renew the lease of partition %s (%s); retrying", name, exc)
-                return
-            why = f"its lease could not be renewed for {now - last:.1f} s ({exc})"
+            lost = await asyncio.gather(*(self._renew(name) for name in names))
         finally:
             self._renewed()
+        for name, why in zip(names, lost, strict=True):
+            if why is not None and name in self.held:
+                self._drop(name, why)
+
+    async def _renew(self, name: str) -> str | None:
+        """Renew the lease of ``name``; returns why it is lost, if it is."""
+        rev, last = self.held[name]
+        value = orjson.dumps({"worker": self.worker, "at": time.time()})
+        now = time.monotonic()  # when this write leaves: the lease runs from about then
+        try:
+            update = self.kv.update(f"p.{name}", value, last=rev)
+            self.held[name] = (await asyncio.wait_for(update, self.call_s), now)
+            return None
+        except KeyWrongLastSequenceError:
+            return "another worker holds its lease now, or it ran out"
+        except Exception as exc:
+            if time.monotonic() - last < self.lease_s * 0.75:
+                log.warning("could not renew the lease of partition %s (%s); retrying", name, exc)
+                return None
+            return f"its lease could not be renewed for {time.monotonic() - last:.1f} s ({exc!r})"
+
+    def _drop(self, name: str, why: str) -> None:
+        """Drop the work of a lost slot in the background: dropping waits for
+        the driver, whose records may wait in confirmed() for the renewal of
+        other slots, which this loop must go on renewing."""
         log.error("partition %s lost: %s; dropping its work (the new owner replays it)", name, why)
         self.held.pop(name, None)
         self._renewed()  # what waits on it gives up now, before its work is dropped
         self.lost += 1
-        # Dropped in the background: dropping waits for the driver, whose
-        # records may wait in confirmed() for the renewal of other partitions.
         self._busy[name] = asyncio.get_running_loop().create_task(
             self._losing(name, self._busy.pop(name, None))
         )
@@ -318,7 +379,7 @@ class Ownership:
             busy.cancel()
             with contextlib.suppress(BaseException):
                 await busy
-        await self._lose(self.slots[name])
+        self._busy[name] = asyncio.ensure_future(self._lose(self.slots[name]))
 
     async def _taking(self, slot: Slot) -> None:
         log.info("worker %s takes partition %s", self.worker, slot.name)
@@ -348,7 +409,7 @@ class Ownership:
             await self.kv.delete(f"p.{name}", last=held[0])
         except (KeyWrongLastSequenceError, KeyNotFoundError):
             pass
-        except Exception as exc:
+        except Exception as exc:  # expired, taken, or the server away: its TTL frees it
             if getattr(exc, "err_code", None) not in WRONG_LAST_SEQUENCE:
                 log.warning("could not delete the lease of partition %s (%s); it expires", name, exc)
 

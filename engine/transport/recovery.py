@@ -25,7 +25,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from engine.contracts.messages import Key
 from engine.contracts.subjects import Subjects
-from engine.transport.streams import Slot, state_bucket, stream_names
+from engine.transport.streams import Slot, raise_replicas, state_bucket, stream_names
 from engine.transport.streams import oldest as oldest_of
 
 if TYPE_CHECKING:
@@ -97,10 +97,11 @@ class ReadBack:
 class CrashGuard:
     """Catch an input that takes the whole process down (see the module docstring)."""
 
-    def __init__(self, js: Any, config: NatsConfig, slot: Slot) -> None:
+    def __init__(self, js: Any, config: NatsConfig, slot: Slot, replicas: int = 1) -> None:
         self.js = js
         self.config = config
         self.slot = slot
+        self.replicas = replicas
         self.in_stream = stream_names(config)[0]
         #: Handle inputs up to this sequence one by one, each noted while in hand.
         self.careful_until = 0
@@ -139,8 +140,11 @@ class CrashGuard:
             self._kv = await self.js.key_value(name)
         except BucketNotFoundError:
             self._kv = await self.js.create_key_value(
-                KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE)
+                KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE, replicas=self.replicas)
             )
+        else:
+            if self.replicas > 1:
+                await raise_replicas(self.js, f"KV_{name}", self.replicas)
         last = await self._read(self._run_key)
         culprit = await self._read(self._inflight_key)
         if culprit is not None:

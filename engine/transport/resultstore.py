@@ -28,8 +28,9 @@ from engine.wire.codec import ID_HEADER
 
 log = logging.getLogger("autoglm.durable")
 
-#: The awaited, retrying store; returns the PubAck (or ``None`` in core mode).
-Store = Callable[[str, bytes, dict[str, str]], Awaitable[Any]]
+#: The awaited, retrying store of a record and the inputs it finishes; returns
+#: the PubAck (or ``None`` in core mode).
+Store = Callable[[str, bytes, dict[str, str], tuple[str, ...]], Awaitable[Any]]
 #: Finishes the inputs (their deliveries) of a stored record.
 Stored = Callable[[tuple[str, ...]], Awaitable[None]]
 
@@ -66,7 +67,7 @@ class ResultStore:
             fut = await self.js.publish_async(subject, payload, headers=headers)
         except Exception as exc:  # connection trouble right now: the awaited path
             log.warning("publishing %s failed (%s); storing it the slow way", subject, exc)
-            self._count(await self.retry(subject, payload, headers))
+            self._count(await self.retry(subject, payload, headers, acks))
             await self.stored(acks)
             return
         self._pending.append((fut, subject, payload, headers, acks, time.monotonic()))
@@ -95,7 +96,7 @@ class ResultStore:
             if fut.cancelled() or fut.exception() is not None:
                 self.retried += 1
                 try:
-                    ack = await self.retry(subject, payload, headers)
+                    ack = await self.retry(subject, payload, headers, acks)
                 except Exception as exc:  # only when stopping: the inputs stay unacked, redelivered
                     log.error("result %s not stored: %s", headers.get(ID_HEADER), exc)
                     continue

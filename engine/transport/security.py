@@ -47,6 +47,7 @@ from faststream.nats.security import (
 from engine.config.models import NatsConfig, TlsConfig
 from engine.config.nats import INBOX_PREFIX_ENV
 from engine.config.nats import redact_url as redact_url  # its home is config; callers import it here
+from engine.config.nats import server_urls as server_urls
 from engine.contracts.errors import ConfigError
 from engine.contracts.subjects import SRV_ALL, Subjects, object_chunks, object_meta
 from engine.transport.streams import glm_bucket, state_bucket, stream_names, workers_bucket

@@ -88,13 +88,39 @@ def slots(config: NatsConfig) -> list[Slot]:
 
 async def replicas_for(nc: Any, config: NatsConfig) -> int:
     """Replicas of what the engine makes: ``nats.replicas``, or (0) as many as
-    the cluster has servers, at most 3; 1 on a lone server."""
+    the cluster has servers, at most 3; 1 on a lone server.
+
+    JetStream tells an ordinary account nothing of its peers (``$JS.API.INFO``
+    has no cluster in it; the meta group is the system account's), so the
+    count is what the server's INFO advertises: ``connect_urls`` holds the
+    client URL of every server of the cluster, its own included (nats-server
+    2.x), the ones down at the moment not. A cluster that advertises nothing
+    (``no_advertise``) cannot be counted: 1, and a warning to set it."""
     if config.replicas:
         return config.replicas
     info = getattr(nc, "_server_info", None) or {}
     if not info.get("cluster"):
         return 1
-    return max(1, min(3, len(info.get("connect_urls") or [])))
+    servers = set(info.get("connect_urls") or [])
+    if not servers:
+        log.warning(
+            "NATS cluster %s does not advertise its servers: streams get 1 replica; "
+            "set nats.replicas (3 on a 3-node cluster)",
+            info["cluster"],
+        )
+    return max(1, min(3, len(servers)))
+
+
+async def raise_replicas(js: Any, stream: str, replicas: int) -> None:
+    """Give the existing ``stream`` (a bucket's: ``KV_<name>``, ``OBJ_<name>``)
+    at least ``replicas``. Never fewer: a start while a node is down counts
+    one server less, and must not take a replica from what survives it
+    (``nats stream edit NAME --replicas N`` lowers one on purpose)."""
+    info = await js.stream_info(stream)
+    if (info.config.num_replicas or 1) < replicas:
+        log.warning("stream %s: %d replicas -> %d", stream, info.config.num_replicas or 1, replicas)
+        info.config.num_replicas = replicas
+        await js.update_stream(info.config)
 
 
 def dlq_msg_id(stream: str, seq: int) -> str:
@@ -175,6 +201,8 @@ async def ensure(js: Any, stream: StreamConfig) -> None:
                 "until the stream is empty, then change it"
             )
     if stream.mirror is None:  # a mirror's configuration cannot be updated
+        # raised, never lowered: see raise_replicas
+        stream.num_replicas = max(stream.num_replicas or 1, info.config.num_replicas or 1)
         await js.update_stream(stream)
 
 

@@ -231,26 +231,28 @@ async def setup(
     *,
     timeout: float = 15.0,
     bucket_bytes: int = -1,
+    replicas: int = 1,
 ) -> ClaimChecks | None:
-    """The engine's claim checks: the bucket made (with its TTL) when the
-    server has JetStream; ``None`` without JetStream, so a reference event is
-    refused as ``object_missing``."""
+    """The engine's claim checks: the bucket made (with its TTL and
+    ``replicas``) when the server has JetStream; ``None`` without JetStream,
+    so a reference event is refused as ``object_missing``."""
     js = nc.jetstream()
     try:
         await js.account_info()
     except Exception:  # no JetStream here
         return None
     try:
-        await bucket(js, bucket_name, ttl_s, bucket_bytes)
+        await bucket(js, bucket_name, ttl_s, bucket_bytes, replicas)
     except Exception as exc:  # e.g. a user not allowed to make streams: producers must make it
         log.warning("claim-check bucket %s not created: %s", bucket_name, exc)
     return ClaimChecks(js, max_bytes, bucket_name, timeout=timeout)
 
 
-async def bucket(js: Any, name: str, ttl_s: float, max_bytes: int = -1) -> None:
+async def bucket(js: Any, name: str, ttl_s: float, max_bytes: int = -1, replicas: int = 1) -> None:
     """Make the claim-check bucket (with its TTL) when it does not exist yet;
-    either way, one that refuses rollups, deletes and purges, and (given
-    ``max_bytes``) holds at most that much: producers cannot fill the store.
+    either way, one that refuses rollups, deletes and purges, (given
+    ``max_bytes``) holds at most that much: producers cannot fill the store,
+    and has at least ``replicas`` (one a producer made has 1; never lowered).
 
     nats-py's own buckets accept a ``Nats-Rollup`` header, with which a
     single publish on ``$O.<bucket>.M.<any>`` (``all``) or on another
@@ -273,16 +275,19 @@ async def bucket(js: Any, name: str, ttl_s: float, max_bytes: int = -1) -> None:
                 allow_rollup_hdrs=False,
                 deny_delete=True,
                 deny_purge=True,
+                num_replicas=replicas,
             )
         )
         return
     limit_changes = max_bytes > 0 and config.max_bytes != max_bytes
-    if config.allow_rollup_hdrs or not config.deny_delete or not config.deny_purge or limit_changes:
+    fewer = (config.num_replicas or 1) < replicas
+    if config.allow_rollup_hdrs or not config.deny_delete or not config.deny_purge or limit_changes or fewer:
         config.allow_rollup_hdrs, config.deny_delete, config.deny_purge = False, True, True
         if max_bytes > 0:
             config.max_bytes = max_bytes
+        config.num_replicas = max(config.num_replicas or 1, replicas)
         await js.update_stream(config)
-        log.info("claim-check bucket %s now refuses rollups, deletes and purges", name)
+        log.info("claim-check bucket %s: no rollups, deletes, purges; %d replicas", name, config.num_replicas)
 
 
 def _b64(data: bytes) -> str:
