@@ -201,7 +201,7 @@ class Intake:
                 log.warning("intake resumed after a %.1f s stall", time.monotonic() - self.stalled_since)
                 self.stalled_since = None
             for msg in msgs:
-                if not await self.confirmed():  # the rest stay unacked: the new owner replays them
+                if not self.valid() and not await self.confirmed():  # the rest: the new owner's
                     break
                 await self._one(msg, sink)
 
