@@ -144,8 +144,15 @@ async def baseline(url: str, rates: list[int], seconds: float, burst: int) -> di
     return {"burst": burst_rate, "steps": steps}
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used: the cost of a step
+    whatever else the box runs meanwhile, where rates and latencies are not."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def engine_run(
-    url: str, rates: list[int], seconds: float, sources: int, idle: int, mode: str
+    url: str, rates: list[int], seconds: float, sources: int, idle: int, mode: str, server_pid: int
 ) -> list[dict[str, float]]:
     """Paced loads at each rate in turn against one ``autoglm run`` process.
 
@@ -202,6 +209,7 @@ async def engine_run(
         fused.clear()
         all_in.clear()
         start = time.perf_counter()
+        cpu0 = (cpu_s(proc.pid), cpu_s(server_pid))
         await paced(
             nc,
             lambda s: BENCH.input(f"s{s}", "text"),
@@ -214,11 +222,14 @@ async def engine_run(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_in.wait(), 30)
         ok = len(fused & sent.keys())
+        cpu1 = (cpu_s(proc.pid), cpu_s(server_pid))
         # Sustained = results per second until the last one: a backlog drained
         # after the senders stopped does not count as keeping up.
         results.append(
             {"offered": rate, "rate": ok / (last[0] - start), "p50": pct(lat, 50), "p99": pct(lat, 99),
-             "p999": pct(lat, 99.9), "err": 1 - ok / len(sent), "rejected": rejected[0]}
+             "p999": pct(lat, 99.9), "err": 1 - ok / len(sent), "rejected": rejected[0],
+             "engine_us": 1e6 * (cpu1[0] - cpu0[0]) / len(sent),
+             "server_us": 1e6 * (cpu1[1] - cpu0[1]) / len(sent)}
         )  # fmt: skip
         await asyncio.sleep(0.5)
     await nc.close()
@@ -251,9 +262,13 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedServer(tmp) as server:
         base = await baseline(server.url, rates, args.seconds, args.burst)
         for mode in modes:
-            runs[mode] = await engine_run(server.url, rates, args.seconds, args.sources, args.idle_ms, mode)
+            assert server.process is not None
+            runs[mode] = await engine_run(
+                server.url, rates, args.seconds, args.sources, args.idle_ms, mode, server.process.pid
+            )
     head = (
         f"{'offered/s':>10}{'done/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'lost':>9}{'vs raw':>8}"
+        f"{'engine':>9}{'server':>9}"
     )
     print(f"\nraw nats-py pub -> sub: ceiling {base['burst']:,.0f} msg/s (burst)")
     for name, steps in [("raw nats-py, paced", base["steps"])] + [
@@ -262,14 +277,22 @@ async def main() -> None:
         print(f"\n{name:22}{head}")
         for r in steps:
             print(f"{'':22}{r['offered']:10,}{r['rate']:10,.0f}{r['p50']:9.1f}{r['p99']:9.1f}{r['p999']:10.1f}"
-                  f"{100 * r['err']:8.3f}%{r['rate'] / base['burst']:8.1%}")  # fmt: skip
+                  f"{100 * r['err']:8.3f}%{r['rate'] / base['burst']:8.1%}"
+                  + (f"{r['engine_us']:7.0f}µs{r['server_us']:7.0f}µs" if "engine_us" in r else "")
+                  )  # fmt: skip
+    print("\n(engine, server: CPU time per event offered, of the engine process and of nats-server)")
+    best: dict[str, float] = {}
     for mode in modes:
         at = next((r for r in runs[mode] if r["offered"] == args.rate), runs[mode][0])
-        ok = at["rate"] >= args.rate * 0.99 and at["p99"] <= 52 and at["err"] <= 0.0001
-        best = max(r["rate"] for r in runs[mode] if r["err"] <= 0.0001) if runs[mode] else 0.0
-        print(f"\n{mode}: target at {args.rate}/s (sustained, p99 <= 52 ms, lost <= 0.01%): "
-              f"{'met' if ok else 'NOT met'} (p99 {at['p99']:.1f} ms); best sustained without loss "
-              f"{best:,.0f}/s = {best / base['burst']:.1%} of raw (target 25%)")  # fmt: skip
+        # The targets of issue 15: sustained (99.9 % of offered), p99 <= 60 ms, nothing lost.
+        ok = at["rate"] >= args.rate * 0.999 and at["p99"] <= 60 and at["err"] == 0
+        best[mode] = max((r["rate"] for r in runs[mode] if r["err"] <= 0.0001), default=0.0)
+        print(f"\n{mode}: at {args.rate}/s (sustained >= 99.9%, p99 <= 60 ms, none lost): "
+              f"{'met' if ok else 'NOT met'} (done {at['rate']:,.0f}/s, p99 {at['p99']:.1f} ms); best "
+              f"sustained without loss {best[mode]:,.0f}/s = {best[mode] / base['burst']:.1%} of raw"
+              )  # fmt: skip
+    if best.get("core") and "durable" in best:
+        print(f"durable ceiling / core ceiling: {best['durable'] / best['core']:.0%} (target 65%)")
     if args.json:
         args.json.write_text(orjson.dumps({"machine": platform.machine(), "cores": os.cpu_count(),
                                            "rate": args.rate, "raw_burst": base["burst"],
