@@ -408,6 +408,8 @@ class Aligner(AlignerBase[_Source]):
             self._retired.append(old)
 
     def _cap_windows(self, src: _Source) -> None:
+        if len(src.windows) <= self.config.max_open_windows:
+            return  # the common case, checked per event: no sort
         open_starts = sorted(s for s, w in src.windows.items() if not w.sealed)
         while len(open_starts) > self.config.max_open_windows:
             oldest = src.windows[open_starts.pop(0)]

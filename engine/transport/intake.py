@@ -36,6 +36,9 @@ from engine.transport.streams import Slot, replay_point, stream_names
 if TYPE_CHECKING:
     from engine.config.models import NatsConfig
 
+#: Messages handed in between two turns of the event loop.
+YIELD_EVERY = 32
+
 log = logging.getLogger("autoglm.durable")
 
 
@@ -200,10 +203,16 @@ class Intake:
             if self.stalled_since is not None:
                 log.warning("intake resumed after a %.1f s stall", time.monotonic() - self.stalled_since)
                 self.stalled_since = None
-            for msg in msgs:
+            for i, msg in enumerate(msgs, 1):
                 if not self.valid() and not await self.confirmed():  # the rest: the new owner's
                     break
                 await self._one(msg, sink)
+                if i % YIELD_EVERY == 0:
+                    # Handing in rarely suspends: without a turn of the loop now
+                    # and then, a batch of a thousand holds back the pump, the
+                    # PubAcks and the acks (and every result's latency) until
+                    # the next fetch.
+                    await asyncio.sleep(0)
 
     async def _one(self, msg: Any, sink: Sink) -> None:
         self.last_turn = time.monotonic()
