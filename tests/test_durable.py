@@ -227,7 +227,7 @@ async def test_result_store_acks_after_the_pubacks_and_retries_what_was_not_stor
     async def retry(subject: str, payload: bytes, headers: dict[str, str], acks: Any) -> None:
         retried.append(subject)  # the awaited path; here it "succeeds"
 
-    store = ResultStore(js, on_stored, retry, timeout=1.0)
+    store = ResultStore(nc, on_stored, retry, timeout=1.0)
     store.start()
     for i in range(50):
         await store.put(f"{prefix}.rs.a", b"r", {"Nats-Msg-Id": f"r{i}"}, [("a", f"e{i}")])
@@ -238,6 +238,34 @@ async def test_result_store_acks_after_the_pubacks_and_retries_what_was_not_stor
     assert stored[50:] == [("b", "x")] and retried == [f"{prefix}.nostream"] and store.retried == 1
     info = await js.stream_info(f"{prefix.upper()}_RS")
     assert info.state.messages == 50  # each stored once
+
+
+async def test_result_store_waits_for_room_and_retries_what_gets_no_pubAck_in_time(
+    nc: Any, prefix: str
+) -> None:
+    """A subject someone listens on but no stream stores: no 'no responders',
+    no PubAck either. Each record times out and is retried; past
+    ``max_pending`` unconfirmed records, ``put`` waits for room."""
+    from engine.transport.resultstore import ResultStore
+
+    await nc.subscribe(f"{prefix}.silent")  # takes the records, answers nothing
+    stored: list[Any] = []
+    retried: list[bytes] = []
+
+    async def on_stored(acks: Any) -> None:
+        stored.extend(acks)
+
+    async def retry(subject: str, payload: bytes, headers: dict[str, str], acks: Any) -> None:
+        retried.append(payload)
+
+    store = ResultStore(nc, on_stored, retry, timeout=0.2, max_pending=2)
+    store.start()
+    for i in range(5):
+        await store.put(f"{prefix}.silent", str(i).encode(), {"Nats-Msg-Id": f"s{i}"}, (f"js{i}",))
+    await store.drain()
+    assert retried == [b"0", b"1", b"2", b"3", b"4"] and store.retried == 5
+    assert stored == [f"js{i}" for i in range(5)]  # in order, each once
+    assert store.waits >= 1 and store.pending == 0
 
 
 async def test_a_stream_left_with_the_wrong_retention_refuses_the_start_and_says_why(

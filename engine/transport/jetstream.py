@@ -111,7 +111,7 @@ class JetStreamTransport:
         self.watch: Callable[[str, asyncio.Task[None] | None], None] = lambda name, task: None
         self.unwatch: Callable[[asyncio.Task[None] | None], None] = lambda task: None
         self._sink: Sink | None = None
-        self.results = ResultStore(self.js, self._stored, self._store)
+        self.results = ResultStore(self.nc, self._stored, self._store)
         self.store_retries = 0
         #: Records not stored because their partition was no longer this worker's.
         self.fenced = 0
