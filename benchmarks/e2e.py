@@ -57,8 +57,9 @@ PCM = f"audio/pcm;rate={RATE};channels=1;format=s16le"
 CAPTIONS = ["a red ball rolls across the floor", "someone walks past the door", "the room is quiet"]
 
 
-def config_text(base: Path, data_dir: Path) -> str:
-    """``base`` with every route on real_time intake and a fresh data dir, as TOML."""
+def config_text(base: Path, data_dir: Path, reuse_below: float | None = None) -> str:
+    """``base`` with every route on real_time intake and a fresh data dir, as TOML;
+    ``reuse_below`` set on the image route when given."""
     cfg = tomllib.loads(base.read_text())
     cfg.setdefault("nats", {})["data_dir"] = str(data_dir)
     cfg["nats"]["subject_prefix"] = E2E.prefix
@@ -71,6 +72,8 @@ def config_text(base: Path, data_dir: Path) -> str:
     lines.append('[glm]\nbackend = "none"\ntemplate = "{source}"')
     for route in cfg["routes"]:
         route = {**route, "intake": "real_time", "max_staleness_ms": 1000}
+        if reuse_below is not None and route.get("modality") == "image":
+            route["params"] = {**route.get("params", {}), "reuse_below": reuse_below}
         lines.append("[[routes]]")
         lines += [f"{k} = {_toml(v)}" for k, v in route.items() if not isinstance(v, dict)]
         for sub in ("params", "batch"):
@@ -78,6 +81,20 @@ def config_text(base: Path, data_dir: Path) -> str:
                 lines.append(f"[routes.{sub}]")
                 lines += [f"{k} = {_toml(v)}" for k, v in route[sub].items()]
     return "\n".join(lines) + "\n"
+
+
+def static_frames(index: int, n: int, width: int, height: int) -> list[bytes]:
+    """``n`` JPEG frames of one still scene (the first of :func:`shapes_frames`)
+    with fresh sensor noise in each, as a fixed camera sees an empty room."""
+    import cv2  # after the engine's pixel cap, as in shapes_frames
+
+    still = cv2.imdecode(np.frombuffer(shapes_frames(index, 1, width, height)[0], np.uint8), cv2.IMREAD_COLOR)
+    rng = np.random.default_rng(index)
+    out = []
+    for _ in range(n):
+        noisy = np.clip(still.astype(np.int16) + rng.normal(0, 2, still.shape), 0, 255).astype(np.uint8)
+        out.append(cv2.imencode(".jpg", noisy, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes())
+    return out
 
 
 def _toml(v: Any) -> str:
@@ -198,6 +215,13 @@ async def main() -> int:
     ap.add_argument("--start", type=int, default=1)
     ap.add_argument("--max", type=int, default=16)
     ap.add_argument("--config", type=Path, default=ROOT / "routing.toml")
+    ap.add_argument(
+        "--scene",
+        choices=("moving", "static"),
+        default="moving",
+        help="moving shapes, or a still scene with sensor noise (a door camera at night)",
+    )
+    ap.add_argument("--reuse-below", type=float, help="the image route's params.reuse_below")
     args = ap.parse_args()
     import torch
 
@@ -210,14 +234,16 @@ async def main() -> int:
         f"per source: {FPS} fps 640x480 JPEG + {RATE} Hz PCM in {CHUNK_MS} ms chunks + 1 caption/s; "
         f"{args.seconds:g} s per K; routes from {args.config.name}, all real_time (max_staleness_ms 1000)"
     )
-    frames = [shapes_frames(i, FPS * 2, 640, 480) for i in range(4)]
+    make = shapes_frames if args.scene == "moving" else static_frames
+    frames = [make(i, FPS * 2, 640, 480) for i in range(4)]
+    print(f"scene: {args.scene}; image params.reuse_below = {args.reuse_below}")
     chunks = audio_chunks(10)
     best: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="autoglm-e2e-") as tmp:
         server = EmbeddedServer(Path(tmp) / "nats")
         url = await asyncio.to_thread(server.start)
         cfg = Path(tmp) / "e2e.toml"
-        cfg.write_text(config_text(args.config, Path(tmp) / "data"))
+        cfg.write_text(config_text(args.config, Path(tmp) / "data", args.reuse_below))
         for k in range(args.start, args.max + 1):
             r = await trial(url, cfg, k, args.seconds, frames, chunks)
             ok = r["stale"] == 0 and r["lost"] == 0

@@ -58,6 +58,7 @@ _MOTION_SOURCES = 4096
 #: pixels, for faces of at least _FACE_MIN pixels (the cascade's 24 x 24 window).
 _FACE_SIDE = 320.0
 _FACE_MIN = 24
+Embedding = npt.NDArray[np.float32]
 log = logging.getLogger("autoglm.image")
 
 
@@ -304,6 +305,10 @@ class ImageProcessor:
         #: features without ``faces`` (never a ``decode_error``: the frame is fine).
         self.face_failures = 0
         self._previous: OrderedDict[str, U8Image] = OrderedDict()
+        #: source -> (its last embedded frame's small grey copy, embedding, labels).
+        self._kept: OrderedDict[str, tuple[U8Image, Embedding, list[str]]] = OrderedDict()
+        #: Frames that reused their source's last embedding (``reuse_below``).
+        self.reused = 0
         self._lock = threading.Lock()
 
     def _face_detector(self) -> cv2.CascadeClassifier:
@@ -311,6 +316,11 @@ class ImageProcessor:
         if detector is None:
             detector = self._local.faces = cv2.CascadeClassifier(self._cascade)
         return detector
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """What the processor did beside its features, by kind (for metrics)."""
+        return {"reused": self.reused}
 
     @property
     def faults(self) -> dict[str, int]:
@@ -369,27 +379,75 @@ class ImageProcessor:
                 self._previous.popitem(last=False)
         return out
 
+    def _reusable(
+        self, items: Sequence[PreparedImage]
+    ) -> list[tuple[npt.NDArray[np.float32], list[str]] | None]:
+        """Per frame, the embedding and labels it may reuse: its source's last
+        embedded frame differs from it by less than ``reuse_below``. Measured
+        against that frame, not the previous one, so a slow drift still ends
+        in a fresh embedding."""
+        limit = self.params.reuse_below
+        if limit <= 0:
+            return [None] * len(items)
+        with self._lock:
+            out: list[tuple[Embedding, list[str]] | None] = []
+            for it in items:
+                kept = self._kept.get(it.source)
+                out.append(kept[1:] if kept is not None and motion(it.small, kept[0]) < limit else None)
+            return out
+
+    def _keep(
+        self, items: Sequence[PreparedImage], vecs: npt.NDArray[np.float32], top: list[list[str]]
+    ) -> None:
+        with self._lock:
+            for it, vec, labels in zip(items, vecs, top, strict=True):
+                self._kept[it.source] = (it.small, vec, labels)
+                self._kept.move_to_end(it.source)
+            while len(self._kept) > _MOTION_SOURCES:
+                self._kept.popitem(last=False)
+
     @torch.inference_mode()
-    def run(self, items: Sequence[PreparedImage]) -> list[Features]:
+    def embed(self, items: Sequence[PreparedImage]) -> tuple[Embedding, list[list[str]]]:
+        """``B`` prepared frames -> ``(B, D)`` embeddings and each frame's top-5 labels."""
         batch = torch.from_numpy(np.stack([it.pixels for it in items]))  # (B, S, S, 3) uint8
         emb = self.model(normalise(to_device(batch, self.device), self.dtype))  # (B, D)
         top: list[list[str]] = [[] for _ in items]
         if self.labels:
             idx = self.head(emb).topk(5, dim=1).indices.cpu().tolist()  # (B, 5)
             top = [[self.labels[i] for i in row] for row in idx]
-        vecs = emb.float().cpu().numpy()
+        return emb.float().cpu().numpy(), top
+
+    def run(self, items: Sequence[PreparedImage]) -> list[Features]:
+        reuse = self._reusable(items)
+        fresh = [it for it, r in zip(items, reuse, strict=True) if r is None]
+        vecs, top = self.embed(fresh) if fresh else (np.zeros((0, 0), np.float32), [])
+        if self.params.reuse_below > 0 and fresh:
+            self._keep(fresh, vecs, top)
         moves = self._motion(items)
-        return [
-            Features(
-                "image",
-                embedding=vecs[i],
-                stats={**it.stats, "motion": moves[i]},
-                labels=top[i],
-                attachment=it.thumbnail,
-                vocabulary=self.vocabulary,
+        out, j = [], 0
+        for i, it in enumerate(items):
+            kept = reuse[i]
+            if kept is None:
+                vec, labels, reused = vecs[j], top[j], 0.0
+                j += 1
+            else:
+                (vec, labels), reused = kept, 1.0
+            stats = {**it.stats, "motion": moves[i]}
+            if self.params.reuse_below > 0:
+                stats["reused"] = reused
+            out.append(
+                Features(
+                    "image",
+                    embedding=vec,
+                    stats=stats,
+                    labels=labels,
+                    attachment=it.thumbnail,
+                    vocabulary=self.vocabulary,
+                )
             )
-            for i, it in enumerate(items)
-        ]
+        with self._lock:
+            self.reused += len(items) - len(fresh)
+        return out
 
 
 def create(params: ImageParams, modality: Modality, device: str, dtype: str) -> ImageProcessor:

@@ -34,6 +34,11 @@ class ImageParams(_Params):
     #: Keep a JPEG of each frame at most this many pixels on its longer side,
     #: for GLMs that look at images (``glm.attach_images``); 0 keeps none.
     thumbnail: int = Field(0, ge=0, le=2048)
+    #: Adaptive inference: a frame that differs from its source's last
+    #: embedded frame by less than this (mean absolute grey difference,
+    #: 0..1, on a 64 x 48 copy) reuses that frame's embedding and labels
+    #: instead of running the CNN; ``reused`` says so. 0 turns it off.
+    reuse_below: float = Field(0.0, ge=0, le=1)
     seed: int = 0
 
 

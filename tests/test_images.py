@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from engine.contracts.errors import EventRejected
-from engine.contracts.types import ContentType, InputEvent
+from engine.contracts.types import ContentType, Features, InputEvent
 from engine.wire.codec import decode_event, encode_headers
 from processors.image import decode_image, jpeg_size
 from processors.registry import lookup
@@ -258,3 +258,60 @@ def test_a_detector_failure_leaves_faces_out_and_is_counted_not_a_decode_error(
     assert [(s.labels, s.value) for s in family.samples] == [
         ({"route": "image:cnn", "kind": "face_detection"}, 1.0)
     ]
+
+
+def test_a_frame_that_barely_changed_reuses_its_sources_last_embedding_and_says_so() -> None:
+    """Adaptive inference (``reuse_below``): a near-copy of a source's last
+    embedded frame gets that embedding without the CNN; a different frame, a
+    slow drift past the threshold, or another source's frame gets a fresh
+    one. Counted in ``autoglm_processor_events{kind="reused"}``."""
+    from engine.config.models import RouteConfig
+    from engine.observe.metrics import EngineCollector
+    from engine.runtime.build import build_route
+    from engine.runtime.engine import Engine
+    from tests.conftest import make_config
+
+    route = build_route(
+        RouteConfig(modality="image", processor="cnn", device="cpu", params={"reuse_below": 0.02}), "image"
+    )
+    proc: Any = route.processor
+    base = photo(320, 240, seed=1)
+
+    def frame(img: np.ndarray, source: str = "cam") -> InputEvent:
+        body = bytes(cv2.imencode(".png", img)[1].tobytes())
+        return decode_event(f"autoglm.in.{source}.image", encode_headers(TS, "image/png"), body)
+
+    def brighter(by: int) -> np.ndarray:
+        return cv2.add(base, np.full_like(base, by))
+
+    first, same, other_cam = route.process([frame(base), frame(brighter(1)), frame(base, "door")])
+    assert isinstance(first, Features) and isinstance(same, Features) and isinstance(other_cam, Features)
+    # Within one batch each frame is judged against what was kept before it: all fresh.
+    assert first.stats["reused"] == same.stats["reused"] == other_cam.stats["reused"] == 0.0
+    [again] = route.process([frame(brighter(2))])
+    assert again.stats["reused"] == 1.0 and np.array_equal(again.embedding, same.embedding)
+    [changed] = route.process([frame(photo(320, 240, seed=9))])
+    assert changed.stats["reused"] == 0.0 and not np.array_equal(changed.embedding, same.embedding)
+    # A drift of 1/255 per frame: reused while within 2 % of the kept frame, then fresh.
+    drift = [
+        route.process([frame(cv2.add(photo(320, 240, seed=9), np.full_like(base, k)))])[0]
+        for k in range(1, 9)
+    ]
+    flags = [f.stats["reused"] for f in drift if isinstance(f, Features)]
+    assert flags[0] == 1.0 and 0.0 in flags, flags
+    assert proc.reused == 1 + flags.count(1.0)
+    engine = Engine(make_config("reuse"), routes=[route])
+    [family] = [f for f in EngineCollector(engine.snapshot).collect() if f.name == "autoglm_processor_events"]
+    assert [(s.labels, s.value) for s in family.samples] == [
+        ({"route": "image:cnn", "kind": "reused"}, float(proc.reused))
+    ]
+    route.close()
+
+
+def test_without_reuse_below_every_frame_runs_the_cnn() -> None:
+    proc = lookup("cnn").create({}, "image", "cpu")
+    img = photo(160, 120)
+    feats = [
+        proc.run([proc.prepare(event(bytes(cv2.imencode(".jpg", img)[1].tobytes())))])[0] for _ in range(3)
+    ]
+    assert all("reused" not in f.stats for f in feats) and proc.reused == 0

@@ -130,6 +130,15 @@ class EngineCollector(Collector):
             for kind, n in r.faults.items():
                 faults.add_metric([r.name, kind], n)
         yield faults
+        work = CounterMetricFamily(
+            "autoglm_processor_events",
+            "What processors did beside computing features (reused: a previous embedding reused)",
+            labels=["route", "kind"],
+        )
+        for r in e.routes:
+            for kind, n in r.counters.items():
+                work.add_metric([r.name, kind], n)
+        yield work
         g = e.glm
         yield CounterMetricFamily("autoglm_glm_calls", "GLM backend calls", value=g.calls)
         yield CounterMetricFamily("autoglm_glm_errors", "GLM calls that failed", value=g.errors)

@@ -31,6 +31,8 @@ class RouteState:
     dropped: int
     #: The processor's internal faults that cost no event, by kind.
     faults: Mapping[str, int] = field(default_factory=dict)
+    #: What the processor did beside its features, by kind (``reused`` embeddings).
+    counters: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def mean_batch(self) -> float:

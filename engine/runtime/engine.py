@@ -156,6 +156,7 @@ class Engine:
                     depth=len(r.batcher),
                     dropped=r.batcher.stats.dropped + r.batcher.stats.rejected,
                     faults=dict(getattr(r.processor, "faults", {})),
+                    counters=dict(getattr(r.processor, "counters", {})),
                 )
                 for r in self.pipeline.routes
             ),
