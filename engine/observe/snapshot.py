@@ -19,6 +19,27 @@ from engine.transport.base import TransportState
 
 
 @dataclass(frozen=True, slots=True)
+class VariantState:
+    """One loaded model of a route (its A/B variant, or its only one, named ``""``)."""
+
+    name: str
+    processor: str
+    model: str
+    version: str
+    shadow: bool
+    device: str
+    dtype: str
+    load_s: float
+    events: int
+    errors: int
+    #: Prepare + run, summed over its events.
+    seconds: float
+    #: Shadow only: events compared with the live features, and their summed cosine distance.
+    compared: int = 0
+    distance: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class RouteState:
     """One route's batching, by ``<modality>:<processor>``."""
 
@@ -31,6 +52,7 @@ class RouteState:
     dropped: int
     #: The processor's internal faults that cost no event, by kind.
     faults: Mapping[str, int] = field(default_factory=dict)
+    variants: tuple[VariantState, ...] = ()
 
     @property
     def mean_batch(self) -> float:

@@ -10,6 +10,7 @@ name in :mod:`engine.contracts.plugins`, so nothing here imports
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,15 +23,18 @@ from engine.config.models import (
     GLMConfig,
     RouteConfig,
     TracingConfig,
+    VariantConfig,
 )
 from engine.contracts.plugins import lookup
 from engine.contracts.types import Clock
+from engine.contracts.versions import identify
 from engine.glm.memory import Memory
 from engine.glm.stage import GLMStage, Publish
 from engine.glm.trigger import ChangeTrigger
 from engine.observe.tracing import Tracing
 from engine.pipeline.batcher import Batcher
 from engine.pipeline.router import Route
+from engine.pipeline.variants import Variant
 from engine.runtime.memorykv import KVStateStore
 from engine.transport.streams import replicas_for
 
@@ -43,6 +47,7 @@ __all__ = [
     "build_routes",
     "build_tracing",
     "build_trigger",
+    "build_variant",
 ]
 
 
@@ -56,9 +61,39 @@ def build_batcher(cfg: BatchConfig) -> Batcher[Any]:
 
 
 def build_route(rc: RouteConfig, name: str) -> Route:
-    """The route's processor (loaded by name from the registry) and its batcher."""
-    processor = lookup(rc.processor).create(rc.params, rc.modality, rc.device, rc.dtype)
-    return Route(name=name, config=rc, processor=processor, batcher=build_batcher(rc.batch))
+    """The route's processors (loaded by name from the registry, one per A/B
+    variant), each versioned once here, and its batcher."""
+    variants = [build_variant(rc, v) for v in rc.variants] if rc.variants else [build_variant(rc, None)]
+    first = next(v for v in variants if not v.shadow and v.weight > 0)
+    return Route(
+        name=name, config=rc, processor=first.processor, batcher=build_batcher(rc.batch), variants=variants
+    )
+
+
+def build_variant(rc: RouteConfig, vc: VariantConfig | None) -> Variant:
+    """One processor of a route: the route's own, or a variant's (its processor,
+    params on top of the route's, dtype), with its :class:`ModelVersion`."""
+    processor_name = (vc.processor if vc is not None else "") or rc.processor
+    dtype = (vc.dtype if vc is not None else "") or rc.dtype
+    params = {**rc.params, **(vc.params if vc is not None else {})}
+    spec = lookup(processor_name)
+    t0 = time.perf_counter()
+    processor = spec.create(params, rc.modality, rc.device, dtype)
+    load_s = time.perf_counter() - t0
+    validated = spec.params.model_validate(params).model_dump(mode="json")
+    name = vc.name if vc is not None else ""
+    model = identify(processor_name, processor, validated, name)
+    device = str(getattr(processor, "device", rc.device))
+    return Variant(
+        name,
+        vc.weight if vc is not None else 1.0,
+        processor,
+        model,
+        shadow=vc.shadow if vc is not None else False,
+        device=device,
+        dtype=str(getattr(processor, "dtype", dtype)).removeprefix("torch."),
+        load_s=load_s,
+    )
 
 
 def build_routes(config: EngineConfig) -> list[Route]:

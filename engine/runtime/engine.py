@@ -156,6 +156,7 @@ class Engine:
                     depth=len(r.batcher),
                     dropped=r.batcher.stats.dropped + r.batcher.stats.rejected,
                     faults=dict(getattr(r.processor, "faults", {})),
+                    variants=tuple(v.state() for v in r.variants),
                 )
                 for r in self.pipeline.routes
             ),

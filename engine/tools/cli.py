@@ -1,4 +1,4 @@
-"""``autoglm``: run, publish, status, reload, replay, health, validate and the demo.
+"""``autoglm``: run, publish, status, reload, replay, health, validate, plugins and the demo.
 
 A mistake on the command line or in a file it names (a flag out of range, a
 missing file, an invalid routing file) ends with one line on stderr,
@@ -34,6 +34,7 @@ from engine.config.models import (
     with_overrides,
 )
 from engine.contracts.errors import AutoGLMError, ConfigError
+from engine.contracts.plugins import REFUSED
 from engine.contracts.subjects import Subjects, valid_source
 from engine.observe.logs import setup_logging
 
@@ -361,6 +362,8 @@ def _validate(args: argparse.Namespace) -> int:
     print(
         f"{path}: ok ({routes}; aligner {cfg.aligner.mode} {cfg.aligner.window_ms} ms; glm {cfg.glm.backend})"
     )
+    for name, why in sorted(REFUSED.items()):  # unused by any route, so only a note
+        print(f"  note: processor {name!r} (no route uses it): {why}", file=sys.stderr)
     return 0
 
 
@@ -560,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a routing file; exit 2 with each problem")
     val.add_argument("file", nargs="?", help=f"default ./{DEFAULT_CONFIG}")
 
+    sub.add_parser("plugins", help="list every processor (package, version, modalities, origin)")
+
     demo = sub.add_parser("demo", help="embedded server + engine + a synthetic multimodal stream")
     demo.add_argument("--seconds", type=_positive, default=10.0)
     demo.add_argument("--sources", type=_int_in(1, 10_000), default=2)
@@ -590,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args)
+        if args.command == "plugins":
+            from engine.tools.plugins import print_plugins
+
+            return print_plugins()
         if args.command in ("run", "demo", "replay"):
             _quiet_libraries()
         runner = {
