@@ -3,6 +3,7 @@ that never reach fusion or the GLM; results and metrics that say which."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -245,3 +246,54 @@ async def test_results_and_metrics_name_the_variant_and_the_shadow_never_reaches
               ("variant", "s"), ("version", versions["s"]))  # fmt: skip
     assert m[("autoglm_variant_events_total", shadow)] == 30
     assert m[("autoglm_shadow_compared_total", shadow)] == 30
+
+
+async def test_autoglm_models_and_ab_report_show_each_variant(
+    use_processor: Callable[[ProcessorSpec], None], nc: Any, nats_url: str, prefix: str, tmp_path: Any
+) -> None:
+    use_processor(SCALED)
+    route = {
+        "modality": "text", "processor": "test-scaled", "experiment": "report",
+        "variants": [{"name": "a", "params": {"factor": 1}}, {"name": "b", "params": {"factor": 2}},
+                     {"name": "s", "shadow": True, "params": {"factor": -1}}],
+    }  # fmt: skip
+    cfg = make_config(prefix, routes=[route], nats={"durable": True})
+    out = await collect(nc, f"{prefix}.out.>")
+    engine = Engine(cfg)
+    await engine.start(nats_url)
+    sources = [f"cam{i}" for i in range(20)]
+    routing = tmp_path / "routing.toml"  # the report needs only the prefix (its stream's name)
+    routing.write_text(
+        f'[nats]\nsubject_prefix = "{prefix}"\n[[routes]]\nmodality = "text"\nprocessor = "passthrough"\n'
+    )
+    try:
+        now = time.time_ns()
+        for s in sources:
+            for k in range(2):
+                await send(nc, prefix, s, "text", b"hi", now + k, event_id=f"{s}-{k}")
+        await out.wait_events({f"{s}-{k}" for s in sources for k in range(2)})
+        live = engine.pipeline.routes[0]
+        expected = Counter(live.variant_of(s).name for s in sources)
+        cli = [sys.executable, "-m", "engine.tools.cli"]
+        models, report = [
+            await asyncio.to_thread(
+                subprocess.run, [*cli, *args, "--nats-url", nats_url],
+                cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+            )
+            for args in (["models"], ["ab", "report", "--config", str(routing)])
+        ]  # fmt: skip
+    finally:
+        await engine.stop()
+    rows = [line.split() for line in models.stdout.splitlines() if line.startswith(prefix)]
+    roles = (("a", "live"), ("b", "live"), ("s", "shadow"))
+    assert {(r[1], r[2], r[3]) for r in rows} == {("text:test-scaled", n, role) for n, role in roles}
+    versions = {v.name: v.model.version for v in live.variants}
+    assert {r[2]: r[6] for r in rows} == versions
+    arms = {line.split()[1]: line.split() for line in report.stdout.splitlines() if line.startswith("text ")}
+    assert set(arms) == {n for n in expected}
+    for n, count in expected.items():
+        row = arms[n]
+        assert row[2:5] == ["test-scaled", "test-scaled", versions[n]]
+        assert (int(row[5]), int(row[6])) == (count, 2 * count)  # sources, events
+    assert f"shadow text:test-scaled s (test-scaled/test-scaled {versions['s']}): 40 events" in report.stdout
+    assert "mean cosine distance to live" in report.stdout

@@ -39,6 +39,26 @@ class VariantState:
     distance: float = 0.0
 
 
+def model_row(route: str, v: VariantState) -> dict[str, Any]:
+    """One loaded model as ``$SRV.STATS`` reports it (``autoglm models``, ``autoglm ab report``)."""
+    return {
+        "route": route,
+        "variant": v.name,
+        "processor": v.processor,
+        "model": v.model,
+        "version": v.version,
+        "role": "shadow" if v.shadow else "live",
+        "device": v.device,
+        "dtype": v.dtype,
+        "load_s": round(v.load_s, 3),
+        "events": v.events,
+        "errors": v.errors,
+        "seconds": round(v.seconds, 6),
+        "compared": v.compared,
+        "distance": round(v.distance, 6),
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class RouteState:
     """One route's batching, by ``<modality>:<processor>``."""
@@ -114,6 +134,7 @@ class Snapshot:
                 }
                 for r in self.routes
             },
+            "models": [model_row(r.name, v) for r in self.routes for v in r.variants],
             "glm": {
                 "backend": self.glm.backend,
                 "calls": self.glm.calls,
