@@ -77,7 +77,7 @@ class TextProcessor:
             raise ConfigError([f"params.model = {source!r}: cannot load this {where}: {exc}"]) from exc
         #: What the engine versions the model by (engine.contracts.versions): the
         #: weight files of a local directory; a cached model id by its name.
-        self.model_name = Path(source).name if local else source
+        self.model_name = "all-MiniLM-L6-v2" if not params.model else Path(source).name if local else source
         self.weight_files = (
             tuple(
                 str(f) for f in sorted(Path(source).iterdir()) if f.suffix in (".safetensors", ".bin", ".pt")

@@ -11,6 +11,7 @@ reads from any installed package.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -270,3 +271,43 @@ def test_parse_config_accepts_a_route_to_an_installed_plugin(sharpness_site: Pat
         parse_config(
             {"routes": [{"modality": "image", "processor": "sharpness", "params": {"threshold": -1}}]}, env={}
         )
+
+
+def _readme_plugin(folder: Path) -> Path:
+    """The two files of the README's "Writing a processor", as given there."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Writing a processor", 1)[1].split("\n## ", 1)[0]
+    toml = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(toml)
+    (folder / "autoglm_wordcount.py").write_text(code)
+    return folder
+
+
+async def test_the_readme_plugin_installs_and_runs_as_written(
+    tmp_path: Path, on_path: Any, nc: Any, nats_url: str, prefix: str
+) -> None:
+    site = tmp_path / "site"
+    await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "--target", str(site), str(_readme_plugin(tmp_path / "wordcount"))],
+        check=True,
+    )  # fmt: skip
+    on_path(site)
+    assert plugins.origin_of("wordcount").package == "autoglm-wordcount"
+    out = await collect(nc, f"{prefix}.out.>")
+    route = {"modality": "text", "processor": "wordcount", "params": {"lowercase": False}}
+    engine = Engine(make_config(prefix, routes=[route]))
+    await engine.start(nats_url)
+    try:
+        await send(nc, prefix, "cam", "text", b"Three Words Here", time.time_ns(), event_id="w1")
+        await out.wait_events({"w1"})
+    finally:
+        await engine.stop()
+    (body,) = [b for _, _, b in out.items]
+    assert body["features"]["text"]["words"] == 3.0 and body["features"]["text"]["texts"] == [
+        "Three Words Here"
+    ]
+    assert body["models"]["text"]["processor"] == "wordcount"
