@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.contracts.errors import ConfigError
-from engine.contracts.plugins import REFUSED, registered
+from engine.contracts.plugins import REFUSED, hint, registered
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -145,7 +145,8 @@ def _processor_problems(
     if spec is None:
         if name in REFUSED:
             return [f"{key} = {shown(name)}: {REFUSED[name]}"]
-        return [f"{key} = {shown(name)}: unknown processor (known: {', '.join(sorted(processors))})"]
+        known = ", ".join(sorted(processors))
+        return [f"{key} = {shown(name)}: unknown processor (known: {known}){hint()}"]
     modality = route.get("modality")
     if spec.modality is not None and modality in ("image", "audio", "text") and spec.modality != modality:
         return [f"{key} = {shown(name)}: handles {spec.modality}, not {modality}"]

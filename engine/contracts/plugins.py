@@ -94,6 +94,13 @@ REGISTRY: dict[str, ProcessorSpec] = {}
 ORIGINS: dict[str, Origin] = {}
 #: Plugins refused at the last discovery, by the name they claimed: why.
 REFUSED: dict[str, str] = {}
+#: Said after "unknown processor" when the built-ins themselves were not found:
+#: the installed metadata predates the entry points (an old editable install).
+BUILTINS_MISSING = (
+    "; the built-in processors are not among them: this environment's open-autoglm metadata "
+    "declares no autoglm.processors entry points (installed before they existed): run "
+    "`make install` or `pip install -e .` again"
+)
 #: Names the last discovery registered, so the next one replaces only those.
 _discovered: set[str] = set()
 _ran = False
@@ -175,6 +182,11 @@ def registered() -> Mapping[str, ProcessorSpec]:
     return REGISTRY
 
 
+def hint() -> str:
+    """What to add to an "unknown processor" message: why the built-ins are missing, if they are."""
+    return "" if "passthrough" in REGISTRY else BUILTINS_MISSING
+
+
 def origin_of(name: str) -> Origin:
     return ORIGINS.get(name, Origin("", "", "register()"))
 
@@ -187,5 +199,5 @@ def lookup(name: str) -> ProcessorSpec:
         if name in REFUSED:
             raise ConfigError([f"processor {name!r}: {REFUSED[name]}"]) from None
         raise ConfigError(
-            [f"processor {name!r} is not registered (known: {', '.join(sorted(known))})"]
+            [f"processor {name!r} is not registered (known: {', '.join(sorted(known))}){hint()}"]
         ) from None
