@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from engine.config.models import RouteConfig
+from engine.config.models import RouteConfig, load_config
 from engine.contracts.errors import ConfigError
 from engine.contracts.plugins import ProcessorSpec
 from engine.contracts.types import Features, InputEvent, Modality, ModelVersion
@@ -297,3 +297,58 @@ async def test_autoglm_models_and_ab_report_show_each_variant(
         assert (int(row[5]), int(row[6])) == (count, 2 * count)  # sources, events
     assert f"shadow text:test-scaled s (test-scaled/test-scaled {versions['s']}): 40 events" in report.stdout
     assert "mean cosine distance to live" in report.stdout
+
+
+def _routing(prefix: str, a: int, b: int) -> str:
+    return f"""
+[nats]
+subject_prefix = "{prefix}"
+[aligner]
+window_ms = 100
+idle_timeout_ms = 300
+[[routes]]
+modality = "text"
+processor = "test-scaled"
+experiment = "rl"
+variants = [{{ name = "a", weight = {a}, params = {{ factor = 1 }} }},
+            {{ name = "b", weight = {b}, params = {{ factor = 2 }} }}]
+"""
+
+
+async def test_a_reload_to_new_weights_moves_only_the_sources_whose_bucket_changed(
+    use_processor: Callable[[ProcessorSpec], None], nc: Any, nats_url: str, prefix: str, tmp_path: Any
+) -> None:
+    use_processor(SCALED)
+    path = tmp_path / "routing.toml"
+    path.write_text(_routing(prefix, 1, 1))
+    out = await collect(nc, f"{prefix}.out.>")
+    engine = Engine(load_config(path, env={}), config_path=path)
+    await engine.start(nats_url)
+    sources = [f"cam{i}" for i in range(300)]
+
+    async def round_of(k: int) -> dict[str, str]:
+        ts = time.time_ns()
+        for s in sources:
+            await send(nc, prefix, s, "text", b"hi", ts, event_id=f"{s}-{k}")
+        await out.wait_events({f"{s}-{k}" for s in sources})
+        return {
+            body["source"]: body["models"]["text"]["variant"]
+            for _, _, body in out.items
+            if any(e.endswith(f"-{k}") for e in body["events"].get("text", ()))
+        }
+
+    try:
+        before = await round_of(0)
+        old = {v.name: v for v in engine.pipeline.routes[0].variants}
+        path.write_text(_routing(prefix, 2, 3))
+        report = await engine.reload()
+        assert report["ok"], report
+        new = {v.name: v for v in engine.pipeline.routes[0].variants}
+        after = await round_of(1)
+    finally:
+        await engine.stop()
+    assert all(new[n].processor is old[n].processor for n in "ab")  # the same models, not loaded again
+    assert all(new[n].model == old[n].model for n in "ab")
+    moved = {s for s in sources if before[s] != after[s]}
+    assert moved and all(before[s] == "a" and after[s] == "b" for s in moved)
+    assert moved == {s for s in sources if 0.4 <= point("rl", s) < 0.5}

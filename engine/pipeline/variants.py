@@ -48,6 +48,9 @@ class Variant:
     device: str = ""
     dtype: str = ""
     load_s: float = 0.0
+    #: What it was loaded from (processor, params, modality, device, dtype):
+    #: a reload reuses a loaded model with the same key.
+    key: str = ""
     #: Events it made features for, events it failed, seconds of prepare + run.
     events: int = 0
     errors: int = 0

@@ -10,8 +10,10 @@ name in :mod:`engine.contracts.plugins`, so nothing here imports
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from engine.align.aligner import Aligner
@@ -60,40 +62,44 @@ def build_batcher(cfg: BatchConfig) -> Batcher[Any]:
     )
 
 
-def build_route(rc: RouteConfig, name: str) -> Route:
+def build_route(rc: RouteConfig, name: str, loaded: Sequence[Variant] = ()) -> Route:
     """The route's processors (loaded by name from the registry, one per A/B
-    variant), each versioned once here, and its batcher."""
-    variants = [build_variant(rc, v) for v in rc.variants] if rc.variants else [build_variant(rc, None)]
+    variant), each versioned once here, and its batcher. A model in ``loaded``
+    (a running route's, on a reload) with the same processor, params, device
+    and dtype is reused, not loaded again: new weights or a new variant beside
+    it cost no reload of the others."""
+    vcs: Sequence[VariantConfig | None] = rc.variants or [None]
+    variants = [build_variant(rc, v, loaded) for v in vcs]
     first = next(v for v in variants if not v.shadow and v.weight > 0)
     return Route(
         name=name, config=rc, processor=first.processor, batcher=build_batcher(rc.batch), variants=variants
     )
 
 
-def build_variant(rc: RouteConfig, vc: VariantConfig | None) -> Variant:
+def build_variant(rc: RouteConfig, vc: VariantConfig | None, loaded: Sequence[Variant] = ()) -> Variant:
     """One processor of a route: the route's own, or a variant's (its processor,
     params on top of the route's, dtype), with its :class:`ModelVersion`."""
     processor_name = (vc.processor if vc is not None else "") or rc.processor
     dtype = (vc.dtype if vc is not None else "") or rc.dtype
     params = {**rc.params, **(vc.params if vc is not None else {})}
     spec = lookup(processor_name)
+    validated = spec.params.model_validate(params).model_dump(mode="json")
+    key = json.dumps([processor_name, validated, rc.modality, rc.device, dtype], sort_keys=True, default=str)
+    name = vc.name if vc is not None else ""
+    weight, shadow = (vc.weight, vc.shadow) if vc is not None else (1.0, False)
+    same = next((v for v in loaded if v.key == key), None)
+    if same is not None:
+        model = replace(same.model, variant=name)
+        return Variant(
+            name, weight, same.processor, model, shadow, same.device, same.dtype, same.load_s, key=key
+        )
     t0 = time.perf_counter()
     processor = spec.create(params, rc.modality, rc.device, dtype)
     load_s = time.perf_counter() - t0
-    validated = spec.params.model_validate(params).model_dump(mode="json")
-    name = vc.name if vc is not None else ""
     model = identify(processor_name, processor, validated, name)
     device = str(getattr(processor, "device", rc.device))
-    return Variant(
-        name,
-        vc.weight if vc is not None else 1.0,
-        processor,
-        model,
-        shadow=vc.shadow if vc is not None else False,
-        device=device,
-        dtype=str(getattr(processor, "dtype", dtype)).removeprefix("torch."),
-        load_s=load_s,
-    )
+    dtype_loaded = str(getattr(processor, "dtype", dtype)).removeprefix("torch.")
+    return Variant(name, weight, processor, model, shadow, device, dtype_loaded, load_s, key=key)
 
 
 def build_routes(config: EngineConfig) -> list[Route]:
