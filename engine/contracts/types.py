@@ -219,6 +219,11 @@ class Processor(Protocol[T]):
     order. Both are called from a worker thread, never on the event loop.
     Features that should fuse, read or trigger other than the default way
     carry the processor's :class:`Vocabulary`.
+
+    Two optional attributes name what it loaded, for the model's version
+    (:mod:`engine.contracts.versions`): ``model_name`` (``str``) and
+    ``weight_files`` (paths); without them the processor's name and a hash
+    of its parameters stand in.
     """
 
     modality: Modality

@@ -26,8 +26,17 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from engine.config.models import EngineConfig
 from engine.contracts.errors import TransportError
 from engine.contracts.subjects import Subjects
-from engine.observe.service import _data, _prefix
 from engine.transport.streams import stream_names
+
+
+def _data(reply: dict[str, Any]) -> dict[str, Any]:
+    """The STATS payload of one ``$SRV.STATS`` reply (the engine has one endpoint's worth)."""
+    data: dict[str, Any] = (reply.get("endpoints") or [{}])[0].get("data") or {}
+    return data
+
+
+def _prefix(reply: dict[str, Any]) -> str:
+    return str((reply.get("metadata") or {}).get("subject_prefix", "?"))
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
