@@ -151,7 +151,7 @@ class Route:
                 feats = processor.run(ready)
                 check_outputs(ready, feats, f"processor {variant.model.processor!r}")
             except BaseException:
-                variant.errors += len(ready)
+                variant.count(0, len(events), time.perf_counter() - t0)
                 raise
             model = variant.model
             for i, f in zip(index, feats, strict=True):
@@ -160,9 +160,7 @@ class Route:
                 object.__setattr__(f, "model", model)
                 out[i] = f
         t2 = time.perf_counter()
-        variant.events += len(ready)
-        variant.errors += len(events) - len(ready)
-        variant.seconds += t2 - t0
+        variant.count(len(ready), len(events) - len(ready), t2 - t0)
         # Read by the engine on its loop (deque appends and pops are thread-safe).
         self.timings.append((t1 - t0, t2 - t1))
         return [o if o is not None else EventRejected("processor_error", "no outcome") for o in out]
@@ -177,16 +175,14 @@ class Route:
             feats = shadow.processor.run([p for p, _ in pairs]) if pairs else []
             check_outputs(pairs, feats, f"shadow {shadow.name!r}")
         except Exception:
-            shadow.errors += len(events)
+            shadow.count(0, len(events), time.perf_counter() - t0)
             return
-        finally:
-            shadow.seconds += time.perf_counter() - t0
-        shadow.events += len(feats)
-        shadow.errors += len(events) - len(feats)
+        compared, distance = 0, 0.0
         for f, (_, o) in zip(feats, pairs, strict=True):
             if isinstance(o, Features) and (d := cosine_distance(f, o)) is not None:
-                shadow.compared += 1
-                shadow.distance += d
+                compared += 1
+                distance += d
+        shadow.count(len(feats), len(events) - len(feats), time.perf_counter() - t0, compared, distance)
 
     @staticmethod
     def _prepare(processor: Processor[Any], event: InputEvent) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,19 @@ class Variant:
     #: their cosine distances (embedding against embedding).
     compared: int = 0
     distance: float = 0.0
+    #: A route with ``workers > 1`` runs batches on several threads at once.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(
+        self, events: int, errors: int, seconds: float, compared: int = 0, distance: float = 0.0
+    ) -> None:
+        """Add one batch's figures (one lock per batch, not per event)."""
+        with self._lock:
+            self.events += events
+            self.errors += errors
+            self.seconds += seconds
+            self.compared += compared
+            self.distance += distance
 
     def state(self) -> VariantState:
         """A copy for observers (the counters are written by worker threads)."""
