@@ -218,6 +218,24 @@ def normalise(batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((x - mean) / std).to(dtype)
 
 
+def weights_file(params: ImageParams) -> Path | None:
+    """Where ``weights = "imagenet"`` loads from (``None``: random weights, no file)."""
+    if params.weights != "imagenet":
+        return None
+    if params.weights_path:
+        return Path(params.weights_path)
+    weights = getattr(torchvision.models, _WEIGHTS[params.model]).DEFAULT
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+_WEIGHTS = {
+    "mobilenet_v3_small": "MobileNet_V3_Small_Weights",
+    "resnet18": "ResNet18_Weights",
+    "resnet50": "ResNet50_Weights",
+    "efficientnet_b0": "EfficientNet_B0_Weights",
+}
+
+
 def build_backbone(params: ImageParams) -> tuple[nn.Module, nn.Module, list[str]]:
     """(embedding model, classifier head, labels). Labels only with ImageNet weights."""
     builders = {
@@ -291,6 +309,10 @@ class ImageProcessor:
         self.model = model.to(self.device, self.dtype)
         self.head = head.to(self.device, self.dtype)
         self.labels = labels
+        #: What the engine versions the model by (engine.contracts.versions).
+        self.model_name = params.model
+        path = weights_file(params)
+        self.weight_files = (str(path),) if path is not None else ()
         # One face detector per thread: a CascadeClassifier keeps per-call
         # state in the object, and prepare() runs on several threads (the
         # route's prepare_threads, and its workers); sharing one gave OpenCV

@@ -1,9 +1,11 @@
-"""Processors by name, so ``routing.toml`` can say ``processor = "cnn"``.
+"""The built-in processors, declared as plugins like any other.
 
-The registry itself is :mod:`engine.contracts.plugins` (the engine reads it
-without importing ``processors``); this module registers the built-in
-processors there when imported and keeps the ``ProcessorSpec`` /
-``register`` / ``lookup`` / ``REGISTRY`` names where plugins look for them.
+Each spec below is named by an entry point in the group
+``autoglm.processors`` of our own ``pyproject.toml``
+(``cnn = "processors.registry:cnn"``), so the engine finds them exactly as
+it finds a third-party package's (:mod:`engine.contracts.plugins`). The
+``ProcessorSpec`` / ``register`` / ``lookup`` / ``REGISTRY`` names stay
+importable from here, where older plugins looked for them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ from engine.contracts.plugins import REGISTRY, Factory, ProcessorSpec, lookup, r
 from processors import cap_opencv_pixels
 from processors.params import AudioParams, ImageParams, PassthroughParams, TextParams
 
-__all__ = ["REGISTRY", "Factory", "ProcessorSpec", "lookup", "register"]
+__all__ = [
+    "REGISTRY",
+    "Factory",
+    "ProcessorSpec",
+    "cnn",
+    "lookup",
+    "mfcc",
+    "minilm",
+    "passthrough",
+    "register",
+]
 
 
 def _cap_opencv(params: ImageParams) -> None:
@@ -20,11 +32,11 @@ def _cap_opencv(params: ImageParams) -> None:
     cap_opencv_pixels(params.max_pixels)
 
 
-register(
-    ProcessorSpec(
-        "cnn", "image", ImageParams, "processors.image:create", "torchvision CNN", before_import=_cap_opencv
-    )
+cnn = ProcessorSpec(
+    "cnn", "image", ImageParams, "processors.image:create", "torchvision CNN", before_import=_cap_opencv
 )
-register(ProcessorSpec("mfcc", "audio", AudioParams, "processors.audio:create", "librosa MFCC"))
-register(ProcessorSpec("minilm", "text", TextParams, "processors.text:create", "MiniLM encoder"))
-register(ProcessorSpec("passthrough", None, PassthroughParams, "processors.passthrough:create", "byte count"))
+mfcc = ProcessorSpec("mfcc", "audio", AudioParams, "processors.audio:create", "librosa MFCC")
+minilm = ProcessorSpec("minilm", "text", TextParams, "processors.text:create", "MiniLM encoder")
+passthrough = ProcessorSpec(
+    "passthrough", None, PassthroughParams, "processors.passthrough:create", "byte count"
+)

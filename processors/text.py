@@ -75,6 +75,16 @@ class TextProcessor:
         except (OSError, ValueError) as exc:
             where = "directory" if local else "model id (must already be in the HF cache)"
             raise ConfigError([f"params.model = {source!r}: cannot load this {where}: {exc}"]) from exc
+        #: What the engine versions the model by (engine.contracts.versions): the
+        #: weight files of a local directory; a cached model id by its name.
+        self.model_name = "all-MiniLM-L6-v2" if not params.model else Path(source).name if local else source
+        self.weight_files = (
+            tuple(
+                str(f) for f in sorted(Path(source).iterdir()) if f.suffix in (".safetensors", ".bin", ".pt")
+            )
+            if local
+            else ()
+        )
         # Fast tokenizers are not safe to call from several threads at once.
         self._lock = threading.Lock()
 

@@ -184,6 +184,8 @@ def test_every_toml_we_ship_or_document_still_loads() -> None:
     assert len(blocks) >= 5
     for block in blocks:
         data = tomllib.loads(block)
+        if "build-system" in data:  # a plugin's pyproject.toml (README, "Writing a processor")
+            continue
         data.setdefault("routes", routes(1))
         for route in data["routes"]:
             route.setdefault("processor", "passthrough")

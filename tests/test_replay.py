@@ -241,6 +241,8 @@ def test_a_window_of_rate_limited_events_only_is_written_as_its_window_part() ->
     lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
     skipped_only = [rec for rec in lines if not rec["events"]]
     assert skipped_only and all(rec["skipped"]["rate_limited"] for rec in skipped_only)
-    window_part = {"result_id", "source", "window", "events", "missing", "features", "trace_id", "skipped"}
+    window_part = {
+        "result_id", "source", "window", "events", "missing", "features", "models", "trace_id", "skipped"
+    }  # fmt: skip
     assert all(set(rec) == window_part for rec in skipped_only)
     assert not any({"prompt", "answer", "glm", "latency_ms"} & set(rec) for rec in lines)

@@ -532,6 +532,7 @@ def _fuse_many(items: list[_Slot]) -> ModalityFusion:
         done=tuple(s.done for s in items),
         traceparents=tuple(s.traceparent for s in items),
         vocabulary=vocab,
+        model=feats[-1].model,
     )
 
 
@@ -554,4 +555,5 @@ def _fuse_one(slot: _Slot) -> ModalityFusion:
         done=(slot.done,),
         traceparents=(slot.traceparent,),
         vocabulary=vocab,
+        model=f.model,
     )

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.contracts.errors import ConfigError
-from engine.contracts.plugins import registered
+from engine.contracts.plugins import REFUSED, hint, registered
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -113,31 +113,52 @@ def updated(model: M, update: Mapping[str, Any], where: Sequence[int | str] = ()
 
 def route_problems(raw_routes: object) -> list[str]:
     """Processor names and params checked against the registry, from the raw
-    TOML so they are reported together with every other bad key."""
+    TOML so they are reported together with every other bad key. A variant's
+    processor (its own, or the route's) and params (the route's, its own on
+    top) are checked the same way, under ``routes[i].variants[j]``."""
     if not isinstance(raw_routes, list | tuple):
         return []
-    processors = registered()
     problems: list[str] = []
     for i, route in enumerate(raw_routes):
-        if not isinstance(route, Mapping) or not isinstance(route.get("processor"), str):
+        if not isinstance(route, Mapping):
             continue
-        name, modality = route["processor"], route.get("modality")
-        spec = processors.get(name)
-        if spec is None:
-            problems.append(
-                f"routes[{i}].processor = {shown(name)}: unknown processor "
-                f"(known: {', '.join(sorted(processors))})"
-            )
+        variants = route.get("variants")
+        if not isinstance(variants, list | tuple) or not variants:
+            problems.extend(_processor_problems(route, route, ["routes", i]))
             continue
-        if spec.modality is not None and modality in ("image", "audio", "text") and spec.modality != modality:
-            problems.append(f"routes[{i}].processor = {shown(name)}: handles {spec.modality}, not {modality}")
-        params = route.get("params", {})
-        if isinstance(params, Mapping):
-            try:
-                spec.params.model_validate(params)
-            except ValidationError as exc:
-                problems.extend(format_errors(exc, ["routes", i, "params"]))
+        for j, variant in enumerate(variants):
+            if isinstance(variant, Mapping):
+                problems.extend(_processor_problems(route, variant, ["routes", i, "variants", j]))
     return problems
+
+
+def _processor_problems(
+    route: Mapping[str, Any], part: Mapping[str, Any], where: list[int | str]
+) -> list[str]:
+    """One processor of a route (the route itself, or one of its variants)."""
+    processors = registered()
+    name = part.get("processor", route.get("processor"))
+    if not isinstance(name, str):
+        return []
+    key = _key([*(where if "processor" in part else where[:2]), "processor"])
+    spec = processors.get(name)
+    if spec is None:
+        if name in REFUSED:
+            return [f"{key} = {shown(name)}: {REFUSED[name]}"]
+        known = ", ".join(sorted(processors))
+        return [f"{key} = {shown(name)}: unknown processor (known: {known}){hint()}"]
+    modality = route.get("modality")
+    if spec.modality is not None and modality in ("image", "audio", "text") and spec.modality != modality:
+        return [f"{key} = {shown(name)}: handles {spec.modality}, not {modality}"]
+    params = route.get("params", {})
+    own = part.get("params", {}) if part is not route else {}
+    if not isinstance(params, Mapping) or not isinstance(own, Mapping):
+        return []
+    try:
+        spec.params.model_validate({**params, **own})
+    except ValidationError as exc:
+        return format_errors(exc, [*where, "params"])
+    return []
 
 
 def glm_problems(data: Mapping[str, Any]) -> list[str]:

@@ -46,6 +46,7 @@ __all__ = [
     "RouteConfig",
     "TlsConfig",
     "TracingConfig",
+    "VariantConfig",
     "format_errors",
     "load_config",
     "nats_from_env",
@@ -79,6 +80,24 @@ class BatchConfig(Frozen):
     overload: Literal["drop_oldest", "reject_new"] = "drop_oldest"
 
 
+class VariantConfig(Frozen):
+    """One arm of a route's A/B test: its own processor params (and processor or
+    dtype), a share of the route's sources, or a shadow that runs beside them."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    #: Its share of the sources, relative to the other live variants' weights.
+    weight: float = Field(1.0, ge=0)
+    #: Empty: the route's processor.
+    processor: str = ""
+    #: On top of the route's ``params``.
+    params: dict[str, Any] = Field(default_factory=dict)
+    #: Empty: the route's dtype.
+    dtype: Literal["", "float32", "float16", "bfloat16"] = ""
+    #: Runs on every event of the route; its features are compared with the
+    #: live ones and dropped, never fused or sent to the GLM.
+    shadow: bool = False
+
+
 class RouteConfig(Frozen):
     """One route: events of ``modality`` (optionally matching ``subject``) -> processor."""
 
@@ -103,6 +122,20 @@ class RouteConfig(Frozen):
     #: ``stale``, and a full queue applies ``batch.overload``: latency stays flat.
     intake: Literal["complete", "real_time"] = "complete"
     max_staleness_ms: int = Field(1000, gt=0)
+    #: A/B test: each source goes to one live variant, by a stable hash of
+    #: ``experiment`` and its name, in proportion to the weights.
+    variants: tuple[VariantConfig, ...] = Field((), strict=False)
+    experiment: str = ""
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: tuple[VariantConfig, ...]) -> tuple[VariantConfig, ...]:
+        names = [x.name for x in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must differ (given: {', '.join(names)})")
+        if v and not any(x.weight > 0 and not x.shadow for x in v):
+            raise ValueError("needs a variant that is not a shadow and has a weight above 0")
+        return v
 
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 

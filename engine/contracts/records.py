@@ -57,6 +57,22 @@ class Window(TypedDict):
 
 
 @with_config(_STRICT)
+class ModelInfo(TypedDict):
+    """The model that made a modality's features in this window."""
+
+    processor: Annotated[str, Field(description="The route's processor (routing.toml's processor)")]
+    model: Annotated[str, Field(description="The model it loaded, e.g. mobilenet_v3_small")]
+    version: Annotated[
+        str,
+        Field(
+            description="sha256: and 12 hex digits of the weight files' bytes (of the parameters when "
+            "the model has no weight file); empty when unknown"
+        ),
+    ]
+    variant: NotRequired[Annotated[str, Field(description="The route's A/B variant; absent without one")]]
+
+
+@with_config(_STRICT)
 class GlmAnswered(TypedDict):
     """The model answered (``answer`` holds it)."""
 
@@ -136,6 +152,7 @@ def _frame_fields(frame: FusedFrame) -> dict[str, Any]:
         "events": {m: list(f.event_ids) for m, f in frame.modalities.items()},
         "missing": list(frame.missing),
         "features": {m: dict(f.summary) for m, f in frame.modalities.items()},
+        "models": {m: f.model.wire for m, f in frame.modalities.items() if f.model is not None},
         "trace_id": trace_id_of(frame),
         "skipped": {why: list(ids) for why, ids in frame.skipped.items()} if frame.skipped else None,
     }
@@ -195,6 +212,11 @@ class _WindowFields(_Record):
     events: dict[Modality, list[str]] = Field(description="Event ids per modality, in time order")
     missing: list[Modality] = Field(description="Configured modalities with no event in the window")
     features: dict[Modality, dict[str, FeatureValue]] = Field(description="Compact per-modality summary")
+    models: dict[Modality, ModelInfo] = Field(
+        default_factory=dict,
+        description="Which model (and version, and A/B variant) made each modality's features; "
+        "always sent (absent only in records of engines before it)",
+    )
     trace_id: str = Field(description="W3C trace id: the producer's, or one derived from the window")
     skipped: dict[SkipReason, list[str]] | None = Field(
         None,

@@ -46,6 +46,29 @@ class ContentType:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """Which model made a feature: the processor, its model, and a version that
+    is the content hash of the weights (of the parameters, for a model with no
+    weight file), made once when the route loads it
+    (:mod:`engine.contracts.versions`). ``variant`` names the route's A/B
+    variant (empty when the route has none)."""
+
+    processor: str
+    model: str
+    version: str
+    variant: str = ""
+    #: What a result publishes under ``models.<modality>``: built once here, shared
+    #: by every result (nobody mutates it), so the hot path builds no dict.
+    wire: Mapping[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        wire = {"processor": self.processor, "model": self.model, "version": self.version}
+        if self.variant:
+            wire["variant"] = self.variant
+        object.__setattr__(self, "wire", wire)
+
+
+@dataclass(frozen=True, slots=True)
 class InputEvent:
     """One timestamped sensor/media event as it arrived on NATS.
 
@@ -92,6 +115,8 @@ class Features:
     #: How these features fuse, read in a prompt and change; ``None``: the
     #: default reading (:data:`engine.contracts.vocabulary.DEFAULT_VOCABULARY`).
     vocabulary: Vocabulary | None = field(default=None, compare=False)
+    #: The model that made them; the route sets it (processors need not).
+    model: ModelVersion | None = field(default=None, compare=False)
 
 
 class FusedFeatures(NamedTuple):
@@ -126,6 +151,8 @@ class ModalityFusion:
     traceparents: tuple[str | None, ...] = ()
     #: The vocabulary that fused it (``None``: the default one).
     vocabulary: Vocabulary | None = field(default=None, compare=False)
+    #: The model of its newest event (``None``: not known, a frame built by hand).
+    model: ModelVersion | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +219,11 @@ class Processor(Protocol[T]):
     order. Both are called from a worker thread, never on the event loop.
     Features that should fuse, read or trigger other than the default way
     carry the processor's :class:`Vocabulary`.
+
+    Two optional attributes name what it loaded, for the model's version
+    (:mod:`engine.contracts.versions`): ``model_name`` (``str``) and
+    ``weight_files`` (paths); without them the processor's name and a hash
+    of its parameters stand in.
     """
 
     modality: Modality

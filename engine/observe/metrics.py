@@ -139,6 +139,7 @@ class EngineCollector(Collector):
             for kind, n in r.counters.items():
                 work.add_metric([r.name, kind], n)
         yield work
+        yield from model_families(e)
         g = e.glm
         yield CounterMetricFamily("autoglm_glm_calls", "GLM backend calls", value=g.calls)
         yield CounterMetricFamily("autoglm_glm_errors", "GLM calls that failed", value=g.errors)
@@ -185,6 +186,44 @@ class EngineCollector(Collector):
             )
         if t.worker:
             yield from partition_families(e)
+
+
+def model_families(e: Snapshot) -> Iterator[Any]:
+    """Per loaded model: its identity as an info gauge, and its events, errors
+    and seconds labelled by route, A/B variant and version (a handful of series
+    per route; the version changes only when the weights do)."""
+    labels = ["route", "variant", "processor", "model", "version"]
+    info = GaugeMetricFamily(
+        "autoglm_model_info",
+        "A loaded model (1), with its device, dtype and role",
+        labels=[*labels, "device", "dtype", "role"],
+    )
+    load = GaugeMetricFamily("autoglm_model_load_seconds", "How long the model took to load", labels=labels)
+    events = CounterMetricFamily("autoglm_variant_events", "Events a model made features for", labels=labels)
+    errors = CounterMetricFamily("autoglm_variant_errors", "Events a model refused or failed", labels=labels)
+    seconds = CounterMetricFamily(
+        "autoglm_variant_seconds", "Decode + model time, summed over its events", labels=labels
+    )
+    distance = CounterMetricFamily(
+        "autoglm_shadow_distance",
+        "Shadow variants: summed cosine distance of their embeddings to the live ones",
+        labels=labels,
+    )
+    compared = CounterMetricFamily(
+        "autoglm_shadow_compared", "Shadow variants: events compared with the live features", labels=labels
+    )
+    for r in e.routes:
+        for v in r.variants:
+            key = [r.name, v.name, v.processor, v.model, v.version]
+            info.add_metric([*key, v.device, v.dtype, "shadow" if v.shadow else "live"], 1)
+            load.add_metric(key, v.load_s)
+            events.add_metric(key, v.events)
+            errors.add_metric(key, v.errors)
+            seconds.add_metric(key, v.seconds)
+            if v.shadow:
+                distance.add_metric(key, v.distance)
+                compared.add_metric(key, v.compared)
+    yield from (info, load, events, errors, seconds, distance, compared)
 
 
 def partition_families(e: Snapshot) -> Iterator[Any]:

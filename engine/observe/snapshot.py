@@ -19,6 +19,47 @@ from engine.transport.base import TransportState
 
 
 @dataclass(frozen=True, slots=True)
+class VariantState:
+    """One loaded model of a route (its A/B variant, or its only one, named ``""``)."""
+
+    name: str
+    processor: str
+    model: str
+    version: str
+    shadow: bool
+    device: str
+    dtype: str
+    load_s: float
+    events: int
+    errors: int
+    #: Prepare + run, summed over its events.
+    seconds: float
+    #: Shadow only: events compared with the live features, and their summed cosine distance.
+    compared: int = 0
+    distance: float = 0.0
+
+
+def model_row(route: str, v: VariantState) -> dict[str, Any]:
+    """One loaded model as ``$SRV.STATS`` reports it (``autoglm models``, ``autoglm ab report``)."""
+    return {
+        "route": route,
+        "variant": v.name,
+        "processor": v.processor,
+        "model": v.model,
+        "version": v.version,
+        "role": "shadow" if v.shadow else "live",
+        "device": v.device,
+        "dtype": v.dtype,
+        "load_s": round(v.load_s, 3),
+        "events": v.events,
+        "errors": v.errors,
+        "seconds": round(v.seconds, 6),
+        "compared": v.compared,
+        "distance": round(v.distance, 6),
+    }
+
+
+@dataclass(frozen=True, slots=True)
 class RouteState:
     """One route's batching, by ``<modality>:<processor>``."""
 
@@ -33,6 +74,7 @@ class RouteState:
     faults: Mapping[str, int] = field(default_factory=dict)
     #: What the processor did beside its features, by kind (``reused`` embeddings).
     counters: Mapping[str, int] = field(default_factory=dict)
+    variants: tuple[VariantState, ...] = ()
 
     @property
     def mean_batch(self) -> float:
@@ -94,6 +136,7 @@ class Snapshot:
                 }
                 for r in self.routes
             },
+            "models": [model_row(r.name, v) for r in self.routes for v in r.variants],
             "glm": {
                 "backend": self.glm.backend,
                 "calls": self.glm.calls,

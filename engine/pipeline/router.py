@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engine.contracts.errors import EventRejected
-from engine.contracts.types import Features, InputEvent, Nanos, Processor
+from engine.contracts.types import Features, InputEvent, ModelVersion, Nanos, Processor
 from engine.pipeline.batcher import Batcher, check_outputs
+from engine.pipeline.variants import Assignment, Variant, cosine_distance
 
 if TYPE_CHECKING:
     from engine.config.models import RouteConfig
@@ -56,7 +57,11 @@ class RateLimiter:
 
 @dataclass
 class Route:
-    """A live route: its config, processor instance, batcher and rate limiter."""
+    """A live route: its config, processor instance, batcher and rate limiter.
+
+    ``variants`` are its loaded A/B arms (:mod:`engine.pipeline.variants`);
+    without any, ``processor`` is its one variant, named ``""``.
+    """
 
     name: str
     config: RouteConfig
@@ -68,8 +73,17 @@ class Route:
     prepare_pool: ThreadPoolExecutor | None = field(default=None)
     #: (decode seconds, model seconds) of each batch, for the stage histograms.
     timings: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=1024))
+    variants: list[Variant] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.variants:
+            name = self.config.processor
+            self.variants = [Variant("", 1.0, self.processor, ModelVersion(name, name, ""))]
+        live = [v for v in self.variants if not v.shadow and v.weight > 0]
+        self.processor = live[0].processor
+        self.shadows = [v for v in self.variants if v.shadow]
+        self.assignment = Assignment(self.config.experiment, live) if len(live) > 1 else None
+        self._only = live[0]
         max_fps = getattr(self.processor, "max_fps", None)
         if self.limiter is None and isinstance(max_fps, int | float) and max_fps > 0:
             self.limiter = RateLimiter(float(max_fps))
@@ -87,21 +101,44 @@ class Route:
             return False
         return self.config.subject is None or subject_matches(self.config.subject, event.subject)
 
+    def variant_of(self, source: str) -> Variant:
+        """The live variant ``source`` is assigned to."""
+        return self._only if self.assignment is None else self.assignment.of(source)
+
     def process(self, events: Sequence[InputEvent]) -> list[Outcome]:
         """Prepare each event, run the valid ones as one batch (worker thread).
 
         A bad event becomes its own :class:`EventRejected`; the rest of the
         batch still runs. If ``run`` itself fails the exception propagates
         and the caller rejects the whole batch with ``processor_error``.
+        With variants the batch runs as one sub-batch per variant; shadows
+        then run on all of it (:meth:`_shadow`).
         """
+        if self.assignment is None:
+            out = self._run(self._only, events)
+        else:
+            groups: dict[int, tuple[Variant, list[int]]] = {}
+            for i, ev in enumerate(events):
+                v = self.assignment.of(ev.source)
+                groups.setdefault(id(v), (v, []))[1].append(i)
+            out = [None] * len(events)  # type: ignore[list-item]
+            for v, index in groups.values():
+                for i, o in zip(index, self._run(v, [events[i] for i in index]), strict=True):
+                    out[i] = o
+        for shadow in self.shadows:
+            self._shadow(shadow, events, out)
+        return out
+
+    def _run(self, variant: Variant, events: Sequence[InputEvent]) -> list[Outcome]:
+        processor = variant.processor
         out: list[Outcome | None] = [None] * len(events)
         ready: list[Any] = []
         index: list[int] = []
         t0 = time.perf_counter()
         if self.prepare_pool is not None and len(events) > 1:
-            prepared = list(self.prepare_pool.map(self._prepare, events))
+            prepared = list(self.prepare_pool.map(lambda ev: self._prepare(processor, ev), events))
         else:
-            prepared = [self._prepare(ev) for ev in events]
+            prepared = [self._prepare(processor, ev) for ev in events]
         for i, item in enumerate(prepared):
             if isinstance(item, EventRejected):
                 out[i] = item
@@ -110,17 +147,47 @@ class Route:
                 index.append(i)
         t1 = time.perf_counter()
         if ready:
-            feats = self.processor.run(ready)
-            check_outputs(ready, feats, f"processor {self.config.processor!r}")
+            try:
+                feats = processor.run(ready)
+                check_outputs(ready, feats, f"processor {variant.model.processor!r}")
+            except BaseException:
+                variant.count(0, len(events), time.perf_counter() - t0)
+                raise
+            model = variant.model
             for i, f in zip(index, feats, strict=True):
+                # The features were just made here and nobody else holds them yet:
+                # naming their model in place costs no copy of every field.
+                object.__setattr__(f, "model", model)
                 out[i] = f
+        t2 = time.perf_counter()
+        variant.count(len(ready), len(events) - len(ready), t2 - t0)
         # Read by the engine on its loop (deque appends and pops are thread-safe).
-        self.timings.append((t1 - t0, time.perf_counter() - t1))
+        self.timings.append((t1 - t0, t2 - t1))
         return [o if o is not None else EventRejected("processor_error", "no outcome") for o in out]
 
-    def _prepare(self, event: InputEvent) -> Any:
+    def _shadow(self, shadow: Variant, events: Sequence[InputEvent], live: Sequence[Outcome]) -> None:
+        """Run a shadow variant on the events the live ones took, compare, drop.
+        Its failure is counted and costs the live events nothing."""
+        t0 = time.perf_counter()
         try:
-            return self.processor.prepare(event)
+            pairs = [(self._prepare(shadow.processor, ev), o) for ev, o in zip(events, live, strict=True)]
+            pairs = [(p, o) for p, o in pairs if not isinstance(p, EventRejected)]
+            feats = shadow.processor.run([p for p, _ in pairs]) if pairs else []
+            check_outputs(pairs, feats, f"shadow {shadow.name!r}")
+        except Exception:
+            shadow.count(0, len(events), time.perf_counter() - t0)
+            return
+        compared, distance = 0, 0.0
+        for f, (_, o) in zip(feats, pairs, strict=True):
+            if isinstance(o, Features) and (d := cosine_distance(f, o)) is not None:
+                compared += 1
+                distance += d
+        shadow.count(len(feats), len(events) - len(feats), time.perf_counter() - t0, compared, distance)
+
+    @staticmethod
+    def _prepare(processor: Processor[Any], event: InputEvent) -> Any:
+        try:
+            return processor.prepare(event)
         except EventRejected as exc:
             return exc
         except Exception as exc:  # a decoder bug must not sink the batch

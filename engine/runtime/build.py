@@ -10,7 +10,10 @@ name in :mod:`engine.contracts.plugins`, so nothing here imports
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from engine.align.aligner import Aligner
@@ -22,15 +25,18 @@ from engine.config.models import (
     GLMConfig,
     RouteConfig,
     TracingConfig,
+    VariantConfig,
 )
 from engine.contracts.plugins import lookup
 from engine.contracts.types import Clock
+from engine.contracts.versions import identify
 from engine.glm.memory import Memory
 from engine.glm.stage import GLMStage, Publish
 from engine.glm.trigger import ChangeTrigger
 from engine.observe.tracing import Tracing
 from engine.pipeline.batcher import Batcher
 from engine.pipeline.router import Route
+from engine.pipeline.variants import Variant
 from engine.runtime.memorykv import KVStateStore
 from engine.transport.streams import replicas_for
 
@@ -43,6 +49,7 @@ __all__ = [
     "build_routes",
     "build_tracing",
     "build_trigger",
+    "build_variant",
 ]
 
 
@@ -55,10 +62,44 @@ def build_batcher(cfg: BatchConfig) -> Batcher[Any]:
     )
 
 
-def build_route(rc: RouteConfig, name: str) -> Route:
-    """The route's processor (loaded by name from the registry) and its batcher."""
-    processor = lookup(rc.processor).create(rc.params, rc.modality, rc.device, rc.dtype)
-    return Route(name=name, config=rc, processor=processor, batcher=build_batcher(rc.batch))
+def build_route(rc: RouteConfig, name: str, loaded: Sequence[Variant] = ()) -> Route:
+    """The route's processors (loaded by name from the registry, one per A/B
+    variant), each versioned once here, and its batcher. A model in ``loaded``
+    (a running route's, on a reload) with the same processor, params, device
+    and dtype is reused, not loaded again: new weights or a new variant beside
+    it cost no reload of the others."""
+    vcs: Sequence[VariantConfig | None] = rc.variants or [None]
+    variants = [build_variant(rc, v, loaded) for v in vcs]
+    first = next(v for v in variants if not v.shadow and v.weight > 0)
+    return Route(
+        name=name, config=rc, processor=first.processor, batcher=build_batcher(rc.batch), variants=variants
+    )
+
+
+def build_variant(rc: RouteConfig, vc: VariantConfig | None, loaded: Sequence[Variant] = ()) -> Variant:
+    """One processor of a route: the route's own, or a variant's (its processor,
+    params on top of the route's, dtype), with its :class:`ModelVersion`."""
+    processor_name = (vc.processor if vc is not None else "") or rc.processor
+    dtype = (vc.dtype if vc is not None else "") or rc.dtype
+    params = {**rc.params, **(vc.params if vc is not None else {})}
+    spec = lookup(processor_name)
+    validated = spec.params.model_validate(params).model_dump(mode="json")
+    key = json.dumps([processor_name, validated, rc.modality, rc.device, dtype], sort_keys=True, default=str)
+    name = vc.name if vc is not None else ""
+    weight, shadow = (vc.weight, vc.shadow) if vc is not None else (1.0, False)
+    same = next((v for v in loaded if v.key == key), None)
+    if same is not None:
+        model = replace(same.model, variant=name)
+        return Variant(
+            name, weight, same.processor, model, shadow, same.device, same.dtype, same.load_s, key=key
+        )
+    t0 = time.perf_counter()
+    processor = spec.create(params, rc.modality, rc.device, dtype)
+    load_s = time.perf_counter() - t0
+    model = identify(processor_name, processor, validated, name)
+    device = str(getattr(processor, "device", rc.device))
+    dtype_loaded = str(getattr(processor, "dtype", dtype)).removeprefix("torch.")
+    return Variant(name, weight, processor, model, shadow, device, dtype_loaded, load_s, key=key)
 
 
 def build_routes(config: EngineConfig) -> list[Route]:

@@ -157,6 +157,7 @@ class Engine:
                     dropped=r.batcher.stats.dropped + r.batcher.stats.rejected,
                     faults=dict(getattr(r.processor, "faults", {})),
                     counters=dict(getattr(r.processor, "counters", {})),
+                    variants=tuple(v.state() for v in r.variants),
                 )
                 for r in self.pipeline.routes
             ),
@@ -430,11 +431,12 @@ class Engine:
         async with self.reload_lock:
             try:
                 new = await reloading.read(self.config_path, self.overrides)
+                loaded = [v for r in self.pipeline.routes for v in r.variants]  # reused when unchanged
                 change = await reloading.prepare(
                     self.config,
                     self.pipeline.routes,
                     new,
-                    lambda cfg, i: build_route(cfg.routes[i], f"routes[{i}]"),
+                    lambda cfg, i: build_route(cfg.routes[i], f"routes[{i}]", loaded),
                     lambda cfg: build_glm_stage(cfg.glm, self._answered),
                 )
             except ConfigError as exc:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.models import EngineConfig, Overrides, load_config, updated, with_overrides
+from engine.contracts.plugins import discover
 from engine.glm.stage import GLMStage
 from engine.pipeline.router import Route
 
@@ -65,7 +66,10 @@ class Change:
 
 
 async def read(path: str | Path, overrides: Overrides) -> EngineConfig:
-    """Parse and validate the file (raises :class:`ConfigError` with every problem)."""
+    """Parse and validate the file (raises :class:`ConfigError` with every problem),
+    the processor plugins discovered again first: one installed since the last
+    look can be routed to, and one that broke refuses the reload if it is used."""
+    await asyncio.to_thread(discover)
     return with_overrides(await asyncio.to_thread(load_config, path), overrides)
 
 

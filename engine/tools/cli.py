@@ -1,4 +1,4 @@
-"""``autoglm``: run, publish, status, reload, replay, health, validate and the demo.
+"""``autoglm``: run, publish, status, reload, replay, health, validate, plugins, models, ab and the demo.
 
 A mistake on the command line or in a file it names (a flag out of range, a
 missing file, an invalid routing file) ends with one line on stderr,
@@ -34,6 +34,7 @@ from engine.config.models import (
     with_overrides,
 )
 from engine.contracts.errors import AutoGLMError, ConfigError
+from engine.contracts.plugins import REFUSED
 from engine.contracts.subjects import Subjects, valid_source
 from engine.observe.logs import setup_logging
 
@@ -309,6 +310,38 @@ async def _status(args: argparse.Namespace) -> int:
         await nc.close()
 
 
+async def _models(args: argparse.Namespace) -> int:
+    from engine.observe.service import find_engines
+    from engine.tools.experiments import models_table
+
+    nc, _ = await _open(args)
+    try:
+        print(models_table(await find_engines(nc)))
+    finally:
+        await nc.close()
+    return 0
+
+
+async def _ab_report(args: argparse.Namespace) -> int:
+    from engine.observe.service import find_engines
+    from engine.tools.experiments import Report, results_since, shadows_of
+
+    cfg = _config(args.config)
+    nc, _ = await _open(args)
+    report = Report()
+    try:
+        async for result in results_since(nc, cfg, args.since):
+            report.add(result)
+        prefix = cfg.nats.subject_prefix
+        replies = [
+            r for r in await find_engines(nc) if (r.get("metadata") or {}).get("subject_prefix") == prefix
+        ]
+    finally:
+        await nc.close()
+    print(report.text(shadows_of(replies)))
+    return 0
+
+
 async def _health(args: argparse.Namespace) -> int:
     """Exit 0 when an engine answers on ``<prefix>.svc.health`` (container HEALTHCHECK)."""
     import orjson
@@ -361,6 +394,8 @@ def _validate(args: argparse.Namespace) -> int:
     print(
         f"{path}: ok ({routes}; aligner {cfg.aligner.mode} {cfg.aligner.window_ms} ms; glm {cfg.glm.backend})"
     )
+    for name, why in sorted(REFUSED.items()):  # unused by any route, so only a note
+        print(f"  note: processor {name!r} (no route uses it): {why}", file=sys.stderr)
     return 0
 
 
@@ -560,6 +595,22 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a routing file; exit 2 with each problem")
     val.add_argument("file", nargs="?", help=f"default ./{DEFAULT_CONFIG}")
 
+    sub.add_parser("plugins", help="list every processor (package, version, modalities, origin)")
+
+    md = sub.add_parser("models", help="the models each engine's routes have loaded, with their versions")
+    _connection_options(md, "server to look on")
+
+    ab = sub.add_parser("ab", help="A/B variants: `autoglm ab report`")
+    ab_sub = ab.add_subparsers(dest="ab_command", required=True)
+    abr = ab_sub.add_parser("report", help="per route and variant, from the results stream")
+    abr.add_argument(
+        "--since", type=_since, default=None, help="all (default), a duration ago (15m), an ISO time"
+    )
+    abr.add_argument(
+        "--config", help=f"routing file: prefix and stream (default ./{DEFAULT_CONFIG} or built-in)"
+    )
+    _connection_options(abr, "server holding the results")
+
     demo = sub.add_parser("demo", help="embedded server + engine + a synthetic multimodal stream")
     demo.add_argument("--seconds", type=_positive, default=10.0)
     demo.add_argument("--sources", type=_int_in(1, 10_000), default=2)
@@ -590,6 +641,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args)
+        if args.command == "plugins":
+            from engine.tools.plugins import print_plugins
+
+            return print_plugins()
         if args.command in ("run", "demo", "replay"):
             _quiet_libraries()
         runner = {
@@ -600,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
             "health": _health,
             "reload": _reload,
             "replay": _replay,
+            "models": _models,
+            "ab": _ab_report,
         }[args.command]
         return _run_async(runner(args))
     except ConfigError as exc:  # the command line or a file it names: the user's to fix
