@@ -6,9 +6,9 @@ never imports torch, OpenCV or librosa.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Params(BaseModel):
@@ -40,6 +40,17 @@ class ImageParams(_Params):
     #: instead of running the CNN; ``reused`` says so. 0 turns it off.
     reuse_below: float = Field(0.0, ge=0, le=1)
     seed: int = 0
+    #: ``torch``: the torchvision model above; ``onnx``: the model exported to
+    #: ``onnx_path`` by ``autoglm export`` (its sidecar ``.json`` names the
+    #: model, labels and input size), run by ONNX Runtime without torch.
+    runtime: Literal["torch", "onnx"] = "torch"
+    onnx_path: str | None = None
+
+    @model_validator(mode="after")
+    def _onnx_needs_a_file(self) -> Self:
+        if self.runtime == "onnx" and not self.onnx_path:
+            raise ValueError('runtime = "onnx" needs onnx_path (a file written by `autoglm export`)')
+        return self
 
 
 class AudioParams(_Params):

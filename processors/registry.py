@@ -33,7 +33,12 @@ def _cap_opencv(params: ImageParams) -> None:
 
 
 cnn = ProcessorSpec(
-    "cnn", "image", ImageParams, "processors.image:create", "torchvision CNN", before_import=_cap_opencv
+    "cnn",
+    "image",
+    ImageParams,
+    "processors.cnn:create",
+    "torchvision CNN (torch or ONNX Runtime)",
+    before_import=_cap_opencv,
 )
 mfcc = ProcessorSpec("mfcc", "audio", AudioParams, "processors.audio:create", "librosa MFCC")
 minilm = ProcessorSpec("minilm", "text", TextParams, "processors.text:create", "MiniLM encoder")
