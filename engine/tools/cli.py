@@ -611,6 +611,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _connection_options(abr, "server holding the results")
 
+    ex = sub.add_parser("export", help="a route's model as ONNX (optionally int8), checked against torch")
+    ex.add_argument("--route", default="image", help="the modality of the cnn route (default image)")
+    ex.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
+    ex.add_argument("--out", default="models", help="directory to write into (default models/)")
+    ex.add_argument(
+        "--int8",
+        nargs="?",
+        const="static",
+        choices=["static", "dynamic"],
+        default=None,
+        help="also write an int8 copy: static (calibrated; default) or dynamic",
+    )
+    ex.add_argument("--calibrate", help="directory of JPEG/PNG frames to check and calibrate on")
+    ex.add_argument("--min-cosine", type=float, default=0.99, help="fp32 threshold (default 0.99)")
+    ex.add_argument("--min-cosine-int8", type=float, default=0.97, help="int8 threshold (default 0.97)")
+    ex.add_argument("--samples", type=_int_in(2, 4096), default=32, help="frames to compare on (default 32)")
+
     demo = sub.add_parser("demo", help="embedded server + engine + a synthetic multimodal stream")
     demo.add_argument("--seconds", type=_positive, default=10.0)
     demo.add_argument("--sources", type=_int_in(1, 10_000), default=2)
@@ -621,6 +638,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--width", type=_int_in(16, 7680), default=320, help="frame width (default 320)")
     demo.add_argument("--height", type=_int_in(16, 4320), default=240, help="frame height (default 240)")
     return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from engine.tools.export import export_image, image_params
+
+    params = image_params(_config(args.config), args.route)
+    written = export_image(
+        params,
+        Path(args.out),
+        int8=args.int8,
+        calibrate=Path(args.calibrate) if args.calibrate else None,
+        min_cosine=args.min_cosine,
+        min_cosine_int8=args.min_cosine_int8,
+        samples=args.samples,
+    )
+    for e in written:
+        f = e.fidelity
+        print(
+            f"{e.path} ({e.precision}, {e.version}): cosine to torch mean {f.cosine_mean:.4f} "
+            f"min {f.cosine_min:.4f}, top-1 agreement {f.top1:.1%} on {f.samples} frames"
+        )
+    return 0
 
 
 def _fail(command: str, message: str) -> None:
@@ -645,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
             from engine.tools.plugins import print_plugins
 
             return print_plugins()
+        if args.command == "export":
+            return _export(args)
         if args.command in ("run", "demo", "replay"):
             _quiet_libraries()
         runner = {
