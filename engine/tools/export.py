@@ -80,6 +80,8 @@ def _torch_model(params: ImageParams) -> Any:
         def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
             super().__init__()
             self.backbone, self.head = backbone, head
+            self.mean: torch.Tensor
+            self.std: torch.Tensor
             self.register_buffer("mean", torch.from_numpy(_MEAN * 255).view(1, 3, 1, 1))
             self.register_buffer("std", torch.from_numpy(_STD * 255).view(1, 3, 1, 1))
 
