@@ -1,0 +1,110 @@
+"""Edge runtimes of the image CNN: torch fp32 vs ONNX Runtime fp32 vs ONNX int8.
+
+    .venv/bin/python benchmarks/edge.py [--model mobilenet_v3_small] [--seconds 5]
+
+Exports the route's model (random weights, as in tests: no download) with
+``autoglm export``'s own code into a temporary directory, then times each
+runtime's ``embed`` (the route's batched forward, as the engine calls it:
+the same prepared 224 x 224 frames, normalisation included) at batch 1 and
+32 on the CPU, with torch and ONNX Runtime on the same number of threads.
+Prints items/s, p50/p99 batch latency, resident memory after loading, and
+the embedding cosine and top-1 agreement to torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from engine.tools.export import export_image
+from engine.tools.fidelity import cosines, generated_frames
+from processors.frames import PreparedImage
+from processors.image import ImageProcessor
+from processors.onnx_image import OnnxImageProcessor
+from processors.params import ImageParams
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (Linux), MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def timed(
+    embed: Callable[[Sequence[PreparedImage]], Any], items: list[PreparedImage], seconds: float
+) -> dict[str, float]:
+    embed(items)  # warm-up: first-call allocations and kernel choice
+    laps: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(laps) < 5:
+        t0 = time.perf_counter()
+        embed(items)
+        laps.append(time.perf_counter() - t0)
+    laps.sort()
+    return {
+        "items_s": len(items) * len(laps) / sum(laps),
+        "p50_ms": statistics.median(laps) * 1e3,
+        "p99_ms": laps[min(len(laps) - 1, int(len(laps) * 0.99))] * 1e3,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mobilenet_v3_small")
+    ap.add_argument("--seconds", type=float, default=5.0, help="per runtime and batch size")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    params = ImageParams(model=args.model, faces=False)
+    frames = generated_frames(64, params.input_size, seed=1)
+    items = [PreparedImage(f"cam{i}", px, np.zeros((48, 64), np.uint8), {}) for i, px in enumerate(frames)]
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = {e.precision: e for e in export_image(params, Path(tmp), int8="static", samples=32)}
+        runtimes: dict[str, Any] = {}
+        memory: dict[str, float] = {}
+        before = rss_mb()
+        runtimes["torch fp32"] = ImageProcessor(params, "cpu")
+        memory["torch fp32"] = rss_mb() - before
+        for precision, label in (("fp32", "onnx fp32"), ("int8-static", "onnx int8")):
+            before = rss_mb()
+            onnx = ImageParams(
+                model=args.model, faces=False, runtime="onnx", onnx_path=str(exported[precision].path)
+            )
+            runtimes[label] = OnnxImageProcessor(onnx, "cpu")
+            memory[label] = rss_mb() - before
+        ref = runtimes["torch fp32"].embed(items)[0]
+        print(f"{args.model}, {params.input_size}x{params.input_size}, {args.threads} threads, "
+              f"onnxruntime {runtimes['onnx fp32'].providers[0]}")  # fmt: skip
+        print(f"{'runtime':<11} {'file MB':>8} {'+RSS MB':>8} {'cosine':>7} {'top-1':>6} "
+              f"{'b1 it/s':>8} {'b1 p99':>8} {'b32 it/s':>9} {'b32 p99':>9}")  # fmt: skip
+        base = 0.0
+        for label, proc in runtimes.items():
+            emb = proc.embed(items)[0]
+            cos = float(cosines(emb, ref).mean())
+            precision = "fp32" if label == "onnx fp32" else "int8-static"
+            top1 = 1.0 if label == "torch fp32" else exported[precision].fidelity.top1
+            size = exported[precision].path.stat().st_size / 1e6 if label != "torch fp32" else float("nan")
+            b1 = timed(proc.embed, items[:1], args.seconds)
+            b32 = timed(proc.embed, items[:32], args.seconds)
+            base = base or b32["items_s"]
+            print(
+                f"{label:<11} {size:>8.1f} {memory[label]:>8.0f} {cos:>7.4f} {top1:>6.1%} "
+                f"{b1['items_s']:>8.1f} {b1['p99_ms']:>6.1f}ms {b32['items_s']:>9.1f} {b32['p99_ms']:>7.1f}ms"
+                f"  ({b32['items_s'] / base:.2f}x torch at b32)"
+            )
+
+
+if __name__ == "__main__":
+    main()
