@@ -73,8 +73,12 @@ def open_session(onnx_path: str | Path, device: str = "cpu") -> ort.InferenceSes
                 "`autoglm export --route NAME --out DIR`"
             ]
         )
+    options = ort.SessionOptions()
+    # Its threads would spin-wait between batches, taking the cores the
+    # route's decode threads (prepare_threads) need; torch's pool yields.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(onnx_path), providers=providers(device))
+        return ort.InferenceSession(str(onnx_path), options, providers=providers(device))
     except ConfigError:
         raise
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
