@@ -51,6 +51,16 @@ def import_mb(modules: str) -> float:
     return int(out) / 1e3
 
 
+def session(path: Path, threads: int) -> Any:
+    """The route's session, on ``threads`` intra-op threads like torch's."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def timed(
     runtimes: dict[str, Callable[[Sequence[PreparedImage]], Any]], items: list[PreparedImage], seconds: float
 ) -> dict[str, dict[str, float]]:
@@ -101,6 +111,7 @@ def main() -> None:
                 model=args.model, faces=False, runtime="onnx", onnx_path=str(exported[precision].path)
             )
             runtimes[label] = OnnxImageProcessor(onnx, "cpu")
+            runtimes[label].session = session(exported[precision].path, args.threads)
             runtimes[label].embed(items[:32])
             memory[label] = rss_mb() - before
         ref = runtimes["torch fp32"].embed(items)[0]
