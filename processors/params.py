@@ -78,6 +78,17 @@ class TextParams(_Params):
     model: str = ""
     max_tokens: int = Field(128, ge=8, le=4096)
     max_chars: int = Field(20_000, gt=0)
+    #: ``torch``: the encoder above through transformers; ``onnx``: the one
+    #: ``autoglm export --route text`` wrote to ``onnx_path`` (its tokenizer
+    #: beside it), run by ONNX Runtime without torch or transformers.
+    runtime: Literal["torch", "onnx"] = "torch"
+    onnx_path: str | None = None
+
+    @model_validator(mode="after")
+    def _onnx_needs_a_file(self) -> Self:
+        if self.runtime == "onnx" and not self.onnx_path:
+            raise ValueError('runtime = "onnx" needs onnx_path (a file written by `autoglm export`)')
+        return self
 
 
 class PassthroughParams(_Params):

@@ -24,8 +24,9 @@ from engine.contracts.types import ContentType, InputEvent
 from engine.contracts.versions import weights_version
 from engine.tools.cli import main
 from engine.tools.export import Exported, export_image
+from engine.tools.export_text import export_text, sample_sentences
 from engine.tools.fidelity import cosines, generated_frames
-from processors.params import ImageParams
+from processors.params import ImageParams, TextParams
 from processors.registry import lookup
 from tests.conftest import ROOT, _spawned, collect, send
 
@@ -37,6 +38,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
     out = tmp_path_factory.mktemp("models")
     done = export_image(ImageParams(input_size=SIZE, faces=False), out, int8="static", samples=16)
     return {e.precision: e for e in done}
+
+
+@pytest.fixture(scope="module")
+def exported_text(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
+    out = tmp_path_factory.mktemp("text-models")
+    return {e.precision: e for e in export_text(TextParams(), out, int8=True, samples=16)}
 
 
 def _jpeg(seed: int) -> bytes:
@@ -90,6 +97,29 @@ def test_onnx_route_gives_torch_s_embeddings_batch_by_batch(
     assert onnx.weight_files == (str(exported[precision].path),)  # versioned by the .onnx bytes
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8-dynamic"])
+def test_onnx_text_route_gives_torch_s_embeddings_and_token_counts(
+    exported_text: dict[str, Exported], precision: str
+) -> None:
+    spec = lookup("minilm")
+    common = {"max_tokens": 24}  # some sample sentences are longer: truncation is exercised
+    ref = spec.create(common, "text", "cpu")
+    path = str(exported_text[precision].path)
+    onnx = spec.create({**common, "runtime": "onnx", "onnx_path": path}, "text", "cpu")
+    events = [
+        InputEvent(
+            f"t.in.s{i}.text", f"s{i}", "text", time.time_ns(), ContentType("text/plain"), s.encode(), f"x{i}"
+        )
+        for i, s in enumerate([*sample_sentences(6, seed=3), "Ångström café naïve 東京"])
+    ]
+    want = ref.run([ref.prepare(e) for e in events])
+    got = onnx.run([onnx.prepare(e) for e in events])
+    assert [f.stats for f in got] == [f.stats for f in want]  # same tokens, same truncation
+    assert any(f.stats["truncated"] for f in got)
+    floor = 0.999 if precision == "fp32" else 0.97
+    assert cosines(np.stack([f.embedding for f in got]), np.stack([f.embedding for f in want])).min() > floor
+
+
 def test_onnx_route_config_errors_name_key_and_value(exported: dict[str, Exported], tmp_path: Path) -> None:
     spec = lookup("cnn")
     with pytest.raises(ValueError, match="onnx_path"):
@@ -140,8 +170,13 @@ runpy.run_module("engine.tools.cli", run_name="__main__")
 """
 
 
-async def test_onnx_route_runs_end_to_end_without_torch(
-    exported: dict[str, Exported], nats_url: str, nc: Any, prefix: str, tmp_path: Path
+async def test_onnx_routes_run_end_to_end_without_torch(
+    exported: dict[str, Exported],
+    exported_text: dict[str, Exported],
+    nats_url: str,
+    nc: Any,
+    prefix: str,
+    tmp_path: Path,
 ) -> None:
     cfg = tmp_path / "edge.toml"
     cfg.write_text(
@@ -150,6 +185,8 @@ async def test_onnx_route_runs_end_to_end_without_torch(
         '[[routes]]\nmodality = "image"\nprocessor = "cnn"\ndevice = "cpu"\n'
         f'[routes.params]\nruntime = "onnx"\nonnx_path = "{exported["int8-static"].path}"\n'
         f"input_size = {SIZE}\n"
+        '[[routes]]\nmodality = "text"\nprocessor = "minilm"\ndevice = "cpu"\n'
+        f'[routes.params]\nruntime = "onnx"\nonnx_path = "{exported_text["int8-dynamic"].path}"\n'
     )
     launcher = tmp_path / "no_torch.py"
     launcher.write_text(_NO_TORCH)
@@ -166,7 +203,13 @@ async def test_onnx_route_runs_end_to_end_without_torch(
         raise AssertionError(f"{line!r}\n{(await proc.stderr.read()).decode()}")
     for i in range(3):
         await send(nc, prefix, f"cam{i}", "image", _jpeg(i), time.time_ns(), event_id=f"edge-{i}")
-    await out.wait_events({"edge-0", "edge-1", "edge-2"}, timeout=30)
+    await send(nc, prefix, "cam0", "text", b"smoke near the dock", time.time_ns(), event_id="edge-t")
+    await out.wait_events({"edge-0", "edge-1", "edge-2", "edge-t"}, timeout=30)
+    text = [b for _, _, b in out.items if "edge-t" in (b.get("events") or {}).get("text", [])]
+    assert text and text[0]["models"]["text"]["model"] == "all-MiniLM-L6-v2.int8"
+    assert text[0]["models"]["text"]["version"] == exported_text["int8-dynamic"].version
+    image = [b for _, _, b in out.items if "image" in b["models"]]
+    assert image[0]["models"]["image"]["version"] == exported["int8-static"].version
     proc.terminate()
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()

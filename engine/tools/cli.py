@@ -612,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(abr, "server holding the results")
 
     ex = sub.add_parser("export", help="a route's model as ONNX (optionally int8), checked against torch")
-    ex.add_argument("--route", default="image", help="the modality of the cnn route (default image)")
+    ex.add_argument(
+        "--route", default="image", help="image (the cnn route) or text (the minilm route); default image"
+    )
     ex.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
     ex.add_argument("--out", default="models", help="directory to write into (default models/)")
     ex.add_argument(
@@ -643,21 +645,33 @@ def build_parser() -> argparse.ArgumentParser:
 def _export(args: argparse.Namespace) -> int:
     from engine.tools.export import export_image, image_params
 
-    params = image_params(_config(args.config), args.route)
-    written = export_image(
-        params,
-        Path(args.out),
-        int8=args.int8,
-        calibrate=Path(args.calibrate) if args.calibrate else None,
-        min_cosine=args.min_cosine,
-        min_cosine_int8=args.min_cosine_int8,
-        samples=args.samples,
-    )
+    config = _config(args.config)
+    thresholds = {"min_cosine": args.min_cosine, "min_cosine_int8": args.min_cosine_int8}
+    if args.route == "text":  # int8 is dynamic for a transformer (engine.tools.export_text)
+        from engine.tools.export_text import export_text, text_params
+
+        written = export_text(
+            text_params(config),
+            Path(args.out),
+            int8=args.int8 is not None,
+            samples=args.samples,
+            **thresholds,
+        )
+    else:
+        written = export_image(
+            image_params(config, args.route),
+            Path(args.out),
+            int8=args.int8,
+            calibrate=Path(args.calibrate) if args.calibrate else None,
+            samples=args.samples,
+            **thresholds,
+        )
     for e in written:
         f = e.fidelity
+        top1 = "" if math.isnan(f.top1) else f", top-1 agreement {f.top1:.1%}"
         print(
             f"{e.path} ({e.precision}, {e.version}): cosine to torch mean {f.cosine_mean:.4f} "
-            f"min {f.cosine_min:.4f}, top-1 agreement {f.top1:.1%} on {f.samples} frames"
+            f"min {f.cosine_min:.4f}{top1} on {f.samples} samples"
         )
     return 0
 

@@ -172,7 +172,7 @@ def _identity(params: ImageParams) -> str:
     return config_version({"processor": "cnn", "params": params.model_dump(mode="json")})
 
 
-def _keep(tmp: Path, final: Path, meta: dict[str, Any]) -> str:
+def keep_checked(tmp: Path, final: Path, meta: dict[str, Any]) -> str:
     """Move a checked file into place and write its sidecar; returns its version."""
     os.replace(tmp, final)
     version = weights_version([final])
@@ -227,7 +227,7 @@ def export_image(
                 )
             meta = {**base, "model": name, "precision": precision, "checks": fid.as_dict()}
             final = out / f"{name}.onnx"
-            done.append(Exported(final, precision, fid, _keep(tmp, final, meta)))
+            done.append(Exported(final, precision, fid, keep_checked(tmp, final, meta)))
     finally:
         for leftover in out.glob(f".{params.model}*.onnx.tmp*"):
             leftover.unlink(missing_ok=True)
