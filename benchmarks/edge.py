@@ -1,6 +1,6 @@
 """Edge runtimes of the image CNN: torch fp32 vs ONNX Runtime fp32 vs ONNX int8.
 
-    .venv/bin/python benchmarks/edge.py [--model mobilenet_v3_small] [--seconds 5]
+    .venv/bin/python benchmarks/edge.py [--model mobilenet_v3_small|resnet18|minilm] [--seconds 5]
 
 Exports the route's model (random weights, as in tests: no download) with
 ``autoglm export``'s own code into a temporary directory, then times each
@@ -34,7 +34,7 @@ from engine.tools.fidelity import cosines, generated_frames
 from processors.frames import PreparedImage
 from processors.image import ImageProcessor
 from processors.onnx_image import OnnxImageProcessor
-from processors.params import ImageParams
+from processors.params import ImageParams, TextParams
 
 
 def rss_mb() -> float:
@@ -86,13 +86,54 @@ def timed(
     return out
 
 
+def text(args: argparse.Namespace) -> None:
+    """MiniLM: torch (transformers) vs ONNX fp32 vs dynamic int8, tokenisation included."""
+    from engine.tools.export_text import export_text, sample_sentences
+    from processors.onnx_text import OnnxTextProcessor
+    from processors.sentences import PreparedText
+    from processors.text import TextProcessor
+
+    items = [PreparedText(t, 0, False) for t in sample_sentences(64, seed=1)]
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = {e.precision: e for e in export_text(TextParams(), Path(tmp), int8=True, samples=32)}
+        runtimes: dict[str, Any] = {"torch fp32": TextProcessor(TextParams(), "cpu")}
+        for precision, label in (("fp32", "onnx fp32"), ("int8-dynamic", "onnx int8")):
+            path = str(exported[precision].path)
+            runtimes[label] = OnnxTextProcessor(TextParams(runtime="onnx", onnx_path=path), "cpu")
+            runtimes[label].session = session(exported[precision].path, args.threads)
+
+        def vecs(proc: Any, batch: list[PreparedText]) -> Any:
+            return np.stack([f.embedding for f in proc.run(batch)])
+
+        ref = vecs(runtimes["torch fp32"], items)
+        print(f"all-MiniLM-L6-v2, sentences of 3-60 words, max_tokens 128, {args.threads} threads")
+        print(
+            f"{'runtime':<11} {'file MB':>8} {'cosine':>7} {'b1 it/s':>8} {'b1 p99':>8} "
+            f"{'b32 it/s':>9} {'b32 p99':>9}"
+        )
+        runs = {label: proc.run for label, proc in runtimes.items()}
+        b1s, b32s = timed(runs, items[:1], args.seconds), timed(runs, items[:32], args.seconds)
+        base = b32s["torch fp32"]["items_s"]
+        for label, proc in runtimes.items():
+            cos = float(cosines(vecs(proc, items), ref).mean())
+            precision = "fp32" if label == "onnx fp32" else "int8-dynamic"
+            size = exported[precision].path.stat().st_size / 1e6 if label != "torch fp32" else float("nan")
+            b1, b32 = b1s[label], b32s[label]
+            print(
+                f"{label:<11} {size:>8.1f} {cos:>7.4f} {b1['items_s']:>8.1f} {b1['p99_ms']:>6.1f}ms "
+                f"{b32['items_s']:>9.1f} {b32['p99_ms']:>7.1f}ms  ({b32['items_s'] / base:.2f}x torch at b32)"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mobilenet_v3_small")
+    ap.add_argument("--model", default="mobilenet_v3_small", help="an image CNN, or minilm (the text route)")
     ap.add_argument("--seconds", type=float, default=5.0, help="per runtime and batch size")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model == "minilm":
+        return text(args)
     bare = {"torch": import_mb("torch, torchvision"), "onnxruntime": import_mb("onnxruntime")}
     params = ImageParams(model=args.model, faces=False)
     frames = generated_frames(64, params.input_size, seed=1)
