@@ -630,6 +630,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--min-cosine-int8", type=float, default=0.97, help="int8 threshold (default 0.97)")
     ex.add_argument("--samples", type=_int_in(2, 4096), default=32, help="frames to compare on (default 32)")
 
+    di = sub.add_parser("distill", help="train a small student CNN to match a teacher on your frames")
+    di.add_argument("--teacher", default="resnet50", choices=list(_CNNS))
+    di.add_argument("--student", default="mobilenet_v3_small", choices=list(_CNNS))
+    di.add_argument("--frames", required=True, help="directory of JPEG/PNG frames (a fifth held out)")
+    di.add_argument("--epochs", type=_int_in(1, 10_000), default=5)
+    di.add_argument("--out", default="models", help="directory to write into (default models/)")
+    di.add_argument("--teacher-weights", choices=["random", "imagenet"], default="imagenet")
+    di.add_argument("--teacher-weights-path", help="the teacher's torchvision checkpoint")
+    di.add_argument("--alpha", type=float, default=0.5, help="weight of CE against KL (default 0.5)")
+    di.add_argument("--temperature", type=_positive, default=4.0, help="softening T (default 4)")
+    di.add_argument("--input-size", type=_int_in(32, 1024), default=224)
+    di.add_argument("--resume", action="store_true", help="go on from the last finished epoch")
+
     demo = sub.add_parser("demo", help="embedded server + engine + a synthetic multimodal stream")
     demo.add_argument("--seconds", type=_positive, default=10.0)
     demo.add_argument("--sources", type=_int_in(1, 10_000), default=2)
@@ -676,6 +689,34 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+_CNNS = ("mobilenet_v3_small", "resnet18", "resnet50", "efficientnet_b0")
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from engine.tools.distill import distill
+
+    r = distill(
+        args.teacher,
+        args.student,
+        Path(args.frames),
+        Path(args.out),
+        epochs=args.epochs,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        teacher_weights=args.teacher_weights,
+        teacher_weights_path=args.teacher_weights_path,
+        input_size=args.input_size,
+        resume=args.resume,
+    )
+    for when, e in (("untrained", r.before), ("distilled", r.after)):
+        print(
+            f"{when}: embedding cosine to the teacher {e.cosine:.4f}, top-1 agreement {e.top1:.1%}, "
+            f"student {e.student_items_s:.0f} items/s vs teacher {e.teacher_items_s:.0f}"
+        )
+    print(f'{r.path} ({r.version}); route: model = {args.student!r}, weights = "imagenet", weights_path')
+    return 0
+
+
 def _fail(command: str, message: str) -> None:
     """One line on stderr, whatever the message holds."""
     print(f"autoglm {command}: {' '.join(message.split())}", file=sys.stderr)
@@ -700,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
             return print_plugins()
         if args.command == "export":
             return _export(args)
+        if args.command == "distill":
+            return _distill(args)
         if args.command in ("run", "demo", "replay"):
             _quiet_libraries()
         runner = {

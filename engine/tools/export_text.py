@@ -121,14 +121,14 @@ def export_text(
     fp32_tmp = out / f".{name}.onnx.tmp"
     done: list[Exported] = []
     try:
-        batch, tokens = (
+        batch, length = (
             torch.export.Dim("batch", min=1, max=4096),
-            torch.export.Dim("tokens", min=2, max=4096),
+            torch.export.Dim("length", min=2, max=4096),
         )
         torch.onnx.export(
             model, (enc["input_ids"][:2], enc["attention_mask"][:2]), str(fp32_tmp),
             input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
-            dynamic_shapes=({0: batch, 1: tokens}, {0: batch, 1: tokens}),
+            dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}),
             opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
         )  # fmt: skip
         steps = [("fp32", name, fp32_tmp, min_cosine)]
