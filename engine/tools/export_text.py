@@ -13,6 +13,7 @@ sample sentences before it is written (:class:`engine.tools.export.ExportRefused
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,12 +126,14 @@ def export_text(
             torch.export.Dim("batch", min=1, max=4096),
             torch.export.Dim("length", min=2, max=4096),
         )
-        torch.onnx.export(
-            model, (enc["input_ids"][:2], enc["attention_mask"][:2]), str(fp32_tmp),
-            input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
-            dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}),
-            opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
-        )  # fmt: skip
+        with warnings.catch_warnings():  # both inputs share the axes: it says so, once per axis
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints")
+            torch.onnx.export(
+                model, (enc["input_ids"][:2], enc["attention_mask"][:2]), str(fp32_tmp),
+                input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
+                dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}),
+                opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
+            )  # fmt: skip
         steps = [("fp32", name, fp32_tmp, min_cosine)]
         if int8:
             steps.append(("int8-dynamic", f"{name}.int8", out / f".{name}.int8.onnx.tmp", min_cosine_int8))
