@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
-import nats
 import numpy as np
 import orjson
 import soundfile
@@ -20,8 +18,8 @@ from engine.contracts.errors import AutoGLMError, TransportError
 from engine.contracts.subjects import Subjects
 from engine.contracts.types import Modality
 from engine.observe.tracing import new_traceparent
-from engine.transport.security import redact_url, server_urls
-from engine.transport.sync import sync_with_server as sync_with_server  # tools and tests import it here
+from engine.transport.sync import connect as connect  # tools and tests import these two here
+from engine.transport.sync import sync_with_server as sync_with_server
 from engine.wire.claimcheck import OBJECT_REF, put_payload
 from engine.wire.codec import ID_HEADER, encode_headers
 
@@ -46,37 +44,6 @@ def audio_chunks(path: Path, chunk_ms: int) -> tuple[list[bytes], str, int]:
     ]
     ct = f"audio/pcm;rate={rate};channels={data.shape[1]};format=f32le"
     return bodies, ct, int(step * 1e9 / rate)
-
-
-async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:
-    """nats-py connect with one clear error instead of an endless first-connect loop.
-    ``url`` may name several servers, comma-separated (a cluster's nodes).
-
-    A caller's ``error_cb`` still gets every error; this one only keeps the
-    last few to name the cause of a failed connect."""
-    seen: deque[Exception] = deque(maxlen=8)
-    theirs = kwargs.pop("error_cb", None)
-
-    async def remember(exc: Exception) -> None:
-        # nats-py reports each failed attempt here and then raises a generic
-        # "no servers"; keep the real cause (authorization violation, TLS) for the message.
-        seen.append(exc)
-        if theirs is not None:
-            await theirs(exc)
-
-    kwargs["error_cb"] = remember
-    # nats-py retries a refused first connect forever unless the attempts are
-    # bounded (0 means unbounded there): two tries, half a second apart.
-    kwargs.setdefault("max_reconnect_attempts", 1)
-    kwargs.setdefault("reconnect_time_wait", 0.5)
-    try:
-        return await asyncio.wait_for(nats.connect(server_urls(url), connect_timeout=2, **kwargs), timeout)
-    except Exception as exc:  # nats-py raises several unrelated types here
-        # The server's -ERR says why; a reset read first (a TCP race) says nothing.
-        telling = [e for e in seen if "Violation" in str(e) or "SSL" in str(e) or "certificate" in str(e)]
-        pick = telling or seen
-        cause = f" ({pick[-1]})" if pick and str(pick[-1]) != str(exc) else ""
-        raise TransportError(f"cannot connect to NATS at {redact_url(url)}: {exc}{cause}") from exc
 
 
 async def send_events(nc: Any, subject: str, events: list[tuple[dict[str, str], bytes]]) -> list[str]:
