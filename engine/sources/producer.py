@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, TooManyStalledMsgsError
+from nats.js.errors import APIError, NotFoundError, TooManyStalledMsgsError
 
 from engine.contracts.errors import AutoGLMError, TransportError
 from engine.contracts.subjects import Subjects, valid_source
@@ -119,7 +119,8 @@ class Producer:
     async def __aenter__(self) -> Self:
         if self._nc is None:
             self._nc = await connect(self._url, **self._opts)
-        self._js = self._nc.jetstream(publish_async_max_pending=self.max_in_flight)
+        # timeout: the JetStream API's (the stream lookup); a PubAck waits ack_timeout.
+        self._js = self._nc.jetstream(timeout=2.0, publish_async_max_pending=self.max_in_flight)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -203,7 +204,21 @@ class Producer:
         return eid
 
     async def _first(self, subject: str, body: bytes, hdrs: dict[str, str]) -> None:
-        """The first event, waited for: its answer says which mode the server is in."""
+        """The first event, after asking the server which mode it is in.
+
+        A stream that stores the subject means durable mode. Asking first
+        matters in core mode: the engine's plain subscription receives a
+        JetStream publish as a request it never answers, so probing by
+        publishing would wait out the whole ack timeout. A user that may not
+        ask (``--secure``'s producer) probes by publishing after all."""
+        try:
+            await self._js.find_stream_name_by_subject(subject)
+        except (NotFoundError, NoRespondersError):  # no stream for it, or no JetStream at all
+            self.durable = False
+            await self._nc.publish(subject, body, headers=hdrs)
+            return
+        except Exception:  # not allowed to ask: the publish below finds out
+            pass
         try:
             ack = await self._js.publish(subject, body, headers=hdrs, timeout=self.ack_timeout)
         except (NoRespondersError, NatsTimeoutError):
