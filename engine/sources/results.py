@@ -85,8 +85,13 @@ class Results:
         await self.close()
 
     async def close(self) -> None:
-        """Acknowledge the last record handed out (it was handled) and let go."""
+        """Acknowledge the last record handed out (it was handled), hand back
+        those fetched but not handed out (redelivered at once to the next
+        reader, not after the ack wait), and let go."""
         try:
+            if self._pull is not None:
+                while not self._queue.empty():
+                    await self._queue.get_nowait().nak()
             if self._unacked is not None:
                 await self._unacked.ack_sync()
                 self._unacked = None
