@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import threading
 from fractions import Fraction
@@ -253,6 +254,7 @@ async def test_text_from_stdin_and_a_text_file(nats_url: str, nc: Any, prefix: s
         ("garbage", 1, "not a media file or stream FFmpeg can read"),
         ("unreachable", 1, "rtsp://127.0.0.1:1/x: cannot open: Connection refused"),
         ("no-video", 1, "has no video stream"),
+        ("silent", 1, "nothing answered within 1 s"),
     ],
 )
 async def test_bad_inputs_fail_with_one_clear_line(
@@ -267,10 +269,11 @@ async def test_bad_inputs_fail_with_one_clear_line(
         "garbage": str(garbage),
         "unreachable": "rtsp://127.0.0.1:1/x",
         "no-video": str(text_only),
+        "silent": f"udp://127.0.0.1:{_free_port()}",  # nobody sends there
     }[what]
     got, printed, err = await run_cli(
         "publish", "--nats-url", nats_url, "--prefix", prefix, "--source", "bad",
-        "--video", url, "--timeout", "2",
+        "--video", url, "--timeout", "1",
     )  # fmt: skip
     assert got == code, err + printed
     assert words in err and "Traceback" not in err
@@ -295,3 +298,22 @@ async def test_a_reader_stopped_early_lets_go_of_its_file(tmp_path: Path) -> Non
     with contextlib.suppress(FileNotFoundError):
         video.unlink()  # closed: nothing holds it (on every OS)
     await eventually(lambda: asyncio.sleep(0, result=not video.exists()), "the file to be gone")
+
+
+async def test_ctrl_c_stops_a_looped_file_with_its_summary(
+    nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    video = make_video(tmp_path / "v.mp4", frames=5, fps=10)
+    proc = await asyncio.create_subprocess_exec(
+        *AUTOGLM, "publish", "--nats-url", nats_url, "--prefix", prefix, "--source", "lp",
+        "--video", str(video), "--loop",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    progress = await asyncio.wait_for(proc.stderr.readline(), 30)  # a second in: it is looping
+    assert progress.startswith(b"autoglm publish: ") and b"image sent" in progress
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    sent = int(out.decode().split("published ")[1].split()[0])
+    assert sent > 5  # past the end of the first pass
