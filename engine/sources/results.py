@@ -28,13 +28,17 @@ import asyncio
 from datetime import datetime
 from typing import Any, Self
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
+from engine.config.nats import NatsConfig
 from engine.contracts.errors import AutoGLMError, TransportError
 from engine.contracts.records import Rejection, Result
 from engine.contracts.subjects import Subjects
+from engine.transport.streams import stream_names
 from engine.transport.sync import connect, sync_with_server
 
 Record = Result | Rejection
@@ -56,6 +60,7 @@ class Results:
         nc: Any = None,
         connect_opts: dict[str, Any] | None = None,
         batch: int = 64,
+        stream: str | None = None,
     ) -> None:
         if nc is None and not url:
             raise AutoGLMError("Results needs a NATS url (or a connected client as nc=)")
@@ -69,6 +74,7 @@ class Results:
             self.subjects = [subjects.results, *((subjects.rejections, subjects.lates) if dlq else ())]
         self.durable, self.from_start, self.since, self.batch = durable, from_start, since, batch
         self.stream = durable is not None or from_start or since is not None
+        self.stream_name = stream
         #: Messages on these subjects that were not a record (someone else's, or malformed).
         self.invalid = 0
         self._url, self._opts, self._nc, self._own = url, connect_opts or {}, nc, nc is None
@@ -115,16 +121,27 @@ class Results:
             await sync_with_server(self._nc)
         self._ready = True
 
-    async def _bind(self) -> None:
-        """The named consumer as it is, or a new one starting where asked."""
-        js = self._nc.jetstream()
+    async def _find_stream(self, js: Any) -> str:
+        """The results stream: as given, else asked of the server, else by the
+        engine's naming (``<PREFIX>_OUT``) for a user that may not ask
+        (``--secure``'s reader may only look at the results stream itself)."""
+        if self.stream_name is not None:
+            return self.stream_name
         try:
-            stream = await js.find_stream_name_by_subject(self.subjects[0])
+            found: str = await js.find_stream_name_by_subject(self.subjects[0])
         except NotFoundError as exc:
             raise TransportError(
                 f"no results stream holds {self.subjects[0]}: the engine runs in core mode "
                 "(read live instead: no durable, from_start or since)"
             ) from exc
+        except (NatsTimeoutError, NoRespondersError):  # not allowed to ask, or no JetStream
+            return stream_names(NatsConfig(subject_prefix=self.prefix))[1]
+        return found
+
+    async def _bind(self) -> None:
+        """The named consumer as it is, or a new one starting where asked."""
+        js = self._nc.jetstream()
+        stream = await self._find_stream(js)
         if self.durable is not None:
             try:
                 await js.consumer_info(stream, self.durable)
@@ -139,6 +156,7 @@ class Results:
         elif self.from_start:
             policy = DeliverPolicy.ALL
         config = ConsumerConfig(
+            name=self.durable,  # CONSUMER.CREATE.<stream>.<name>: the request --secure's reader may make
             durable_name=self.durable,
             filter_subjects=self.subjects,
             deliver_policy=policy,

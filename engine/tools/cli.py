@@ -343,6 +343,7 @@ async def _tail(args: argparse.Namespace) -> int:
     from engine.sources.results import Results
     from engine.tools.tail import tail
     from engine.transport.security import connect_kwargs
+    from engine.transport.streams import stream_names
 
     nats = _client_nats(args)
     if not nats.url:
@@ -356,6 +357,7 @@ async def _tail(args: argparse.Namespace) -> int:
         from_start=args.from_start,
         since=args.since,
         connect_opts=connect_kwargs(nats),
+        stream=stream_names(nats)[1] if nats.stream else None,  # [nats] stream names it: no lookup
     )
     await tail(results, as_json=args.json, count=args.count)
     return 0
