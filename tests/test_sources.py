@@ -9,6 +9,7 @@ import contextlib
 import signal
 import socket
 import threading
+import time
 from fractions import Fraction
 from itertools import pairwise
 from pathlib import Path
@@ -21,6 +22,7 @@ import soundfile
 
 from engine.contracts.errors import SourceError
 from engine.runtime.engine import Engine
+from engine.sources.camera import CameraReader, needs_opencv
 from engine.sources.reader import MediaOptions, MediaReader
 from engine.sources.text import TextReader
 from tests.conftest import Collector, Transport, collect, eventually, make_config, round_trip
@@ -81,6 +83,7 @@ async def test_every_frame_of_a_file_is_published_and_fused_with_the_files_spaci
         assert sorted(out.event_ids()) == sorted(ids)
         ts = stamps(seen, "image")
         assert [b - a for a, b in pairwise(ts)] == [SECOND // 10] * 19  # the file's interval
+        assert ts[-1] < time.time_ns()  # placed to end when publishing began: none in the future
     finally:
         await engine.stop()
 
@@ -317,3 +320,19 @@ async def test_ctrl_c_stops_a_looped_file_with_its_summary(
     assert proc.returncode == 0, err
     sent = int(out.decode().split("published ")[1].split()[0])
     assert sent > 5  # past the end of the first pass
+
+
+def test_cameras_go_through_opencv_where_the_wheels_ffmpeg_has_no_device_input() -> None:
+    assert not needs_opencv("clip.mp4") and not needs_opencv("rtsp://cam/1")
+    has_v4l2 = "v4l2" in av.formats_available
+    assert needs_opencv("/dev/video0") is not has_v4l2 and needs_opencv("0") is not has_v4l2
+    with pytest.raises(SourceError, match="no audio track"):
+        CameraReader("0", MediaOptions(audio=True))
+
+
+async def test_a_camera_that_is_not_there_is_one_clear_line(nats_url: str, prefix: str) -> None:
+    code, _, err = await run_cli(
+        "--log-level", "ERROR", "publish", "--nats-url", nats_url, "--prefix", prefix, "--source", "c",
+        "--video", "63",
+    )  # fmt: skip
+    assert code == 1 and err == "autoglm publish: 63: cannot open the camera (OpenCV)\n"

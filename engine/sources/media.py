@@ -1,12 +1,13 @@
 """Opening an FFmpeg input: a file, a network stream or a capture device.
 
-PyAV (FFmpeg's libraries, from the ``av`` wheel) opens anything FFmpeg
+PyAV (FFmpeg's libraries, from the ``av`` wheel) opens anything its FFmpeg
 opens: mp4/mkv/avi files, ``rtsp://``, ``http(s)://`` (MJPEG, HLS),
-``udp://``/``tcp://`` MPEG-TS, a V4L2 camera (``/dev/video0``) or an
-ALSA/Pulse microphone through ``input_format``. Its errors are translated
-here into one :class:`SourceError` line that names the input and the cause,
-so a wrong path, a file that is not media, an unreachable stream and a
-codec without a decoder each read as what they are.
+``udp://``/``tcp://`` MPEG-TS, or an ALSA microphone through
+``input_format``. (The wheel has no V4L2 or Pulse input: cameras go through
+OpenCV, engine/sources/camera.py.) Its errors are translated here into one
+:class:`SourceError` line that names the input and the cause, so a wrong
+path, a file that is not media, an unreachable stream and a codec without a
+decoder each read as what they are.
 """
 
 from __future__ import annotations

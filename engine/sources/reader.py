@@ -46,7 +46,7 @@ class MediaOptions:
     loop: bool = False
     realtime: bool = True  # files only: pace at the file's rate
     timeout: float = 10.0  # opening, and each read of a stream
-    input_format: str | None = None  # FFmpeg's -f: v4l2, alsa, pulse...
+    input_format: str | None = None  # FFmpeg's -f: alsa, mjpeg, mpegts...
     live: bool | None = None  # None: a URL with a scheme, or a device, is live
 
 

@@ -80,6 +80,7 @@ class Results:
         self._url, self._opts, self._nc, self._own = url, connect_opts or {}, nc, nc is None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._pull: Any = None
+        self._subs: list[Any] = []
         self._unacked: Any = None
         self._ready = False
 
@@ -104,6 +105,9 @@ class Results:
         finally:
             if self._pull is not None and self.durable is None:
                 await self._pull.unsubscribe()
+            for sub in self._subs:  # a client passed in (nc=) stays open: take ours off it
+                await sub.unsubscribe()
+            self._subs.clear()
             if self._own and self._nc is not None:
                 await self._nc.close()
                 self._nc = None
@@ -117,7 +121,7 @@ class Results:
             await self._bind()
         else:
             for subject in self.subjects:
-                await self._nc.subscribe(subject, cb=self._queue.put)
+                self._subs.append(await self._nc.subscribe(subject, cb=self._queue.put))
             await sync_with_server(self._nc)
         self._ready = True
 

@@ -558,8 +558,9 @@ def _input_file(text: str) -> Path:
 
 
 def _media_url(text: str) -> str:
-    """A URL (anything with a scheme) as it is; a path must exist and not be a directory."""
-    if "://" in text:
+    """A URL (anything with a scheme) or a camera index as it is; a path must
+    exist and not be a directory."""
+    if "://" in text or text.isdigit():
         return text
     path = Path(text)
     if path.is_dir():
@@ -614,11 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--text", help="a UTF-8 string; - reads standard input, one event per line")
     what.add_argument(
         "--video",
+        metavar="URL",
         type=_media_url,
-        help="a video file or stream FFmpeg opens (rtsp://, udp://, /dev/video0...)",
+        help="a video file or stream FFmpeg opens (rtsp://, udp://...), or a camera (/dev/video0, 0)",
     )
-    what.add_argument("--audio", type=_media_url, help="an audio file or stream FFmpeg opens, as PCM chunks")
-    what.add_argument("--text-file", type=_input_file, help="a text file, one event per line")
+    what.add_argument(
+        "--audio", metavar="URL", type=_media_url, help="an audio file or stream FFmpeg opens, as PCM chunks"
+    )
+    what.add_argument("--text-file", metavar="PATH", type=_input_file, help="a text file, one event per line")
     _connection_options(pub, "server to publish to")
     pub.add_argument("--config", help="read nats.url and the subject prefix from this file")
     pub.add_argument("--prefix", type=_prefix, help="subject prefix (default: --config's, else autoglm)")
@@ -655,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds to open a stream and for each read (default 10)",
     )
-    media.add_argument("--input-format", help="FFmpeg's input format (-f): v4l2, alsa, pulse, mjpeg...")
+    media.add_argument("--input-format", help="FFmpeg's input format (-f): alsa, mjpeg, mpegts...")
     media.add_argument("--follow", action="store_true", help="--text-file: keep reading what is appended")
     pub.add_argument("--traceparent", help="W3C trace context to continue (default: a new trace)")
 

@@ -22,6 +22,7 @@ from typing import TextIO
 
 from engine.contracts.errors import AutoGLMError
 from engine.contracts.types import Modality
+from engine.sources.camera import CameraReader, needs_opencv
 from engine.sources.media import Item
 from engine.sources.producer import Producer
 from engine.sources.pump import Pump
@@ -64,8 +65,10 @@ async def publish_stream(
     producer must be open (inside its ``async with``)."""
     media = media or MediaOptions()
     out = out or sys.stdout
-    reader: MediaReader | TextReader
-    if video is not None:
+    reader: MediaReader | CameraReader | TextReader
+    if video is not None and needs_opencv(video, media.input_format):
+        reader, drop = CameraReader(video, replace(media, video=True)), True
+    elif video is not None:
         reader = MediaReader(video, replace(media, video=True))
         drop = reader.live or media.realtime
     elif audio is not None:
@@ -77,7 +80,7 @@ async def publish_stream(
         raise AutoGLMError("nothing to publish: give --video, --audio, --text-file or --text -")
     pump: Pump[Item] = Pump(reader.items, drop=drop)
     tally = Tally()
-    picker = reader.picker if isinstance(reader, MediaReader) else None
+    picker = None if isinstance(reader, TextReader) else reader.picker
 
     def skipped() -> int:
         return picker.skipped if picker is not None else 0
