@@ -250,6 +250,15 @@ async def test_text_from_stdin_and_a_text_file(nats_url: str, nc: Any, prefix: s
     assert [body for _, _, body in seen.items] == [b"one", b"two", b"three", b"four", b"five"]
 
 
+def _unknown_codec(tmp_path: Path) -> Path:
+    """A Matroska file whose video track names a codec no FFmpeg knows."""
+    mkv = make_video(tmp_path / "h264.mkv", frames=3).read_bytes()
+    assert mkv.count(b"V_MPEG4/ISO/") == 1  # AVC (H.264) or ASP (MPEG-4 Part 2)
+    path = tmp_path / "unknown.mkv"
+    path.write_bytes(mkv.replace(b"V_MPEG4/ISO/", b"V_QQQQQ/ISO/"))
+    return path
+
+
 @pytest.mark.parametrize(
     ("what", "code", "words"),
     [
@@ -258,6 +267,7 @@ async def test_text_from_stdin_and_a_text_file(nats_url: str, nc: Any, prefix: s
         ("unreachable", 1, "rtsp://127.0.0.1:1/x: cannot open: Connection refused"),
         ("no-video", 1, "has no video stream"),
         ("silent", 1, "nothing answered within 1 s"),
+        ("codec", 1, "unsupported video codec (FFmpeg has no decoder for it)"),
     ],
 )
 async def test_bad_inputs_fail_with_one_clear_line(
@@ -273,6 +283,7 @@ async def test_bad_inputs_fail_with_one_clear_line(
         "unreachable": "rtsp://127.0.0.1:1/x",
         "no-video": str(text_only),
         "silent": f"udp://127.0.0.1:{_free_port()}",  # nobody sends there
+        "codec": str(_unknown_codec(tmp_path)),
     }[what]
     got, printed, err = await run_cli(
         "publish", "--nats-url", nats_url, "--prefix", prefix, "--source", "bad",
