@@ -104,7 +104,8 @@ class Producer:
         self.claim_check, self.bucket = claim_check, bucket
         self.max_in_flight, self.ack_timeout = max_in_flight, ack_timeout
         self.sent: Counter[Modality] = Counter()
-        self.claim_checked = 0
+        #: (bytes, object name) of each payload that went by claim check.
+        self.claims: list[tuple[int, str]] = []
         #: True: a stream stores the inputs (PubAcks); False: core mode; None: nothing sent yet.
         self.durable: bool | None = None
         #: Ids the input stream already held (it dropped these events as duplicates).
@@ -175,8 +176,8 @@ class Producer:
             raise AutoGLMError("use the Producer inside 'async with'")
         if self.claim_check or len(body) > nc.max_payload - _HEADER_ROOM:
             ref = await put_payload(self._js, self.bucket, body, content_type, max_payload=nc.max_payload)
+            self.claims.append((len(body), ref.name))
             body, content_type = ref.encode(), OBJECT_REF
-            self.claim_checked += 1
         eid = event_id or f"{self._ids}-{modality[0]}{self._seq}"
         hdrs = encode_headers(
             time.time_ns() if ts is None else ts,
@@ -246,6 +247,11 @@ class Producer:
             raise TransportError(
                 f"the input stream refused {first}" + (f" (and {more} more)" if more else "")
             )
+
+    @property
+    def claim_checked(self) -> int:
+        """How many payloads went by claim check."""
+        return len(self.claims)
 
     @property
     def in_flight(self) -> int:
