@@ -114,6 +114,20 @@ async def test_tail_prints_a_line_per_window_or_json(nats_url: str, nc: Any, pre
         assert code == 0, err
         records = [Result.model_validate(orjson.loads(line)) for line in out.splitlines()]
         assert [r.source for r in records] == ["tl"] * 3
+        since = (
+            "tail",
+            "--nats-url",
+            nats_url,
+            "--prefix",
+            prefix,
+            "--source",
+            "tl",
+            "--json",
+            "--count",
+            "3",
+        )
+        code, again, err = await run_cli(*since, "--since", "1h")  # the stream from an hour ago: the same
+        assert code == 0 and again == out, err
     finally:
         await engine.stop()
 

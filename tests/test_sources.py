@@ -347,3 +347,20 @@ async def test_a_camera_that_is_not_there_is_one_clear_line(nats_url: str, prefi
         "--video", "63",
     )  # fmt: skip
     assert code == 1 and err == "autoglm publish: 63: cannot open the camera (OpenCV)\n"
+
+
+async def test_ctrl_c_ends_text_from_a_quiet_stdin(nats_url: str, nc: Any, prefix: str) -> None:
+    """The reader is blocked on a standard input that says nothing more: Ctrl-C still ends it."""
+    seen = await inputs(nc, prefix, "quiet")
+    proc = await asyncio.create_subprocess_exec(
+        *AUTOGLM, "publish", "--nats-url", nats_url, "--prefix", prefix, "--source", "quiet", "--text", "-",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    proc.stdin.write(b"one\ntwo\n")
+    await proc.stdin.drain()
+    await seen.wait_for(2, timeout=30)  # both published; stdin stays open
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    assert b"published 2 text event(s)" in out

@@ -39,10 +39,20 @@ class Pump(Generic[T]):
         self.read, self.drop, self.depth = read, drop, depth
         self.dropped = 0
         self.stop = threading.Event()
+        self._queue: asyncio.Queue[T | _End] | None = None
+
+    def finish(self) -> None:
+        """Stop reading (Ctrl-C): what was read so far is still handed out, then
+        the iteration ends, even while the reader is blocked (standard input
+        that says nothing, a stream gone quiet). From the event loop's thread."""
+        self.stop.set()
+        if self._queue is not None:
+            self._queue.put_nowait(_End(None))
 
     async def __aiter__(self) -> AsyncIterator[T]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[T | _End] = asyncio.Queue()
+        self._queue = queue
         room = threading.Semaphore(self.depth)
 
         def hand_over(item: T | _End) -> None:

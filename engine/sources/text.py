@@ -35,7 +35,10 @@ class TextReader:
 
     def _open(self) -> BinaryIO:
         if self.path == "-":
-            return sys.stdin.buffer
+            # A reader of its own on a copy of the descriptor, not sys.stdin: a
+            # thread blocked in sys.stdin's reader holds its lock, and the
+            # interpreter, closing sys.stdin at exit (Ctrl-C), dies on that lock.
+            return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
         try:
             return open(self.path, "rb")  # closed by items()
         except IsADirectoryError as exc:
@@ -70,8 +73,7 @@ class TextReader:
                 self.lines += 1
                 yield Item("text", time.time_ns(), pending.rstrip(b"\r\n"), TEXT_TYPE)
         finally:
-            if stream is not sys.stdin.buffer:
-                stream.close()
+            stream.close()
 
     def _truncated(self, stream: BinaryIO) -> bool:
         try:

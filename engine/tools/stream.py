@@ -87,7 +87,7 @@ async def publish_stream(
 
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals here (a thread, Windows)
-        loop.add_signal_handler(signal.SIGINT, pump.stop.set)  # Ctrl-C: stop reading, then the summary
+        loop.add_signal_handler(signal.SIGINT, pump.finish)  # Ctrl-C: stop reading, then the summary
     try:
         shown = time.monotonic()
         async for item in pump:
