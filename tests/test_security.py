@@ -562,3 +562,23 @@ async def test_a_password_in_the_nats_url_is_never_shown(tmp_path: Path) -> None
     finally:
         await asyncio.to_thread(server.stop)
     assert PASSWORD not in "".join(shown)
+
+
+async def test_secure_producer_and_reader_through_the_sdk(secure: Secure) -> None:
+    """The Producer as --secure's producer (no JetStream API: it finds the mode
+    by publishing) and Results as its reader (no stream lookup: it reads the
+    results stream by the engine's naming, through a durable of its own)."""
+    from engine.sources import Producer, Results
+
+    async with Producer(
+        secure.url, source="sdk-sec", prefix=secure.prefix, connect_opts=secure.login("producer")
+    ) as p:
+        eid = await p.text("from the sdk")
+    assert p.durable is True
+    reader = Results(
+        secure.url, sources=["sdk-sec"], prefix=secure.prefix, durable="sdk-reader",
+        from_start=True, connect_opts=secure.login("reader"),
+    )  # fmt: skip
+    async with reader:
+        record = await asyncio.wait_for(anext(aiter(reader)), 20)
+    assert record.source == "sdk-sec" and record.events == {"text": [eid]}  # type: ignore[union-attr]
