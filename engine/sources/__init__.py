@@ -3,10 +3,8 @@
 :class:`Producer` (producer.py) puts events on the wire contract; the media
 and text readers (reader.py with media.py, video.py, audio.py; text.py) turn
 files, streams and devices into those events, on a thread behind pump.py;
-:class:`Results` (results.py) reads the records back. (Not re-exported from
-``engine`` itself: ``engine.wire`` and ``engine.observe`` import the root
-package for its version, and the root importing this package would close
-an import cycle through them; tests/test_imports.py.)
+:class:`Results` (results.py) reads the records back. ``engine`` itself
+offers both too (``from engine import Producer``), loaded on first use.
 """
 
 from engine.sources.producer import Producer
