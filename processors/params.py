@@ -66,3 +66,49 @@ class TextParams(_Params):
 
 class PassthroughParams(_Params):
     """``processor = "passthrough"``: no model; the feature is the byte count."""
+
+
+class VADParams(_Params):
+    """``processor = "vad"``: Silero VAD's speech probability per audio chunk."""
+
+    #: A chunk whose most speech-like 32 ms frame reaches this counts as speech.
+    threshold: float = Field(0.5, gt=0, lt=1)
+    max_seconds: float = Field(30.0, gt=0, le=3600)
+    #: Streams (sources) whose recurrent state is kept; the least recent go first.
+    max_sources: int = Field(10_000, ge=1)
+
+
+class ASRParams(_Params):
+    """``processor = "asr"``: utterances cut at pauses (Silero VAD), then transcribed."""
+
+    #: ``pocketsphinx``: the US-English model its wheel ships (no download);
+    #: ``whisper``: a Whisper checkpoint through transformers (``model``).
+    backend: Literal["pocketsphinx", "whisper"] = "pocketsphinx"
+    #: whisper: a local directory or a model id already in the HF cache.
+    model: str = ""
+    #: whisper: the spoken language, or empty to let the model detect it.
+    language: str = ""
+    #: An utterance longer than this is cut and transcribed as it is.
+    max_utterance_ms: int = Field(15_000, ge=500, le=60_000)
+    #: This much non-speech after speech ends an utterance.
+    pause_ms: int = Field(300, ge=32, le=5_000)
+    #: Audio kept from before speech starts (onsets are soft).
+    preroll_ms: int = Field(200, ge=0, le=2_000)
+    #: Silero speech probability from which a 32 ms frame is speech.
+    threshold: float = Field(0.5, gt=0, lt=1)
+    max_seconds: float = Field(30.0, gt=0, le=3600)
+    max_sources: int = Field(10_000, ge=1)
+
+
+class OCRParams(_Params):
+    """``processor = "ocr"``: RapidOCR (PP-OCRv4, Chinese and English) on frames."""
+
+    #: Frames read per source and second of event time; the others pass unread
+    #: (text in a scene changes slowly, and OCR costs ~100x a CNN pass).
+    ocr_fps: float = Field(1.0, gt=0, le=60)
+    #: Lines the recogniser is less sure of than this are dropped.
+    min_score: float = Field(0.5, ge=0, le=1)
+    #: Frames are scaled down to at most this many pixels on the longer side first.
+    max_side: int = Field(1280, ge=64, le=8192)
+    max_pixels: int = Field(40_000_000, gt=0)
+    max_sources: int = Field(10_000, ge=1)

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 from engine.contracts.plugins import REGISTRY, Factory, ProcessorSpec, lookup, register
 from processors import cap_opencv_pixels
-from processors.params import AudioParams, ImageParams, PassthroughParams, TextParams
+from processors.params import (
+    ASRParams,
+    AudioParams,
+    ImageParams,
+    OCRParams,
+    PassthroughParams,
+    TextParams,
+    VADParams,
+)
 
 __all__ = ["REGISTRY", "Factory", "ProcessorSpec", "lookup", "register"]
 
 
-def _cap_opencv(params: ImageParams) -> None:
+def _cap_opencv(params: ImageParams | OCRParams) -> None:
     """OpenCV's own pixel cap follows the route's max_pixels (read once, when cv2 loads)."""
     cap_opencv_pixels(params.max_pixels)
 
@@ -28,3 +36,8 @@ register(
 register(ProcessorSpec("mfcc", "audio", AudioParams, "processors.audio:create", "librosa MFCC"))
 register(ProcessorSpec("minilm", "text", TextParams, "processors.text:create", "MiniLM encoder"))
 register(ProcessorSpec("passthrough", None, PassthroughParams, "processors.passthrough:create", "byte count"))
+register(ProcessorSpec("vad", "audio", VADParams, "processors.vad:create", "Silero VAD (ONNX)"))
+register(ProcessorSpec("asr", "audio", ASRParams, "processors.asr:create", "speech to text"))
+register(
+    ProcessorSpec("ocr", "image", OCRParams, "processors.ocr:create", "RapidOCR", before_import=_cap_opencv)
+)

@@ -113,30 +113,42 @@ def updated(model: M, update: Mapping[str, Any], where: Sequence[int | str] = ()
 
 def route_problems(raw_routes: object) -> list[str]:
     """Processor names and params checked against the registry, from the raw
-    TOML so they are reported together with every other bad key."""
+    TOML so they are reported together with every other bad key; the
+    ``[[routes.also]]`` processors of a route too."""
     if not isinstance(raw_routes, list | tuple):
         return []
-    processors = registered()
     problems: list[str] = []
     for i, route in enumerate(raw_routes):
-        if not isinstance(route, Mapping) or not isinstance(route.get("processor"), str):
+        if not isinstance(route, Mapping):
             continue
-        name, modality = route["processor"], route.get("modality")
-        spec = processors.get(name)
-        if spec is None:
-            problems.append(
-                f"routes[{i}].processor = {shown(name)}: unknown processor "
-                f"(known: {', '.join(sorted(processors))})"
-            )
-            continue
-        if spec.modality is not None and modality in ("image", "audio", "text") and spec.modality != modality:
-            problems.append(f"routes[{i}].processor = {shown(name)}: handles {spec.modality}, not {modality}")
-        params = route.get("params", {})
-        if isinstance(params, Mapping):
-            try:
-                spec.params.model_validate(params)
-            except ValidationError as exc:
-                problems.extend(format_errors(exc, ["routes", i, "params"]))
+        modality = route.get("modality")
+        problems.extend(_processor_problems(route, modality, ["routes", i]))
+        also = route.get("also", [])
+        for j, extra in enumerate(also if isinstance(also, list | tuple) else []):
+            if isinstance(extra, Mapping):
+                problems.extend(_processor_problems(extra, modality, ["routes", i, "also", j]))
+    return problems
+
+
+def _processor_problems(entry: Mapping[str, Any], modality: object, where: list[int | str]) -> list[str]:
+    """One ``processor`` and its ``params`` (``where`` names the entry)."""
+    name = entry.get("processor")
+    if not isinstance(name, str):
+        return []
+    at = _key(where)
+    processors = registered()
+    spec = processors.get(name)
+    if spec is None:
+        return [f"{at}.processor = {shown(name)}: unknown processor (known: {', '.join(sorted(processors))})"]
+    problems = []
+    if spec.modality is not None and modality in ("image", "audio", "text") and spec.modality != modality:
+        problems.append(f"{at}.processor = {shown(name)}: handles {spec.modality}, not {modality}")
+    params = entry.get("params", {})
+    if isinstance(params, Mapping):
+        try:
+            spec.params.model_validate(params)
+        except ValidationError as exc:
+            problems.extend(format_errors(exc, [*where, "params"]))
     return problems
 
 

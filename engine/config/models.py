@@ -79,6 +79,14 @@ class BatchConfig(Frozen):
     overload: Literal["drop_oldest", "reject_new"] = "drop_oldest"
 
 
+class AlsoConfig(Frozen):
+    """Another processor on a route's events (``[[routes.also]]``): its features
+    fuse beside the route processor's, in the same modality's summary."""
+
+    processor: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class RouteConfig(Frozen):
     """One route: events of ``modality`` (optionally matching ``subject``) -> processor."""
 
@@ -94,6 +102,8 @@ class RouteConfig(Frozen):
     #: Threads decoding the events of one batch in parallel.
     prepare_threads: int = Field(1, ge=1, le=64)
     params: dict[str, Any] = Field(default_factory=dict)
+    #: More processors on the same events, on the route's device and threads.
+    also: tuple[AlsoConfig, ...] = Field((), strict=False)
     batch: BatchConfig = BatchConfig()
     #: What happens when this route cannot keep up. ``complete``: nothing is
     #: skipped; intake waits for room in the batch queue, so the backlog stays

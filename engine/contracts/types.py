@@ -92,6 +92,10 @@ class Features:
     #: How these features fuse, read in a prompt and change; ``None``: the
     #: default reading (:data:`engine.contracts.vocabulary.DEFAULT_VOCABULARY`).
     vocabulary: Vocabulary | None = field(default=None, compare=False)
+    #: A route running several processors on one event: each one's features,
+    #: the route's own processor first (whose fields are also the ones above);
+    #: their vocabulary is an :class:`engine.contracts.vocabulary.Ensemble`.
+    parts: tuple[Features, ...] = ()
 
 
 class FusedFeatures(NamedTuple):
@@ -126,6 +130,9 @@ class ModalityFusion:
     traceparents: tuple[str | None, ...] = ()
     #: The vocabulary that fused it (``None``: the default one).
     vocabulary: Vocabulary | None = field(default=None, compare=False)
+    #: The start of the window it was fused in: a vocabulary that speaks of
+    #: times (when an utterance was heard) says them from there.
+    start_ns: Nanos = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from engine.glm.stage import GLMStage, Publish
 from engine.glm.trigger import ChangeTrigger
 from engine.observe.tracing import Tracing
 from engine.pipeline.batcher import Batcher
+from engine.pipeline.ensemble import Ensemble
 from engine.pipeline.router import Route
 from engine.runtime.memorykv import KVStateStore
 from engine.transport.streams import replicas_for
@@ -56,8 +57,14 @@ def build_batcher(cfg: BatchConfig) -> Batcher[Any]:
 
 
 def build_route(rc: RouteConfig, name: str) -> Route:
-    """The route's processor (loaded by name from the registry) and its batcher."""
+    """The route's processor (loaded by name from the registry) and its batcher;
+    with ``also`` processors, all of them as one :class:`Ensemble`."""
     processor = lookup(rc.processor).create(rc.params, rc.modality, rc.device, rc.dtype)
+    if rc.also:
+        members = [processor] + [
+            lookup(a.processor).create(a.params, rc.modality, rc.device, rc.dtype) for a in rc.also
+        ]
+        processor = Ensemble(members, [rc.processor, *(a.processor for a in rc.also)])
     return Route(name=name, config=rc, processor=processor, batcher=build_batcher(rc.batch))
 
 

@@ -1,0 +1,231 @@
+"""Words for the GLM: voice activity, speech to text and text in images, offline.
+
+The speech is tests/data/speech.wav (espeak-ng, see tests/data/README.md):
+"please open the window", a pause, "one two three four five". pocketsphinx
+is not perfect, so the tests look for a few distinctive words it does hear.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import soundfile
+
+from engine.config.models import parse_config
+from engine.contracts.errors import ConfigError
+from engine.contracts.types import ContentType, Features, InputEvent
+from engine.glm.prompts import prompt_values
+from engine.runtime.build import build_route
+from engine.runtime.engine import Engine
+from processors.registry import lookup
+from tests.conftest import collect, make_config, send
+
+SPEECH = Path(__file__).parent / "data" / "speech.wav"
+PCM = "audio/pcm;rate=16000;channels=1;format=s16le"
+CHUNK = 1600  # 100 ms at 16 kHz
+T0 = 1_700_000_000_000_000_000
+MS = 1_000_000
+
+
+def clip() -> np.ndarray:
+    samples, rate = soundfile.read(SPEECH, dtype="int16")
+    assert rate == 16_000
+    return np.asarray(samples)
+
+
+def chunks(samples: np.ndarray, source: str = "mic") -> list[InputEvent]:
+    ct = ContentType("audio/pcm", {"rate": "16000", "channels": "1", "format": "s16le"})
+    return [
+        InputEvent(
+            f"autoglm.in.{source}.audio", source, "audio", T0 + i * 62_500, ct, body.tobytes(), f"a{i}"
+        )
+        for i in range(0, len(samples), CHUNK)
+        if len(body := samples[i : i + CHUNK]) == CHUNK
+    ]
+
+
+def frame(*lines: str, size: tuple[int, int] = (640, 480)) -> bytes:
+    """A JPEG with ``lines`` drawn large, white on dark grey."""
+    img = np.full((size[1], size[0], 3), 40, np.uint8)
+    for i, line in enumerate(lines):
+        cv2.putText(img, line, (40, 120 + 130 * i), cv2.FONT_HERSHEY_SIMPLEX, 2.2, (255, 255, 255), 5)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return buf.tobytes()
+
+
+def image_event(body: bytes, ts: int, eid: str, source: str = "cam") -> InputEvent:
+    return InputEvent(f"autoglm.in.{source}.image", source, "image", ts, ContentType("image/jpeg"), body, eid)
+
+
+def run_each(proc: Any, events: list[InputEvent]) -> list[Features]:
+    """Chunk by chunk, as a stream arrives (the processor keeps per-source state)."""
+    return [f for ev in events for f in proc.run([proc.prepare(ev)])]
+
+
+def test_vad_marks_speech_and_silence() -> None:
+    vad = lookup("vad").create({}, "audio", "cpu")
+    feats = run_each(vad, chunks(clip()))
+    speech = [f.stats["speech"] for f in feats]
+    assert speech[:5] == [0.0] * 5  # the leading 0.6 s of silence
+    assert sum(speech[8:20]) >= 10  # "please open the window" (0.6 s .. 2.2 s)
+    assert speech[-3:] == [0.0] * 3  # the trailing silence
+    assert 0 < sum(speech) < len(speech)
+    assert all(0.0 <= f.stats["speech_prob"] <= 1.0 for f in feats)
+
+
+def test_asr_transcribes_each_utterance_with_its_times() -> None:
+    asr = lookup("asr").create({}, "audio", "cpu")
+    feats = run_each(asr, chunks(clip()))
+    said = [(i, f) for i, f in enumerate(feats) if f.text]
+    assert len(said) == 2, [f.text for _, f in said]  # one per utterance, on the chunk after its pause
+    (i1, first), (i2, second) = said
+    assert "window" in str(first.text)
+    assert {"three", "four", "five"} <= set(str(second.text).split())
+    s1, e1 = first.stats["heard_start_ms"], first.stats["heard_end_ms"]
+    s2, e2 = second.stats["heard_start_ms"], second.stats["heard_end_ms"]
+    t0_ms = T0 / MS
+    assert t0_ms + 200 <= s1 < t0_ms + 700 < e1 <= t0_ms + 2400  # speech from 0.6 s to 2.2 s
+    assert e1 < s2 < e2 <= t0_ms + 5000
+    assert T0 / MS + i1 * 100 >= e1 and T0 / MS + i2 * 100 >= e2  # said once the words were over
+
+
+def test_asr_cuts_at_max_utterance_ms() -> None:
+    asr = lookup("asr").create({"max_utterance_ms": 1000}, "audio", "cpu")
+    feats = run_each(asr, chunks(clip()))
+    spans = [(f.stats["heard_start_ms"], f.stats["heard_end_ms"]) for f in feats if f.text]
+    assert len(spans) >= 3 and all(e - s <= 1100 for s, e in spans)
+
+
+def test_ocr_reads_english_text_at_most_ocr_fps() -> None:
+    ocr = lookup("ocr").create({"ocr_fps": 2}, "image", "cpu")
+    body = frame("EXIT 3", "OPEN WINDOW")
+    events = [image_event(body, T0 + i * 100 * MS, f"i{i}") for i in range(6)]  # 10 fps for 0.6 s
+    feats = ocr.run([ocr.prepare(ev) for ev in events])
+    read = [list(f.labels) for f in feats]
+    assert read[0] == ["EXIT 3", "OPEN WINDOW"]
+    assert read[1:5] == [[]] * 4 and read[5] == read[0]  # 2 per second of event time
+
+
+def test_rapidocr_runs_beside_the_headless_opencv() -> None:
+    """rapidocr-onnxruntime is installed without the opencv-python it declares: one cv2."""
+    import rapidocr_onnxruntime  # noqa: F401
+
+    names = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
+    assert "opencv-python-headless" in names and "opencv-python" not in names
+
+
+def test_a_route_runs_several_processors_and_their_words_fuse() -> None:
+    config = make_config(
+        "w",
+        routes=[
+            {
+                "modality": "audio",
+                "processor": "mfcc",
+                "also": [{"processor": "vad"}, {"processor": "asr", "params": {"pause_ms": 300}}],
+            }
+        ],
+    )
+    route = build_route(config.routes[0], "routes[0]")
+    feats = run_each(route.processor, chunks(clip()))
+    f = next(f for f in feats if f.text or any(p.text for p in f.parts))
+    assert [type(p.vocabulary).__name__ for p in f.parts] == [
+        "AudioVocabulary",
+        "VADVocabulary",
+        "ASRVocabulary",
+    ]
+    assert f.frames is not None and {"loudness_dbfs", "speech_prob", "heard_start_ms"} <= set(f.stats)
+    fused = f.vocabulary.fuse(feats[:24])  # type: ignore[union-attr]
+    assert {"mfcc_mean", "loudness_dbfs", "speech", "heard", "heard_start_ms"} <= set(fused.summary)
+
+
+def test_also_processors_are_checked_like_the_route_one() -> None:
+    with pytest.raises(ConfigError) as err:
+        make_config(
+            "w",
+            routes=[
+                {
+                    "modality": "audio",
+                    "processor": "mfcc",
+                    "also": [
+                        {"processor": "nope"},
+                        {"processor": "ocr"},
+                        {"processor": "asr", "params": {"x": 1}},
+                    ],
+                }
+            ],
+        )
+    text = str(err.value)
+    assert "routes[0].also[0].processor" in text and "unknown processor" in text
+    assert "routes[0].also[1].processor" in text and "handles image, not audio" in text
+    assert "routes[0].also[2].params.x" in text
+
+
+async def test_speech_and_text_reach_the_prompt_through_the_engine(
+    nc: Any, nats_url: str, prefix: str
+) -> None:
+    """Real speech and a frame with text through a real nats-server: the results
+    carry the transcript and the text, and the prompt reads them as words."""
+    config = parse_config(
+        {
+            "nats": {"subject_prefix": prefix, "durable": False},
+            "routes": [
+                {"modality": "image", "processor": "cnn", "also": [{"processor": "ocr"}]},
+                {
+                    "modality": "audio",
+                    "processor": "mfcc",
+                    "also": [{"processor": "vad"}, {"processor": "asr"}],
+                },
+            ],
+            "aligner": {"window_ms": 1000, "allowed_lateness_ms": 0, "idle_timeout_ms": 500},
+        },
+        env={},
+    )
+    out = await collect(nc, f"{prefix}.out.>")
+    engine = Engine(config)
+    await engine.start(nats_url)
+    base = (time.time_ns() // 1_000_000_000 - 10) * 1_000_000_000  # window-aligned, in the past
+    samples = clip()
+    for i in range(0, len(samples) - CHUNK + 1, CHUNK):
+        await send(nc, prefix, "lobby", "audio", samples[i : i + CHUNK].tobytes(), base + i * 62_500, PCM)
+        if i == 15 * CHUNK:  # in time order: a later one would be too late with no allowed lateness
+            await send(nc, prefix, "lobby", "image", frame("EXIT 3"), base + 1550 * MS)
+    await nc.flush()
+
+    def heard() -> list[str]:
+        return [t for _, _, r in out.items for t in r["features"].get("audio", {}).get("heard", [])]
+
+    await out.wait_until(lambda: len(heard()) >= 2, "two transcripts", timeout=30)
+    await engine.stop()
+    words = set(" ".join(heard()).split())
+    assert "window" in words and {"three", "four", "five"} <= words
+    results = [r for _, _, r in out.items]
+    with_text = [r for r in results if r["features"].get("image", {}).get("seen")]
+    assert [r["features"]["image"]["seen"] for r in with_text] == [["EXIT 3"]]
+    assert 'Text seen: "EXIT 3".' in with_text[0]["prompt"]
+    spoken = [r for r in results if r["features"].get("audio", {}).get("heard")]
+    for r in spoken:  # the words' times are inside or before their window, and said in the prompt
+        start, end = r["window"]["start_ns"] / MS, r["window"]["end_ns"] / MS
+        assert all(e <= end for e in r["features"]["audio"]["heard_end_ms"])
+        assert "Heard (" in r["prompt"] and "mfcc_mean" not in r["prompt"]
+        assert all(s >= start - 15_000 for s in r["features"]["audio"]["heard_start_ms"])
+
+
+def test_the_words_read_as_a_scene() -> None:
+    from engine.align.aligner import fuse_modality
+    from tests.test_vocabulary import frame as fused_frame
+    from tests.test_vocabulary import slot
+
+    asr = lookup("asr").create({}, "audio", "cpu")
+    feats = run_each(asr, chunks(clip()))
+    window = T0 + 2000 * MS  # the first transcript is said in the window from 2 s
+    idx = next(i for i, f in enumerate(feats) if f.text)
+    fused = fuse_modality([slot(f"a{idx}", feats[idx], idx)], window)
+    words = str(prompt_values(fused_frame(0, {"audio": fused}))["audio"])
+    assert words.startswith("Heard (-1.") and "s): " in words and "window" in words
