@@ -1,8 +1,8 @@
 """Text in images: RapidOCR's PP-OCRv4 detection and recognition (Chinese and English).
 
 The ``rapidocr-onnxruntime`` wheel ships the ONNX models; onnxruntime runs
-them on the CPU, about 0.3 s for a 640x480 frame on one core: a hundred
-times a CNN pass. Text in a scene changes slowly, so each source's frames
+them on the CPU, about 0.1-0.3 s for a 640x480 frame on one core: tens
+of times a CNN pass. Text in a scene changes slowly, so each source's frames
 are read at most ``ocr_fps`` times per second of event time; the frames in
 between pass unread (their header is still checked) and carry no lines. A
 window's lines are de-duplicated when they fuse
@@ -31,7 +31,7 @@ from processors.params import OCRParams
 from processors.vocabulary import OCR, OCRVocabulary
 
 
-def load_engine() -> Any:
+def load_engine(params: OCRParams) -> Any:
     try:
         from rapidocr_onnxruntime import RapidOCR
     except ImportError as exc:
@@ -41,7 +41,13 @@ def load_engine() -> Any:
                 "rapidocr-onnxruntime==1.4.4 pyclipper shapely six (README, 'Words')"
             ]
         ) from exc
-    return RapidOCR()
+    return RapidOCR(
+        det_limit_side_len=params.max_side,
+        det_limit_type="max",
+        use_cls=params.rotated,
+        intra_op_num_threads=params.threads,
+        inter_op_num_threads=1,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +64,7 @@ class OCRProcessor:
 
     def __init__(self, params: OCRParams) -> None:
         self.params = params
-        self.engine = load_engine()
+        self.engine = load_engine(params)
         self.interval_ns = int(1e9 / params.ocr_fps)
         self._due: OrderedDict[str, int] = OrderedDict()
         self._due_lock = threading.Lock()

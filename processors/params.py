@@ -108,7 +108,12 @@ class OCRParams(_Params):
     ocr_fps: float = Field(1.0, gt=0, le=60)
     #: Lines the recogniser is less sure of than this are dropped.
     min_score: float = Field(0.5, ge=0, le=1)
-    #: Frames are scaled down to at most this many pixels on the longer side first.
-    max_side: int = Field(1280, ge=64, le=8192)
+    #: Frames are read at most this many pixels on the longer side (scaled
+    #: down, never up: RapidOCR's own default scales a 320x240 frame up to 981x736).
+    max_side: int = Field(960, ge=64, le=8192)
+    #: Also read text turned upside down (RapidOCR's angle classifier; costs more).
+    rotated: bool = False
+    #: onnxruntime threads per model: one leaves the other cores to the CNN and the audio.
+    threads: int = Field(1, ge=1, le=64)
     max_pixels: int = Field(40_000_000, gt=0)
     max_sources: int = Field(10_000, ge=1)

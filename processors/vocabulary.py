@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from engine.contracts.types import Features, FusedFeatures, ModalityFusion
-from engine.contracts.vocabulary import FeatureVocabulary, embedding_change, stat, text_change, texts_of
+from engine.contracts.vocabulary import FeatureVocabulary, embedding_change, stat, text_change
 
 #: A loudness step this large (dB) reads as a new scene.
 LOUDNESS_SCALE_DB = 20.0
@@ -80,10 +80,6 @@ class TextVocabulary(FeatureVocabulary):
 
     def change(self, before: ModalityFusion | None, now: ModalityFusion | None) -> float:
         return text_change(before, now)
-
-    def describe(self, fusion: ModalityFusion) -> str:
-        texts = texts_of(fusion)
-        return "Text received: " + ", ".join(quoted(t) for t in texts) + "." if texts else ""
 
 
 def loudness_word(dbfs: float) -> str:

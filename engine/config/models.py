@@ -188,9 +188,10 @@ class GLMConfig(Frozen):
     trigger: Literal["every", "on_change"] = "every"
     change_threshold: float = Field(0.3, ge=0, le=1)
     max_interval_ms: int = Field(10_000, gt=0)
+    #: ``{scene}``: what was seen and heard, in words (processors say how
+    #: theirs read); ``{image}``/``{audio}``: one modality's words; ``{text}``: the messages.
     template: str = (
-        "Source {source}, window {start} to {end}.\n"
-        "Image: {image}\nAudio: {audio}\nText: {text}\nMissing: {missing}\n"
+        "Source {source}, one window.\n{scene}\nMessages: {text}\nMissing: {missing}\n"
         "Earlier: {history}\nDescribe what is happening."
     )
 
