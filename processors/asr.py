@@ -81,6 +81,8 @@ class Whisper:
             raise ConfigError([problem]) from exc
         self.model: Any = model.to(self.device, self.dtype).eval()  # type: ignore[arg-type]
         self.language = params.language or None
+        #: Words per utterance: 128 tokens, within what the decoder can place.
+        self.max_new_tokens = min(128, int(model.config.max_target_positions) // 2)
 
     def transcribe(self, utterances: Sequence[F32]) -> list[str]:
         import torch
@@ -91,7 +93,7 @@ class Whisper:
         features = inputs.input_features.to(self.device, self.dtype)
         kwargs: dict[str, Any] = {"language": self.language} if self.language else {}
         with torch.inference_mode():
-            ids = self.model.generate(features, max_new_tokens=128, **kwargs)
+            ids = self.model.generate(features, max_new_tokens=self.max_new_tokens, **kwargs)
         return [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
 
