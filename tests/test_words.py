@@ -297,5 +297,43 @@ def test_the_whisper_backend_transcribes_utterances_from_a_local_checkpoint(tmp_
     assert ends[0] < ends[1] <= T0 / MS + 5000
     with pytest.raises(ConfigError, match="no Whisper in that directory"):
         lookup("asr").create({"backend": "whisper", "model": str(tmp_path)}, "audio", "cpu")
-    with pytest.raises(ConfigError, match="needs params.model"):
+    with pytest.raises(ConfigError, match=r"needs params\.model"):
         lookup("asr").create({"backend": "whisper"}, "audio", "cpu")
+
+
+def test_on_change_fires_on_a_new_transcript_or_new_text_seen() -> None:
+    from engine.contracts.types import FusedFrame, ModalityFusion
+    from engine.contracts.vocabulary import Ensemble
+    from engine.glm.trigger import ChangeTrigger
+    from processors.vocabulary import ASR, AUDIO, IMAGE, OCR, VAD
+
+    ears, eyes = Ensemble((AUDIO, VAD, ASR)), Ensemble((IMAGE, OCR))
+    emb = np.array([1.0, 0.0], np.float32)
+
+    def frame(i: int, heard: list[str], seen: list[str], speech: float = 0.5) -> FusedFrame:
+        audio: dict[str, object] = {"count": 10, "loudness_dbfs": -30.0, "speech": speech}
+        image: dict[str, object] = {"count": 30, "faces": 1.0}
+        if heard:
+            audio.update(heard=heard, heard_start_ms=[i * 1000.0], heard_end_ms=[i * 1000.0 + 500])
+        if seen:
+            image["seen"] = seen
+        mods = {
+            "audio": ModalityFusion((), (), audio, vocabulary=ears),
+            "image": ModalityFusion((), (), image, emb, vocabulary=eyes),
+        }
+        return FusedFrame("s", i * 10**9, (i + 1) * 10**9, mods, (), None, 0, 0)  # type: ignore[arg-type]
+
+    trigger = ChangeTrigger(0.3, 10**12)
+    sent = [
+        trigger.decide(f).send
+        for f in [
+            frame(0, [], []),
+            frame(1, [], []),  # the same scene
+            frame(2, ["open the window"], []),  # words heard
+            frame(3, ["open the window"], []),  # the same words again
+            frame(4, [], ["EXIT 3"]),  # a sign comes into view
+            frame(5, [], ["EXIT 3"]),
+            frame(6, [], ["EXIT 3"], speech=1.0),  # speech starts: a step of half the window
+        ]
+    ]
+    assert sent == [True, False, True, False, True, False, True]
