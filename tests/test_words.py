@@ -337,3 +337,30 @@ def test_on_change_fires_on_a_new_transcript_or_new_text_seen() -> None:
         ]
     ]
     assert sent == [True, False, True, False, True, False, True]
+
+
+#: A CJK font to draw Chinese with (Debian/Ubuntu: apt-get install fonts-wqy-microhei).
+CJK_FONTS = [
+    Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"),
+    Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"),
+]
+
+
+def test_ocr_reads_chinese_and_english_on_one_frame() -> None:
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    path = next((p for p in CJK_FONTS if p.exists()), None)
+    if path is None:
+        pytest.skip("no CJK font to draw with: apt-get install fonts-wqy-microhei")
+    font = ImageFont.truetype(str(path), 64)
+    img = Image.new("RGB", (640, 480), (40, 40, 40))
+    draw = ImageDraw.Draw(img)
+    draw.text((40, 80), "安全出口", font=font, fill=(255, 255, 255))
+    draw.text((40, 250), "EXIT 3", font=font, fill=(255, 255, 255))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    ocr = lookup("ocr").create({}, "image", "cpu")
+    [f] = ocr.run([ocr.prepare(image_event(buf.getvalue(), T0, "zh"))])
+    assert list(f.labels) == ["安全出口", "EXIT 3"]  # "safety exit", top to bottom
