@@ -9,7 +9,8 @@ other chunk carries nothing. The utterances a batch closes are transcribed
 together (Whisper batches them; pocketsphinx reads them one by one).
 
 - ``pocketsphinx``: the US-English acoustic model, dictionary and language
-  model inside the ``pocketsphinx`` wheel: real words, no download, CPU.
+  model inside the ``pocketsphinx`` wheel: real words, no download, CPU, in
+  a worker process of its own (:mod:`processors.sphinx`: it holds the GIL).
 - ``whisper``: any Whisper checkpoint through transformers, from a local
   directory or an id already in the HF cache (never downloaded), on the
   route's device.
@@ -25,12 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
 from engine.contracts.errors import ConfigError
 from engine.contracts.types import Features, InputEvent, Modality
 from processors.devices import resolve_device, resolve_dtype
 from processors.params import ASRParams
+from processors.sphinx import Pocketsphinx
 from processors.utterances import F32, RATE, Segmenter, Utterance
 from processors.vad import PreparedChunk, SileroVAD, prepare_chunk
 from processors.vocabulary import ASR, ASRVocabulary
@@ -38,28 +38,6 @@ from processors.vocabulary import ASR, ASRVocabulary
 
 class Recogniser(Protocol):
     def transcribe(self, utterances: Sequence[F32]) -> list[str]: ...
-
-
-class Pocketsphinx:
-    """The wheel's US-English models; one decoder, one utterance at a time."""
-
-    def __init__(self) -> None:
-        try:
-            from pocketsphinx import Decoder
-        except ImportError as exc:
-            raise ConfigError(["asr backend = 'pocketsphinx' needs: pip install pocketsphinx"]) from exc
-        self.decoder = Decoder(samprate=RATE, loglevel="FATAL")
-
-    def transcribe(self, utterances: Sequence[F32]) -> list[str]:
-        out = []
-        for samples in utterances:
-            pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-            self.decoder.start_utt()
-            self.decoder.process_raw(pcm, full_utt=True)
-            self.decoder.end_utt()
-            hyp = self.decoder.hyp()
-            out.append(hyp.hypstr.strip() if hyp is not None else "")
-        return out
 
 
 class Whisper:
