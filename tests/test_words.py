@@ -364,3 +364,19 @@ def test_ocr_reads_chinese_and_english_on_one_frame() -> None:
     ocr = lookup("ocr").create({}, "image", "cpu")
     [f] = ocr.run([ocr.prepare(image_event(buf.getvalue(), T0, "zh"))])
     assert list(f.labels) == ["安全出口", "EXIT 3"]  # "safety exit", top to bottom
+
+
+def test_a_dead_pocketsphinx_child_is_started_again() -> None:
+    """The decoder runs in a child process (it holds the GIL): one that died is replaced."""
+    from processors.sphinx import Pocketsphinx
+
+    sphinx = Pocketsphinx()
+    first = sphinx._child
+    assert first is not None
+    first.kill()
+    first.wait()
+    window = clip()[9_600:36_000].astype(np.float32) / 32768  # "please open the window"
+    [words] = sphinx.transcribe([window])
+    assert "window" in words and sphinx._child is not first
+    sphinx.close()
+    assert sphinx._child is not None and sphinx._child.poll() is not None  # closed with it
