@@ -50,6 +50,35 @@ def load_engine(params: OCRParams) -> Any:
     )
 
 
+class PerSource:
+    """At most ``per_s`` events per source by event time: the rest pass unread
+    (decode threads race here, hence the lock)."""
+
+    def __init__(self, per_s: float, max_sources: int) -> None:
+        self.interval_ns = int(1e9 / per_s)
+        self.max_sources = max_sources
+        self._due: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def due(self, source: str, ts_ns: int) -> bool:
+        with self._lock:
+            due = self._due.pop(source, None)
+            if due is not None and ts_ns < due:
+                self._due[source] = due
+                return False
+            self._due[source] = ts_ns + self.interval_ns
+            if len(self._due) > self.max_sources:
+                self._due.popitem(last=False)
+            return True
+
+
+def check_header(event: InputEvent) -> None:
+    """A frame passed unread is still refused when its header is not an image's."""
+    w, h = image_size(event.payload, event.content_type)
+    if w <= 0 or h <= 0:
+        raise DecodeError("decode_error", f"image header says {w}x{h} pixels")
+
+
 @dataclass(frozen=True, slots=True)
 class PreparedFrame:
     #: ``None``: not due for reading (``ocr_fps``).
@@ -65,28 +94,12 @@ class OCRProcessor:
     def __init__(self, params: OCRParams) -> None:
         self.params = params
         self.engine = load_engine(params)
-        self.interval_ns = int(1e9 / params.ocr_fps)
-        self._due: OrderedDict[str, int] = OrderedDict()
-        self._due_lock = threading.Lock()
+        self.rate = PerSource(params.ocr_fps, params.max_sources)
         self._lock = threading.Lock()  # one RapidOCR, one frame at a time
 
-    def _is_due(self, source: str, ts_ns: int) -> bool:
-        """At most ``ocr_fps`` frames per source by event time (decode threads race here)."""
-        with self._due_lock:
-            due = self._due.pop(source, None)
-            if due is not None and ts_ns < due:
-                self._due[source] = due
-                return False
-            self._due[source] = ts_ns + self.interval_ns
-            if len(self._due) > self.params.max_sources:
-                self._due.popitem(last=False)
-            return True
-
     def prepare(self, event: InputEvent) -> PreparedFrame:
-        if not self._is_due(event.source, event.ts_ns):
-            w, h = image_size(event.payload, event.content_type)
-            if w <= 0 or h <= 0:
-                raise DecodeError("decode_error", f"image header says {w}x{h} pixels")
+        if not self.rate.due(event.source, event.ts_ns):
+            check_header(event)
             return PreparedFrame(None)
         bgr = decode_image(event.payload, event.content_type, self.params.max_pixels)
         scale = self.params.max_side / max(bgr.shape[:2])

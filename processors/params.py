@@ -6,9 +6,11 @@ never imports torch, OpenCV or librosa.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Params(BaseModel):
@@ -117,3 +119,51 @@ class OCRParams(_Params):
     threads: int = Field(1, ge=1, le=64)
     max_pixels: int = Field(40_000_000, gt=0)
     max_sources: int = Field(10_000, ge=1)
+
+
+#: torchvision's COCO checkpoints by model (file names of their download URLs;
+#: a test holds them equal to torchvision's own).
+DETECT_CHECKPOINTS = {
+    "ssdlite": "ssdlite320_mobilenet_v3_large_coco-a79551df.pth",
+    "fasterrcnn_mobilenet": "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth",
+}
+
+
+def torch_hub_checkpoints() -> Path:
+    """Where torch.hub keeps checkpoints, worked out without importing torch."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(home).expanduser() / "hub" / "checkpoints"
+
+
+class DetectParams(_Params):
+    """``processor = "detect"``: COCO object labels from a torchvision detector."""
+
+    model: Literal["ssdlite", "fasterrcnn_mobilenet"] = "ssdlite"
+    #: ``coco``: the torchvision checkpoint, from ``weights_path`` or the torch
+    #: hub cache, checked when the config loads (never downloaded); ``random``:
+    #: no file (tests: shapes and paths, not objects).
+    weights: Literal["coco", "random"] = "coco"
+    weights_path: str | None = None
+    #: Frames looked at per source and second of event time.
+    detect_fps: float = Field(2.0, gt=0, le=60)
+    min_score: float = Field(0.5, ge=0, le=1)
+    max_objects: int = Field(20, ge=1, le=300)
+    max_pixels: int = Field(40_000_000, gt=0)
+    max_sources: int = Field(10_000, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _weights_on_disk(self) -> DetectParams:
+        if self.weights == "coco":
+            path = self.checkpoint()
+            if not path.is_file():
+                raise ValueError(
+                    f'weights = "coco": no checkpoint at {path}; put torchvision\'s '
+                    f'{DETECT_CHECKPOINTS[self.model]} there, set weights_path, or use weights = "random"'
+                )
+        return self
+
+    def checkpoint(self) -> Path:
+        if self.weights_path:
+            return Path(self.weights_path).expanduser()
+        return torch_hub_checkpoints() / DETECT_CHECKPOINTS[self.model]

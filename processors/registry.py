@@ -13,6 +13,7 @@ from processors import cap_opencv_pixels
 from processors.params import (
     ASRParams,
     AudioParams,
+    DetectParams,
     ImageParams,
     OCRParams,
     PassthroughParams,
@@ -23,7 +24,7 @@ from processors.params import (
 __all__ = ["REGISTRY", "Factory", "ProcessorSpec", "lookup", "register"]
 
 
-def _cap_opencv(params: ImageParams | OCRParams) -> None:
+def _cap_opencv(params: ImageParams | OCRParams | DetectParams) -> None:
     """OpenCV's own pixel cap follows the route's max_pixels (read once, when cv2 loads)."""
     cap_opencv_pixels(params.max_pixels)
 
@@ -40,4 +41,9 @@ register(ProcessorSpec("vad", "audio", VADParams, "processors.vad:create", "Sile
 register(ProcessorSpec("asr", "audio", ASRParams, "processors.asr:create", "speech to text"))
 register(
     ProcessorSpec("ocr", "image", OCRParams, "processors.ocr:create", "RapidOCR", before_import=_cap_opencv)
+)
+register(
+    ProcessorSpec(
+        "detect", "image", DetectParams, "processors.detect:create", "COCO objects", before_import=_cap_opencv
+    )
 )

@@ -181,6 +181,35 @@ class OCRVocabulary(FeatureVocabulary):
         return new_words(before, now, "seen")
 
 
+@dataclass(frozen=True, slots=True)
+class DetectVocabulary(FeatureVocabulary):
+    """``detect``: the objects in a frame (``Features.labels``, with repeats).
+
+    Fused: ``objects`` (each label once, first seen first) and
+    ``object_counts`` (the most of it in any one frame of the window). A
+    prompt reads ``Objects: person ×2, forklift.``; a change is a new kind of object.
+    """
+
+    def fuse(self, features: Sequence[Features]) -> FusedFeatures:
+        most: dict[str, int] = {}
+        for f in features:
+            for label in dict.fromkeys(f.labels):
+                most[label] = max(most.get(label, 0), sum(1 for x in f.labels if x == label))
+        if not most:
+            return FusedFeatures({})
+        return FusedFeatures({"objects": list(most), "object_counts": [float(n) for n in most.values()]})
+
+    def describe(self, fusion: ModalityFusion) -> str:
+        objects, counts = fusion.summary.get("objects"), fusion.summary.get("object_counts")
+        if not isinstance(objects, list) or not isinstance(counts, list) or not objects:
+            return ""
+        named = [f"{o} ×{int(n)}" if n > 1 else str(o) for o, n in zip(objects, counts, strict=False)]
+        return "Objects: " + ", ".join(named) + "."
+
+    def change(self, before: ModalityFusion | None, now: ModalityFusion | None) -> float:
+        return new_words(before, now, "objects")
+
+
 def new_words(before: ModalityFusion | None, now: ModalityFusion | None, key: str) -> float:
     """1 when ``now``'s ``key`` list holds a string ``before``'s does not."""
     words = now.summary.get(key) if now is not None else None
@@ -197,3 +226,4 @@ TEXT = TextVocabulary()
 VAD = VADVocabulary()
 ASR = ASRVocabulary()
 OCR = OCRVocabulary()
+DETECT = DetectVocabulary()

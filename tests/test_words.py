@@ -380,3 +380,66 @@ def test_a_dead_pocketsphinx_child_is_started_again() -> None:
     assert "window" in words and sphinx._child is not first
     sphinx.close()
     assert sphinx._child is not None and sphinx._child.poll() is not None  # closed with it
+
+
+def test_detect_needs_its_checkpoint_on_disk_when_the_config_loads(tmp_path: Path) -> None:
+    import torch
+    import torchvision
+
+    from processors.params import DETECT_CHECKPOINTS, torch_hub_checkpoints
+
+    detection = torchvision.models.detection
+    urls = {
+        "ssdlite": detection.SSDLite320_MobileNet_V3_Large_Weights.COCO_V1.url,
+        "fasterrcnn_mobilenet": detection.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1.url,
+    }
+    assert {k: Path(u).name for k, u in urls.items()} == DETECT_CHECKPOINTS
+    assert torch_hub_checkpoints() == Path(torch.hub.get_dir()) / "checkpoints"
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(ConfigError) as err:
+        make_config(
+            "w",
+            routes=[
+                {
+                    "modality": "image",
+                    "processor": "cnn",
+                    "also": [{"processor": "detect", "params": {"weights_path": str(missing)}}],
+                }
+            ],
+        )
+    problem = str(err.value)
+    assert problem.startswith("routes[0].also[0].params = ") and f"no checkpoint at {missing};" in problem
+
+
+def test_detect_labels_frames_with_coco_names_at_most_detect_fps(tmp_path: Path) -> None:
+    """Random weights (shapes and paths, not objects), loaded as a checkpoint would be."""
+    import torch
+    import torchvision
+
+    from processors.detect import build_detector
+    from processors.params import DetectParams
+
+    model, names = build_detector(DetectParams(weights="random"))
+    path = tmp_path / "ssdlite.pth"
+    torch.save(model.state_dict(), path)
+    params = {"weights_path": str(path), "min_score": 0.0, "max_objects": 5, "detect_fps": 2}
+    detect = lookup("detect").create(params, "image", "cpu")
+    body = frame("EXIT 3")
+    feats = detect.run([detect.prepare(image_event(body, T0 + i * 100 * MS, f"d{i}")) for i in range(6)])
+    cats = set(torchvision.models.detection.SSDLite320_MobileNet_V3_Large_Weights.COCO_V1.meta["categories"])
+    assert 0 < len(feats[0].labels) <= 5 and set(feats[0].labels) <= cats - {"__background__"}
+    assert [len(f.labels) for f in feats[1:5]] == [0] * 4 and len(feats[5].labels) > 0
+    assert names[1] == "person"
+
+
+def test_objects_read_as_counted_words() -> None:
+    from engine.align.aligner import fuse_modality
+    from processors.vocabulary import DETECT
+    from tests.test_vocabulary import slot
+
+    frames = [("person", "person", "forklift"), ("person",), ()]
+    fused = fuse_modality(
+        [slot(f"o{i}", Features("image", labels=f, vocabulary=DETECT), i) for i, f in enumerate(frames)]
+    )
+    assert fused.summary["objects"] == ["person", "forklift"] and fused.summary["object_counts"] == [2.0, 1.0]
+    assert DETECT.describe(fused) == "Objects: person ×2, forklift."
