@@ -443,3 +443,20 @@ def test_objects_read_as_counted_words() -> None:
     )
     assert fused.summary["objects"] == ["person", "forklift"] and fused.summary["object_counts"] == [2.0, 1.0]
     assert DETECT.describe(fused) == "Objects: person ×2, forklift."
+
+
+def test_an_event_one_member_refuses_is_refused_and_the_batch_goes_on() -> None:
+    from engine.contracts.errors import EventRejected
+
+    config = make_config(
+        "w",
+        routes=[{"modality": "image", "processor": "cnn", "device": "cpu", "also": [{"processor": "ocr"}]}],
+    )
+    route = build_route(config.routes[0], "routes[0]")
+    good = image_event(frame("EXIT 3"), T0, "good")
+    bad = image_event(b"\xff\xd8\xff\xe0 not really a jpeg", T0 + 2_000 * MS, "bad")
+    out = route.process([good, bad])
+    assert isinstance(out[1], EventRejected) and out[1].reason == "decode_error"
+    assert (
+        isinstance(out[0], Features) and out[0].embedding is not None and out[0].parts[1].labels == ["EXIT 3"]
+    )
