@@ -150,42 +150,45 @@ def test_also_processors_are_checked_like_the_route_one() -> None:
     assert "routes[0].also[2].params.x" in text
 
 
-async def test_speech_and_text_reach_the_prompt_through_the_engine(
-    nc: Any, nats_url: str, prefix: str
-) -> None:
-    """Real speech and a frame with text through a real nats-server: the results
-    carry the transcript and the text, and the prompt reads them as words."""
-    config = parse_config(
-        {
-            "nats": {"subject_prefix": prefix, "durable": False},
-            "routes": [
-                {"modality": "image", "processor": "cnn", "also": [{"processor": "ocr"}]},
-                {
-                    "modality": "audio",
-                    "processor": "mfcc",
-                    "also": [{"processor": "vad"}, {"processor": "asr"}],
-                },
-            ],
-            "aligner": {"window_ms": 1000, "allowed_lateness_ms": 0, "idle_timeout_ms": 500},
-        },
-        env={},
-    )
+async def test_speech_and_text_reach_the_glm_through_the_engine(nc: Any, nats_url: str, prefix: str) -> None:
+    """Real speech and a frame with text through a real nats-server and an
+    OpenAI-compatible endpoint: the results carry the transcript and the text,
+    and the model is asked in words."""
+    from tests.chat_server import ChatServer
+
     out = await collect(nc, f"{prefix}.out.>")
-    engine = Engine(config)
-    await engine.start(nats_url)
-    base = (time.time_ns() // 1_000_000_000 - 10) * 1_000_000_000  # window-aligned, in the past
-    samples = clip()
-    for i in range(0, len(samples) - CHUNK + 1, CHUNK):
-        await send(nc, prefix, "lobby", "audio", samples[i : i + CHUNK].tobytes(), base + i * 62_500, PCM)
-        if i == 15 * CHUNK:  # in time order: a later one would be too late with no allowed lateness
-            await send(nc, prefix, "lobby", "image", frame("EXIT 3"), base + 1550 * MS)
-    await nc.flush()
+    async with ChatServer(lambda n, body: ("ok", f"answer-{n}")) as srv:
+        config = parse_config(
+            {
+                "nats": {"subject_prefix": prefix, "durable": False},
+                "routes": [
+                    {"modality": "image", "processor": "cnn", "also": [{"processor": "ocr"}]},
+                    {
+                        "modality": "audio",
+                        "processor": "mfcc",
+                        "also": [{"processor": "vad"}, {"processor": "asr"}],
+                    },
+                ],
+                "aligner": {"window_ms": 1000, "allowed_lateness_ms": 0, "idle_timeout_ms": 500},
+                "glm": {"backend": "openai", "base_url": srv.url, "model": "m", "retries": 0},
+            },
+            env={},
+        )
+        engine = Engine(config)
+        await engine.start(nats_url)
+        base = (time.time_ns() // 1_000_000_000 - 10) * 1_000_000_000  # window-aligned, in the past
+        samples = clip()
+        for i in range(0, len(samples) - CHUNK + 1, CHUNK):
+            await send(nc, prefix, "lobby", "audio", samples[i : i + CHUNK].tobytes(), base + i * 62_500, PCM)
+            if i == 15 * CHUNK:  # in time order: a later one would be too late with no allowed lateness
+                await send(nc, prefix, "lobby", "image", frame("EXIT 3"), base + 1550 * MS)
+        await nc.flush()
 
-    def heard() -> list[str]:
-        return [t for _, _, r in out.items for t in r["features"].get("audio", {}).get("heard", [])]
+        def heard() -> list[str]:
+            return [t for _, _, r in out.items for t in r["features"].get("audio", {}).get("heard", [])]
 
-    await out.wait_until(lambda: len(heard()) >= 2, "two transcripts", timeout=30)
-    await engine.stop()
+        await out.wait_until(lambda: len(heard()) >= 2, "two transcripts", timeout=30)
+        await engine.stop()
     words = set(" ".join(heard()).split())
     assert "window" in words and {"three", "four", "five"} <= words
     results = [r for _, _, r in out.items]
@@ -198,6 +201,10 @@ async def test_speech_and_text_reach_the_prompt_through_the_engine(
         assert all(e <= end for e in r["features"]["audio"]["heard_end_ms"])
         assert "Heard (" in r["prompt"] and "mfcc_mean" not in r["prompt"]
         assert all(s >= start - 15_000 for s in r["features"]["audio"]["heard_start_ms"])
+        assert r["answer"].startswith("answer-")
+    asked = [str(b["messages"][-1]["content"]) for b in srv.requests]
+    assert any("Heard (" in p and "window" in p for p in asked)  # the model was given the words
+    assert any('Text seen: "EXIT 3".' in p for p in asked)
 
 
 def test_the_words_read_as_a_scene() -> None:
