@@ -40,6 +40,8 @@ class _Stream:
     state: F32 = field(default_factory=lambda: np.zeros((2, 1, 128), np.float32))
     context: F32 = field(default_factory=lambda: np.zeros(CONTEXT, np.float32))
     rest: F32 = field(default_factory=lambda: np.zeros(0, np.float32))
+    #: The last frame's probability (what a chunk too short to finish a frame reads as).
+    last: float = 0.0
 
 
 def load_session() -> Any:
@@ -91,7 +93,15 @@ class SileroVAD:
                 )
                 out[i] = float(prob[0, 0])
                 s.context = frame[-CONTEXT:]
+            if n:
+                s.last = float(out[-1])
             return out
+
+    def last(self, stream: str) -> float:
+        """The probability of ``stream``'s last whole frame (0 before its first)."""
+        with self._lock:
+            s = self._streams.get(stream)
+            return s.last if s is not None else 0.0
 
     def reset(self, stream: str) -> None:
         with self._lock:
@@ -129,7 +139,7 @@ class VADProcessor:
         out = []
         for it in items:  # in order: each stream's state follows its chunks
             probs = self.vad.probabilities(it.source, it.samples)
-            peak = float(probs.max()) if len(probs) else 0.0
+            peak = float(probs.max()) if len(probs) else self.vad.last(it.source)  # a chunk < 32 ms
             stats = {"speech_prob": peak, "speech": float(peak >= self.params.threshold)}
             out.append(Features("audio", stats=stats, vocabulary=self.vocabulary))
         return out

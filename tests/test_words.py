@@ -343,3 +343,16 @@ def test_a_dead_pocketsphinx_child_is_started_again() -> None:
     assert "window" in words and sphinx._child is not first
     sphinx.close()
     assert sphinx._child is not None and sphinx._child.poll() is not None  # closed with it
+
+
+def test_a_chunk_too_short_for_a_frame_reads_as_the_last_frame() -> None:
+    """Silero reads 32 ms frames: a 10 ms chunk completes none, and takes the last one's word."""
+    vad = lookup("vad").create({}, "audio", "cpu")
+    samples = clip()
+    speech = chunks(samples[16_000:19_200])  # 0.2 s inside "please open the window"
+    ct = speech[0].content_type
+    tiny = InputEvent(
+        "autoglm.in.mic.audio", "mic", "audio", T0 + 10**9, ct, samples[19_200:19_360].tobytes(), "t"
+    )
+    feats = run_each(vad, [*speech, tiny])
+    assert feats[-1].stats["speech"] == feats[-2].stats["speech"] == 1.0
