@@ -33,7 +33,8 @@ FRAME_NS: Final = 32_000_000
 @dataclass(frozen=True, slots=True)
 class Utterance:
     source: str
-    #: Event time of its first sample and of the end of its last speech.
+    #: Event time where its speech began and where its last speech ended
+    #: (``samples`` also hold the pre-roll before and the pause after).
     start_ns: int
     end_ns: int
     samples: F32  # (N,) mono at 16 kHz
@@ -44,7 +45,9 @@ class _Source:
     #: Chunks held: before speech, the pre-roll; once it began, all since.
     chunks: deque[tuple[int, F32]] = field(default_factory=deque)
     speaking: bool = False
-    #: Non-speech since the last speech frame, and where that speech ended.
+    #: Where speech began (the pre-roll before it is audio, not words), the
+    #: non-speech since the last speech frame, and where that speech ended.
+    speech_start_ns: int = 0
     silence_ns: int = 0
     speech_end_ns: int = 0
     #: Where the last chunk ended (a gap after it closes the utterance).
@@ -82,7 +85,10 @@ class Segmenter:
         s.end_ns = end
         s.chunks.append((ts_ns, samples))
         if speech.any():
-            last = int(np.flatnonzero(speech)[-1])  # frames after it are non-speech
+            voiced = np.flatnonzero(speech)
+            if not s.speaking:  # the frames are this chunk's, give or take the 32 ms carried over
+                s.speech_start_ns = min(end, ts_ns + int(voiced[0]) * FRAME_NS)
+            last = int(voiced[-1])  # frames after it are non-speech
             trailing = (len(speech) - 1 - last) * FRAME_NS
             s.speech_end_ns = end - trailing
             s.silence_ns = trailing
@@ -99,7 +105,7 @@ class Segmenter:
         return closed
 
     def _close(self, source: str, s: _Source, end_ns: int) -> Utterance:
-        start = s.chunks[0][0]
+        start = s.speech_start_ns
         audio = np.concatenate([c for _, c in s.chunks]) if s.chunks else np.zeros(0, np.float32)
         s.chunks.clear()
         s.speaking, s.silence_ns = False, 0
