@@ -18,12 +18,14 @@ COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY processors ./processors
 # CPU: torch from PyTorch's CPU wheel index (no CUDA libraries, ~4 GB smaller).
+# RapidOCR without the opencv-python it declares (we have the headless build).
 # Then compile librosa's numba kernels once, into the image.
 RUN if [ "$VARIANT" = "cpu" ]; then \
         pip install --extra-index-url https://download.pytorch.org/whl/cpu . ; \
     else \
         pip install . ; \
     fi \
+    && pip install --no-deps rapidocr-onnxruntime==1.4.4 \
     && python -m processors.warmup
 
 COPY routing.toml /etc/autoglm/routing.toml

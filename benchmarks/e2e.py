@@ -75,11 +75,16 @@ def config_text(base: Path, data_dir: Path, reuse_below: float | None = None) ->
         if reuse_below is not None and route.get("modality") == "image":
             route["params"] = {**route.get("params", {}), "reuse_below": reuse_below}
         lines.append("[[routes]]")
-        lines += [f"{k} = {_toml(v)}" for k, v in route.items() if not isinstance(v, dict)]
+        lines += [f"{k} = {_toml(v)}" for k, v in route.items() if not isinstance(v, dict) and k != "also"]
         for sub in ("params", "batch"):
             if sub in route:
                 lines.append(f"[routes.{sub}]")
                 lines += [f"{k} = {_toml(v)}" for k, v in route[sub].items()]
+        for also in route.get("also", []):  # the processors beside the route's own
+            lines += ["[[routes.also]]", f"processor = {_toml(also['processor'])}"]
+            if also.get("params"):
+                lines.append("[routes.also.params]")
+                lines += [f"{k} = {_toml(v)}" for k, v in also["params"].items()]
     return "\n".join(lines) + "\n"
 
 

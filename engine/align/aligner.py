@@ -480,7 +480,7 @@ class Aligner(AlignerBase[_Source]):
             by_mod = {}
         for mod, slots in by_mod.items():
             self._count(src, mod, "fused", len(slots))
-        fused = {m: fuse_modality(by_mod[m]) for m in MODALITIES if m in by_mod}
+        fused = {m: fuse_modality(by_mod[m], win.start) for m in MODALITIES if m in by_mod}
         return FusedFrame(
             source=src.name,
             start_ns=win.start,
@@ -495,14 +495,15 @@ class Aligner(AlignerBase[_Source]):
         )
 
 
-def fuse_modality(slots: Iterable[_Slot]) -> ModalityFusion:
-    """Aggregate one modality's features in a window (slots in time order).
+def fuse_modality(slots: Iterable[_Slot], start_ns: Nanos = 0) -> ModalityFusion:
+    """Aggregate one modality's features in a window (slots in time order)
+    that starts at ``start_ns``.
 
     What the summary holds is the features' vocabulary's business (their
     processor's); this adds ``count`` first and each event's ids and times.
     """
     items = [s for s in slots if s.features is not None]
-    return _fuse_one(items[0]) if len(items) == 1 else _fuse_many(items)
+    return _fuse_one(items[0], start_ns) if len(items) == 1 else _fuse_many(items, start_ns)
 
 
 def _vocabulary(feats: list[Features]) -> Vocabulary:
@@ -517,7 +518,7 @@ def _vocabulary(feats: list[Features]) -> Vocabulary:
     return DEFAULT_VOCABULARY if first is None else first
 
 
-def _fuse_many(items: list[_Slot]) -> ModalityFusion:
+def _fuse_many(items: list[_Slot], start_ns: Nanos = 0) -> ModalityFusion:
     feats = [s.features for s in items if s.features is not None]
     vocab = _vocabulary(feats)
     summary, embedding, attachment = vocab.fuse(feats)
@@ -533,10 +534,11 @@ def _fuse_many(items: list[_Slot]) -> ModalityFusion:
         traceparents=tuple(s.traceparent for s in items),
         vocabulary=vocab,
         model=feats[-1].model,
+        start_ns=start_ns,
     )
 
 
-def _fuse_one(slot: _Slot) -> ModalityFusion:
+def _fuse_one(slot: _Slot, start_ns: Nanos = 0) -> ModalityFusion:
     """:func:`fuse_modality` of a single event, without the list work: with
     short windows and many sources most windows hold one event per modality
     (benchmarks/RESULTS.md, bus). Same output as the general path."""
@@ -556,4 +558,5 @@ def _fuse_one(slot: _Slot) -> ModalityFusion:
         traceparents=(slot.traceparent,),
         vocabulary=vocab,
         model=f.model,
+        start_ns=start_ns,
     )

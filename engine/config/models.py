@@ -98,6 +98,14 @@ class VariantConfig(Frozen):
     shadow: bool = False
 
 
+class AlsoConfig(Frozen):
+    """Another processor on a route's events (``[[routes.also]]``): its features
+    fuse beside the route processor's, in the same modality's summary."""
+
+    processor: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class RouteConfig(Frozen):
     """One route: events of ``modality`` (optionally matching ``subject``) -> processor."""
 
@@ -113,6 +121,8 @@ class RouteConfig(Frozen):
     #: Threads decoding the events of one batch in parallel.
     prepare_threads: int = Field(1, ge=1, le=64)
     params: dict[str, Any] = Field(default_factory=dict)
+    #: More processors on the same events, on the route's device and threads.
+    also: tuple[AlsoConfig, ...] = Field((), strict=False)
     batch: BatchConfig = BatchConfig()
     #: What happens when this route cannot keep up. ``complete``: nothing is
     #: skipped; intake waits for room in the batch queue, so the backlog stays
@@ -211,9 +221,10 @@ class GLMConfig(Frozen):
     trigger: Literal["every", "on_change"] = "every"
     change_threshold: float = Field(0.3, ge=0, le=1)
     max_interval_ms: int = Field(10_000, gt=0)
+    #: ``{scene}``: what was seen and heard, in words (processors say how
+    #: theirs read); ``{image}``/``{audio}``: one modality's words; ``{text}``: the messages.
     template: str = (
-        "Source {source}, window {start} to {end}.\n"
-        "Image: {image}\nAudio: {audio}\nText: {text}\nMissing: {missing}\n"
+        "Source {source}, one window.\n{scene}\nMessages: {text}\nMissing: {missing}\n"
         "Earlier: {history}\nDescribe what is happening."
     )
 

@@ -182,3 +182,45 @@ DEFAULT_VOCABULARY: Vocabulary = FeatureVocabulary()
 def vocabulary_of(item: Features | ModalityFusion) -> Vocabulary:
     """The vocabulary ``item`` carries, or the default one."""
     return DEFAULT_VOCABULARY if item.vocabulary is None else item.vocabulary
+
+
+@dataclass(frozen=True, slots=True)
+class Ensemble:
+    """The reading of features from a route that runs several processors on
+    one event (``[[routes.also]]``): each event's :attr:`Features.parts` hold
+    one processor's features each, ``vocabularies`` their readings, in order.
+
+    - fuse: each processor's parts fused by its own vocabulary; the summaries
+      are merged into one, in processor order (on a key two of them use, the
+      first one's value stays: processors name their keys apart), the
+      embedding and attachment are the first processor's;
+    - describe: each vocabulary's words on the merged fusion, joined (each
+      reads its own keys);
+    - change: the largest of theirs.
+    """
+
+    vocabularies: tuple[Vocabulary | None, ...]
+
+    def _each(self) -> list[Vocabulary]:
+        return [DEFAULT_VOCABULARY if v is None else v for v in self.vocabularies]
+
+    def fuse(self, features: Sequence[Features]) -> FusedFeatures:
+        summary: dict[str, object] = {}
+        embedding: FloatArray | None = None
+        attachment: bytes | None = None
+        for i, vocabulary in enumerate(self._each()):
+            parts = [f.parts[i] for f in features if len(f.parts) > i]
+            if not parts:
+                continue
+            fused = vocabulary.fuse(parts)
+            if i == 0:
+                embedding, attachment = fused.embedding, fused.attachment
+            for key, value in fused.summary.items():
+                summary.setdefault(key, value)
+        return FusedFeatures(summary, embedding, attachment)
+
+    def describe(self, fusion: ModalityFusion) -> str:
+        return " ".join(words for v in self._each() if (words := v.describe(fusion)))
+
+    def change(self, before: ModalityFusion | None, now: ModalityFusion | None) -> float:
+        return max(v.change(before, now) for v in self._each())

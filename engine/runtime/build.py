@@ -35,6 +35,7 @@ from engine.glm.stage import GLMStage, Publish
 from engine.glm.trigger import ChangeTrigger
 from engine.observe.tracing import Tracing
 from engine.pipeline.batcher import Batcher
+from engine.pipeline.ensemble import Ensemble
 from engine.pipeline.router import Route
 from engine.pipeline.variants import Variant
 from engine.runtime.memorykv import KVStateStore
@@ -78,13 +79,17 @@ def build_route(rc: RouteConfig, name: str, loaded: Sequence[Variant] = ()) -> R
 
 def build_variant(rc: RouteConfig, vc: VariantConfig | None, loaded: Sequence[Variant] = ()) -> Variant:
     """One processor of a route: the route's own, or a variant's (its processor,
-    params on top of the route's, dtype), with its :class:`ModelVersion`."""
+    params on top of the route's, dtype), with its :class:`ModelVersion`; the
+    route's ``also`` processors run beside it (an :class:`Ensemble`)."""
     processor_name = (vc.processor if vc is not None else "") or rc.processor
     dtype = (vc.dtype if vc is not None else "") or rc.dtype
     params = {**rc.params, **(vc.params if vc is not None else {})}
     spec = lookup(processor_name)
     validated = spec.params.model_validate(params).model_dump(mode="json")
-    key = json.dumps([processor_name, validated, rc.modality, rc.device, dtype], sort_keys=True, default=str)
+    also = [a.model_dump(mode="json") for a in rc.also]
+    key = json.dumps(
+        [processor_name, validated, rc.modality, rc.device, dtype, also], sort_keys=True, default=str
+    )
     name = vc.name if vc is not None else ""
     weight, shadow = (vc.weight, vc.shadow) if vc is not None else (1.0, False)
     same = next((v for v in loaded if v.key == key), None)
@@ -95,6 +100,11 @@ def build_variant(rc: RouteConfig, vc: VariantConfig | None, loaded: Sequence[Va
         )
     t0 = time.perf_counter()
     processor = spec.create(params, rc.modality, rc.device, dtype)
+    if rc.also:  # words beside the features: one Ensemble processor, versioned by its first member
+        members = [processor] + [
+            lookup(a.processor).create(a.params, rc.modality, rc.device, dtype) for a in rc.also
+        ]
+        processor = Ensemble(members, [processor_name, *(a.processor for a in rc.also)])
     load_s = time.perf_counter() - t0
     model = identify(processor_name, processor, validated, name)
     device = str(getattr(processor, "device", rc.device))

@@ -468,7 +468,9 @@ def _validate(args: argparse.Namespace) -> int:
         for line in exc.problems:
             print(f"  {line}", file=sys.stderr)
         return 2
-    routes = ", ".join(f"{r.modality}->{r.processor}" for r in cfg.routes)
+    routes = ", ".join(
+        f"{r.modality}->{'+'.join([r.processor, *(a.processor for a in r.also)])}" for r in cfg.routes
+    )
     print(
         f"{path}: ok ({routes}; aligner {cfg.aligner.mode} {cfg.aligner.window_ms} ms; glm {cfg.glm.backend})"
     )
