@@ -352,3 +352,31 @@ async def test_a_reload_to_new_weights_moves_only_the_sources_whose_bucket_chang
     moved = {s for s in sources if before[s] != after[s]}
     assert moved and all(before[s] == "a" and after[s] == "b" for s in moved)
     assert moved == {s for s in sources if 0.4 <= point("rl", s) < 0.5}
+
+
+def test_each_variant_runs_the_routes_also_processors_beside_its_own() -> None:
+    """``[[routes.also]]`` and ``variants`` together: every variant is an
+    ensemble of its own processor and the route's ``also`` ones, versioned
+    by its own (so the two arms differ by their params, not by the words)."""
+    from engine.config.models import RouteConfig
+    from engine.pipeline.ensemble import Ensemble
+    from engine.runtime.build import build_route
+
+    rc = RouteConfig.model_validate(
+        {
+            "modality": "audio",
+            "processor": "mfcc",
+            "device": "cpu",
+            "also": [{"processor": "vad"}],
+            "variants": [{"name": "a"}, {"name": "b", "params": {"n_mfcc": 20}}],
+        }
+    )
+    route = build_route(rc, "audio")
+    try:
+        a, b = route.variants
+        assert isinstance(a.processor, Ensemble) and isinstance(b.processor, Ensemble)
+        assert a.processor.names == b.processor.names == ("mfcc", "vad")
+        assert (a.model.processor, b.model.processor) == ("mfcc", "mfcc")
+        assert a.model.version != b.model.version and (a.model.variant, b.model.variant) == ("a", "b")
+    finally:
+        route.close()
