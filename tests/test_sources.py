@@ -403,3 +403,37 @@ def test_a_change_of_sample_rate_ends_the_chunk_at_the_old_rate() -> None:
     assert np.all(np.frombuffer(first_body, "<f4") == np.float32(0.1)) and len(first_body) == 4 * 1000
     rest = out[1:]
     assert rest and all("rate=48000" in ct for _, _, ct in rest) and rest[0][0] == 62_500_000
+
+
+async def test_as_fast_as_possible_ends_now_even_when_the_container_does_not_say_its_length(
+    tmp_path: Path,
+) -> None:
+    """A raw MPEG-4 elementary stream has no container duration: its length is
+    read off its packets, so the file still ends now and no event is in the
+    future (the engine refuses those past max_future_ms)."""
+    from fractions import Fraction
+
+    import av
+
+    from engine.sources.pump import Pump
+    from engine.sources.reader import MediaOptions, MediaReader
+    from tests.mediafiles import frame
+
+    path = tmp_path / "raw.m4v"
+    with av.open(str(path), "w", format="m4v") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(100):  # 10 s
+            vf = av.VideoFrame.from_ndarray(frame(i, 64, 48), format="bgr24")
+            vf.pts, vf.time_base = i, Fraction(1, 10)
+            for packet in stream.encode(vf):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    with av.open(str(path)) as probe:
+        assert probe.duration is None  # what this test is about
+    reader = MediaReader(str(path), MediaOptions(realtime=False))
+    items = [it async for it in Pump(reader.items, drop=False)]
+    now = time.time_ns()
+    assert len(items) == 100
+    assert max(it.ts for it in items) <= now and now - min(it.ts for it in items) >= 9_000_000_000
