@@ -27,7 +27,6 @@ import time
 from collections import Counter
 from typing import Any, Self
 
-import cv2
 import numpy as np
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -68,6 +67,8 @@ def encode_frame(frame: np.ndarray[Any, Any], quality: int | None) -> tuple[byte
     if quality is None:
         h, w = frame.shape[:2]
         return np.ascontiguousarray(frame).tobytes(), f"image/x-raw;format=bgr8;width={w};height={h}"
+    import cv2  # here: an engine's image route loads OpenCV first, with its pixel cap
+
     ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise AutoGLMError("OpenCV could not encode the frame as JPEG")
