@@ -128,3 +128,61 @@ async def test_durable_back_pressure_bounds_what_is_in_flight_and_loses_nothing(
         await out.wait_events(set(ids))  # everything the stream stored while no engine ran
     finally:
         await engine.stop()
+
+
+async def test_events_in_flight_when_the_server_restarts_are_sent_again_and_stored_once(
+    tmp_path: Path,
+) -> None:
+    """The server goes away mid-publish: the events whose PubAck failed or never
+    came are sent again under their own ids, so the stream holds every event
+    once, and the producer says nothing failed."""
+    import socket
+
+    from nats.js.api import StreamConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = EmbeddedServer(tmp_path / "js", port=port)
+    url = await asyncio.to_thread(server.start)
+    opts = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.2}
+    nc = await nats.connect(url, **opts)
+    try:
+        await nc.jetstream().add_stream(StreamConfig(name="P_IN", subjects=["p.in.>"]))
+        async with Producer(url, source="cam0", prefix="p", ack_timeout=3.0, connect_opts=opts) as p:
+            for i in range(600):
+                if i == 300:
+                    await asyncio.to_thread(server.stop)
+                    await asyncio.to_thread(server.start)
+                await p.text(f"line {i}")
+        assert p.durable and p.in_flight == 0
+        info = await eventually(lambda: nc.jetstream().stream_info("P_IN"), "the stream again")
+        assert info.state.messages == 600  # every event, once (a resent copy is a duplicate by id)
+    finally:
+        await nc.close()
+        await asyncio.to_thread(server.stop)
+
+
+async def test_a_producer_started_before_the_engine_turns_durable_when_the_stream_appears(
+    nats_url: str, nc: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Core mode is not decided for good by the first event: once a stream
+    stores the inputs (the engine came up), the producer finds it and waits
+    for PubAcks from then on. ``durable=True`` refuses to send without one."""
+    import engine.sources.producer as producer_module
+    from engine.contracts.errors import TransportError
+
+    with pytest.raises(TransportError, match="durable=True"):
+        async with Producer(nats_url, source="cam0", prefix=prefix, durable=True) as strict:
+            await strict.text("nobody stores this")
+    monkeypatch.setattr(producer_module, "RECHECK_S", 0.0)
+    async with Producer(nats_url, source="cam0", prefix=prefix) as p:
+        await p.text("before")
+        assert p.durable is False
+        engine = Engine(make_config(prefix, nats={"durable": True}))
+        await engine.start(nats_url)
+        try:
+            await p.text("after")
+            assert p.durable is True
+        finally:
+            await engine.stop()

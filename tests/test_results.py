@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from engine.contracts.errors import AutoGLMError
 from engine.contracts.records import Rejection, Result
 from engine.runtime.engine import Engine
 from engine.sources.producer import Producer
@@ -135,3 +136,86 @@ async def test_tail_prints_a_line_per_window_or_json(nats_url: str, nc: Any, pre
 async def test_tail_in_core_mode_without_a_stream_says_so(nats_url: str, prefix: str) -> None:
     code, _, err = await run_cli("tail", "--nats-url", nats_url, "--prefix", prefix, "--from-start")
     assert code == 1 and "no results stream" in err and "Traceback" not in err
+
+
+class HandlerFailed(Exception):
+    pass
+
+
+async def test_a_record_whose_handler_raised_is_handed_back_not_acked(
+    nats_url: str, nc: Any, prefix: str
+) -> None:
+    """Leaving ``async with Results`` on an exception (the handler crashed, or
+    ``autoglm tail | head -1`` closed the pipe mid-print): the record it was
+    handling is not acknowledged, so the durable consumer gives it again."""
+    engine = Engine(make_config(prefix, nats={"durable": True}))
+    await engine.start(nats_url)
+    try:
+        await _windows(nats_url, prefix, "dur", 4)
+
+        async def all_stored() -> list[str]:
+            records = [r for _, r in await stored(nc, f"{prefix}.out.dur")]
+            events = sum(len(r["events"].get("text", [])) for r in records)
+            return [r["result_id"] for r in records] if events == 4 else []
+
+        every = await eventually(all_stored, "results")
+        opts: dict[str, Any] = {"sources": ["dur"], "prefix": prefix, "durable": "r1"}
+        crashed_on = []
+        try:
+            async with Results(nats_url, from_start=True, **opts) as results:
+                async for record in results:
+                    crashed_on.append(record.result_id)
+                    raise HandlerFailed
+        except HandlerFailed:
+            pass
+        async with Results(nats_url, **opts) as results:
+            again = [r.result_id for r in await take(results, len(every))]
+        assert crashed_on[0] == again[0] and sorted(again) == sorted(every)
+    finally:
+        await engine.stop()
+
+
+async def test_a_named_consumer_asked_for_other_sources_says_so(nats_url: str, nc: Any, prefix: str) -> None:
+    """A durable consumer reads what it was made for: asking it for other
+    sources is refused with its name and what it reads, never answered with
+    the old sources' records."""
+    engine = Engine(make_config(prefix, nats={"durable": True}))
+    await engine.start(nats_url)
+    try:
+        await _windows(nats_url, prefix, "alpha", 2)
+        await eventually(lambda: stored(nc, f"{prefix}.out.alpha"), "alpha's results")
+        async with Results(nats_url, sources=["alpha"], prefix=prefix, durable="rd", from_start=True) as r:
+            await take(r, 1)
+        try:
+            async with Results(nats_url, sources=["beta"], prefix=prefix, durable="rd") as r:
+                await take(r, 1, timeout=2.0)
+        except AutoGLMError as exc:
+            assert (
+                "'rd' reads" in str(exc)
+                and f"{prefix}.out.alpha" in str(exc)
+                and "nats consumer rm" in str(exc)
+            )
+        else:
+            raise AssertionError("a consumer of alpha was used to read beta")
+    finally:
+        await engine.stop()
+
+
+async def test_tail_shows_a_producers_control_characters_escaped(nats_url: str, nc: Any, prefix: str) -> None:
+    """An event id (or message, answer) with terminal escape sequences in it
+    is printed escaped: a producer cannot retitle, clear or recolour the
+    operator's terminal."""
+    from engine.tools.tail import line
+
+    engine = Engine(make_config(prefix, nats={"durable": False}))
+    await engine.start(nats_url)
+    try:
+        async with Results(nats_url, sources=["cam"], prefix=prefix, dlq=True) as results:
+            evil = "\x1b]0;pwned\x07\x1b[2J\x1b[31mFAKE ALERT"
+            await send(nc, prefix, "cam", "text", b"hi", 1, event_id=evil)
+            [rejection] = await take(results, 1)
+    finally:
+        await engine.stop()
+    shown = line(rejection)
+    assert not any(not c.isprintable() for c in shown), repr(shown)
+    assert "\\x1b]0;pwned\\x07" in shown

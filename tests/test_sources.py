@@ -364,3 +364,76 @@ async def test_ctrl_c_ends_text_from_a_quiet_stdin(nats_url: str, nc: Any, prefi
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err
     assert b"published 2 text event(s)" in out
+
+
+def _pcm_frame(rate: int, n: int, value: float) -> Any:
+    import av
+
+    frame = av.AudioFrame.from_ndarray(np.full((1, n), value, np.float32), format="flt", layout="mono")
+    frame.sample_rate = rate
+    return frame
+
+
+def test_audio_after_a_gap_is_stamped_at_its_own_time_not_the_sample_count() -> None:
+    """A file with a hole, or a live stream that stalled: the chunks after it
+    carry the time their frames came with, not the time the samples before
+    them would have reached."""
+    from engine.sources.audio import Chunker
+
+    chunker = Chunker(100)
+    out = []
+    for k in range(30):  # 2.4 s at 16 kHz in 80 ms frames: samples wait in the buffer across the gap
+        out += list(chunker.add(_pcm_frame(16_000, 1280, 0.1), k * 80_000_000))
+    for k in range(10):  # 8 s later
+        out += list(chunker.add(_pcm_frame(16_000, 1280, 0.1), 10_400_000_000 + k * 80_000_000))
+    out += list(chunker.flush())
+    stamps = [ts for ts, _, _ in out]
+    assert stamps[:24] == [k * 100_000_000 for k in range(24)]  # the first run, to its last sample
+    assert stamps[24:] == [10_400_000_000 + k * 100_000_000 for k in range(8)]
+
+
+def test_a_change_of_sample_rate_ends_the_chunk_at_the_old_rate() -> None:
+    from engine.sources.audio import Chunker
+
+    chunker = Chunker(100)
+    out = list(chunker.add(_pcm_frame(16_000, 1000, 0.1), 0))  # 62.5 ms: waits in the buffer
+    out += list(chunker.add(_pcm_frame(48_000, 4800, 0.9), 62_500_000))
+    first_ts, first_body, first_ct = out[0]
+    assert first_ts == 0 and "rate=16000" in first_ct
+    assert np.all(np.frombuffer(first_body, "<f4") == np.float32(0.1)) and len(first_body) == 4 * 1000
+    rest = out[1:]
+    assert rest and all("rate=48000" in ct for _, _, ct in rest) and rest[0][0] == 62_500_000
+
+
+async def test_as_fast_as_possible_ends_now_even_when_the_container_does_not_say_its_length(
+    tmp_path: Path,
+) -> None:
+    """A raw MPEG-4 elementary stream has no container duration: its length is
+    read off its packets, so the file still ends now and no event is in the
+    future (the engine refuses those past max_future_ms)."""
+    from fractions import Fraction
+
+    import av
+
+    from engine.sources.pump import Pump
+    from engine.sources.reader import MediaOptions, MediaReader
+    from tests.mediafiles import frame
+
+    path = tmp_path / "raw.m4v"
+    with av.open(str(path), "w", format="m4v") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(100):  # 10 s
+            vf = av.VideoFrame.from_ndarray(frame(i, 64, 48), format="bgr24")
+            vf.pts, vf.time_base = i, Fraction(1, 10)
+            for packet in stream.encode(vf):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    with av.open(str(path)) as probe:
+        assert probe.duration is None  # what this test is about
+    reader = MediaReader(str(path), MediaOptions(realtime=False))
+    items = [it async for it in Pump(reader.items, drop=False)]
+    now = time.time_ns()
+    assert len(items) == 100
+    assert max(it.ts for it in items) <= now and now - min(it.ts for it in items) >= 9_000_000_000

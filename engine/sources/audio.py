@@ -9,6 +9,13 @@ sample's: the time of the frame that sample came in, plus the samples
 before it, counted at the sample rate, so chunks of one run never drift from
 the stream's clock by rounding. The last, shorter chunk goes out at the end
 (:meth:`Chunker.flush`).
+
+A run ends, and the next starts at its frame's own timestamp, when the
+audio stops being one run: a frame whose time is off from where the samples
+so far say it should be by more than :data:`RESYNC_NS` (a gap in a file, a
+stalled live stream, a clock that drifted from the sample count), or a
+change of sample rate or channels. What is buffered goes out first as a
+shorter chunk, labelled with the rate it was recorded at.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from engine.sources.producer import pcm_body
 
 if TYPE_CHECKING:
     from av import AudioFrame
+
+
+#: How far a frame's timestamp may be from the sample count's before the run restarts.
+RESYNC_NS = 50_000_000
 
 
 class Chunker:
@@ -46,8 +57,11 @@ class Chunker:
 
     def add(self, frame: AudioFrame, ts: int) -> Iterator[tuple[int, bytes, str]]:
         """Take one decoded frame stamped ``ts`` (ns); yield every chunk it completes."""
+        if len(self._buf) and frame.sample_rate != self._rate:
+            yield from self.flush()  # at the rate it was recorded at
+        expected = self._origin + (self._emitted + len(self._buf)) * 1_000_000_000 // max(1, self._rate)
         samples = self._float_samples(frame)
-        if len(self._buf) == 0 or self._buf.shape[1] != samples.shape[1]:
+        if len(self._buf) == 0 or self._buf.shape[1] != samples.shape[1] or abs(ts - expected) > RESYNC_NS:
             yield from self.flush()
             self._buf, self._origin, self._emitted = samples, ts, 0
         else:

@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator
 
 import av
-import cv2
 
 from engine.contracts.errors import SourceError
 from engine.sources.media import Item
@@ -56,6 +55,8 @@ class CameraReader:
     def items(self, stop: threading.Event) -> Iterator[Item]:
         source: int | str = int(self.device) if self.device.isdigit() else self.device
         # OpenCV warns on stderr for each backend it tries; the one line below says it all.
+        import cv2  # on first use: an engine's image route loads OpenCV first, with its pixel cap
+
         level = cv2.utils.logging.getLogLevel()
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
         try:

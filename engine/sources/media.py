@@ -115,3 +115,19 @@ def start_time(container: InputContainer) -> float | None:
 def duration_ns(container: InputContainer) -> int | None:
     """The container's duration in ns, when it says (files do, live streams do not)."""
     return None if container.duration is None else container.duration * 1000
+
+
+def demuxed_length_ns(container: InputContainer) -> int:
+    """The input's length in ns read off its packets (demuxed, not decoded):
+    for files whose container does not say (a raw ``.m4v``, some ``.mkv``).
+    Reads the whole file once; the caller opens it again to decode."""
+    first: float | None = None
+    last = 0.0
+    for packet in container.demux():
+        if packet.pts is None or packet.time_base is None:
+            continue
+        at = float(packet.pts * packet.time_base)
+        end = at + float((packet.duration or 0) * packet.time_base)
+        first = at if first is None else min(first, at)
+        last = max(last, end)
+    return 0 if first is None else int((last - first) * 1e9)

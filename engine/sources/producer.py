@@ -11,9 +11,13 @@ and one ``traceparent`` per producer), and a body over the server's max
 payload goes through the claim check by itself. The first event finds the
 mode: where a JetStream stream stores the inputs (durable mode) every event
 then waits for its PubAck with at most ``max_in_flight`` unanswered, so a
-stalled server slows the producer down instead of filling its memory; where
-nothing answers (core mode) events are published plainly. ``autoglm publish``
-is built on this class.
+stalled server slows the producer down instead of filling its memory; an
+event whose PubAck fails or never comes (a server restart) is sent again
+under its same id (the stream drops a second copy) for up to ``resend_s``.
+Where nothing answers (core mode) events are published plainly, and every
+few seconds the producer asks again whether a stream stores them now (an
+engine started after it); ``durable=True`` refuses core mode instead.
+``autoglm publish`` is built on this class.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ import time
 from collections import Counter
 from typing import Any, Self
 
-import cv2
 import numpy as np
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, NotFoundError, TooManyStalledMsgsError
+from nats.js.errors import (
+    APIError,
+    NotFoundError,
+    ServiceUnavailableError,
+    TooManyStalledMsgsError,
+)
 
 from engine.contracts.errors import AutoGLMError, TransportError
 from engine.contracts.subjects import Subjects, valid_source
@@ -59,6 +67,8 @@ def encode_frame(frame: np.ndarray[Any, Any], quality: int | None) -> tuple[byte
     if quality is None:
         h, w = frame.shape[:2]
         return np.ascontiguousarray(frame).tobytes(), f"image/x-raw;format=bgr8;width={w};height={h}"
+    import cv2  # here: an engine's image route loads OpenCV first, with its pixel cap
+
     ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise AutoGLMError("OpenCV could not encode the frame as JPEG")
@@ -74,6 +84,10 @@ def pcm_body(samples: np.ndarray[Any, Any], rate: int) -> tuple[bytes, str]:
     fmt = "s16le" if samples.dtype == np.int16 else "f32le"
     body = np.ascontiguousarray(samples, dtype="<i2" if fmt == "s16le" else "<f4").tobytes()
     return body, f"audio/pcm;rate={rate};channels={samples.shape[1]};format={fmt}"
+
+
+#: Seconds between core mode's questions whether a stream stores the inputs now.
+RECHECK_S = 5.0
 
 
 class Producer:
@@ -94,6 +108,8 @@ class Producer:
         bucket: str = "autoglm-payloads",
         max_in_flight: int = 256,
         ack_timeout: float = 10.0,
+        resend_s: float = 60.0,
+        durable: bool | None = None,
     ) -> None:
         if not valid_source(source):
             raise AutoGLMError(f"source {source!r}: 1-64 of [A-Za-z0-9_-]")
@@ -108,12 +124,28 @@ class Producer:
         self.claims: list[tuple[int, str]] = []
         #: True: a stream stores the inputs (PubAcks); False: core mode; None: nothing sent yet.
         self.durable: bool | None = None
+        #: ``durable=True``: refuse to send when no stream stores the inputs
+        #: (instead of falling back to core mode, where nothing confirms them).
+        self.require_durable = durable is True
+        #: How long an event whose PubAck failed (a server restart) is sent
+        #: again, under its same id (the stream drops a second copy), before
+        #: the producer gives up and names it.
+        self.resend_s = resend_s
+        #: Events sent again after their PubAck failed or did not come.
+        self.resent = 0
         #: Ids the input stream already held (it dropped these events as duplicates).
         self.duplicates: list[str] = []
         self._url, self._opts, self._nc, self._own = url, connect_opts or {}, nc, nc is None
         self._ids = id_prefix or f"{source}-{time.time_ns()}"
         self._seq = 0
-        self._acks: set[asyncio.Future[Any]] = set()
+        #: PubAck future -> the id of its event, while it waits.
+        self._acks: dict[asyncio.Future[Any], str] = {}
+        #: id -> (subject, body, headers) of each event not yet confirmed.
+        self._unconfirmed: dict[str, tuple[str, bytes, dict[str, str]]] = {}
+        #: Ids to send again (their PubAck failed, or never came).
+        self._resend: list[str] = []
+        #: When core mode last asked whether a stream stores the inputs now.
+        self._probed = 0.0
         self._failed: list[str] = []
         self._js: Any = None
 
@@ -171,6 +203,8 @@ class Producer:
     ) -> str:
         """Publish one event as it is (``ts``: ns since the epoch, default now); returns its id."""
         self._raise_failures()
+        if self._resend:
+            await self._send_again()
         nc = self._nc
         if nc is None:
             raise AutoGLMError("use the Producer inside 'async with'")
@@ -188,16 +222,19 @@ class Producer:
         )
         subject = self.subjects.input(self.source, modality)
         self._seq += 1
+        if self.durable is False and time.monotonic() - self._probed > RECHECK_S:
+            self.durable = None  # a stream may store the inputs by now (the engine started after us)
         if self.durable is None:
             await self._first(subject, body, hdrs)
         elif self.durable:
+            self._unconfirmed[eid] = (subject, body, hdrs)
             try:
                 ack = await self._js.publish_async(subject, body, headers=hdrs, wait_stall=self.ack_timeout)
             except TooManyStalledMsgsError as exc:
                 raise TransportError(
                     f"{self.max_in_flight} events waited {self.ack_timeout:g} s for the input stream's PubAck"
                 ) from exc
-            self._acks.add(ack)
+            self._acks[ack] = eid
             ack.add_done_callback(lambda fut, eid=eid: self._acked(fut, eid))
         else:
             await nc.publish(subject, body, headers=hdrs)
@@ -212,9 +249,14 @@ class Producer:
         JetStream publish as a request it never answers, so probing by
         publishing would wait out the whole ack timeout. A user that may not
         ask (``--secure``'s producer) probes by publishing after all."""
+        self._probed = time.monotonic()
         try:
             await self._js.find_stream_name_by_subject(subject)
-        except (NotFoundError, NoRespondersError):  # no stream for it, or no JetStream at all
+        except (NotFoundError, NoRespondersError) as exc:  # no stream for it, or no JetStream at all
+            if self.require_durable:
+                raise TransportError(
+                    f"no stream stores {subject} (durable=True): is the engine running?"
+                ) from exc
             self.durable = False
             await self._nc.publish(subject, body, headers=hdrs)
             return
@@ -222,7 +264,9 @@ class Producer:
             pass
         try:
             ack = await self._js.publish(subject, body, headers=hdrs, timeout=self.ack_timeout)
-        except (NoRespondersError, NatsTimeoutError):
+        except (NoRespondersError, NatsTimeoutError) as exc:
+            if self.require_durable:
+                raise TransportError(f"no PubAck for {subject} (durable=True): no stream stores it") from exc
             self.durable = False  # no stream: core mode (the plain publish reached whoever listens)
             return
         except APIError as exc:
@@ -232,14 +276,58 @@ class Producer:
             self.duplicates.append(hdrs["Nats-Msg-Id"])
 
     def _acked(self, fut: asyncio.Future[Any], eid: str) -> None:
-        self._acks.discard(fut)
+        self._acks.pop(fut, None)
         if fut.cancelled():
             return
         exc = fut.exception()
-        if exc is not None:
+        if isinstance(exc, APIError) and not isinstance(exc, ServiceUnavailableError):
+            self._unconfirmed.pop(eid, None)  # the stream refused it: sending it again changes nothing
             self._failed.append(f"{eid}: {exc or type(exc).__name__}")
-        elif fut.result().duplicate:
-            self.duplicates.append(eid)
+        elif exc is not None:  # no responders, a timeout: the server went away; send it again
+            self._resend.append(eid)
+        else:
+            self._unconfirmed.pop(eid, None)
+            if fut.result().duplicate:
+                self.duplicates.append(eid)
+
+    async def _send_again(self) -> None:
+        """Send the events whose PubAck failed again, each under its own id,
+        until stored or :attr:`resend_s` has passed; then name those left."""
+        ids, self._resend = self._resend, []
+        deadline = time.monotonic() + self.resend_s
+        left = []
+        for eid in ids:
+            entry = self._unconfirmed.get(eid)
+            if entry is None:
+                continue
+            subject, body, hdrs = entry
+            delay = 0.1
+            while True:
+                try:
+                    ack = await self._js.publish(subject, body, headers=hdrs, timeout=self.ack_timeout)
+                except APIError as exc:
+                    if isinstance(exc, ServiceUnavailableError) and time.monotonic() < deadline:
+                        await asyncio.sleep(delay)
+                        continue
+                    self._failed.append(f"{eid}: {exc}")
+                    break
+                except Exception:  # the server is still away
+                    if time.monotonic() >= deadline:
+                        left.append(eid)
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(2.0, delay * 2)
+                    continue
+                self.resent += 1
+                if ack.duplicate:
+                    self.duplicates.append(eid)
+                break
+            self._unconfirmed.pop(eid, None)
+        if left:
+            shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            raise TransportError(
+                f"{len(left)} event(s) not stored after {self.resend_s:g} s of retries: {shown}"
+            )
 
     def _raise_failures(self) -> None:
         if self._failed:
@@ -262,10 +350,12 @@ class Producer:
         """Wait until every event is stored (durable) or has reached the server (core)."""
         if self._acks:
             _, pending = await asyncio.wait(set(self._acks), timeout=self.ack_timeout)
-            if pending:
-                raise TransportError(
-                    f"{len(pending)} event(s) got no PubAck from the input stream in {self.ack_timeout:g} s"
-                )
+            for fut in pending:  # no PubAck in time: sent again below, under the same id
+                eid = self._acks.pop(fut)
+                fut.cancel()
+                self._resend.append(eid)
+        if self._resend:
+            await self._send_again()
         if self._nc is not None:
             await self._nc.flush()
         self._raise_failures()

@@ -30,7 +30,16 @@ import av
 
 from engine.contracts.errors import SourceError
 from engine.sources.audio import Chunker
-from engine.sources.media import Item, cause, duration_ns, is_live, open_input, pick_streams, start_time
+from engine.sources.media import (
+    Item,
+    cause,
+    demuxed_length_ns,
+    duration_ns,
+    is_live,
+    open_input,
+    pick_streams,
+    start_time,
+)
 from engine.sources.video import FramePicker, frame_body
 
 
@@ -75,7 +84,13 @@ class MediaReader:
         container = open_input(self.url, timeout=opts.timeout, input_format=opts.input_format)
         anchor = time.time_ns()
         if not self.live and not opts.realtime:
-            anchor -= duration_ns(container) or 0
+            # Placed so the file ends now: every timestamp is then in the past.
+            length = duration_ns(container)
+            if length is None:  # the container does not say: count its packets first
+                length = demuxed_length_ns(container)
+                container.close()
+                container = open_input(self.url, timeout=opts.timeout, input_format=opts.input_format)
+            anchor -= length
         started = time.monotonic()
         offset = 0  # ns of the earlier passes
         while True:

@@ -88,20 +88,23 @@ class Results:
         await self._start()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # Leaving on an exception (the handler raised, a closed pipe while
+        # printing it): the last record handed out was not handled.
+        await self.close(handled=exc_type is None)
 
-    async def close(self) -> None:
-        """Acknowledge the last record handed out (it was handled), hand back
-        those fetched but not handed out (redelivered at once to the next
-        reader, not after the ack wait), and let go."""
+    async def close(self, *, handled: bool = True) -> None:
+        """Acknowledge the last record handed out if it was ``handled`` (else
+        hand it back too), hand back those fetched but not handed out
+        (redelivered at once to the next reader, not after the ack wait), and
+        let go."""
         try:
+            if self._unacked is not None:
+                last, self._unacked = self._unacked, None
+                await (last.ack_sync() if handled else last.nak())
             if self._pull is not None:
                 while not self._queue.empty():
                     await self._queue.get_nowait().nak()
-            if self._unacked is not None:
-                await self._unacked.ack_sync()
-                self._unacked = None
         finally:
             if self._pull is not None and self.durable is None:
                 await self._pull.unsubscribe()
@@ -148,10 +151,18 @@ class Results:
         stream = await self._find_stream(js)
         if self.durable is not None:
             try:
-                await js.consumer_info(stream, self.durable)
+                info = await js.consumer_info(stream, self.durable)
             except NotFoundError:
                 pass
-            else:  # it exists: resume where it left off
+            else:  # it exists: resume where it left off, if it reads what is asked for
+                cfg = info.config
+                reads = sorted(cfg.filter_subjects or ([cfg.filter_subject] if cfg.filter_subject else []))
+                if reads != sorted(self.subjects):
+                    raise AutoGLMError(
+                        f"the durable consumer {self.durable!r} reads {', '.join(reads) or 'everything'}, "
+                        f"not {', '.join(self.subjects)}: name another one for these sources, or delete "
+                        f"it (nats consumer rm {stream} {self.durable}) to start it over"
+                    )
                 self._pull = await js.pull_subscribe_bind(durable=self.durable, stream=stream)
                 return
         policy = DeliverPolicy.NEW

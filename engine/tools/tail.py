@@ -19,6 +19,14 @@ from engine.sources.results import Record, Results
 ANSWER_CHARS = 160
 
 
+def shown(text: object) -> str:
+    """``text`` safe on a terminal: control characters (escape sequences a
+    producer put in an id, a message or an answer) as ``\\xNN``, runs of
+    whitespace as one space."""
+    flat = " ".join(str(text).split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in flat)
+
+
 def _clock(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%H:%M:%S.%f")[:-3]
 
@@ -27,22 +35,22 @@ def line(record: Record) -> str:
     """One record as one readable line."""
     if isinstance(record, Rejection):
         return (
-            f"{record.source or '_'}  DLQ {record.reason}  {record.event_id or '-'}: "
-            f"{' '.join(record.message.split())}"
+            f"{shown(record.source or '_')}  DLQ {shown(record.reason)}  {shown(record.event_id or '-')}: "
+            f"{shown(record.message)}"
         )
-    counts = " ".join(f"{m} {len(ids)}" for m, ids in record.events.items()) or "no events"
+    counts = " ".join(f"{shown(m)} {len(ids)}" for m, ids in record.events.items()) or "no events"
     skipped = sum(len(ids) for ids in (record.skipped or {}).values())
     parts = [
-        record.source,
+        shown(record.source),
         f"{_clock(record.window['start_ns'])}-{_clock(record.window['end_ns'])}",
         counts,
-        f"missing {','.join(record.missing) or '-'}",
+        f"missing {shown(','.join(record.missing)) or '-'}",
     ]
     if skipped:
         parts.append(f"skipped {skipped}")
     answer = record.answer
     if answer is not None:
-        answer = " ".join(answer.split())
+        answer = shown(answer)
         parts.append(f"answer: {answer[:ANSWER_CHARS]}{'...' if len(answer) > ANSWER_CHARS else ''}")
     else:
         parts.append(f"glm {_glm(record)}")
@@ -52,10 +60,10 @@ def line(record: Record) -> str:
 def _glm(record: Result) -> str:
     glm: dict[str, object] = dict(record.glm)
     if "skipped" in glm:
-        return f"skipped ({glm['skipped']})"
+        return f"skipped ({shown(glm['skipped'])})"
     if "error" in glm:
-        return f"error ({glm['error']})"
-    return str(glm["backend"])
+        return f"error ({shown(glm['error'])})"
+    return shown(glm["backend"])
 
 
 async def tail(results: Results, *, as_json: bool, count: int | None, out: TextIO | None = None) -> int:
