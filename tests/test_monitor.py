@@ -32,7 +32,9 @@ def result(source: str, k: int, **extra: Any) -> dict[str, Any]:
     return record
 
 
-def stats(engine_id: str, received: dict[str, int], results: int, rejected: dict[str, int], **more: Any) -> Any:
+def stats(
+    engine_id: str, received: dict[str, int], results: int, rejected: dict[str, int], **more: Any
+) -> Any:
     data = {"status": "ok", "received": received, "results": results, "rejected": rejected, **more}
     return {
         "id": engine_id,
@@ -140,7 +142,9 @@ def test_routes_and_glm_are_summed_over_engines() -> None:
         now=1_764_000_000.0,
     )
     view = state.overview()
-    assert view["routes"] == {"image": {"queue": 4, "batches": 6, "mean_size": 3.0, "sizes": {"1": 2, "4": 4}}}
+    assert view["routes"] == {
+        "image": {"queue": 4, "batches": 6, "mean_size": 3.0, "sizes": {"1": 2, "4": 4}}
+    }
     assert view["glm"] == {"calls": 6, "errors": 2, "skipped": {"no_change": 8}, "skipped_total": 8}
     assert [(e["worker"], e["partitions"]) for e in view["engines"]] == [("w1", ["0"]), ("w2", ["1"])]
     assert view["engines"][0]["uptime_s"] is not None

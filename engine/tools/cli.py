@@ -404,6 +404,7 @@ async def _demo(args: argparse.Namespace) -> int:
         nats_url=args.nats_url,
         width=args.width,
         height=args.height,
+        monitor_port=args.monitor,
     )
 
 
@@ -607,6 +608,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace-file", help="append OpenTelemetry spans (producer and engine) as JSON lines")
     demo.add_argument("--width", type=_int_in(16, 7680), default=320, help="frame width (default 320)")
     demo.add_argument("--height", type=_int_in(16, 4320), default=240, help="frame height (default 240)")
+    demo.add_argument(
+        "--monitor",
+        type=_PORT,
+        nargs="?",
+        const=8765,
+        metavar="PORT",
+        help="serve the live page (autoglm monitor) beside the demo on this port (default 8765)",
+    )
     return p
 
 
