@@ -171,3 +171,13 @@ def test_the_least_recently_heard_of_source_goes_first_past_max_sources() -> Non
     state.on_result(result("a", 0), now=2.0)
     state.on_result(result("c", 0), now=3.0)
     assert list(state.sources) == ["a", "c"] and "a" in state.frames
+
+
+def test_frames_past_their_byte_budget_leave_the_oldest_source_without_one() -> None:
+    state = MonitorState(max_frames_total=2 * len(JPEG))
+    for k, source in enumerate(["a", "b", "c"]):
+        state.on_frame(source, "image/jpeg", JPEG, now=float(k))
+    assert list(state.frames) == ["b", "c"] and state.frame_bytes == 2 * len(JPEG)
+    assert [state.sources[s].view()["frame"] for s in "abc"] == [0, 1, 1]
+    state.on_frame("b", "image/jpeg", JPEG + b"!", now=5.0)  # b replaces its own: c is now the oldest
+    assert list(state.frames) == ["b"] and state.frame_bytes == len(JPEG) + 1

@@ -60,10 +60,13 @@ class MonitorState:
     frame_every: float = 0.5
     #: A frame bigger than this is not kept (the page shows thumbnails).
     max_frame_bytes: int = 2 * 1024 * 1024
+    #: All frames kept together; past it the source whose frame is oldest loses it.
+    max_frames_total: int = 256 * 1024 * 1024
 
     seq: int = 0
     sources: OrderedDict[str, SourceCard] = field(default_factory=OrderedDict)
-    frames: dict[str, Frame] = field(default_factory=dict)
+    frames: OrderedDict[str, Frame] = field(default_factory=OrderedDict)
+    frame_bytes: int = 0
     rejections: deque[dict[str, Any]] = field(default_factory=deque)
     reasons_seen: Counter[str] = field(default_factory=Counter)
     latencies: deque[float] = field(default_factory=deque)
@@ -113,9 +116,16 @@ class MonitorState:
         if last is not None and now - last.at < self.frame_every:
             return False
         version = last.version + 1 if last is not None else 1
+        self._drop_frame(source)
         self.frames[source] = Frame(kind, data, now, version)
+        self.frame_bytes += len(data)
         card = self._card(source, now)
         card.frame = version
+        while self.frame_bytes > self.max_frames_total:
+            oldest = next(iter(self.frames))
+            self._drop_frame(oldest)
+            self.seq += 1  # its card changes (no frame), but it was not heard of again
+            self.sources[oldest].seq, self.sources[oldest].frame = self.seq, 0
         return True
 
     def on_stats(self, replies: list[dict[str, Any]], now: float) -> None:
@@ -174,8 +184,13 @@ class MonitorState:
             card = self.sources[source] = SourceCard(source)
             while len(self.sources) > self.max_sources:
                 gone, _ = self.sources.popitem(last=False)
-                self.frames.pop(gone, None)
+                self._drop_frame(gone)
         else:
             self.sources.move_to_end(source)
         card.seq, card.seen = self.seq, now
         return card
+
+    def _drop_frame(self, source: str) -> None:
+        gone = self.frames.pop(source, None)
+        if gone is not None:
+            self.frame_bytes -= len(gone.data)

@@ -34,6 +34,7 @@ function uptime(s) {
 }
 
 function spark(name, values) {
+  if (values.length === 1) values = [values[0], values[0]];  // one round: a flat line, not nothing
   const w = 180, h = 28, max = Math.max(1, ...values);
   const pts = values.map((v, i) => `${(i / Math.max(1, values.length - 1)) * w},${h - (v / max) * (h - 2) - 1}`);
   const box = svg("svg", { viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none" });
