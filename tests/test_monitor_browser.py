@@ -130,6 +130,23 @@ async def test_the_page_shows_sources_answers_and_rejections_in_chromium(
             await expect(page.locator("#timeline-title")).to_contain_text("cam2")
             await expect(page.locator("#timeline-rows tr").first).to_contain_text("image")
             await page.screenshot(path=str(SCREENSHOT or tmp_path / "monitor.png"), full_page=True)
+            await page.keyboard.press("Escape")
+
+            # 200 sources: paged, 24 cards in the DOM at a time, and a filter
+            at = time.time_ns()
+            for s in range(3, 200):
+                await send(nc, prefix, f"cam{s}", "text", b"one of many", at, event_id=f"cam{s}-t")
+            await nc.flush()
+            await expect(page.locator("#source-count")).to_have_text("200", timeout=30_000)
+            await expect(page.locator("#cards .card")).to_have_count(24)
+            await expect(page.locator("#page")).to_have_text("1 / 9")
+            await page.locator("#next").click()
+            await expect(page.locator("#page")).to_have_text("2 / 9")
+            await page.locator("#filter").fill("cam19")
+            await expect(page.locator("#cards .card")).to_have_count(11)  # cam19, cam190..cam199
+            await expect(page.locator('#cards .card[data-source="cam199"] .answer')).to_contain_text(
+                "a white ball rolls", timeout=20_000
+            )
         finally:
             await browser.close()
             await engine.stop()
