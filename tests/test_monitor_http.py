@@ -119,9 +119,16 @@ async def test_the_event_stream_follows_an_engine_and_the_page_is_read_only(
 async def test_a_restarted_monitor_serves_the_stream_again_on_its_port(nats_url: str, prefix: str) -> None:
     """A browser's EventSource reconnects to the same URL: after a restart the
     stream is there again and starts with the full state."""
-    async with running_monitor(nats_url, prefix) as monitor:
+    async with running_monitor(nats_url, prefix) as monitor, httpx.AsyncClient(base_url=monitor.url) as http:
         url = monitor.url
         port = int(url.rsplit(":", 1)[1].strip("/"))
+        async with http.stream("GET", "/events", timeout=30) as events:
+            lines = events.aiter_lines()
+            await next_update(lines, lambda u: True, "a first update")
+            monitor.stop()  # an open stream ends (the browser reconnects), it is not cut off
+            async with asyncio.timeout(20):
+                rest = [line async for line in lines]
+            assert all(not line.startswith("data: ") or '"seq"' in line for line in rest)
     async with httpx.AsyncClient(base_url=url) as http:
         with pytest.raises(httpx.ConnectError):
             await http.get("/healthz")

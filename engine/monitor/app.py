@@ -16,7 +16,7 @@ that changed (:meth:`MonitorState.changes_since`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import orjson
@@ -39,12 +39,20 @@ class _Json(JSONResponse):
         return orjson.dumps(content)
 
 
-async def stream(state: MonitorState, request: Request, tick: float = TICK_S) -> AsyncIterator[bytes]:
+def _never() -> bool:
+    return False
+
+
+async def stream(
+    state: MonitorState, request: Request, tick: float = TICK_S, closing: Callable[[], bool] = _never
+) -> AsyncIterator[bytes]:
     """``update`` events: the full state first, then what changed, at most
-    every ``tick`` seconds; a comment line now and then so proxies keep it open."""
+    every ``tick`` seconds; a comment line now and then so proxies keep it
+    open. It ends when the browser goes or the monitor is ``closing`` (so a
+    shutdown need not cancel open streams; the browser reconnects)."""
     seen, quiet = 0, 0.0
     yield b"retry: 1000\n\n"  # reconnect quickly after the monitor restarts
-    while not await request.is_disconnected():
+    while not closing() and not await request.is_disconnected():
         if state.seq != seen or seen == 0:
             update = state.changes_since(seen)
             seen = max(1, update["seq"])
@@ -57,13 +65,15 @@ async def stream(state: MonitorState, request: Request, tick: float = TICK_S) ->
         quiet += tick
 
 
-def build_app(state: MonitorState, *, tick: float = TICK_S) -> Starlette:
+def build_app(
+    state: MonitorState, *, tick: float = TICK_S, closing: Callable[[], bool] = _never
+) -> Starlette:
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     async def events(request: Request) -> Response:
         return StreamingResponse(
-            stream(state, request, tick),
+            stream(state, request, tick, closing),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )

@@ -41,7 +41,7 @@ class Monitor:
         self.state = MonitorState()
         self.feed = Feed(nc, self.state, prefix, interval=interval, frames=frames)
         config = uvicorn.Config(
-            build_app(self.state),
+            build_app(self.state, closing=lambda: self.server.should_exit),
             host=host,
             port=port,
             log_level="warning",
