@@ -30,7 +30,7 @@ from engine.tools.publish import connect, sync_with_server
 from engine.transport.security import connect_kwargs, read_env_file, redact_url
 from engine.transport.streams import stream_names
 from engine.wire.claimcheck import OBJECT_REF, put_payload
-from tests.conftest import ROOT, Collector, collect, make_config, send
+from tests.conftest import ROOT, Collector, collect, eventually, make_config, send
 from tests.natsjwt import operator_setup
 from tests.test_claimcheck import rewrite_object
 
@@ -328,6 +328,45 @@ async def test_secure_producer_can_neither_read_nor_erase_objects(secure: Secure
     [record] = await dlq.wait_for(1)
     assert (record["event_id"], record["reason"]) == ("o1", "object_tampered"), record
     await pub.close()
+    await reader.close()
+
+
+async def test_secure_monitor_reads_as_the_reader_on_loopback(secure: Secure) -> None:
+    """``autoglm monitor --secure`` finds the reader's credentials beside the
+    engine's data, asks ``$SRV.STATS`` and reads results; it serves on
+    loopback; the reader still may not reach an engine's endpoints."""
+    import httpx
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.tools.cli", "monitor", "--config", str(secure.config), "--secure",
+        "--port", "0",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert line.startswith("autoglm monitor: http://127.0.0.1:"), (line, await proc.stderr.read())
+        url = line.split()[2]
+        pub, _ = await as_user(secure, "producer")
+        async with httpx.AsyncClient(base_url=url) as http:
+
+            async def engine_and_card() -> bool:
+                await send(pub, secure.prefix, "cam-mon", "text", b"watched", time.time_ns())
+                state = (await http.get("/api/state")).json()
+                cards = {c["name"]: c for c in state["cards"]}
+                engines = [e["prefix"] for e in state["overview"]["engines"]]
+                return engines == [secure.prefix] and cards.get("cam-mon", {}).get("results", 0) > 0
+
+            await eventually(engine_and_card, "the engine's stats and a result on the secure monitor")
+            assert (await http.get("/frame/cam-mon")).status_code == 404  # the reader reads no inputs
+        await pub.close()
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    reader, refused = await as_user(secure, "reader")
+    endpoints = [f"{secure.prefix}.svc.config", f"{secure.prefix}.svc.reload.x", "$SRV.STATS"]
+    await attempt(reader, publish=endpoints)
+    assert refused.missing("publish", endpoints) == []
     await reader.close()
 
 

@@ -420,6 +420,32 @@ async def _ab_report(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _monitor(args: argparse.Namespace) -> int:
+    """The live page (engine/monitor): reads NATS only, serves GET routes only."""
+    from engine.monitor.server import Monitor
+
+    cfg = _config(args.config)
+    if args.secure and not args.auth_file:  # the reader's credentials, as `run --secure` wrote them
+        reader = Path(cfg.nats.data_dir) / "secure" / "reader.env"
+        if not reader.exists():
+            raise ConfigError([f"--secure: no {reader} (start the engine with `autoglm run --secure`)"])
+        args.auth_file = str(reader)
+    if not (args.nats_url or os.environ.get(NATS_URL_ENV) or cfg.nats.url):
+        url_file = Path(cfg.nats.data_dir) / "run" / "engine.url"  # an engine on its embedded server
+        args.nats_url = url_file.read_text().strip() if url_file.exists() else None
+    nc, _ = await _open(args)
+    prefix = args.prefix or cfg.nats.subject_prefix
+    monitor = Monitor(nc, prefix, host=args.host, port=args.port, frames=not args.secure)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, monitor.stop)
+    try:
+        await monitor.serve(lambda url: print(f"autoglm monitor: {url} (prefix {prefix})", flush=True))
+    finally:
+        await nc.close()
+    return 0
+
+
 async def _health(args: argparse.Namespace) -> int:
     """Exit 0 when an engine answers on ``<prefix>.svc.health`` (container HEALTHCHECK)."""
     import orjson
@@ -493,6 +519,7 @@ async def _demo(args: argparse.Namespace) -> int:
         nats_url=args.nats_url,
         width=args.width,
         height=args.height,
+        monitor_port=args.monitor,
     )
 
 
@@ -743,6 +770,18 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(hl, "server to ask")
     hl.add_argument("--timeout", type=_positive, default=3.0, help="seconds (default 3)")
 
+    mon = sub.add_parser("monitor", help="a live page of the engines, sources and rejections (read-only)")
+    _connection_options(mon, "server to watch")
+    mon.add_argument("--config", help="read nats settings and the subject prefix from this file")
+    mon.add_argument("--prefix", type=_prefix, help="subject prefix (default: --config's, else autoglm)")
+    mon.add_argument("--host", default="127.0.0.1", help="address to serve on (default loopback only)")
+    mon.add_argument("--port", type=_PORT, default=8765, help="port to serve on (0: any free one)")
+    mon.add_argument(
+        "--secure",
+        action="store_true",
+        help="connect as the reader that `run --secure` wrote (no input frames: it may not read inputs)",
+    )
+
     val = sub.add_parser("validate", help="check a routing file; exit 2 with each problem")
     val.add_argument("file", nargs="?", help=f"default ./{DEFAULT_CONFIG}")
 
@@ -771,6 +810,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace-file", help="append OpenTelemetry spans (producer and engine) as JSON lines")
     demo.add_argument("--width", type=_int_in(16, 7680), default=320, help="frame width (default 320)")
     demo.add_argument("--height", type=_int_in(16, 4320), default=240, help="frame height (default 240)")
+    demo.add_argument(
+        "--monitor",
+        type=_PORT,
+        nargs="?",
+        const=8765,
+        metavar="PORT",
+        help="serve the live page (autoglm monitor) beside the demo on this port (default 8765)",
+    )
     return p
 
 
@@ -809,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
             "replay": _replay,
             "models": _models,
             "ab": _ab_report,
+            "monitor": _monitor,
         }[args.command]
         return _run_async(runner(args))
     except ConfigError as exc:  # the command line or a file it names: the user's to fix

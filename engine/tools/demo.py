@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,7 @@ async def run_demo(
     inject_bad: bool = True,
     config_path: str | None = None,
     overrides: Overrides | None = None,
+    monitor_port: int | None = None,
 ) -> int:
     from engine.runtime.engine import Engine
     from engine.runtime.server import EmbeddedServer
@@ -255,7 +256,11 @@ async def run_demo(
     if server is not None:
         nats_url = await asyncio.to_thread(server.start)
     try:
-        return await _demo_on(engine, config, nats_url, seconds, sources, width, height, inject_bad)
+        demo = _demo_on(engine, config, nats_url, seconds, sources, width, height, inject_bad)
+        url = nats_url or config.nats.url
+        if monitor_port is not None and url:
+            return await _with_monitor(url, config, monitor_port, demo)
+        return await demo
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
@@ -314,6 +319,29 @@ async def _demo_on(
     if tty:
         print()
     return summary(tally, engine, seconds, sources)
+
+
+async def _with_monitor(url: str, config: EngineConfig, port: int, demo: Awaitable[int]) -> int:
+    """``--monitor``: the live page (engine/monitor) beside the demo, on its own
+    connection, as ``autoglm monitor`` would run it; it stops with the demo."""
+    from engine.monitor.server import Monitor
+
+    nc = await connect(url, **connect_kwargs(config.nats))
+    monitor = Monitor(nc, config.nats.subject_prefix, port=port)
+    up = asyncio.Event()
+
+    def ready(page: str) -> None:
+        print(f"autoglm demo: monitor on {page}", flush=True)
+        up.set()
+
+    serving = asyncio.create_task(monitor.serve(ready))
+    await asyncio.wait([asyncio.create_task(up.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
+    try:
+        return await demo
+    finally:
+        monitor.stop()
+        await serving
+        await nc.close()
 
 
 async def _until(done: Callable[[], bool], timeout: float) -> None:
