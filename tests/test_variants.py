@@ -90,6 +90,16 @@ def test_the_split_follows_the_weights_and_the_seed() -> None:
     assert 0.4 < changed / len(NAMES) < 0.6  # another experiment reshuffles, independently
 
 
+def test_weights_near_the_float_maximum_still_split_by_their_ratio() -> None:
+    def split(a: float, b: float) -> Counter[str]:
+        return Counter(Assignment("exp1", [variant("a", a), variant("b", b)]).of(n).name for n in NAMES)
+
+    huge = split(1e308, 1e308)
+    assert abs(huge["a"] / len(NAMES) - 0.5) < 0.02, huge  # their sum is inf: inf / inf was NaN, all to b
+    ratio = split(1.5e308, 0.5e308)
+    assert abs(ratio["a"] / len(NAMES) - 0.75) < 0.02, ratio
+
+
 def test_new_weights_move_only_the_sources_whose_bucket_changed() -> None:
     before = Assignment("exp1", [variant("a", 1), variant("b", 1)])  # a: [0, .5)
     after = Assignment("exp1", [variant("a", 2), variant("b", 3)])  # a: [0, .4)
@@ -109,6 +119,10 @@ def test_variant_config_is_checked() -> None:
         )
     with pytest.raises(ConfigError, match=r'routes\[0\].variants\[1\].processor = "nope": unknown processor'):
         make_config("x", routes=[{**ok, "variants": [{"name": "a"}, {"name": "b", "processor": "nope"}]}])
+    for bad, said in (("inf", "Infinity"), ("nan", "NaN")):
+        with pytest.raises(ConfigError, match=rf"routes\[0\].variants\[0\].weight = {said}: .*finite"):
+            variants = [{"name": "a", "weight": float(bad)}, {"name": "b"}]
+            make_config("x", routes=[{**ok, "variants": variants}])
     with pytest.raises(ConfigError, match=r"routes\[0\].variants\[0\].params.extra"):
         make_config("x", routes=[{**ok, "variants": [{"name": "a", "params": {"extra": 1}}]}])
 

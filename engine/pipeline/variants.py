@@ -93,10 +93,15 @@ class Assignment:
     _seen: dict[str, Variant] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        total = sum(v.weight for v in self.live)
+        # Scaled by the largest first: weights near the float maximum must not
+        # sum to inf (inf / inf is NaN, and NaN bounds would send every source
+        # to the last variant).
+        top = max((v.weight for v in self.live), default=0.0)
+        scaled = [v.weight / top if 0 < top < math.inf else 1.0 for v in self.live]
+        total = sum(scaled)
         running = 0.0
-        for v in self.live:
-            running += v.weight / total
+        for w in scaled:
+            running += w / total
             self._bounds.append(running)
         self._bounds[-1] = math.inf  # rounding never leaves a point past the last span
 
