@@ -23,7 +23,7 @@ from engine.contracts.versions import config_version, identify, weights_version
 from engine.pipeline.variants import Assignment, Variant, point
 from engine.runtime.build import build_route
 from engine.runtime.engine import Engine
-from tests.conftest import ROOT, collect, make_config, send
+from tests.conftest import ROOT, collect, make_config, send, until
 from tests.test_metrics import scrape_when
 
 
@@ -159,6 +159,7 @@ def test_a_batch_runs_each_source_through_its_variant_and_shadows_beside_them(
     assert by["a"].events + by["b"].events == 300 and by["a"].errors == by["b"].errors == 0
     assert 0.15 < by["a"].events / 300 < 0.35
     shadow = by["s"]
+    assert route.shadows_done(10)  # shadows run after the live outcomes are out
     assert shadow.events == shadow.compared == 300
     # (-1, 1) against (1, 1) is orthogonal: distance 1; against (2, 1): 1 + 1/sqrt(10)
     expected = by["a"].events * 1.0 + by["b"].events * (1 + 1 / np.sqrt(10))
@@ -184,6 +185,7 @@ def test_a_failing_shadow_costs_the_live_events_nothing(
     route.variants[1].processor.run = boom  # type: ignore[method-assign]
     outcomes = route.process(_events(["a", "b"]))
     assert all(isinstance(o, Features) for o in outcomes)
+    assert route.shadows_done(10)
     assert route.variants[1].errors == 2 and route.variants[0].events == 2
 
 
@@ -234,12 +236,13 @@ async def test_results_and_metrics_name_the_variant_and_the_shadow_never_reaches
         versions = {v.name: v.model.version for v in live.variants}
 
         def done(m: Any) -> bool:
-            return sum(m.get(("autoglm_variant_events_total", lbl), 0) for lbl in labels.values()) == 30
+            live = sum(m.get(("autoglm_variant_events_total", labels[n]), 0) for n in ("a", "b"))
+            return live == 30 and m.get(("autoglm_variant_events_total", labels["s"]), 0) == 30
 
         labels = {
             n: (("model", "test-scaled"), ("processor", "test-scaled"), ("route", key[0]),
                 ("variant", n), ("version", versions[n]))
-            for n in ("a", "b")
+            for n in ("a", "b", "s")
         }  # fmt: skip
         m = await scrape_when(engine.metrics.port, done, "the variants' events")
     finally:
@@ -287,6 +290,7 @@ async def test_autoglm_models_and_ab_report_show_each_variant(
                 await send(nc, prefix, s, "text", b"hi", now + k, event_id=f"{s}-{k}")
         await out.wait_events({f"{s}-{k}" for s in sources for k in range(2)})
         live = engine.pipeline.routes[0]
+        await until(lambda: live.variants[2].events == 40, "the shadow's events")  # (run after the live ones)
         expected = Counter(live.variant_of(s).name for s in sources)
         cli = [sys.executable, "-m", "engine.tools.cli"]
         models, report = [
