@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from engine.contracts.types import Features, ModelVersion, Processor
+from engine.contracts.versions import weights_version
 from engine.observe.snapshot import VariantState
 
 #: Sources whose assignment is remembered (a hash per new source beyond it).
@@ -73,6 +74,14 @@ class Variant:
             self.seconds += seconds
             self.compared += compared
             self.distance += distance
+
+    def weights_changed(self) -> bool:
+        """Its weight files no longer hold the bytes it was loaded from (new
+        weights dropped in place: same path, same config). Digests are cached
+        while a file's size and mtime hold, so an unchanged model costs a stat.
+        Raises :class:`ConfigError` when a file cannot be read."""
+        files = getattr(self.processor, "weight_files", None) or ()
+        return bool(files) and weights_version(list(files)) != self.model.version
 
     def state(self) -> VariantState:
         """A copy for observers (the counters are written by worker threads)."""
