@@ -24,6 +24,7 @@ pushes it out, or at shutdown. An event whose window is already sealed is
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from engine.config.models import AlignerConfig
 
 _MS = 1_000_000
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -456,12 +458,31 @@ class Aligner(AlignerBase[_Source]):
                 for ids in win.skipped.values():
                     for eid in ids:
                         src.ids.pop(eid, None)
-                frame = self._fuse(src, win, now)
+                frame = self._fuse_or_skip(src, win, now)
                 if frame is not None:
                     out.append(frame)
             if not src.windows and self._retired:
                 self._retired = [r for r in self._retired if r is not src]
         return out
+
+    def _fuse_or_skip(self, src: _Source, win: _Window, now: Nanos) -> FusedFrame | None:
+        """Fuse a window already taken out of its source; never lose it.
+
+        The window and its ids are gone once it is taken out, so a failure here
+        (features no vocabulary can fuse) must still end in a result: one that
+        names every event of it under ``skipped.fuse_error``, so durable inputs
+        are acked and the producer can tell, and later windows still come out.
+        """
+        try:
+            return self._fuse(src, win, now)
+        except Exception:
+            log.exception("window %s of source %r could not be fused", win.start, src.name)
+            failed = win.skipped.setdefault("fuse_error", [])
+            for slot in win.slots.values():
+                self._count(src, slot.modality, "fuse_error")
+                failed.append(slot.event_id)
+            win.slots = {}
+            return self._fuse(src, win, now)
 
     def _fuse(self, src: _Source, win: _Window, now: Nanos) -> FusedFrame | None:
         if not win.slots and not win.skipped:

@@ -86,7 +86,8 @@ class VariantConfig(Frozen):
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     #: Its share of the sources, relative to the other live variants' weights.
-    weight: float = Field(1.0, ge=0)
+    #: Finite: ``inf`` would make every share ``inf / inf``, NaN.
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False)
     #: Empty: the route's processor.
     processor: str = ""
     #: On top of the route's ``params``.

@@ -102,17 +102,24 @@ class FeatureVocabulary:
         summary: dict[str, object] = {}
         embedding = None
         vecs = [f.embedding for f in feats if f.embedding is not None]
-        if len(vecs) == 1:
-            embedding = vecs[0]
-        elif vecs:
-            embedding = np.mean(np.stack(vecs), axis=0).astype(np.float32)
+        # A processor whose embedding size varies (a bug, or a hostile plugin) must
+        # not make the window unfusable: the first event's size wins, the others
+        # are left out of the mean and counted.
+        same = [v for v in vecs if v.shape == vecs[0].shape] if vecs else []
+        if len(same) == 1:
+            embedding = same[0]
+        elif same:
+            embedding = np.mean(np.stack(same), axis=0).astype(np.float32)
         if embedding is not None:
             summary["embedding_dim"] = int(embedding.shape[0])
             summary["embedding_norm"] = rounded(float(np.linalg.norm(embedding)))
+        if len(same) < len(vecs):
+            summary["embeddings_left_out"] = len(vecs) - len(same)
         for key in sorted({k for f in feats for k in f.stats}):
             vals = [f.stats[key] for f in feats if key in f.stats]
             summary[key] = rounded(sum(vals) / len(vals))  # plain Python: numpy costs more on a few values
         mats = [f.frames for f in feats if f.frames is not None and f.frames.size]
+        mats = [m for m in mats if m.ndim == 2 and m.shape[0] == mats[0].shape[0]]  # rows must agree
         if mats:
             allf = np.concatenate(mats, axis=1)  # (rows, sum of T)
             summary[self.frames[0]] = [rounded(v) for v in allf.mean(axis=1)]

@@ -66,11 +66,15 @@ def build_batcher(cfg: BatchConfig) -> Batcher[Any]:
 def build_route(rc: RouteConfig, name: str, loaded: Sequence[Variant] = ()) -> Route:
     """The route's processors (loaded by name from the registry, one per A/B
     variant), each versioned once here, and its batcher. A model in ``loaded``
-    (a running route's, on a reload) with the same processor, params, device
-    and dtype is reused, not loaded again: new weights or a new variant beside
-    it cost no reload of the others."""
+    (the same route's, on a reload) with the same processor, params, device,
+    dtype and weight files' bytes is reused, not loaded again: new weights or
+    a new variant beside it cost no reload of the others. Each loaded model is
+    reused at most once, so two variants never share one instance."""
     vcs: Sequence[VariantConfig | None] = rc.variants or [None]
-    variants = [build_variant(rc, v, loaded) for v in vcs]
+    variants: list[Variant] = []
+    for vc in vcs:
+        taken = {id(v.processor) for v in variants}
+        variants.append(build_variant(rc, vc, [v for v in loaded if id(v.processor) not in taken]))
     first = next(v for v in variants if not v.shadow and v.weight > 0)
     return Route(
         name=name, config=rc, processor=first.processor, batcher=build_batcher(rc.batch), variants=variants
@@ -92,7 +96,7 @@ def build_variant(rc: RouteConfig, vc: VariantConfig | None, loaded: Sequence[Va
     )
     name = vc.name if vc is not None else ""
     weight, shadow = (vc.weight, vc.shadow) if vc is not None else (1.0, False)
-    same = next((v for v in loaded if v.key == key), None)
+    same = next((v for v in loaded if v.key == key and not v.weights_changed()), None)
     if same is not None:
         model = replace(same.model, variant=name)
         return Variant(
