@@ -360,6 +360,9 @@ async def test_a_record_that_cannot_be_published_is_delivered_again_not_held_for
         await publish(out)
 
     engine.transport.publish = once_down  # type: ignore[method-assign]
+    degraded: list[str] = []
+    degrade = engine.supervisor.degrade
+    engine.supervisor.degrade = lambda why: (degraded.append(why), degrade(why))[1]  # type: ignore[method-assign]
     try:
         await send(nc, prefix, "cam", "text", b"hi", time.time_ns() - 10**9, event_id="x1")
 
@@ -373,5 +376,9 @@ async def test_a_record_that_cannot_be_published_is_delivered_again_not_held_for
         intake = next(iter(engine.transport.intakes.values()))
         await until(lambda: not intake.held, "the input acked")
         assert failed and engine.pipeline.stats.emit_errors == 1
+        # Health said so while nothing could be published, and no longer once a record was.
+        assert "publish_failing" in degraded and "publish_failing" not in engine.supervisor.report().get(
+            "degraded", {}
+        )
     finally:
         await engine.stop()

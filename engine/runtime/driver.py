@@ -69,6 +69,8 @@ class Driver:
         self._kick = asyncio.Event()
         self._room = asyncio.Event()
         self._idle = asyncio.Event()
+        #: A record could not be published, and none has been since (health: degraded).
+        self._publish_failing = False
         self._idle.set()
         self._pump: asyncio.Task[None] | None = None
         self._stopping = False
@@ -326,9 +328,23 @@ class Driver:
             # Held, its inputs would be heartbeated forever: given back, they
             # are delivered again (the GLM stage's answers come this way too).
             self.transport.give_back(out.acks)
+            self._publishing(ok=False)
             raise
+        self._publishing(ok=True)
         if out.kind == "result":
             self.pipeline.stats.observe("publish", time.perf_counter() - t0)
+
+    def _publishing(self, *, ok: bool) -> None:
+        """Health says ``degraded: publish_failing`` from a record that could not
+        be published until the next one that could: an engine that drops what
+        it makes must not answer "ok"."""
+        if ok == (not self._publish_failing):
+            return
+        self._publish_failing = not ok
+        if ok:
+            self.supervisor.recover("publish_failing")
+        else:
+            self.supervisor.degrade("publish_failing")
 
     async def answered(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         """The GLM stage's publish callback: the frame's finished result."""
