@@ -24,6 +24,7 @@ COPY processors ./processors
 COPY routing.toml /etc/autoglm/routing.toml
 COPY deploy/edge/routing.toml /etc/autoglm/edge.toml
 # CPU: torch from PyTorch's CPU wheel index (no CUDA libraries, ~4 GB smaller).
+# RapidOCR without the opencv-python it declares (we have the headless build).
 # Then compile librosa's numba kernels once, into the image.
 # Edge: the `edge` extra's list (no torch, torchvision, transformers, librosa)
 # and the engine itself without its core dependencies; its routing file
@@ -35,9 +36,12 @@ RUN if [ "$VARIANT" = "edge" ]; then \
         && mv /etc/autoglm/edge.toml /etc/autoglm/routing.toml ; \
     elif [ "$VARIANT" = "cpu" ]; then \
         pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
+        && pip install --no-deps rapidocr-onnxruntime==1.4.4 \
         && python -m processors.warmup ; \
     else \
-        pip install . && python -m processors.warmup ; \
+        pip install . \
+        && pip install --no-deps rapidocr-onnxruntime==1.4.4 \
+        && python -m processors.warmup ; \
     fi
 RUN useradd --create-home --uid 10001 autoglm
 USER 10001

@@ -12,6 +12,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# OCR: without its opencv-python (we have the headless build); its real deps are in pyproject.toml.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps 'rapidocr-onnxruntime==1.4.4'
 	@# librosa compiles with numba on first use (~20 s); do it once here, cached on disk.
 	$(BIN)/python -m processors.warmup
 	@touch $(STAMP)

@@ -57,9 +57,10 @@ PCM = f"audio/pcm;rate={RATE};channels=1;format=s16le"
 CAPTIONS = ["a red ball rolls across the floor", "someone walks past the door", "the room is quiet"]
 
 
-def config_text(base: Path, data_dir: Path, reuse_below: float | None = None) -> str:
+def config_text(base: Path, data_dir: Path, reuse_below: float | None = None, words: bool = True) -> str:
     """``base`` with every route on real_time intake and a fresh data dir, as TOML;
-    ``reuse_below`` set on the image route when given."""
+    ``reuse_below`` set on the image route when given; ``words=False`` leaves
+    out the routes' ``also`` processors (the article's CNN, MFCC and MiniLM only)."""
     cfg = tomllib.loads(base.read_text())
     cfg.setdefault("nats", {})["data_dir"] = str(data_dir)
     cfg["nats"]["subject_prefix"] = E2E.prefix
@@ -75,11 +76,16 @@ def config_text(base: Path, data_dir: Path, reuse_below: float | None = None) ->
         if reuse_below is not None and route.get("modality") == "image":
             route["params"] = {**route.get("params", {}), "reuse_below": reuse_below}
         lines.append("[[routes]]")
-        lines += [f"{k} = {_toml(v)}" for k, v in route.items() if not isinstance(v, dict)]
+        lines += [f"{k} = {_toml(v)}" for k, v in route.items() if not isinstance(v, dict) and k != "also"]
         for sub in ("params", "batch"):
             if sub in route:
                 lines.append(f"[routes.{sub}]")
                 lines += [f"{k} = {_toml(v)}" for k, v in route[sub].items()]
+        for also in route.get("also", []) if words else []:  # the processors beside the route's own
+            lines += ["[[routes.also]]", f"processor = {_toml(also['processor'])}"]
+            if also.get("params"):
+                lines.append("[routes.also.params]")
+                lines += [f"{k} = {_toml(v)}" for k, v in also["params"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +228,11 @@ async def main() -> int:
         help="moving shapes, or a still scene with sensor noise (a door camera at night)",
     )
     ap.add_argument("--reuse-below", type=float, help="the image route's params.reuse_below")
+    ap.add_argument(
+        "--no-words",
+        action="store_true",
+        help="leave out the also processors (ocr, vad, asr): the article's three processors only",
+    )
     args = ap.parse_args()
     import torch
 
@@ -236,14 +247,17 @@ async def main() -> int:
     )
     make = shapes_frames if args.scene == "moving" else static_frames
     frames = [make(i, FPS * 2, 640, 480) for i in range(4)]
-    print(f"scene: {args.scene}; image params.reuse_below = {args.reuse_below}")
+    print(
+        f"scene: {args.scene}; image params.reuse_below = {args.reuse_below}; "
+        f"words (also processors) {'off' if args.no_words else 'on'}"
+    )
     chunks = audio_chunks(10)
     best: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="autoglm-e2e-") as tmp:
         server = EmbeddedServer(Path(tmp) / "nats")
         url = await asyncio.to_thread(server.start)
         cfg = Path(tmp) / "e2e.toml"
-        cfg.write_text(config_text(args.config, Path(tmp) / "data", args.reuse_below))
+        cfg.write_text(config_text(args.config, Path(tmp) / "data", args.reuse_below, not args.no_words))
         for k in range(args.start, args.max + 1):
             r = await trial(url, cfg, k, args.seconds, frames, chunks)
             ok = r["stale"] == 0 and r["lost"] == 0

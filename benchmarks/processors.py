@@ -9,6 +9,10 @@ batch, so its latency is its batch's time) and the ratios:
   mfcc   batched torch MFCC vs a per-chunk librosa.feature.mfcc loop
   image  640x480 JPEG decode + CNN, micro-batched vs batch size 1
   text   batched MiniLM vs one sentence at a time
+and, for the processors that give the GLM words (``--only words``):
+  vad    Silero VAD chunks/s (100 ms chunks)
+  asr    pocketsphinx real-time factor: seconds of audio per second of CPU
+  ocr    RapidOCR frames/s at 640x480, every frame read
 """
 
 from __future__ import annotations
@@ -180,11 +184,68 @@ def bench_text(device: str, n: int) -> float:
     return ratio
 
 
+def speech_chunks(repeat: int) -> tuple[list[bytes], float]:
+    """tests/data/speech.wav ``repeat`` times as 100 ms s16le chunks, and its seconds."""
+    import soundfile
+
+    clip, _rate = soundfile.read(
+        Path(__file__).resolve().parent.parent / "tests/data/speech.wav", dtype="int16"
+    )
+    audio = np.tile(np.asarray(clip), repeat)
+    n = len(audio) // 1600
+    return [audio[i * 1600 : (i + 1) * 1600].tobytes() for i in range(n)], n / 10
+
+
+def audio_stream(bodies: Sequence[bytes]) -> list[InputEvent]:
+    """One source's chunks, 100 ms apart (VAD and ASR keep per-source state)."""
+    ct = "audio/pcm;rate=16000;channels=1;format=s16le"
+    subject = Subjects().input("mic0", "audio")
+    return [decode_event(subject, encode_headers(TS + i * 100_000_000, ct), b) for i, b in enumerate(bodies)]
+
+
+def bench_words(device: str, k: int) -> None:
+    """vad chunks/s, asr real-time factor, ocr frames/s; and what one box carries with them on."""
+    print(f"\nWords: vad, asr (pocketsphinx), ocr (RapidOCR) on {os.cpu_count()} cores")
+    bodies, seconds = speech_chunks(max(1, 8 // k))
+    evs = audio_stream(bodies)
+    vad = timed_batches(route_fn("audio", "vad", device), evs, 32)
+    row("vad route (Silero ONNX)", 32, vad)
+    asr = route_fn("audio", "asr", device)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for i in range(0, len(evs), 8):
+        asr(evs[i : i + 8])
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    rtf = seconds / cpu
+    print(f"  asr route (pocketsphinx)      {seconds:.0f} s of speech in {cpu:.1f} s CPU ({wall:.1f} s wall)")
+    print(f"  => asr real-time factor {rtf:.1f} s of audio per s of CPU (VAD and segmenting included)")
+    frames = []
+    for i in range(max(8, 32 // k)):
+        img = np.full((480, 640, 3), 50, np.uint8)
+        cv2.putText(img, f"EXIT {i}", (40, 160), cv2.FONT_HERSHEY_SIMPLEX, 2.5, (255, 255, 255), 5)
+        cv2.putText(img, "GATE B", (40, 330), cv2.FONT_HERSHEY_SIMPLEX, 2.0, (0, 255, 255), 4)
+        frames.append(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
+    subject = Subjects().input("cam0", "image")
+    img_evs = [  # a second apart: at ocr_fps = 1 every frame is read
+        decode_event(subject, encode_headers(TS + i * 1_000_000_000, "image/jpeg"), b)
+        for i, b in enumerate(frames)
+    ]
+    ocr = timed_batches(route_fn("image", "ocr", device, params={"ocr_fps": 1}), img_evs, 1)
+    row("ocr route 640x480 (RapidOCR)", 1, ocr)
+    cores = os.cpu_count() or 1
+    mic_cpu = 1 / rtf + 10 / vad["items_s"]  # CPU seconds per second of one microphone, words only
+    cam_cpu = 1 / ocr["items_s"]  # one frame read per second per camera
+    print(
+        f"  => one {cores}-core box, the words alone: {cores / mic_cpu:.0f} microphones (vad + asr) "
+        f"or {cores / cam_cpu:.0f} cameras (ocr at 1 fps); each microphone costs {100 * mic_cpu:.0f} % "
+        f"of a core, each camera's OCR {100 * cam_cpu:.0f} %"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="fewer items (a smoke run)")
-    ap.add_argument("--only", choices=["mfcc", "image", "text"])
+    ap.add_argument("--only", choices=["mfcc", "image", "text", "words"])
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "none"
     print(
@@ -199,6 +260,8 @@ def main() -> None:
         ratios["image"] = bench_image(args.device, 256 // k)
     if args.only in (None, "text"):
         ratios["text"] = bench_text(args.device, 512 // k)
+    if args.only in (None, "words"):
+        bench_words(args.device, k)
     targets = {"mfcc": 50.0 if args.device.startswith("cuda") else 3.0, "image": 2.0, "text": 2.5}
     print("\nsummary")
     for name, r in ratios.items():

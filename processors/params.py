@@ -6,6 +6,8 @@ never imports torch, OpenCV or librosa.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -93,3 +95,102 @@ class TextParams(_Params):
 
 class PassthroughParams(_Params):
     """``processor = "passthrough"``: no model; the feature is the byte count."""
+
+
+class VADParams(_Params):
+    """``processor = "vad"``: Silero VAD's speech probability per audio chunk."""
+
+    #: A chunk whose most speech-like 32 ms frame reaches this counts as speech.
+    threshold: float = Field(0.5, gt=0, lt=1)
+    max_seconds: float = Field(30.0, gt=0, le=3600)
+    #: Streams (sources) whose recurrent state is kept; the least recent go first.
+    max_sources: int = Field(10_000, ge=1)
+
+
+class ASRParams(_Params):
+    """``processor = "asr"``: utterances cut at pauses (Silero VAD), then transcribed."""
+
+    #: ``pocketsphinx``: the US-English model its wheel ships (no download);
+    #: ``whisper``: a Whisper checkpoint through transformers (``model``).
+    backend: Literal["pocketsphinx", "whisper"] = "pocketsphinx"
+    #: whisper: a local directory or a model id already in the HF cache.
+    model: str = ""
+    #: whisper: the spoken language, or empty to let the model detect it.
+    language: str = ""
+    #: An utterance longer than this is cut and transcribed as it is.
+    max_utterance_ms: int = Field(15_000, ge=500, le=60_000)
+    #: This much non-speech after speech ends an utterance.
+    pause_ms: int = Field(300, ge=32, le=5_000)
+    #: Audio kept from before speech starts (onsets are soft).
+    preroll_ms: int = Field(200, ge=0, le=2_000)
+    #: Silero speech probability from which a 32 ms frame is speech.
+    threshold: float = Field(0.5, gt=0, lt=1)
+    max_seconds: float = Field(30.0, gt=0, le=3600)
+    max_sources: int = Field(10_000, ge=1)
+
+
+class OCRParams(_Params):
+    """``processor = "ocr"``: RapidOCR (PP-OCRv4, Chinese and English) on frames."""
+
+    #: Frames read per source and second of event time; the others pass unread
+    #: (text in a scene changes slowly, and OCR costs ~100x a CNN pass).
+    ocr_fps: float = Field(1.0, gt=0, le=60)
+    #: Lines the recogniser is less sure of than this are dropped.
+    min_score: float = Field(0.5, ge=0, le=1)
+    #: Frames are read at most this many pixels on the longer side (scaled
+    #: down, never up: RapidOCR's own default scales a 320x240 frame up to 981x736).
+    max_side: int = Field(960, ge=64, le=8192)
+    #: Also read text turned upside down (RapidOCR's angle classifier; costs more).
+    rotated: bool = False
+    #: onnxruntime threads per model: one leaves the other cores to the CNN and the audio.
+    threads: int = Field(1, ge=1, le=64)
+    max_pixels: int = Field(40_000_000, gt=0)
+    max_sources: int = Field(10_000, ge=1)
+
+
+#: torchvision's COCO checkpoints by model (file names of their download URLs;
+#: a test holds them equal to torchvision's own).
+DETECT_CHECKPOINTS = {
+    "ssdlite": "ssdlite320_mobilenet_v3_large_coco-a79551df.pth",
+    "fasterrcnn_mobilenet": "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth",
+}
+
+
+def torch_hub_checkpoints() -> Path:
+    """Where torch.hub keeps checkpoints, worked out without importing torch."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(home).expanduser() / "hub" / "checkpoints"
+
+
+class DetectParams(_Params):
+    """``processor = "detect"``: COCO object labels from a torchvision detector."""
+
+    model: Literal["ssdlite", "fasterrcnn_mobilenet"] = "ssdlite"
+    #: ``coco``: the torchvision checkpoint, from ``weights_path`` or the torch
+    #: hub cache, checked when the config loads (never downloaded); ``random``:
+    #: no file (tests: shapes and paths, not objects).
+    weights: Literal["coco", "random"] = "coco"
+    weights_path: str | None = None
+    #: Frames looked at per source and second of event time.
+    detect_fps: float = Field(2.0, gt=0, le=60)
+    min_score: float = Field(0.5, ge=0, le=1)
+    max_objects: int = Field(20, ge=1, le=300)
+    max_pixels: int = Field(40_000_000, gt=0)
+    max_sources: int = Field(10_000, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _weights_on_disk(self) -> DetectParams:
+        if self.weights == "coco":
+            path = self.checkpoint()
+            if not path.is_file():
+                raise ValueError(
+                    f'weights = "coco": no checkpoint at {path}; put torchvision\'s '
+                    f'{DETECT_CHECKPOINTS[self.model]} there, set weights_path, or use weights = "random"'
+                )
+        return self
+
+    def checkpoint(self) -> Path:
+        if self.weights_path:
+            return Path(self.weights_path).expanduser()
+        return torch_hub_checkpoints() / DETECT_CHECKPOINTS[self.model]

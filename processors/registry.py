@@ -12,22 +12,35 @@ from __future__ import annotations
 
 from engine.contracts.plugins import REGISTRY, Factory, ProcessorSpec, lookup, register
 from processors import cap_opencv_pixels
-from processors.params import AudioParams, ImageParams, PassthroughParams, TextParams
+from processors.params import (
+    ASRParams,
+    AudioParams,
+    DetectParams,
+    ImageParams,
+    OCRParams,
+    PassthroughParams,
+    TextParams,
+    VADParams,
+)
 
 __all__ = [
     "REGISTRY",
     "Factory",
     "ProcessorSpec",
+    "asr",
     "cnn",
+    "detect",
     "lookup",
     "mfcc",
     "minilm",
+    "ocr",
     "passthrough",
     "register",
+    "vad",
 ]
 
 
-def _cap_opencv(params: ImageParams) -> None:
+def _cap_opencv(params: ImageParams | OCRParams | DetectParams) -> None:
     """OpenCV's own pixel cap follows the route's max_pixels (read once, when cv2 loads)."""
     cap_opencv_pixels(params.max_pixels)
 
@@ -46,4 +59,10 @@ minilm = ProcessorSpec(
 )
 passthrough = ProcessorSpec(
     "passthrough", None, PassthroughParams, "processors.passthrough:create", "byte count"
+)
+vad = ProcessorSpec("vad", "audio", VADParams, "processors.vad:create", "Silero VAD (ONNX)")
+asr = ProcessorSpec("asr", "audio", ASRParams, "processors.asr:create", "speech to text")
+ocr = ProcessorSpec("ocr", "image", OCRParams, "processors.ocr:create", "RapidOCR", before_import=_cap_opencv)
+detect = ProcessorSpec(
+    "detect", "image", DetectParams, "processors.detect:create", "COCO objects", before_import=_cap_opencv
 )

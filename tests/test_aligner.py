@@ -12,6 +12,7 @@ from engine.config.models import AlignerConfig
 from engine.contracts.errors import EventRejected
 from engine.contracts.records import FrameRecord
 from engine.contracts.types import ContentType, Features, FusedFrame, InputEvent
+from engine.contracts.vocabulary import FeatureVocabulary
 from processors.vocabulary import AUDIO
 
 MS = 1_000_000
@@ -303,3 +304,49 @@ def test_the_one_event_fast_path_fuses_exactly_like_the_general_one() -> None:
         many.done,
     )
     assert one.attachment == many.attachment and np.array_equal(one.embedding, many.embedding)
+
+
+# -- a window must never be lost to fusion ---------------------------------------------------
+
+
+def test_ragged_embeddings_fuse_the_first_size_and_count_the_others() -> None:
+    clock = Clock()
+    a = make(clock)
+    for eid, size in (("e1", 4), ("e2", 8), ("e3", 4)):
+        e = ev("evil", "text", T0 + int(eid[1]) * MS, eid)
+        a.admit(e)
+        a.complete("evil", eid, Features("text", embedding=np.ones(size, np.float32)))
+    push(a, ev("good", "text", T0 + 1 * MS, "g1"))
+    clock.now = T0 + 10_000 * MS  # both sources go quiet: their windows close in one poll
+    frames = {f.source: f for f in a.poll()}
+    assert set(frames) == {"evil", "good"}
+    text = frames["evil"].modalities["text"]
+    assert text.event_ids == ("e1", "e2", "e3")
+    assert text.summary["embedding_dim"] == 4 and text.summary["embeddings_left_out"] == 1
+    assert ids(frames["good"]) == {"text": ["g1"]}
+
+
+class _Broken(FeatureVocabulary):
+    def fuse(self, features: Any) -> Any:
+        raise ValueError("a processor's vocabulary cannot fuse its own features")
+
+
+def test_a_window_that_cannot_fuse_names_its_events_and_the_others_still_come_out() -> None:
+    clock = Clock()
+    a = make(clock)
+    for eid in ("b1", "b2"):
+        a.admit(ev("bad", "text", T0 + int(eid[1]) * MS, eid))
+        a.complete("bad", eid, Features("text", stats={"x": 1.0}, vocabulary=_Broken()))
+    push(a, ev("bad", "image", T0 + 3 * MS, "i1"))
+    push(a, ev("good", "text", T0 + 1 * MS, "g1"))
+    push(a, ev("bad", "text", T0 + 150 * MS, "later"))  # the next window of the same source
+    clock.now = T0 + 10_000 * MS
+    frames = a.poll()
+    by = {(f.source, f.start_ns): f for f in frames}
+    bad = by[("bad", T0)]
+    assert bad.modalities == {} and set(bad.skipped["fuse_error"]) == {"b1", "b2", "i1"}
+    assert FrameRecord.from_frame(bad).skipped == {"fuse_error": ["b1", "b2", "i1"]}
+    assert ids(by[("good", T0)]) == {"text": ["g1"]}
+    assert ids(by[("bad", T0 + 100 * MS)]) == {"text": ["later"]}
+    assert a.counts[("text", "fuse_error")] == 2 and a.counts[("image", "fuse_error")] == 1
+    assert a.open_windows == 0 and a.pending == 0

@@ -37,5 +37,7 @@ def test_e2e_config_is_the_routing_file_on_real_time_intake(tmp_path: Path) -> N
     cfg = parse_config(tomllib.loads(text), env={})
     assert cfg.nats.subject_prefix == "e2e" and cfg.glm.backend == "none"
     assert [r.processor for r in cfg.routes] == ["cnn", "mfcc", "minilm"]
+    assert [[a.processor for a in r.also] for r in cfg.routes] == [["ocr"], ["vad", "asr"], []]
+    assert cfg.routes[1].also[1].params["max_utterance_ms"] == 15000
     assert all(r.intake == "real_time" and r.max_staleness_ms == 1000 for r in cfg.routes)
     assert cfg.routes[0].batch.max_batch_size == 16  # the file's batching is kept

@@ -39,9 +39,11 @@ async def test_demo_runs_and_accounts_for_every_event(tmp_path: Path) -> None:
     )
     spans = tmp_path / "spans.jsonl"
     code, out, err = await run_cli(
-        "demo", "--seconds", "3", "--sources", "2", "--config", str(cfg), "--trace-file", str(spans)
-    )
+        "demo", "--seconds", "3", "--sources", "2", "--config", str(cfg), "--trace-file", str(spans),
+        "--monitor", "0",
+    )  # fmt: skip
     assert code == 0, err + out
+    assert "autoglm demo: monitor on http://127.0.0.1:" in out  # --monitor: the page beside it
     assert "autoglm demo summary (3 s, 2 source(s))" in out
     sent = next(line for line in out.splitlines() if "events published" in line)
     assert "image 180" in sent and "audio 60" in sent and "text 6" in sent
@@ -248,6 +250,9 @@ async def test_every_mistake_on_the_command_line_is_one_line_and_exit_code_2(tmp
         (("health", "--nats-url", dead, "--timeout", "nan"), "--timeout: must be a finite number"),
         (("demo", "--metrics-port", "70000"), "--metrics-port: must be 0..65535"),
         (("demo", "--metrics-port", "-1"), "--metrics-port: must be 0..65535"),
+        (("demo", "--monitor", "70000"), "--monitor: must be 0..65535"),
+        (("monitor", "--port", "-1"), "--port: must be 0..65535"),
+        (("monitor", "--secure"), "reader.env (start the engine with `autoglm run --secure`)"),
         (("demo", "--seconds", "nan"), "--seconds: must be a finite number"),
     ]
     slots = asyncio.Semaphore(4)

@@ -113,7 +113,7 @@ def test_toml_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(ROOT / "routing.toml")]) == 0
-    assert ": ok (image->cnn, audio->mfcc, text->minilm" in capsys.readouterr().out
+    assert ": ok (image->cnn+ocr, audio->mfcc+vad+asr, text->minilm" in capsys.readouterr().out
     bad = tmp_path / "r.toml"
     bad.write_text(
         '[[routes]]\nmodality = "text"\nprocessor = "minilm"\n[routes.batch]\nmax_wait_ms = -5\n'

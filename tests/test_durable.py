@@ -6,14 +6,19 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from engine.contracts.errors import TransportError
+from engine.contracts.plugins import ProcessorSpec
+from engine.contracts.types import Features, InputEvent, Modality
 from engine.runtime.engine import Engine
-from tests.conftest import eventually, make_config, send, spawn_engine, stats_when, stored
+from processors.params import PassthroughParams
+from tests.conftest import eventually, make_config, send, spawn_engine, stats_when, stored, until
 
 ROOT = Path(__file__).resolve().parent.parent
 MS = 1_000_000
@@ -284,3 +289,96 @@ async def test_a_stream_left_with_the_wrong_retention_refuses_the_start_and_says
     again = Engine(make_config(prefix, nats={"subject_prefix": prefix, "durable": True}))
     await again.start(nats_url)
     await again.stop()
+
+
+# -- a window that cannot fuse, a record that cannot be published -----------------------------
+
+
+class Ragged:
+    """A processor whose embedding size follows its input (a buggy or hostile plugin)."""
+
+    def __init__(self, modality: Modality) -> None:
+        self.modality = modality
+
+    def prepare(self, event: InputEvent) -> bytes:
+        return event.payload
+
+    def run(self, items: Sequence[bytes]) -> list[Features]:
+        return [Features(self.modality, embedding=np.ones(len(b), np.float32)) for b in items]
+
+
+def make_ragged(params: PassthroughParams, modality: Modality, device: str, dtype: str) -> Ragged:
+    return Ragged(modality)
+
+
+async def test_ragged_embeddings_in_one_window_lose_no_result_and_hold_no_input(
+    use_processor: Any, nats_url: str, nc: Any, prefix: str
+) -> None:
+    use_processor(ProcessorSpec("test-ragged", None, PassthroughParams, "tests.test_durable:make_ragged"))
+    batch = {"max_batch_size": 8, "max_wait_ms": 2}
+    cfg = make_config(
+        prefix,
+        nats={"durable": True},
+        routes=[{"modality": "text", "processor": "test-ragged", "batch": batch}],
+    )
+    engine = Engine(cfg)
+    await engine.start(nats_url)
+    try:
+        t = time.time_ns() - 5 * 10**9
+        t -= t % (100 * MS)  # one 100 ms window
+        await send(nc, prefix, "good", "text", b"abc", t + 1, event_id="g1")
+        await send(nc, prefix, "evil", "text", b"abcd", t + 2, event_id="e1")
+        await send(nc, prefix, "evil", "text", b"abcdefgh", t + 3, event_id="e2")  # another size, same window
+
+        async def both() -> dict[str, dict[str, Any]]:
+            records = {r["source"]: r for _, r in await stored_results(nc, prefix)}
+            return records if {"good", "evil"} <= set(records) else {}
+
+        records = await eventually(both, "the results of both sources")
+        assert records["good"]["events"] == {"text": ["g1"]}
+        assert records["evil"]["events"] == {"text": ["e1", "e2"]}
+        assert records["evil"]["features"]["text"]["embeddings_left_out"] == 1
+        intake = next(iter(engine.transport.intakes.values()))
+        await until(lambda: not intake.held, "every input acked")
+        assert engine.pipeline.stats.emit_errors == 0
+    finally:
+        await engine.stop()
+
+
+async def test_a_record_that_cannot_be_published_is_delivered_again_not_held_forever(
+    nats_url: str, nc: Any, prefix: str
+) -> None:
+    engine = Engine(make_config(prefix, nats={"durable": True, "ack_wait_s": 1.0}))
+    await engine.start(nats_url)
+    publish = engine.transport.publish
+    failed: list[str] = []
+
+    async def once_down(out: Any) -> None:
+        if out.kind == "result" and not failed:
+            failed.append(out.subject)
+            raise TransportError("the results stream is away")  # once: the next try is stored
+        await publish(out)
+
+    engine.transport.publish = once_down  # type: ignore[method-assign]
+    degraded: list[str] = []
+    degrade = engine.supervisor.degrade
+    engine.supervisor.degrade = lambda why: (degraded.append(why), degrade(why))[1]  # type: ignore[method-assign]
+    try:
+        await send(nc, prefix, "cam", "text", b"hi", time.time_ns() - 10**9, event_id="x1")
+
+        async def recorded() -> list[dict[str, Any]]:
+            return [r for _, r in await stored(nc, f"{prefix}.dlq.>") if r["event_id"] == "x1"]
+
+        # Delivered again into a window that was closed: it is too late now, and
+        # says so in the DLQ (a new result would need the window back).
+        [record] = await eventually(recorded, "a record of the input after its redelivery", 30)
+        assert record["reason"] == "too_late"
+        intake = next(iter(engine.transport.intakes.values()))
+        await until(lambda: not intake.held, "the input acked")
+        assert failed and engine.pipeline.stats.emit_errors == 1
+        # Health said so while nothing could be published, and no longer once a record was.
+        assert "publish_failing" in degraded and "publish_failing" not in engine.supervisor.report().get(
+            "degraded", {}
+        )
+    finally:
+        await engine.stop()

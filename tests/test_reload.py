@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -10,9 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.config.models import load_config, with_overrides
+from pydantic import BaseModel, ConfigDict
+
+from engine.config.models import RouteConfig, load_config, with_overrides
 from engine.contracts.plugins import ProcessorSpec
 from engine.contracts.types import Features, InputEvent, Modality
+from engine.runtime.build import build_route
 from engine.runtime.engine import Engine
 from engine.wire.codec import encode_headers
 from processors.params import PassthroughParams
@@ -248,3 +252,93 @@ def _now(check: Any) -> Any:
         return check()
 
     return poll
+
+
+# -- which loaded models a reload reuses -------------------------------------------------------
+
+
+class WeightedParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str
+
+
+class Weighted:
+    """A model whose features say which weights it loaded: ``w`` = their first byte."""
+
+    def __init__(self, params: WeightedParams, modality: Modality) -> None:
+        self.modality, self.weight_files = modality, [params.path]
+        self.first = float(Path(params.path).read_bytes()[0])
+
+    def prepare(self, event: InputEvent) -> bytes:
+        return event.payload
+
+    def run(self, items: Sequence[bytes]) -> list[Features]:
+        return [Features(self.modality, stats={"w": self.first}) for _ in items]
+
+
+def make_weighted(params: WeightedParams, modality: Modality, device: str, dtype: str) -> Weighted:
+    return Weighted(params, modality)
+
+
+WEIGHTED = ProcessorSpec("test-weighted", None, WeightedParams, "tests.test_reload:make_weighted")
+
+
+def _event(source: str = "cam") -> InputEvent:
+    return InputEvent(f"p.in.{source}.text", source, "text", 1, None, b"x", "e1")  # type: ignore[arg-type]
+
+
+def test_a_rebuilt_route_loads_new_weights_dropped_at_the_same_path(
+    use_processor: Any, tmp_path: Path
+) -> None:
+    use_processor(WEIGHTED)
+    w = tmp_path / "model.bin"
+    w.write_bytes(b"\x01" * 100)
+    rc = RouteConfig.model_validate(
+        {"modality": "text", "processor": "test-weighted", "params": {"path": str(w)}}
+    )
+    old = build_route(rc, "r")
+    same = build_route(rc, "r", loaded=old.variants)
+    assert same.variants[0].processor is old.variants[0].processor  # unchanged bytes: reused
+    w.write_bytes(b"\x02" * 100)  # a training job drops new weights in place
+    os.utime(w, ns=(1, 1))  # (whatever the mtime: the bytes decide)
+    new = build_route(rc, "r", loaded=old.variants)
+    assert new.variants[0].processor is not old.variants[0].processor
+    assert new.variants[0].model.version != old.variants[0].model.version
+    [f] = new.process([_event()])
+    assert isinstance(f, Features) and f.stats["w"] == 2.0
+
+
+def weighted_routing(prefix: str, path: Path, batch: int) -> str:
+    route = f'modality = "text"\nprocessor = "test-weighted"\nparams = {{ path = "{path}" }}\n'
+    return (
+        f'[nats]\nsubject_prefix = "{prefix}"\ndurable = false\n'
+        f'[[routes]]\nsubject = "{prefix}.in.a.text"\n{route}'
+        f'[[routes]]\nsubject = "{prefix}.in.b.text"\n{route}[routes.batch]\nmax_batch_size = {batch}\n'
+    )
+
+
+async def test_a_reload_reuses_a_model_only_in_its_own_route_and_reloads_new_weights(
+    nats_url: str, prefix: str, tmp_path: Path, use_processor: Any
+) -> None:
+    use_processor(WEIGHTED)
+    w = tmp_path / "model.bin"
+    w.write_bytes(b"\x01" * 100)
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(weighted_routing(prefix, w, 4))
+    engine = await started(cfg, nats_url)
+    try:
+        a, b = (r.variants[0].processor for r in engine.pipeline.routes)
+        cfg.write_text(weighted_routing(prefix, w, 8))  # route b changes, its model does not
+        report = await engine.reload()
+        assert report["ok"] and report["routes"] == {"kept": 1, "new": 1, "retired": 1}, report
+        a2, b2 = (r.variants[0].processor for r in engine.pipeline.routes)
+        assert a2 is a and b2 is b  # b's own model, not a's: two routes never share one
+        w.write_bytes(b"\x02" * 100)  # same file, same routing.toml: only the bytes are new
+        os.utime(w, ns=(1, 1))
+        report = await engine.reload()
+        assert report["ok"] and report["routes"]["kept"] == 0, report
+        for route in engine.pipeline.routes:
+            [f] = route.process([_event()])
+            assert isinstance(f, Features) and f.stats["w"] == 2.0
+    finally:
+        await engine.stop()

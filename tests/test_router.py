@@ -1,14 +1,19 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 
 from engine.config.models import RouteConfig
 from engine.contracts.errors import EventRejected, ProcessorError
+from engine.contracts.plugins import ProcessorSpec
 from engine.contracts.types import ContentType, Features, InputEvent
 from engine.pipeline.batcher import Batcher
-from engine.pipeline.router import RateLimiter, Route, Router, subject_matches
+from engine.pipeline.router import SHADOW_QUEUE, RateLimiter, Route, Router, subject_matches
+from engine.runtime.build import build_route
+from tests.test_variants import NAMES, SCALED, _events
 
 MS = 1_000_000
 
@@ -96,3 +101,84 @@ def test_rate_limiter_caps_by_event_time_and_tolerates_jitter() -> None:
     assert 295 <= kept <= 301
     # Sources are independent.
     assert lim60.allow("other", 0)
+
+
+# -- variants and shadows: one arm's trouble is its own ----------------------------------------
+
+
+def _ab(use_processor: Callable[[ProcessorSpec], None], *extra: dict[str, Any]) -> Route:
+    use_processor(SCALED)
+    rc = RouteConfig.model_validate({
+        "modality": "text", "processor": "test-scaled", "experiment": "e",
+        "variants": [{"name": "a", "params": {"factor": 1}}, {"name": "b", "params": {"factor": 2}}, *extra],
+    })  # fmt: skip
+    return build_route(rc, "r")
+
+
+class PluginAbort(BaseException):
+    """A plugin's own BaseException (not the process being stopped)."""
+
+
+def test_a_broken_variant_rejects_only_its_own_events(use_processor: Callable[[ProcessorSpec], None]) -> None:
+    route = _ab(use_processor)
+    by = {v.name: v for v in route.variants}
+    by["b"].processor.run = lambda items: []  # type: ignore[method-assign]  # too few features
+    events = _events(NAMES[:40])
+    outcomes = route.process(events)
+    for ev_, o in zip(events, outcomes, strict=True):
+        if route.variant_of(ev_.source).name == "a":
+            assert isinstance(o, Features) and o.stats["value"] == 1
+        else:
+            assert isinstance(o, EventRejected) and o.reason == "processor_error" and "'b'" in o.message
+    assert by["a"].events > 0 and by["a"].errors == 0 and by["b"].errors > 0
+
+
+def test_live_outcomes_never_wait_on_a_shadow(use_processor: Callable[[ProcessorSpec], None]) -> None:
+    route = _ab(use_processor, {"name": "s", "shadow": True, "params": {"factor": 3}})
+    shadow = route.variants[2]
+    gate = threading.Event()
+    run = shadow.processor.run
+
+    def held(items: Sequence[bytes]) -> list[Features]:
+        gate.wait(10)  # (inline, process() would return only after this gave up)
+        return run(items)
+
+    shadow.processor.run = held  # type: ignore[method-assign]
+    try:
+        outcomes = route.process(_events(NAMES[:4]))
+        assert all(isinstance(o, Features) for o in outcomes)
+        assert not route.shadows_done(0)  # the shadow is still held while the live results are out
+        for _ in range(SHADOW_QUEUE):  # one running, the queue fills, the last batch is dropped
+            route.process(_events(NAMES[:4]))
+        assert route.shadow_dropped == 1 and shadow.errors == 4
+    finally:
+        gate.set()
+    assert route.shadows_done(10)
+    assert shadow.events == shadow.compared == 4 * SHADOW_QUEUE
+    route.close()
+
+
+def test_a_plugins_baseexception_fails_neither_the_live_batch_nor_the_engine(
+    use_processor: Callable[[ProcessorSpec], None],
+) -> None:
+    route = _ab(use_processor, {"name": "s", "shadow": True})
+
+    def boom(items: Sequence[bytes]) -> list[Features]:
+        raise PluginAbort("shadow")
+
+    route.variants[2].processor.run = boom  # type: ignore[method-assign]
+    outcomes = route.process(_events(NAMES[:4]))
+    assert all(isinstance(o, Features) for o in outcomes)
+    assert route.shadows_done(10) and route.variants[2].errors == 4
+    # In a live arm it is that arm's processor_error, not an escape past every ``except Exception``.
+    route.variants[0].processor.run = boom  # type: ignore[method-assign]
+    route.variants[1].processor.prepare = lambda event: (_ for _ in ()).throw(PluginAbort("decode"))  # type: ignore[method-assign]
+    outcomes = route.process(_events(NAMES[:40]))
+    assert all(isinstance(o, EventRejected) for o in outcomes)
+    reasons = {(route.variant_of(n).name, o.reason) for n, o in zip(NAMES[:40], outcomes, strict=True)}  # type: ignore[union-attr]
+    assert reasons == {("a", "processor_error"), ("b", "decode_error")}
+    single = build_route(RouteConfig.model_validate({"modality": "text", "processor": "test-scaled"}), "one")
+    single.processor.run = boom  # type: ignore[method-assign]
+    with pytest.raises(ProcessorError, match="PluginAbort: shadow"):
+        single.process(_events(["cam"]))  # the driver rejects the batch as processor_error
+    route.close()

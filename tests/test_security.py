@@ -30,7 +30,7 @@ from engine.tools.publish import connect, sync_with_server
 from engine.transport.security import connect_kwargs, read_env_file, redact_url
 from engine.transport.streams import stream_names
 from engine.wire.claimcheck import OBJECT_REF, put_payload
-from tests.conftest import ROOT, Collector, collect, make_config, send
+from tests.conftest import ROOT, Collector, collect, eventually, make_config, send
 from tests.natsjwt import operator_setup
 from tests.test_claimcheck import rewrite_object
 
@@ -331,6 +331,45 @@ async def test_secure_producer_can_neither_read_nor_erase_objects(secure: Secure
     await reader.close()
 
 
+async def test_secure_monitor_reads_as_the_reader_on_loopback(secure: Secure) -> None:
+    """``autoglm monitor --secure`` finds the reader's credentials beside the
+    engine's data, asks ``$SRV.STATS`` and reads results; it serves on
+    loopback; the reader still may not reach an engine's endpoints."""
+    import httpx
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.tools.cli", "monitor", "--config", str(secure.config), "--secure",
+        "--port", "0",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert line.startswith("autoglm monitor: http://127.0.0.1:"), (line, await proc.stderr.read())
+        url = line.split()[2]
+        pub, _ = await as_user(secure, "producer")
+        async with httpx.AsyncClient(base_url=url) as http:
+
+            async def engine_and_card() -> bool:
+                await send(pub, secure.prefix, "cam-mon", "text", b"watched", time.time_ns())
+                state = (await http.get("/api/state")).json()
+                cards = {c["name"]: c for c in state["cards"]}
+                engines = [e["prefix"] for e in state["overview"]["engines"]]
+                return engines == [secure.prefix] and cards.get("cam-mon", {}).get("results", 0) > 0
+
+            await eventually(engine_and_card, "the engine's stats and a result on the secure monitor")
+            assert (await http.get("/frame/cam-mon")).status_code == 404  # the reader reads no inputs
+        await pub.close()
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    reader, refused = await as_user(secure, "reader")
+    endpoints = [f"{secure.prefix}.svc.config", f"{secure.prefix}.svc.reload.x", "$SRV.STATS"]
+    await attempt(reader, publish=endpoints)
+    assert refused.missing("publish", endpoints) == []
+    await reader.close()
+
+
 async def test_secure_reader_reads_results_and_nothing_else(secure: Secure) -> None:
     prefix, ins, outs = secure.prefix, secure.in_stream, secure.out_stream
     reader, refused = await as_user(secure, "reader")
@@ -562,3 +601,23 @@ async def test_a_password_in_the_nats_url_is_never_shown(tmp_path: Path) -> None
     finally:
         await asyncio.to_thread(server.stop)
     assert PASSWORD not in "".join(shown)
+
+
+async def test_secure_producer_and_reader_through_the_sdk(secure: Secure) -> None:
+    """The Producer as --secure's producer (no JetStream API: it finds the mode
+    by publishing) and Results as its reader (no stream lookup: it reads the
+    results stream by the engine's naming, through a durable of its own)."""
+    from engine.sources import Producer, Results
+
+    async with Producer(
+        secure.url, source="sdk-sec", prefix=secure.prefix, connect_opts=secure.login("producer")
+    ) as p:
+        eid = await p.text("from the sdk")
+    assert p.durable is True
+    reader = Results(
+        secure.url, sources=["sdk-sec"], prefix=secure.prefix, durable="sdk-reader",
+        from_start=True, connect_opts=secure.login("reader"),
+    )  # fmt: skip
+    async with reader:
+        record = await asyncio.wait_for(anext(aiter(reader)), 20)
+    assert record.source == "sdk-sec" and record.events == {"text": [eid]}  # type: ignore[union-attr]

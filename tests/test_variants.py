@@ -23,7 +23,7 @@ from engine.contracts.versions import config_version, identify, weights_version
 from engine.pipeline.variants import Assignment, Variant, point
 from engine.runtime.build import build_route
 from engine.runtime.engine import Engine
-from tests.conftest import ROOT, collect, make_config, send
+from tests.conftest import ROOT, collect, make_config, send, until
 from tests.test_metrics import scrape_when
 
 
@@ -90,6 +90,16 @@ def test_the_split_follows_the_weights_and_the_seed() -> None:
     assert 0.4 < changed / len(NAMES) < 0.6  # another experiment reshuffles, independently
 
 
+def test_weights_near_the_float_maximum_still_split_by_their_ratio() -> None:
+    def split(a: float, b: float) -> Counter[str]:
+        return Counter(Assignment("exp1", [variant("a", a), variant("b", b)]).of(n).name for n in NAMES)
+
+    huge = split(1e308, 1e308)
+    assert abs(huge["a"] / len(NAMES) - 0.5) < 0.02, huge  # their sum is inf: inf / inf was NaN, all to b
+    ratio = split(1.5e308, 0.5e308)
+    assert abs(ratio["a"] / len(NAMES) - 0.75) < 0.02, ratio
+
+
 def test_new_weights_move_only_the_sources_whose_bucket_changed() -> None:
     before = Assignment("exp1", [variant("a", 1), variant("b", 1)])  # a: [0, .5)
     after = Assignment("exp1", [variant("a", 2), variant("b", 3)])  # a: [0, .4)
@@ -109,6 +119,10 @@ def test_variant_config_is_checked() -> None:
         )
     with pytest.raises(ConfigError, match=r'routes\[0\].variants\[1\].processor = "nope": unknown processor'):
         make_config("x", routes=[{**ok, "variants": [{"name": "a"}, {"name": "b", "processor": "nope"}]}])
+    for bad, said in (("inf", "Infinity"), ("nan", "NaN")):
+        with pytest.raises(ConfigError, match=rf"routes\[0\].variants\[0\].weight = {said}: .*finite"):
+            variants = [{"name": "a", "weight": float(bad)}, {"name": "b"}]
+            make_config("x", routes=[{**ok, "variants": variants}])
     with pytest.raises(ConfigError, match=r"routes\[0\].variants\[0\].params.extra"):
         make_config("x", routes=[{**ok, "variants": [{"name": "a", "params": {"extra": 1}}]}])
 
@@ -145,6 +159,7 @@ def test_a_batch_runs_each_source_through_its_variant_and_shadows_beside_them(
     assert by["a"].events + by["b"].events == 300 and by["a"].errors == by["b"].errors == 0
     assert 0.15 < by["a"].events / 300 < 0.35
     shadow = by["s"]
+    assert route.shadows_done(10)  # shadows run after the live outcomes are out
     assert shadow.events == shadow.compared == 300
     # (-1, 1) against (1, 1) is orthogonal: distance 1; against (2, 1): 1 + 1/sqrt(10)
     expected = by["a"].events * 1.0 + by["b"].events * (1 + 1 / np.sqrt(10))
@@ -170,6 +185,7 @@ def test_a_failing_shadow_costs_the_live_events_nothing(
     route.variants[1].processor.run = boom  # type: ignore[method-assign]
     outcomes = route.process(_events(["a", "b"]))
     assert all(isinstance(o, Features) for o in outcomes)
+    assert route.shadows_done(10)
     assert route.variants[1].errors == 2 and route.variants[0].events == 2
 
 
@@ -220,12 +236,13 @@ async def test_results_and_metrics_name_the_variant_and_the_shadow_never_reaches
         versions = {v.name: v.model.version for v in live.variants}
 
         def done(m: Any) -> bool:
-            return sum(m.get(("autoglm_variant_events_total", lbl), 0) for lbl in labels.values()) == 30
+            live = sum(m.get(("autoglm_variant_events_total", labels[n]), 0) for n in ("a", "b"))
+            return live == 30 and m.get(("autoglm_variant_events_total", labels["s"]), 0) == 30
 
         labels = {
             n: (("model", "test-scaled"), ("processor", "test-scaled"), ("route", key[0]),
                 ("variant", n), ("version", versions[n]))
-            for n in ("a", "b")
+            for n in ("a", "b", "s")
         }  # fmt: skip
         m = await scrape_when(engine.metrics.port, done, "the variants' events")
     finally:
@@ -273,6 +290,7 @@ async def test_autoglm_models_and_ab_report_show_each_variant(
                 await send(nc, prefix, s, "text", b"hi", now + k, event_id=f"{s}-{k}")
         await out.wait_events({f"{s}-{k}" for s in sources for k in range(2)})
         live = engine.pipeline.routes[0]
+        await until(lambda: live.variants[2].events == 40, "the shadow's events")  # (run after the live ones)
         expected = Counter(live.variant_of(s).name for s in sources)
         cli = [sys.executable, "-m", "engine.tools.cli"]
         models, report = [
@@ -352,3 +370,31 @@ async def test_a_reload_to_new_weights_moves_only_the_sources_whose_bucket_chang
     moved = {s for s in sources if before[s] != after[s]}
     assert moved and all(before[s] == "a" and after[s] == "b" for s in moved)
     assert moved == {s for s in sources if 0.4 <= point("rl", s) < 0.5}
+
+
+def test_each_variant_runs_the_routes_also_processors_beside_its_own() -> None:
+    """``[[routes.also]]`` and ``variants`` together: every variant is an
+    ensemble of its own processor and the route's ``also`` ones, versioned
+    by its own (so the two arms differ by their params, not by the words)."""
+    from engine.config.models import RouteConfig
+    from engine.pipeline.ensemble import Ensemble
+    from engine.runtime.build import build_route
+
+    rc = RouteConfig.model_validate(
+        {
+            "modality": "audio",
+            "processor": "mfcc",
+            "device": "cpu",
+            "also": [{"processor": "vad"}],
+            "variants": [{"name": "a"}, {"name": "b", "params": {"n_mfcc": 20}}],
+        }
+    )
+    route = build_route(rc, "audio")
+    try:
+        a, b = route.variants
+        assert isinstance(a.processor, Ensemble) and isinstance(b.processor, Ensemble)
+        assert a.processor.names == b.processor.names == ("mfcc", "vad")
+        assert (a.model.processor, b.model.processor) == ("mfcc", "mfcc")
+        assert a.model.version != b.model.version and (a.model.variant, b.model.variant) == ("a", "b")
+    finally:
+        route.close()

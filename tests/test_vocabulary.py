@@ -193,8 +193,8 @@ def test_the_audio_vocabulary_names_its_frames_and_the_image_one_hides_the_hues(
     image = fuse_modality([slot("i", replace(everything(IMAGE), text=None))])  # text would be all it says
     words = prompt_values(frame(0, {"image": image}))
     said = str(words["image"])
-    assert "hue_red" not in said and "faces=2" in said
-    assert "hue_red" in AUDIO.describe(ModalityFusion((), (), {"count": 1, "hue_red": 0.5}))
+    assert "hue" not in said and "Faces: 2." in said  # words: the numbers stay in the summary
+    assert "hue_red" in DEFAULT_VOCABULARY.describe(ModalityFusion((), (), {"count": 1, "hue_red": 0.5}))
 
 
 def test_events_of_two_processors_in_one_window_are_fused_by_the_default_vocabulary() -> None:

@@ -24,6 +24,7 @@ pushes it out, or at shutdown. An event whose window is already sealed is
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from engine.config.models import AlignerConfig
 
 _MS = 1_000_000
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -456,12 +458,31 @@ class Aligner(AlignerBase[_Source]):
                 for ids in win.skipped.values():
                     for eid in ids:
                         src.ids.pop(eid, None)
-                frame = self._fuse(src, win, now)
+                frame = self._fuse_or_skip(src, win, now)
                 if frame is not None:
                     out.append(frame)
             if not src.windows and self._retired:
                 self._retired = [r for r in self._retired if r is not src]
         return out
+
+    def _fuse_or_skip(self, src: _Source, win: _Window, now: Nanos) -> FusedFrame | None:
+        """Fuse a window already taken out of its source; never lose it.
+
+        The window and its ids are gone once it is taken out, so a failure here
+        (features no vocabulary can fuse) must still end in a result: one that
+        names every event of it under ``skipped.fuse_error``, so durable inputs
+        are acked and the producer can tell, and later windows still come out.
+        """
+        try:
+            return self._fuse(src, win, now)
+        except Exception:
+            log.exception("window %s of source %r could not be fused", win.start, src.name)
+            failed = win.skipped.setdefault("fuse_error", [])
+            for slot in win.slots.values():
+                self._count(src, slot.modality, "fuse_error")
+                failed.append(slot.event_id)
+            win.slots = {}
+            return self._fuse(src, win, now)
 
     def _fuse(self, src: _Source, win: _Window, now: Nanos) -> FusedFrame | None:
         if not win.slots and not win.skipped:
@@ -480,7 +501,7 @@ class Aligner(AlignerBase[_Source]):
             by_mod = {}
         for mod, slots in by_mod.items():
             self._count(src, mod, "fused", len(slots))
-        fused = {m: fuse_modality(by_mod[m]) for m in MODALITIES if m in by_mod}
+        fused = {m: fuse_modality(by_mod[m], win.start) for m in MODALITIES if m in by_mod}
         return FusedFrame(
             source=src.name,
             start_ns=win.start,
@@ -495,14 +516,15 @@ class Aligner(AlignerBase[_Source]):
         )
 
 
-def fuse_modality(slots: Iterable[_Slot]) -> ModalityFusion:
-    """Aggregate one modality's features in a window (slots in time order).
+def fuse_modality(slots: Iterable[_Slot], start_ns: Nanos = 0) -> ModalityFusion:
+    """Aggregate one modality's features in a window (slots in time order)
+    that starts at ``start_ns``.
 
     What the summary holds is the features' vocabulary's business (their
     processor's); this adds ``count`` first and each event's ids and times.
     """
     items = [s for s in slots if s.features is not None]
-    return _fuse_one(items[0]) if len(items) == 1 else _fuse_many(items)
+    return _fuse_one(items[0], start_ns) if len(items) == 1 else _fuse_many(items, start_ns)
 
 
 def _vocabulary(feats: list[Features]) -> Vocabulary:
@@ -517,7 +539,7 @@ def _vocabulary(feats: list[Features]) -> Vocabulary:
     return DEFAULT_VOCABULARY if first is None else first
 
 
-def _fuse_many(items: list[_Slot]) -> ModalityFusion:
+def _fuse_many(items: list[_Slot], start_ns: Nanos = 0) -> ModalityFusion:
     feats = [s.features for s in items if s.features is not None]
     vocab = _vocabulary(feats)
     summary, embedding, attachment = vocab.fuse(feats)
@@ -533,10 +555,11 @@ def _fuse_many(items: list[_Slot]) -> ModalityFusion:
         traceparents=tuple(s.traceparent for s in items),
         vocabulary=vocab,
         model=feats[-1].model,
+        start_ns=start_ns,
     )
 
 
-def _fuse_one(slot: _Slot) -> ModalityFusion:
+def _fuse_one(slot: _Slot, start_ns: Nanos = 0) -> ModalityFusion:
     """:func:`fuse_modality` of a single event, without the list work: with
     short windows and many sources most windows hold one event per modality
     (benchmarks/RESULTS.md, bus). Same output as the general path."""
@@ -556,4 +579,5 @@ def _fuse_one(slot: _Slot) -> ModalityFusion:
         traceparents=(slot.traceparent,),
         vocabulary=vocab,
         model=f.model,
+        start_ns=start_ns,
     )

@@ -266,7 +266,9 @@ class NearestAligner(AlignerBase[_NSource]):
                 source=src.name,
                 start_ns=p.ts - self.slop_ns,
                 end_ns=p.ts + self.slop_ns,
-                modalities={m: fuse_modality([chosen[m]]) for m in MODALITIES if m in chosen},
+                modalities={
+                    m: fuse_modality([chosen[m]], p.ts - self.slop_ns) for m in MODALITIES if m in chosen
+                },
                 missing=missing,
                 traceparent=p.traceparent,
                 first_arrival_ns=min(s.arrived for s in chosen.values()),

@@ -115,13 +115,19 @@ def route_problems(raw_routes: object) -> list[str]:
     """Processor names and params checked against the registry, from the raw
     TOML so they are reported together with every other bad key. A variant's
     processor (its own, or the route's) and params (the route's, its own on
-    top) are checked the same way, under ``routes[i].variants[j]``."""
+    top) are checked the same way, under ``routes[i].variants[j]``; and the
+    ``[[routes.also]]`` processors of a route, under ``routes[i].also[j]``."""
     if not isinstance(raw_routes, list | tuple):
         return []
     problems: list[str] = []
     for i, route in enumerate(raw_routes):
         if not isinstance(route, Mapping):
             continue
+        also = route.get("also", [])
+        for j, extra in enumerate(also if isinstance(also, list | tuple) else []):
+            if isinstance(extra, Mapping):
+                alone = {"modality": route.get("modality"), **extra}  # its own params only
+                problems.extend(_processor_problems(alone, alone, ["routes", i, "also", j]))
         variants = route.get("variants")
         if not isinstance(variants, list | tuple) or not variants:
             problems.extend(_processor_problems(route, route, ["routes", i]))

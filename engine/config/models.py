@@ -86,7 +86,8 @@ class VariantConfig(Frozen):
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     #: Its share of the sources, relative to the other live variants' weights.
-    weight: float = Field(1.0, ge=0)
+    #: Finite: ``inf`` would make every share ``inf / inf``, NaN.
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False)
     #: Empty: the route's processor.
     processor: str = ""
     #: On top of the route's ``params``.
@@ -96,6 +97,14 @@ class VariantConfig(Frozen):
     #: Runs on every event of the route; its features are compared with the
     #: live ones and dropped, never fused or sent to the GLM.
     shadow: bool = False
+
+
+class AlsoConfig(Frozen):
+    """Another processor on a route's events (``[[routes.also]]``): its features
+    fuse beside the route processor's, in the same modality's summary."""
+
+    processor: str
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class RouteConfig(Frozen):
@@ -113,6 +122,8 @@ class RouteConfig(Frozen):
     #: Threads decoding the events of one batch in parallel.
     prepare_threads: int = Field(1, ge=1, le=64)
     params: dict[str, Any] = Field(default_factory=dict)
+    #: More processors on the same events, on the route's device and threads.
+    also: tuple[AlsoConfig, ...] = Field((), strict=False)
     batch: BatchConfig = BatchConfig()
     #: What happens when this route cannot keep up. ``complete``: nothing is
     #: skipped; intake waits for room in the batch queue, so the backlog stays
@@ -211,9 +222,10 @@ class GLMConfig(Frozen):
     trigger: Literal["every", "on_change"] = "every"
     change_threshold: float = Field(0.3, ge=0, le=1)
     max_interval_ms: int = Field(10_000, gt=0)
+    #: ``{scene}``: what was seen and heard, in words (processors say how
+    #: theirs read); ``{image}``/``{audio}``: one modality's words; ``{text}``: the messages.
     template: str = (
-        "Source {source}, window {start} to {end}.\n"
-        "Image: {image}\nAudio: {audio}\nText: {text}\nMissing: {missing}\n"
+        "Source {source}, one window.\n{scene}\nMessages: {text}\nMissing: {missing}\n"
         "Earlier: {history}\nDescribe what is happening."
     )
 

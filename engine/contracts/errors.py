@@ -113,3 +113,9 @@ class ServerStartError(TransportError):
 
 class GLMError(AutoGLMError):
     """The GLM backend failed (timeout, HTTP error, model error)."""
+
+
+class SourceError(AutoGLMError):
+    """A media or text input could not be opened or read: a missing or
+    unreadable file, an unreachable stream, a format or codec FFmpeg cannot
+    decode. The message is one line that names the input."""

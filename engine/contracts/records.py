@@ -35,7 +35,7 @@ from engine.contracts.errors import REASONS
 from engine.contracts.types import FusedFrame, Modality
 
 #: Why an event of a window was counted but not fused.
-SkipReason: TypeAlias = Literal["rate_limited", "stale", "missing_dropped", "unmatched"]
+SkipReason: TypeAlias = Literal["rate_limited", "stale", "missing_dropped", "unmatched", "fuse_error"]
 #: Why a frame was published without a model call.
 GlmSkip: TypeAlias = Literal["no_change", "glm_overloaded", "breaker_open", "shutdown"]
 #: The configured GLM backend (``glm.backend``).

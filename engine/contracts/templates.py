@@ -10,7 +10,9 @@ from __future__ import annotations
 import string
 
 #: Variables a routing.toml template may use.
-TEMPLATE_VARIABLES = frozenset({"source", "start", "end", "image", "audio", "text", "missing", "history"})
+TEMPLATE_VARIABLES = frozenset(
+    {"source", "start", "end", "image", "audio", "text", "scene", "missing", "history"}
+)
 
 
 def template_fields(template: str) -> list[str]:

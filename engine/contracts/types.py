@@ -117,6 +117,10 @@ class Features:
     vocabulary: Vocabulary | None = field(default=None, compare=False)
     #: The model that made them; the route sets it (processors need not).
     model: ModelVersion | None = field(default=None, compare=False)
+    #: A route running several processors on one event: each one's features,
+    #: the route's own processor first (whose fields are also the ones above);
+    #: their vocabulary is an :class:`engine.contracts.vocabulary.Ensemble`.
+    parts: tuple[Features, ...] = ()
 
 
 class FusedFeatures(NamedTuple):
@@ -153,6 +157,9 @@ class ModalityFusion:
     vocabulary: Vocabulary | None = field(default=None, compare=False)
     #: The model of its newest event (``None``: not known, a frame built by hand).
     model: ModelVersion | None = field(default=None, compare=False)
+    #: The start of the window it was fused in: a vocabulary that speaks of
+    #: times (when an utterance was heard) says them from there.
+    start_ns: Nanos = 0
 
 
 @dataclass(frozen=True, slots=True)

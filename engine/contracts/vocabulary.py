@@ -102,17 +102,24 @@ class FeatureVocabulary:
         summary: dict[str, object] = {}
         embedding = None
         vecs = [f.embedding for f in feats if f.embedding is not None]
-        if len(vecs) == 1:
-            embedding = vecs[0]
-        elif vecs:
-            embedding = np.mean(np.stack(vecs), axis=0).astype(np.float32)
+        # A processor whose embedding size varies (a bug, or a hostile plugin) must
+        # not make the window unfusable: the first event's size wins, the others
+        # are left out of the mean and counted.
+        same = [v for v in vecs if v.shape == vecs[0].shape] if vecs else []
+        if len(same) == 1:
+            embedding = same[0]
+        elif same:
+            embedding = np.mean(np.stack(same), axis=0).astype(np.float32)
         if embedding is not None:
             summary["embedding_dim"] = int(embedding.shape[0])
             summary["embedding_norm"] = rounded(float(np.linalg.norm(embedding)))
+        if len(same) < len(vecs):
+            summary["embeddings_left_out"] = len(vecs) - len(same)
         for key in sorted({k for f in feats for k in f.stats}):
             vals = [f.stats[key] for f in feats if key in f.stats]
             summary[key] = rounded(sum(vals) / len(vals))  # plain Python: numpy costs more on a few values
         mats = [f.frames for f in feats if f.frames is not None and f.frames.size]
+        mats = [m for m in mats if m.ndim == 2 and m.shape[0] == mats[0].shape[0]]  # rows must agree
         if mats:
             allf = np.concatenate(mats, axis=1)  # (rows, sum of T)
             summary[self.frames[0]] = [rounded(v) for v in allf.mean(axis=1)]
@@ -182,3 +189,45 @@ DEFAULT_VOCABULARY: Vocabulary = FeatureVocabulary()
 def vocabulary_of(item: Features | ModalityFusion) -> Vocabulary:
     """The vocabulary ``item`` carries, or the default one."""
     return DEFAULT_VOCABULARY if item.vocabulary is None else item.vocabulary
+
+
+@dataclass(frozen=True, slots=True)
+class Ensemble:
+    """The reading of features from a route that runs several processors on
+    one event (``[[routes.also]]``): each event's :attr:`Features.parts` hold
+    one processor's features each, ``vocabularies`` their readings, in order.
+
+    - fuse: each processor's parts fused by its own vocabulary; the summaries
+      are merged into one, in processor order (on a key two of them use, the
+      first one's value stays: processors name their keys apart), the
+      embedding and attachment are the first processor's;
+    - describe: each vocabulary's words on the merged fusion, joined (each
+      reads its own keys);
+    - change: the largest of theirs.
+    """
+
+    vocabularies: tuple[Vocabulary | None, ...]
+
+    def _each(self) -> list[Vocabulary]:
+        return [DEFAULT_VOCABULARY if v is None else v for v in self.vocabularies]
+
+    def fuse(self, features: Sequence[Features]) -> FusedFeatures:
+        summary: dict[str, object] = {}
+        embedding: FloatArray | None = None
+        attachment: bytes | None = None
+        for i, vocabulary in enumerate(self._each()):
+            parts = [f.parts[i] for f in features if len(f.parts) > i]
+            if not parts:
+                continue
+            fused = vocabulary.fuse(parts)
+            if i == 0:
+                embedding, attachment = fused.embedding, fused.attachment
+            for key, value in fused.summary.items():
+                summary.setdefault(key, value)
+        return FusedFeatures(summary, embedding, attachment)
+
+    def describe(self, fusion: ModalityFusion) -> str:
+        return " ".join(words for v in self._each() if (words := v.describe(fusion)))
+
+    def change(self, before: ModalityFusion | None, now: ModalityFusion | None) -> float:
+        return max(v.change(before, now) for v in self._each())

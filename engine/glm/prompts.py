@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from engine.contracts.errors import ConfigError
 from engine.contracts.templates import template_fields
-from engine.contracts.types import FusedFrame, ModalityFusion, Nanos
+from engine.contracts.types import MODALITIES, FusedFrame, ModalityFusion, Nanos
 from engine.contracts.vocabulary import vocabulary_of
 
 
@@ -82,14 +82,20 @@ class History:
 
 
 def prompt_values(frame: FusedFrame, history: str = "none") -> dict[str, object]:
-    """The template variables for one fused frame."""
+    """The template variables for one fused frame. ``scene`` is what was seen
+    and heard, in one paragraph: the image and audio words (the built-in
+    processors say them as sentences, numbers left to the JSON result);
+    ``text`` stays the messages themselves."""
+    words = {m: describe(frame.modalities.get(m)) for m in MODALITIES}
+    scene = " ".join(w for m, w in words.items() if m != "text" and m in frame.modalities and w)
     return {
         "source": frame.source,
         "start": frame.start_ns,
         "end": frame.end_ns,
-        "image": describe(frame.modalities.get("image")),
-        "audio": describe(frame.modalities.get("audio")),
-        "text": describe(frame.modalities.get("text")),
+        "image": words["image"],
+        "audio": words["audio"],
+        "text": words["text"],
+        "scene": scene or "Nothing recognisable.",
         "missing": ", ".join(frame.missing) or "nothing",
         "history": history,
     }

@@ -413,6 +413,11 @@ class Pipeline:
             return None
         return None if verdict.send else verdict
 
+    def give_up(self, frame: FusedFrame) -> tuple[str, ...]:
+        """The deliveries of ``frame``'s events, forgotten: its result cannot be
+        made (the caller gives them back to be delivered again)."""
+        return tuple(d for eid in event_ids(frame) for d in self._deliveries.pop((frame.source, eid), ()))
+
     def result(self, frame: FusedFrame, glm: dict[str, Any]) -> Publish:
         """The finished result of ``frame``: ``glm`` is the GLM stage's part
         (``prompt``, ``answer``, ``glm``); the latencies are added here."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
@@ -9,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.contracts.errors import EventRejected
+from engine.contracts.errors import EventRejected, ProcessorError
 from engine.contracts.types import Features, InputEvent, ModelVersion, Nanos, Processor
 from engine.pipeline.batcher import Batcher, check_outputs
 from engine.pipeline.variants import Assignment, Variant, cosine_distance
@@ -18,6 +20,18 @@ if TYPE_CHECKING:
     from engine.config.models import RouteConfig
 
 Outcome = Features | EventRejected
+
+log = logging.getLogger(__name__)
+
+#: Shadow batches queued or running per route; past it a shadow batch is
+#: dropped (and counted), so a slow shadow never builds up a backlog.
+SHADOW_QUEUE = 8
+
+
+def _plugin_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a plugin's failure to be contained, not the process
+    being stopped (Ctrl-C, ``sys.exit``) or the interpreter (``GeneratorExit``)."""
+    return not isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit)
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -91,10 +105,26 @@ class Route:
             self.prepare_pool = ThreadPoolExecutor(
                 self.config.prepare_threads, thread_name_prefix=f"autoglm-prepare-{self.name}"
             )
+        #: Shadows run here, after the live outcomes are handed back: a slow or
+        #: hanging shadow costs the live events nothing (one thread per route,
+        #: at most ``SHADOW_QUEUE`` batches waiting, the rest dropped).
+        self._shadow_pool: ThreadPoolExecutor | None = None
+        self._shadow_lock = threading.Lock()
+        self._shadow_queued = 0
+        self._shadows_idle = threading.Event()
+        self._shadows_idle.set()
+        #: Shadow batches dropped because the queue was full.
+        self.shadow_dropped = 0
 
     def close(self) -> None:
         if self.prepare_pool is not None:
             self.prepare_pool.shutdown(wait=True)
+        if self._shadow_pool is not None:  # a hung shadow must not hold up a reload or a stop
+            self._shadow_pool.shutdown(wait=False, cancel_futures=True)
+
+    def shadows_done(self, timeout: float | None = None) -> bool:
+        """Wait until no shadow batch is queued or running; whether none is."""
+        return self._shadows_idle.wait(timeout)
 
     def matches(self, event: InputEvent) -> bool:
         if event.modality != self.config.modality:
@@ -111,8 +141,10 @@ class Route:
         A bad event becomes its own :class:`EventRejected`; the rest of the
         batch still runs. If ``run`` itself fails the exception propagates
         and the caller rejects the whole batch with ``processor_error``.
-        With variants the batch runs as one sub-batch per variant; shadows
-        then run on all of it (:meth:`_shadow`).
+        With variants the batch runs as one sub-batch per variant, and a
+        variant that fails rejects only its own events: the other variant's
+        are not its business. Shadows then run on all of it, on their own
+        thread once this has returned (:meth:`_shadow`).
         """
         if self.assignment is None:
             out = self._run(self._only, events)
@@ -123,11 +155,54 @@ class Route:
                 groups.setdefault(id(v), (v, []))[1].append(i)
             out = [None] * len(events)  # type: ignore[list-item]
             for v, index in groups.values():
-                for i, o in zip(index, self._run(v, [events[i] for i in index]), strict=True):
+                for i, o in zip(index, self._run_variant(v, [events[i] for i in index]), strict=True):
                     out[i] = o
-        for shadow in self.shadows:
-            self._shadow(shadow, events, out)
+        if self.shadows:
+            self._queue_shadows(events, out)
         return out
+
+    def _run_variant(self, variant: Variant, events: Sequence[InputEvent]) -> list[Outcome]:
+        """One variant's sub-batch; its failure rejects its events only."""
+        try:
+            return self._run(variant, events)
+        except BaseException as exc:
+            if not _plugin_failure(exc):
+                raise
+            log.error(
+                "variant %r of route %s failed on %d events: %s",
+                variant.name, self.name, len(events), exc, exc_info=exc,
+            )  # fmt: skip
+            why = f"variant {variant.name!r}: {type(exc).__name__}: {exc}"
+            return [EventRejected("processor_error", why) for _ in events]
+
+    def _queue_shadows(self, events: Sequence[InputEvent], live: Sequence[Outcome]) -> None:
+        with self._shadow_lock:
+            if self._shadow_queued >= SHADOW_QUEUE:
+                self.shadow_dropped += 1
+                for shadow in self.shadows:  # not run: counted as errors, never compared
+                    shadow.count(0, len(events), 0.0)
+                return
+            self._shadow_queued += 1
+            self._shadows_idle.clear()
+            if self._shadow_pool is None:
+                self._shadow_pool = ThreadPoolExecutor(1, thread_name_prefix=f"autoglm-shadow-{self.name}")
+        try:
+            self._shadow_pool.submit(self._run_shadows, list(events), list(live))
+        except RuntimeError:  # closed meanwhile (the route was retired): nothing to compare with
+            self._shadow_finished()
+
+    def _run_shadows(self, events: Sequence[InputEvent], live: Sequence[Outcome]) -> None:
+        try:
+            for shadow in self.shadows:
+                self._shadow(shadow, events, live)
+        finally:
+            self._shadow_finished()
+
+    def _shadow_finished(self) -> None:
+        with self._shadow_lock:
+            self._shadow_queued -= 1
+            if self._shadow_queued == 0:
+                self._shadows_idle.set()
 
     def _run(self, variant: Variant, events: Sequence[InputEvent]) -> list[Outcome]:
         processor = variant.processor
@@ -150,9 +225,13 @@ class Route:
             try:
                 feats = processor.run(ready)
                 check_outputs(ready, feats, f"processor {variant.model.processor!r}")
-            except BaseException:
+            except BaseException as exc:
                 variant.count(0, len(events), time.perf_counter() - t0)
-                raise
+                if isinstance(exc, Exception) or not _plugin_failure(exc):
+                    raise
+                # A plugin's own BaseException would slip past every ``except
+                # Exception`` up to the driver and strand the batch's events.
+                raise ProcessorError(f"{type(exc).__name__}: {exc}") from exc
             model = variant.model
             for i, f in zip(index, feats, strict=True):
                 # The features were just made here and nobody else holds them yet:
@@ -174,7 +253,9 @@ class Route:
             pairs = [(p, o) for p, o in pairs if not isinstance(p, EventRejected)]
             feats = shadow.processor.run([p for p, _ in pairs]) if pairs else []
             check_outputs(pairs, feats, f"shadow {shadow.name!r}")
-        except Exception:
+        except BaseException as exc:  # a plugin's own BaseException too: the shadow's, not ours
+            if not _plugin_failure(exc):
+                raise
             shadow.count(0, len(events), time.perf_counter() - t0)
             return
         compared, distance = 0, 0.0
@@ -190,7 +271,9 @@ class Route:
             return processor.prepare(event)
         except EventRejected as exc:
             return exc
-        except Exception as exc:  # a decoder bug must not sink the batch
+        except BaseException as exc:  # a decoder bug (or a plugin's BaseException) must not sink the batch
+            if not _plugin_failure(exc):
+                raise
             return EventRejected("decode_error", f"{type(exc).__name__}: {exc}")
 
 

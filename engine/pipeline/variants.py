@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from engine.contracts.types import Features, ModelVersion, Processor
+from engine.contracts.versions import weights_version
 from engine.observe.snapshot import VariantState
 
 #: Sources whose assignment is remembered (a hash per new source beyond it).
@@ -74,6 +75,14 @@ class Variant:
             self.compared += compared
             self.distance += distance
 
+    def weights_changed(self) -> bool:
+        """Its weight files no longer hold the bytes it was loaded from (new
+        weights dropped in place: same path, same config). Digests are cached
+        while a file's size and mtime hold, so an unchanged model costs a stat.
+        Raises :class:`ConfigError` when a file cannot be read."""
+        files = getattr(self.processor, "weight_files", None) or ()
+        return bool(files) and weights_version(list(files)) != self.model.version
+
     def state(self) -> VariantState:
         """A copy for observers (the counters are written by worker threads)."""
         m = self.model
@@ -93,10 +102,15 @@ class Assignment:
     _seen: dict[str, Variant] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        total = sum(v.weight for v in self.live)
+        # Scaled by the largest first: weights near the float maximum must not
+        # sum to inf (inf / inf is NaN, and NaN bounds would send every source
+        # to the last variant).
+        top = max((v.weight for v in self.live), default=0.0)
+        scaled = [v.weight / top if 0 < top < math.inf else 1.0 for v in self.live]
+        total = sum(scaled)
         running = 0.0
-        for v in self.live:
-            running += v.weight / total
+        for w in scaled:
+            running += w / total
             self._bounds.append(running)
         self._bounds[-1] = math.inf  # rounding never leaves a point past the last span
 

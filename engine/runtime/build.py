@@ -35,6 +35,7 @@ from engine.glm.stage import GLMStage, Publish
 from engine.glm.trigger import ChangeTrigger
 from engine.observe.tracing import Tracing
 from engine.pipeline.batcher import Batcher
+from engine.pipeline.ensemble import Ensemble
 from engine.pipeline.router import Route
 from engine.pipeline.variants import Variant
 from engine.runtime.memorykv import KVStateStore
@@ -65,11 +66,15 @@ def build_batcher(cfg: BatchConfig) -> Batcher[Any]:
 def build_route(rc: RouteConfig, name: str, loaded: Sequence[Variant] = ()) -> Route:
     """The route's processors (loaded by name from the registry, one per A/B
     variant), each versioned once here, and its batcher. A model in ``loaded``
-    (a running route's, on a reload) with the same processor, params, device
-    and dtype is reused, not loaded again: new weights or a new variant beside
-    it cost no reload of the others."""
+    (the same route's, on a reload) with the same processor, params, device,
+    dtype and weight files' bytes is reused, not loaded again: new weights or
+    a new variant beside it cost no reload of the others. Each loaded model is
+    reused at most once, so two variants never share one instance."""
     vcs: Sequence[VariantConfig | None] = rc.variants or [None]
-    variants = [build_variant(rc, v, loaded) for v in vcs]
+    variants: list[Variant] = []
+    for vc in vcs:
+        taken = {id(v.processor) for v in variants}
+        variants.append(build_variant(rc, vc, [v for v in loaded if id(v.processor) not in taken]))
     first = next(v for v in variants if not v.shadow and v.weight > 0)
     return Route(
         name=name, config=rc, processor=first.processor, batcher=build_batcher(rc.batch), variants=variants
@@ -78,16 +83,20 @@ def build_route(rc: RouteConfig, name: str, loaded: Sequence[Variant] = ()) -> R
 
 def build_variant(rc: RouteConfig, vc: VariantConfig | None, loaded: Sequence[Variant] = ()) -> Variant:
     """One processor of a route: the route's own, or a variant's (its processor,
-    params on top of the route's, dtype), with its :class:`ModelVersion`."""
+    params on top of the route's, dtype), with its :class:`ModelVersion`; the
+    route's ``also`` processors run beside it (an :class:`Ensemble`)."""
     processor_name = (vc.processor if vc is not None else "") or rc.processor
     dtype = (vc.dtype if vc is not None else "") or rc.dtype
     params = {**rc.params, **(vc.params if vc is not None else {})}
     spec = lookup(processor_name)
     validated = spec.params.model_validate(params).model_dump(mode="json")
-    key = json.dumps([processor_name, validated, rc.modality, rc.device, dtype], sort_keys=True, default=str)
+    also = [a.model_dump(mode="json") for a in rc.also]
+    key = json.dumps(
+        [processor_name, validated, rc.modality, rc.device, dtype, also], sort_keys=True, default=str
+    )
     name = vc.name if vc is not None else ""
     weight, shadow = (vc.weight, vc.shadow) if vc is not None else (1.0, False)
-    same = next((v for v in loaded if v.key == key), None)
+    same = next((v for v in loaded if v.key == key and not v.weights_changed()), None)
     if same is not None:
         model = replace(same.model, variant=name)
         return Variant(
@@ -95,6 +104,11 @@ def build_variant(rc: RouteConfig, vc: VariantConfig | None, loaded: Sequence[Va
         )
     t0 = time.perf_counter()
     processor = spec.create(params, rc.modality, rc.device, dtype)
+    if rc.also:  # words beside the features: one Ensemble processor, versioned by its first member
+        members = [processor] + [
+            lookup(a.processor).create(a.params, rc.modality, rc.device, dtype) for a in rc.also
+        ]
+        processor = Ensemble(members, [processor_name, *(a.processor for a in rc.also)])
     load_s = time.perf_counter() - t0
     model = identify(processor_name, processor, validated, name)
     device = str(getattr(processor, "device", rc.device))

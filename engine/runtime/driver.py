@@ -69,6 +69,8 @@ class Driver:
         self._kick = asyncio.Event()
         self._room = asyncio.Event()
         self._idle = asyncio.Event()
+        #: A record could not be published, and none has been since (health: degraded).
+        self._publish_failing = False
         self._idle.set()
         self._pump: asyncio.Task[None] | None = None
         self._stopping = False
@@ -294,22 +296,55 @@ class Driver:
     # -- output ---------------------------------------------------------------------
 
     async def emit(self, outputs: list[Output]) -> None:
+        """Each output on its own: one that fails (counted, logged) must not take
+        the others of its poll with it, and the deliveries of a record that could
+        not be published are given back, to be delivered again, not held forever."""
         for out in outputs:
-            if isinstance(out, Ask):
-                if self.memory is not None and out.skip is None and self.pipeline.trigger is not None:
-                    self.memory.changed(out.frame.source)  # the trigger's new reference
-                # The stage fills in prompt, answer and glm (see :meth:`answered`).
-                await self.glm.submit(out.frame, {}, out.skip)
-            elif isinstance(out, Finish):
-                await self.transport.finish(out)
-            else:
-                await self.publish(out)
+            try:
+                await self._emit_one(out)
+            except Exception:
+                self.pipeline.stats.emit_errors += 1
+                log.exception("publishing a %s failed", type(out).__name__)
+                self.transport.give_back(
+                    self.pipeline.give_up(out.frame) if isinstance(out, Ask) else out.acks
+                )
+
+    async def _emit_one(self, out: Output) -> None:
+        if isinstance(out, Ask):
+            if self.memory is not None and out.skip is None and self.pipeline.trigger is not None:
+                self.memory.changed(out.frame.source)  # the trigger's new reference
+            # The stage fills in prompt, answer and glm (see :meth:`answered`).
+            await self.glm.submit(out.frame, {}, out.skip)
+        elif isinstance(out, Finish):
+            await self.transport.finish(out)
+        else:
+            await self.publish(out)
 
     async def publish(self, out: Publish) -> None:
         t0 = time.perf_counter()
-        await self.transport.publish(out)
+        try:
+            await self.transport.publish(out)
+        except Exception:
+            # Held, its inputs would be heartbeated forever: given back, they
+            # are delivered again (the GLM stage's answers come this way too).
+            self.transport.give_back(out.acks)
+            self._publishing(ok=False)
+            raise
+        self._publishing(ok=True)
         if out.kind == "result":
             self.pipeline.stats.observe("publish", time.perf_counter() - t0)
+
+    def _publishing(self, *, ok: bool) -> None:
+        """Health says ``degraded: publish_failing`` from a record that could not
+        be published until the next one that could: an engine that drops what
+        it makes must not answer "ok"."""
+        if ok == (not self._publish_failing):
+            return
+        self._publish_failing = not ok
+        if ok:
+            self.supervisor.recover("publish_failing")
+        else:
+            self.supervisor.degrade("publish_failing")
 
     async def answered(self, frame: FusedFrame, record: dict[str, Any]) -> None:
         """The GLM stage's publish callback: the frame's finished result."""

@@ -431,12 +431,14 @@ class Engine:
         async with self.reload_lock:
             try:
                 new = await reloading.read(self.config_path, self.overrides)
-                loaded = [v for r in self.pipeline.routes for v in r.variants]  # reused when unchanged
+                # Reused when unchanged, within its own route only: two routes never
+                # share one model instance (nor does retiring one free the other's).
+                loaded = {r.name: r.variants for r in self.pipeline.routes}
                 change = await reloading.prepare(
                     self.config,
                     self.pipeline.routes,
                     new,
-                    lambda cfg, i: build_route(cfg.routes[i], f"routes[{i}]", loaded),
+                    lambda cfg, i: build_route(cfg.routes[i], f"routes[{i}]", loaded.get(f"routes[{i}]", ())),
                     lambda cfg: build_glm_stage(cfg.glm, self._answered),
                 )
             except ConfigError as exc:

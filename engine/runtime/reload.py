@@ -84,7 +84,12 @@ async def prepare(
     A build failure refuses the reload (raised) and frees what was built."""
     live, restart = plan(old, new)
     kept: list[Route] = []
-    reusable = list(zip(old.routes, running, strict=True))
+    # A route whose config is unchanged is kept, unless new weights were dropped
+    # in place at its weight files' paths (hashed off the event loop).
+    fresh = await asyncio.to_thread(
+        lambda: [r for r in running if not any(v.weights_changed() for v in r.variants)]
+    )
+    reusable = [(c, r) for c, r in zip(old.routes, running, strict=True) if any(r is f for f in fresh)]
     slots: list[Route | int] = []
     for i, rc in enumerate(new.routes):
         match = next((r for c, r in reusable if c == rc and all(r is not k for k in kept)), None)

@@ -1,4 +1,4 @@
-"""``autoglm``: run, publish, status, reload, replay, health, validate, plugins, models, ab and the demo.
+"""``autoglm``: run, publish, tail, status, reload, replay, health, validate, plugins, models, ab, demo.
 
 A mistake on the command line or in a file it names (a flag out of range, a
 missing file, an invalid routing file) ends with one line on stderr,
@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -268,6 +268,10 @@ async def _publish(args: argparse.Namespace) -> int:
     nats = _client_nats(args)
     if not nats.url:
         raise ConfigError([f"no NATS url: pass --nats-url or set {NATS_URL_ENV}"])
+    streaming = args.video or args.audio or args.text_file or args.text == "-"
+    _check_stream_flags(args, bool(streaming))
+    if streaming:
+        return await _publish_stream(args, nats)
     sent = await publish_file(
         nats.url,
         args.source,
@@ -275,15 +279,89 @@ async def _publish(args: argparse.Namespace) -> int:
         claim_check=args.claim_check,
         bucket=nats.object_bucket,
         image=args.image,
-        audio=args.audio,
         text=args.text,
         prefix=args.prefix or nats.subject_prefix,
-        chunk_ms=args.chunk_ms,
         event_id=args.id,
         wait=args.wait,
         traceparent=args.traceparent,
     )
     return 0 if sent else 1
+
+
+def _check_stream_flags(args: argparse.Namespace, streaming: bool) -> None:
+    """Flags that mean nothing with what was chosen: refused, not ignored."""
+    problems = []
+    if streaming and args.wait:
+        problems.append("--wait is for --image and --text; follow a stream's results with autoglm tail")
+    if args.with_audio and not args.video:
+        problems.append("--with-audio needs --video (the audio track of the same input)")
+    if args.follow and not args.text_file:
+        problems.append("--follow needs --text-file")
+    if args.loop and not (args.video or args.audio):
+        problems.append("--loop needs --video or --audio (a file)")
+    if problems:
+        raise ConfigError(problems)
+
+
+async def _publish_stream(args: argparse.Namespace, nats: NatsConfig) -> int:
+    from engine.sources.producer import Producer
+    from engine.sources.reader import MediaOptions
+    from engine.tools.stream import publish_stream
+    from engine.transport.security import connect_kwargs
+
+    media = MediaOptions(
+        audio=args.with_audio,
+        fps=args.fps,
+        quality=None if args.raw else args.quality,
+        chunk_ms=args.chunk_ms,
+        loop=args.loop,
+        realtime=not args.as_fast_as_possible,
+        timeout=args.timeout,
+        input_format=args.input_format,
+    )
+    async with Producer(
+        nats.url or "",
+        source=args.source,
+        prefix=args.prefix or nats.subject_prefix,
+        connect_opts=connect_kwargs(nats),
+        id_prefix=args.id,
+        traceparent=args.traceparent,
+        claim_check=args.claim_check,
+        bucket=nats.object_bucket,
+    ) as producer:
+        await publish_stream(
+            producer,
+            video=args.video,
+            audio=args.audio,
+            text_file="-" if args.text == "-" else args.text_file,
+            follow=args.follow,
+            media=media,
+        )
+    return 0
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    from engine.sources.results import Results
+    from engine.tools.tail import tail
+    from engine.transport.security import connect_kwargs
+    from engine.transport.streams import stream_names
+
+    nats = _client_nats(args)
+    if not nats.url:
+        raise ConfigError([f"no NATS url: pass --nats-url or set {NATS_URL_ENV}"])
+    results = Results(
+        nats.url,
+        sources=args.source or None,
+        prefix=args.prefix or nats.subject_prefix,
+        dlq=args.dlq,
+        durable=args.durable,
+        from_start=args.from_start,
+        since=args.since,
+        connect_opts=connect_kwargs(nats),
+        stream=stream_names(nats)[1] if nats.stream else None,  # [nats] stream names it: no lookup
+    )
+    await tail(results, as_json=args.json, count=args.count)
+    return 0
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -342,6 +420,32 @@ async def _ab_report(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _monitor(args: argparse.Namespace) -> int:
+    """The live page (engine/monitor): reads NATS only, serves GET routes only."""
+    from engine.monitor.server import Monitor
+
+    cfg = _config(args.config)
+    if args.secure and not args.auth_file:  # the reader's credentials, as `run --secure` wrote them
+        reader = Path(cfg.nats.data_dir) / "secure" / "reader.env"
+        if not reader.exists():
+            raise ConfigError([f"--secure: no {reader} (start the engine with `autoglm run --secure`)"])
+        args.auth_file = str(reader)
+    if not (args.nats_url or os.environ.get(NATS_URL_ENV) or cfg.nats.url):
+        url_file = Path(cfg.nats.data_dir) / "run" / "engine.url"  # an engine on its embedded server
+        args.nats_url = url_file.read_text().strip() if url_file.exists() else None
+    nc, _ = await _open(args)
+    prefix = args.prefix or cfg.nats.subject_prefix
+    monitor = Monitor(nc, prefix, host=args.host, port=args.port, frames=not args.secure)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, monitor.stop)
+    try:
+        await monitor.serve(lambda url: print(f"autoglm monitor: {url} (prefix {prefix})", flush=True))
+    finally:
+        await nc.close()
+    return 0
+
+
 async def _health(args: argparse.Namespace) -> int:
     """Exit 0 when an engine answers on ``<prefix>.svc.health`` (container HEALTHCHECK)."""
     import orjson
@@ -390,7 +494,9 @@ def _validate(args: argparse.Namespace) -> int:
         for line in exc.problems:
             print(f"  {line}", file=sys.stderr)
         return 2
-    routes = ", ".join(f"{r.modality}->{r.processor}" for r in cfg.routes)
+    routes = ", ".join(
+        f"{r.modality}->{'+'.join([r.processor, *(a.processor for a in r.also)])}" for r in cfg.routes
+    )
     print(
         f"{path}: ok ({routes}; aligner {cfg.aligner.mode} {cfg.aligner.window_ms} ms; glm {cfg.glm.backend})"
     )
@@ -413,6 +519,7 @@ async def _demo(args: argparse.Namespace) -> int:
         nats_url=args.nats_url,
         width=args.width,
         height=args.height,
+        monitor_port=args.monitor,
     )
 
 
@@ -484,6 +591,11 @@ def _since(text: str) -> datetime | None:
         ) from None
 
 
+def _since_or_start(text: str) -> datetime:
+    """:func:`_since`, with ``all`` as the epoch (the results stream's start)."""
+    return _since(text) or datetime.fromtimestamp(0, UTC)
+
+
 def _source(text: str) -> str:
     if not valid_source(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a source name: 1-64 of [A-Za-z0-9_-]")
@@ -507,6 +619,19 @@ def _input_file(text: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
     return path
+
+
+def _media_url(text: str) -> str:
+    """A URL (anything with a scheme) or a camera index as it is; a path must
+    exist and not be a directory."""
+    if "://" in text or text.isdigit():
+        return text
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
 
 
 _PORT = _int_in(0, 65535)
@@ -544,19 +669,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=_PORT, help="serve Prometheus /metrics on this port (worker i: PORT+i-1)"
     )
 
-    pub = sub.add_parser("publish", help="publish one event (audio files are split into chunks)")
+    pub = sub.add_parser(
+        "publish",
+        help="publish an image or a text, or stream a video, audio or text source (docs/sources.md)",
+    )
     pub.add_argument("--source", required=True, type=_source, help="source name, 1-64 of [A-Za-z0-9_-]")
     what = pub.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", type=_input_file, help="a JPEG or PNG file")
-    what.add_argument("--audio", type=_input_file, help="a WAV (or any file libsndfile reads)")
-    what.add_argument("--text", help="a UTF-8 string")
+    what.add_argument("--text", help="a UTF-8 string; - reads standard input, one event per line")
+    what.add_argument(
+        "--video",
+        metavar="URL",
+        type=_media_url,
+        help="a video file or stream FFmpeg opens (rtsp://, udp://...), or a camera (/dev/video0, 0)",
+    )
+    what.add_argument(
+        "--audio", metavar="URL", type=_media_url, help="an audio file or stream FFmpeg opens, as PCM chunks"
+    )
+    what.add_argument("--text-file", metavar="PATH", type=_input_file, help="a text file, one event per line")
     _connection_options(pub, "server to publish to")
     pub.add_argument("--config", help="read nats.url and the subject prefix from this file")
     pub.add_argument("--prefix", type=_prefix, help="subject prefix (default: --config's, else autoglm)")
     pub.add_argument(
         "--chunk-ms", type=_int_in(1, 3_600_000), default=100, help="audio chunk length (default 100)"
     )
-    pub.add_argument("--id", help="Nats-Msg-Id for the event (audio: a prefix for each chunk)")
+    pub.add_argument("--id", help="Nats-Msg-Id for the event (streams: a prefix for each event's id)")
     pub.add_argument(
         "--wait", type=_not_negative, default=0.0, help="wait up to N s for the result or DLQ record"
     )
@@ -565,7 +702,48 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send the bytes through the Object Store even when they fit (automatic above max_payload)",
     )
+    media = pub.add_argument_group("streams (--video, --audio, --text-file, --text -)")
+    media.add_argument("--with-audio", action="store_true", help="--video: send its audio track too")
+    media.add_argument("--fps", type=_positive, help="at most N frames a second (default: the stream's rate)")
+    media.add_argument("--quality", type=_int_in(1, 100), default=90, help="JPEG quality (default 90)")
+    media.add_argument("--raw", action="store_true", help="frames as raw BGR instead of JPEG")
+    media.add_argument("--loop", action="store_true", help="a file: start again at its end, until Ctrl-C")
+    pace = media.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--realtime", action="store_true", help="a file: at its own rate (the default), dropping when slower"
+    )
+    pace.add_argument(
+        "--as-fast-as-possible",
+        action="store_true",
+        help="a file: without pacing or dropping; timestamps still follow the file's",
+    )
+    media.add_argument(
+        "--timeout",
+        type=_positive,
+        default=10.0,
+        help="seconds to open a stream and for each read (default 10)",
+    )
+    media.add_argument("--input-format", help="FFmpeg's input format (-f): alsa, mjpeg, mpegts...")
+    media.add_argument("--follow", action="store_true", help="--text-file: keep reading what is appended")
     pub.add_argument("--traceparent", help="W3C trace context to continue (default: a new trace)")
+
+    tl = sub.add_parser("tail", help="print results (and with --dlq rejections) as they arrive")
+    tl.add_argument("--source", action="append", type=_source, help="only this source (repeat for more)")
+    tl.add_argument("--dlq", action="store_true", help="rejections (DLQ and late records) too")
+    tl.add_argument("--json", action="store_true", help="each record as published, one JSON object a line")
+    _connection_options(tl, "server to read from")
+    tl.add_argument("--config", help="read nats.url and the subject prefix from this file")
+    tl.add_argument("--prefix", type=_prefix, help="subject prefix (default: --config's, else autoglm)")
+    tl.add_argument(
+        "--durable", type=_source, help="read the results stream through this named consumer (resumes)"
+    )
+    tl.add_argument("--from-start", action="store_true", help="read the results stream from its start")
+    tl.add_argument(
+        "--since",
+        type=_since_or_start,
+        help="read the results stream from: a duration ago (15m), an ISO time, or all",
+    )
+    tl.add_argument("--count", type=_int_in(1, 2**31), help="exit after N records")
 
     st = sub.add_parser("status", help="a live table of the engines found through NATS discovery")
     _connection_options(st, "server to look on")
@@ -591,6 +769,18 @@ def build_parser() -> argparse.ArgumentParser:
     hl.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
     _connection_options(hl, "server to ask")
     hl.add_argument("--timeout", type=_positive, default=3.0, help="seconds (default 3)")
+
+    mon = sub.add_parser("monitor", help="a live page of the engines, sources and rejections (read-only)")
+    _connection_options(mon, "server to watch")
+    mon.add_argument("--config", help="read nats settings and the subject prefix from this file")
+    mon.add_argument("--prefix", type=_prefix, help="subject prefix (default: --config's, else autoglm)")
+    mon.add_argument("--host", default="127.0.0.1", help="address to serve on (default loopback only)")
+    mon.add_argument("--port", type=_PORT, default=8765, help="port to serve on (0: any free one)")
+    mon.add_argument(
+        "--secure",
+        action="store_true",
+        help="connect as the reader that `run --secure` wrote (no input frames: it may not read inputs)",
+    )
 
     val = sub.add_parser("validate", help="check a routing file; exit 2 with each problem")
     val.add_argument("file", nargs="?", help=f"default ./{DEFAULT_CONFIG}")
@@ -652,6 +842,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace-file", help="append OpenTelemetry spans (producer and engine) as JSON lines")
     demo.add_argument("--width", type=_int_in(16, 7680), default=320, help="frame width (default 320)")
     demo.add_argument("--height", type=_int_in(16, 4320), default=240, help="frame height (default 240)")
+    demo.add_argument(
+        "--monitor",
+        type=_PORT,
+        nargs="?",
+        const=8765,
+        metavar="PORT",
+        help="serve the live page (autoglm monitor) beside the demo on this port (default 8765)",
+    )
     return p
 
 
@@ -748,6 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = {
             "run": _run,
             "publish": _publish,
+            "tail": _tail,
             "demo": _demo,
             "status": _status,
             "health": _health,
@@ -755,6 +954,7 @@ def main(argv: list[str] | None = None) -> int:
             "replay": _replay,
             "models": _models,
             "ab": _ab_report,
+            "monitor": _monitor,
         }[args.command]
         return _run_async(runner(args))
     except ConfigError as exc:  # the command line or a file it names: the user's to fix

@@ -15,14 +15,15 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 from opentelemetry.trace import SpanKind
 
-from engine.config.models import EngineConfig, Overrides, RouteConfig
+from engine.config.models import AlsoConfig, EngineConfig, Overrides, RouteConfig
 from engine.contracts.subjects import Subjects
 from engine.observe.tracing import traceparent_of
 from engine.tools.publish import connect, sync_with_server
@@ -41,12 +42,21 @@ CAPTIONS = [
 ]
 
 
+#: Spoken in the demo's audio (made with espeak-ng: tests/data/README.md).
+SPEECH = Path(__file__).resolve().parents[2] / "tests" / "data" / "speech.wav"
+
+
 def default_config() -> EngineConfig:
-    """The built-in configuration, used when no routing.toml is around."""
+    """The built-in configuration, used when no routing.toml is around: the
+    article's processors, and beside them the ones that give the GLM words."""
     return EngineConfig(
         routes=(
-            RouteConfig(modality="image", processor="cnn"),
-            RouteConfig(modality="audio", processor="mfcc"),
+            RouteConfig(modality="image", processor="cnn", also=(AlsoConfig(processor="ocr"),)),
+            RouteConfig(
+                modality="audio",
+                processor="mfcc",
+                also=(AlsoConfig(processor="vad"), AlsoConfig(processor="asr")),
+            ),
             RouteConfig(modality="text", processor="minilm"),
         )
     )
@@ -67,16 +77,39 @@ def shapes_frames(index: int, n: int, width: int, height: int) -> list[bytes]:
         cv2.circle(img, (cx, height // 3), max(4, height // 8), colour, -1)
         sy = int(height / 2 + height / 4 * math.sin(phase))
         cv2.rectangle(img, (width // 2, sy), (width // 2 + height // 6, sy + height // 6), (200, 80, 40), -1)
+        # A sign for OCR to read, in the bottom band the shapes never cross.
+        scale = height / 160
+        org = (int(6 * scale), height - int(8 * scale))
+        cv2.putText(img, f"EXIT {index + 1}", org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 3)
         frames.append(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes())
     return frames
 
 
-def audio_chunk(k: int, index: int) -> bytes:
-    """100 ms of s16le: a tone in the first half of each second, low noise after."""
+def speech_clip() -> np.ndarray | None:
+    """The committed speech clip as float samples at 16 kHz (``None`` when this
+    is an installed package without the tests folder: tones only then)."""
+    if not SPEECH.exists():
+        return None
+    import soundfile
+
+    samples, rate = soundfile.read(SPEECH, dtype="float32")
+    return np.asarray(samples, np.float32) if rate == AUDIO_RATE else None
+
+
+def audio_chunk(k: int, index: int, speech: np.ndarray | None = None) -> bytes:
+    """100 ms of s16le over low noise. With ``speech``, it is spoken every
+    10 s (from second 1); otherwise, and in the seconds between, a tone in the
+    first half of each second."""
     n = AUDIO_RATE * AUDIO_CHUNK_MS // 1000
     t = (np.arange(n) + k * n) / AUDIO_RATE
     rng = np.random.default_rng(k * 7919 + index)
     noise = rng.normal(0, 0.003, n)
+    at = (k * n) % (10 * AUDIO_RATE) - AUDIO_RATE  # where in the clip this chunk is
+    if speech is not None and 0 <= at < len(speech):
+        voice = np.zeros(n, np.float32)
+        part = speech[at : at + n]
+        voice[: len(part)] = part
+        return np.clip((voice + noise) * 32767, -32768, 32767).astype("<i2").tobytes()
     tone = 0.3 * np.sin(2 * math.pi * (220 + 40 * index) * t) if (k % 10) < 5 else 0.0
     return np.clip((tone + noise) * 32767, -32768, 32767).astype("<i2").tobytes()
 
@@ -94,9 +127,19 @@ class Tally:
         self.seen: set[str] = set()
         self.answers = 0
         self.last_answer: tuple[str, str] | None = None
+        #: Words the results carried: transcripts, and text read in frames.
+        self.heard: list[str] = []
+        self.read: dict[str, None] = {}
+        self.spoken_prompt = ""
 
     def on_result(self, record: dict[str, Any], now: int) -> None:
         self.windows += 1
+        features = record.get("features") or {}
+        heard = features.get("audio", {}).get("heard", [])
+        self.heard.extend(heard)
+        self.read.update(dict.fromkeys(features.get("image", {}).get("seen", [])))
+        if heard and record.get("prompt"):
+            self.spoken_prompt = str(record["prompt"])
         if record.get("answer"):
             self.answers += 1
             self.last_answer = (record["source"], str(record["answer"]))
@@ -129,6 +172,7 @@ async def _source_loop(
     frames: list[bytes],
     inject_bad: bool,
     tracer: Any = None,
+    speech: np.ndarray | None = None,
 ) -> None:
     name = f"cam{index}"
     t0 = time.time_ns()
@@ -154,7 +198,7 @@ async def _source_loop(
             body = b"\xff\xd8\xff\xe0 not really a jpeg" if k in bad else frames[k % len(frames)]
             eid, ct, mod = f"{name}-img-{k}", "image/jpeg", "image"
         elif kind == "audio":
-            eid, body, mod = f"{name}-aud-{k}", audio_chunk(k, index), "audio"
+            eid, body, mod = f"{name}-aud-{k}", audio_chunk(k, index, speech), "audio"
             ct = f"audio/pcm;rate={AUDIO_RATE};channels=1;format=s16le"
         elif kind == "text":
             # A captioner repeats itself while the scene holds: a new line every 3 s.
@@ -196,6 +240,7 @@ async def run_demo(
     inject_bad: bool = True,
     config_path: str | None = None,
     overrides: Overrides | None = None,
+    monitor_port: int | None = None,
 ) -> int:
     from engine.runtime.engine import Engine
     from engine.runtime.server import EmbeddedServer
@@ -211,7 +256,11 @@ async def run_demo(
     if server is not None:
         nats_url = await asyncio.to_thread(server.start)
     try:
-        return await _demo_on(engine, config, nats_url, seconds, sources, width, height, inject_bad)
+        demo = _demo_on(engine, config, nats_url, seconds, sources, width, height, inject_bad)
+        url = nats_url or config.nats.url
+        if monitor_port is not None and url:
+            return await _with_monitor(url, config, monitor_port, demo)
+        return await demo
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
@@ -247,10 +296,13 @@ async def _demo_on(
     await nc.subscribe(subjects.rejections, cb=on_dlq)
     await sync_with_server(nc)
     frames = [shapes_frames(i, FPS * 2, width, height) for i in range(sources)]
+    speech = speech_clip()
     started = time.monotonic()
     pubs = [
         asyncio.create_task(
-            _source_loop(nc, subjects, i, seconds, tally, frames[i], inject_bad, engine.tracing.tracer)
+            _source_loop(
+                nc, subjects, i, seconds, tally, frames[i], inject_bad, engine.tracing.tracer, speech
+            )
         )
         for i in range(sources)
     ]
@@ -267,6 +319,29 @@ async def _demo_on(
     if tty:
         print()
     return summary(tally, engine, seconds, sources)
+
+
+async def _with_monitor(url: str, config: EngineConfig, port: int, demo: Awaitable[int]) -> int:
+    """``--monitor``: the live page (engine/monitor) beside the demo, on its own
+    connection, as ``autoglm monitor`` would run it; it stops with the demo."""
+    from engine.monitor.server import Monitor
+
+    nc = await connect(url, **connect_kwargs(config.nats))
+    monitor = Monitor(nc, config.nats.subject_prefix, port=port)
+    up = asyncio.Event()
+
+    def ready(page: str) -> None:
+        print(f"autoglm demo: monitor on {page}", flush=True)
+        up.set()
+
+    serving = asyncio.create_task(monitor.serve(ready))
+    await asyncio.wait([asyncio.create_task(up.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
+    try:
+        return await demo
+    finally:
+        monitor.stop()
+        await serving
+        await nc.close()
 
 
 async def _until(done: Callable[[], bool], timeout: float) -> None:
@@ -329,6 +404,11 @@ def summary(tally: Tally, engine: Any, seconds: float, sources: int) -> int:
         + f", {g.calls} calls, {g.errors} errors"
         + "".join(f", {k} {v}" for k, v in sorted(g.skipped.items()) if k != "no_change")
     )
+    if tally.heard or tally.read:
+        print(f"  heard                 {', '.join(repr(h) for h in tally.heard[-3:]) or 'nothing'}")
+        print(f"  text seen             {', '.join(repr(t) for t in list(tally.read)[:4]) or 'nothing'}")
+    if tally.spoken_prompt:
+        print("  a prompt with words   " + tally.spoken_prompt.replace("\n", "\n                        "))
     if tally.last_answer is not None:
         source, answer = tally.last_answer
         print(f"  answers               {tally.answers}; last, from {source}: {answer[:100]!r}")

@@ -1,29 +1,25 @@
-"""Producer side: what ``autoglm publish`` does, usable from Python too."""
+"""``autoglm publish --image/--text``: one event (or a WAV's chunks), optionally
+waiting for its result; usable from Python too. Streams (``--video``,
+``--audio``, ``--text-file``) are engine/tools/stream.py; both publish
+through :class:`engine.sources.producer.Producer`."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
-import nats
 import numpy as np
 import orjson
 import soundfile
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError
 
-from engine.contracts.errors import AutoGLMError, TransportError
+from engine.contracts.errors import AutoGLMError
 from engine.contracts.subjects import Subjects
 from engine.contracts.types import Modality
-from engine.observe.tracing import new_traceparent
-from engine.transport.security import redact_url, server_urls
-from engine.transport.sync import sync_with_server as sync_with_server  # tools and tests import it here
-from engine.wire.claimcheck import OBJECT_REF, put_payload
-from engine.wire.codec import ID_HEADER, encode_headers
+from engine.sources.producer import Producer
+from engine.transport.sync import connect as connect  # tools and tests import these two here
+from engine.transport.sync import sync_with_server as sync_with_server
 
 
 def sniff_image(data: bytes, path: Path) -> str:
@@ -46,64 +42,6 @@ def audio_chunks(path: Path, chunk_ms: int) -> tuple[list[bytes], str, int]:
     ]
     ct = f"audio/pcm;rate={rate};channels={data.shape[1]};format=f32le"
     return bodies, ct, int(step * 1e9 / rate)
-
-
-async def connect(url: str, timeout: float = 5.0, **kwargs: Any) -> Any:
-    """nats-py connect with one clear error instead of an endless first-connect loop.
-    ``url`` may name several servers, comma-separated (a cluster's nodes).
-
-    A caller's ``error_cb`` still gets every error; this one only keeps the
-    last few to name the cause of a failed connect."""
-    seen: deque[Exception] = deque(maxlen=8)
-    theirs = kwargs.pop("error_cb", None)
-
-    async def remember(exc: Exception) -> None:
-        # nats-py reports each failed attempt here and then raises a generic
-        # "no servers"; keep the real cause (authorization violation, TLS) for the message.
-        seen.append(exc)
-        if theirs is not None:
-            await theirs(exc)
-
-    kwargs["error_cb"] = remember
-    # nats-py retries a refused first connect forever unless the attempts are
-    # bounded (0 means unbounded there): two tries, half a second apart.
-    kwargs.setdefault("max_reconnect_attempts", 1)
-    kwargs.setdefault("reconnect_time_wait", 0.5)
-    try:
-        return await asyncio.wait_for(nats.connect(server_urls(url), connect_timeout=2, **kwargs), timeout)
-    except Exception as exc:  # nats-py raises several unrelated types here
-        # The server's -ERR says why; a reset read first (a TCP race) says nothing.
-        telling = [e for e in seen if "Violation" in str(e) or "SSL" in str(e) or "certificate" in str(e)]
-        pick = telling or seen
-        cause = f" ({pick[-1]})" if pick and str(pick[-1]) != str(exc) else ""
-        raise TransportError(f"cannot connect to NATS at {redact_url(url)}: {exc}{cause}") from exc
-
-
-async def send_events(nc: Any, subject: str, events: list[tuple[dict[str, str], bytes]]) -> list[str]:
-    """Publish ``events``; returns the ids the input stream refused as duplicates.
-
-    Where JetStream stores the inputs each event waits for its PubAck, so a
-    refusal (a full backlog) is an error and a ``duplicate`` is reported: the
-    stream deduplicates ``Nats-Msg-Id`` across *all* sources. Where nothing
-    answers (core mode), the events are sent plainly."""
-    js = nc.jetstream()
-    duplicates: list[str] = []
-    acked = True
-    for hdrs, body in events:
-        if not acked:
-            await nc.publish(subject, body, headers=hdrs)
-            continue
-        try:
-            ack = await js.publish(subject, body, headers=hdrs, timeout=2.0)
-        except (NoRespondersError, NatsTimeoutError):
-            acked = False  # no stream: an engine in core mode got it (or no one listens)
-            continue
-        except APIError as exc:
-            raise TransportError(f"the input stream refused {hdrs.get(ID_HEADER)}: {exc}") from exc
-        if ack.duplicate:
-            duplicates.append(hdrs.get(ID_HEADER, "?"))
-    await nc.flush()
-    return duplicates
 
 
 async def publish_file(
@@ -147,14 +85,6 @@ async def publish_file(
 
     nc = await connect(url, error_cb=on_error, **(connect_opts or {}))
     try:
-        cts = [ct] * len(bodies)
-        for i, body in enumerate(bodies):
-            # Over the server's limit (or asked to): the bytes go to the Object
-            # Store and the event carries a reference (engine/wire/claimcheck.py).
-            if claim_check or len(body) > nc.max_payload - 4096:
-                ref = await put_payload(nc.jetstream(), bucket, body, ct, max_payload=nc.max_payload)
-                bodies[i], cts[i] = ref.encode(), OBJECT_REF
-                print(f"stored {len(body)} bytes as {bucket}/{ref.name} (claim check)")
         replies: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
 
         async def on_reply(msg: Any) -> None:
@@ -172,17 +102,27 @@ async def publish_file(
         t0 = time.time_ns()
         base_id = event_id or f"{source}-{modality}-{t0}"
         ids = [base_id if len(bodies) == 1 else f"{base_id}-{i}" for i in range(len(bodies))]
-        traceparent = traceparent or new_traceparent()
-        events = [
-            (encode_headers(t0 + i * step, cts[i], event_id=eid, seq=i, traceparent=traceparent), body)
-            for i, (eid, body) in enumerate(zip(ids, bodies, strict=True))
-        ]
-        duplicates = await send_events(nc, subject, events)
-        print(f"published {len(bodies)} {modality} event(s) on {subject} ({ct}), trace {traceparent}")
-        if duplicates:
+        # The same path as every stream (engine/sources/producer.py): headers, claim check
+        # above the server's limit (or asked for), PubAcks in durable mode.
+        async with Producer(
+            nc=nc,
+            source=source,
+            prefix=prefix,
+            traceparent=traceparent,
+            claim_check=claim_check,
+            bucket=bucket,
+        ) as producer:
+            for i, (eid, body) in enumerate(zip(ids, bodies, strict=True)):
+                await producer.send(modality, body, ct, t0 + i * step, event_id=eid)
+        for size, name in producer.claims:
+            print(f"stored {size} bytes as {bucket}/{name} (claim check)")
+        print(
+            f"published {len(bodies)} {modality} event(s) on {subject} ({ct}), trace {producer.traceparent}"
+        )
+        if producer.duplicates:
             raise AutoGLMError(
-                f"the input stream already held event id(s) {', '.join(duplicates[:5])}: it dropped these "
-                "events as duplicates. Ids must be unique across every source (the default ids are)"
+                f"the input stream already held event id(s) {', '.join(producer.duplicates[:5])}: it dropped "
+                "these events as duplicates. Ids must be unique across every source (the default ids are)"
             )
         deadline = time.monotonic() + wait
         waiting = set(ids)

@@ -108,6 +108,10 @@ class Transport(Protocol):
     async def finish(self, done: Finish) -> None:
         """Finish deliveries that need no record."""
 
+    def give_back(self, acks: tuple[str, ...]) -> None:
+        """Stop holding these deliveries (their record could not be published):
+        left unacked, they are delivered again once their ack wait runs out."""
+
     async def stop_intake(self) -> None:
         """Receive nothing more (what is in hand is still handled)."""
 

@@ -139,6 +139,9 @@ class CoreTransport:
     async def finish(self, done: Finish) -> None:
         return None
 
+    def give_back(self, acks: tuple[str, ...]) -> None:
+        return None  # nothing is held: core NATS delivers once
+
     async def stop_intake(self) -> None:
         if self.ownership is not None:
             await self.ownership.stop()

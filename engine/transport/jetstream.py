@@ -340,6 +340,11 @@ class JetStreamTransport:
         intake = self._holder(seq)  # a record's inputs are of one source: one partition
         return intake is not None and await self.ownership.confirmed(intake.slot.name)
 
+    def give_back(self, acks: tuple[str, ...]) -> None:
+        for d in acks:
+            if (seq := _seq(d)) is not None and (intake := self._holder(seq)) is not None:
+                intake.give_back([seq])
+
     async def finish(self, done: Finish) -> None:
         if await self._ours(done.acks):
             await self._stored(done.acks)

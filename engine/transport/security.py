@@ -18,7 +18,8 @@ env file per user (0600) that the tools read.
               its micro-service endpoints (it may answer whoever asks);
               used by ``autoglm status/reload/health/replay``
     reader    subscribe <prefix>.out.>, .dlq.>, .late.>, and its own
-              consumers on the results stream: a results consumer
+              consumers on the results stream: a results consumer; ask
+              $SRV.PING/INFO/STATS.autoglm (``autoglm monitor --secure``)
 
 Each user has its own inbox prefix (``_INBOX_<user>``, written into its env
 file as ``AUTOGLM_NATS_INBOX_PREFIX``) and may subscribe only there, so no
@@ -49,7 +50,7 @@ from engine.config.nats import INBOX_PREFIX_ENV
 from engine.config.nats import redact_url as redact_url  # its home is config; callers import it here
 from engine.config.nats import server_urls as server_urls
 from engine.contracts.errors import ConfigError
-from engine.contracts.subjects import SRV_ALL, Subjects, object_chunks, object_meta
+from engine.contracts.subjects import SRV_ALL, Subjects, object_chunks, object_meta, srv
 from engine.transport.streams import glm_bucket, state_bucket, stream_names, workers_bucket
 
 #: The Object Store bucket for claim-checked payloads (engine/wire/claimcheck.py).
@@ -167,6 +168,9 @@ def permissions(nats: NatsConfig) -> dict[str, dict[str, Any]]:
                 f"$JS.API.CONSUMER.INFO.{out}.*", f"$JS.API.CONSUMER.MSG.NEXT.{out}.*",
                 f"$JS.API.STREAM.MSG.GET.{out}", f"$JS.API.DIRECT.GET.{out}", f"$JS.API.DIRECT.GET.{out}.>",
                 f"$JS.ACK.{out}.>", f"$JS.FC.{out}.>",
+                # Discovery and counters, for `autoglm monitor --secure` (read-only: no
+                # <prefix>.svc endpoint, so neither the config nor a reload).
+                srv("PING"), srv("INFO"), srv("STATS"),
             ],
             "subscribe": [
                 *s.outputs, f"{inbox_prefix('reader')}.>",
