@@ -20,8 +20,8 @@ import torchvision
 
 from engine.contracts.errors import ConfigError
 from engine.contracts.types import Features, InputEvent, Modality
+from processors.decode import decode_image
 from processors.devices import resolve_device
-from processors.image import decode_image
 from processors.ocr import PerSource, check_header
 from processors.params import DetectParams
 from processors.vocabulary import DETECT, DetectVocabulary

@@ -26,7 +26,7 @@ import numpy as np
 
 from engine.contracts.errors import ConfigError, DecodeError
 from engine.contracts.types import Features, InputEvent, Modality
-from processors.image import U8Image, decode_image, image_size
+from processors.decode import U8Image, decode_image, image_size
 from processors.params import OCRParams
 from processors.vocabulary import OCR, OCRVocabulary
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,6 +42,17 @@ class ImageParams(_Params):
     #: instead of running the CNN; ``reused`` says so. 0 turns it off.
     reuse_below: float = Field(0.0, ge=0, le=1)
     seed: int = 0
+    #: ``torch``: the torchvision model above; ``onnx``: the model exported to
+    #: ``onnx_path`` by ``autoglm export`` (its sidecar ``.json`` names the
+    #: model, labels and input size), run by ONNX Runtime without torch.
+    runtime: Literal["torch", "onnx"] = "torch"
+    onnx_path: str | None = None
+
+    @model_validator(mode="after")
+    def _onnx_needs_a_file(self) -> Self:
+        if self.runtime == "onnx" and not self.onnx_path:
+            raise ValueError('runtime = "onnx" needs onnx_path (a file written by `autoglm export`)')
+        return self
 
 
 class AudioParams(_Params):
@@ -69,6 +80,17 @@ class TextParams(_Params):
     model: str = ""
     max_tokens: int = Field(128, ge=8, le=4096)
     max_chars: int = Field(20_000, gt=0)
+    #: ``torch``: the encoder above through transformers; ``onnx``: the one
+    #: ``autoglm export --route text`` wrote to ``onnx_path`` (its tokenizer
+    #: beside it), run by ONNX Runtime without torch or transformers.
+    runtime: Literal["torch", "onnx"] = "torch"
+    onnx_path: str | None = None
+
+    @model_validator(mode="after")
+    def _onnx_needs_a_file(self) -> Self:
+        if self.runtime == "onnx" and not self.onnx_path:
+            raise ValueError('runtime = "onnx" needs onnx_path (a file written by `autoglm export`)')
+        return self
 
 
 class PassthroughParams(_Params):

@@ -46,10 +46,17 @@ def _cap_opencv(params: ImageParams | OCRParams | DetectParams) -> None:
 
 
 cnn = ProcessorSpec(
-    "cnn", "image", ImageParams, "processors.image:create", "torchvision CNN", before_import=_cap_opencv
+    "cnn",
+    "image",
+    ImageParams,
+    "processors.runtime:image",
+    "torchvision CNN (torch or ONNX Runtime)",
+    before_import=_cap_opencv,
 )
 mfcc = ProcessorSpec("mfcc", "audio", AudioParams, "processors.audio:create", "librosa MFCC")
-minilm = ProcessorSpec("minilm", "text", TextParams, "processors.text:create", "MiniLM encoder")
+minilm = ProcessorSpec(
+    "minilm", "text", TextParams, "processors.runtime:text", "MiniLM encoder (torch or ONNX Runtime)"
+)
 passthrough = ProcessorSpec(
     "passthrough", None, PassthroughParams, "processors.passthrough:create", "byte count"
 )

