@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from engine.contracts.types import Features, FusedFeatures, ModalityFusion
 from engine.contracts.vocabulary import FeatureVocabulary, embedding_change, stat, text_change
@@ -227,3 +227,14 @@ VAD = VADVocabulary()
 ASR = ASRVocabulary()
 OCR = OCRVocabulary()
 DETECT = DetectVocabulary()
+
+
+def sound_meter(audio: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(loudness in dBFS, share of voice 0..1) of an ``mfcc`` route's fused
+    summary (a result's ``features.audio``), for a level meter such as the
+    monitor's sound strip; ``None`` when the route is not ``mfcc``."""
+    loud = audio.get("loudness_dbfs")
+    if not isinstance(loud, int | float):
+        return None
+    voice = audio.get("voice_ratio")
+    return float(loud), float(voice) if isinstance(voice, int | float) else 0.0

@@ -11,6 +11,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from processors.vocabulary import sound_meter
+
 #: Longest text a card or a timeline row carries (the page clips further).
 TEXT_CHARS = 400
 #: Feature keys whose strings are words a person reads: a transcript, OCR, the text route.
@@ -98,9 +100,9 @@ class SourceCard:
         image = features.get("image") or {}
         if isinstance(image.get("labels"), list):
             self.labels = [str(x) for x in image["labels"]][:5]
-        audio = features.get("audio") or {}
-        if isinstance(audio.get("loudness_dbfs"), int | float):
-            self.sound.append((float(audio["loudness_dbfs"]), float(audio.get("voice_ratio") or 0.0)))
+        meter = sound_meter(features.get("audio") or {})  # what the audio processor calls them
+        if meter is not None:
+            self.sound.append(meter)
         self.missing = list(record.get("missing") or [])
         self.skipped = {why: len(ids) for why, ids in (record.get("skipped") or {}).items()}
         self.glm = glm_state(record.get("glm") or {})
