@@ -182,7 +182,7 @@ async def test_a_dead_task_makes_the_engine_unhealthy_and_serve_exit_non_zero(
     nc: Any, nats_url: str, prefix: str, tmp_path: Path
 ) -> None:
     from engine.runtime.supervisor import EXIT_FAILED
-    from engine.tools.cli import serve
+    from engine.tools.runner import serve
 
     engine = Engine(make_config(prefix, nats=durable(prefix)))
     await engine.start(nats_url)
