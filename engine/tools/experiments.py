@@ -21,10 +21,8 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from engine.config.models import EngineConfig
-from engine.contracts.errors import TransportError
 from engine.contracts.subjects import Subjects
 from engine.transport.streams import stream_names
 
@@ -126,36 +124,11 @@ async def results_since(
     nc: Any, config: EngineConfig, since: datetime | None
 ) -> AsyncIterator[dict[str, Any]]:
     """Every result in the results stream from ``since`` to its end at the time of the call."""
-    js = nc.jetstream()
+    from engine.tools.replay import stored_until_now
+
     stream = stream_names(config.nats)[1]
-    try:
-        info = await js.stream_info(stream)
-    except Exception as exc:  # not found: core mode, or another prefix
-        raise TransportError(
-            f"no results stream {stream} on this server (durable mode keeps one): {exc}"
-        ) from exc
-    last = info.state.last_seq
-    if not info.state.messages:
-        return
-    sub = await js.pull_subscribe(
-        Subjects(config.nats.subject_prefix).result("*"),
-        stream=stream,
-        config=ConsumerConfig(
-            ack_policy=AckPolicy.NONE,
-            deliver_policy=DeliverPolicy.ALL if since is None else DeliverPolicy.BY_START_TIME,
-            opt_start_time=since,
-            inactive_threshold=30.0,
-        ),
-    )
-    try:
-        while True:
-            try:
-                batch = await sub.fetch(500, timeout=1.0)
-            except Exception:  # nats TimeoutError: nothing (more) from that time on
-                break
-            for msg in batch:
-                yield orjson.loads(msg.data)
-            if batch and batch[-1].metadata.sequence.stream >= last:
-                break
-    finally:
-        await sub.unsubscribe()
+    missing = f"no results stream {stream} on this server (durable mode keeps one)"
+    async for msg in stored_until_now(
+        nc, stream, Subjects(config.nats.subject_prefix).result("*"), since, missing
+    ):
+        yield orjson.loads(msg.data)

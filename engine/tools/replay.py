@@ -185,27 +185,41 @@ class Replayer:
 async def recorded(nc: Any, config: EngineConfig, since: datetime | None) -> AsyncIterator[Any]:
     """Every message of the input stream from ``since`` to its end at the time
     of the call, fetched 500 at a time (a day of recording never sits in memory)."""
-    js = nc.jetstream()
     stream = record_stream(config.nats)
+    # everything the recording holds: inputs as sent (in.>), or as the
+    # partition transform stored them (part.>)
+    async for msg in stored_until_now(
+        nc,
+        stream,
+        Subjects(config.nats.subject_prefix).everything,
+        since,
+        f"no recorded input stream {stream} on this server (durable mode records inputs "
+        "unless nats.record_max_bytes = 0)",
+    ):
+        yield msg
+
+
+async def stored_until_now(
+    nc: Any, stream: str, subject: str, since: datetime | None, missing: str
+) -> AsyncIterator[Any]:
+    """The messages of ``stream`` on ``subject`` from ``since`` (``None``: its
+    start) to its last one at the time of the call, 500 at a time, read by an
+    ephemeral consumer that acks nothing; ``missing`` says why there is no
+    such stream (the server's reason follows it)."""
+    js = nc.jetstream()
     try:
         info = await js.stream_info(stream)
     except Exception as exc:  # not found: core mode, or another prefix
-        raise TransportError(
-            f"no recorded input stream {stream} on this server (durable mode records inputs "
-            f"unless nats.record_max_bytes = 0): {exc}"
-        ) from exc
+        raise TransportError(f"{missing}: {exc}") from exc
     last = info.state.last_seq
     if not info.state.messages:
         return
-    policy = DeliverPolicy.ALL if since is None else DeliverPolicy.BY_START_TIME
     sub = await js.pull_subscribe(
-        # everything the recording holds: inputs as sent (in.>), or as the
-        # partition transform stored them (part.>)
-        Subjects(config.nats.subject_prefix).everything,
+        subject,
         stream=stream,
         config=ConsumerConfig(
             ack_policy=AckPolicy.NONE,
-            deliver_policy=policy,
+            deliver_policy=DeliverPolicy.ALL if since is None else DeliverPolicy.BY_START_TIME,
             opt_start_time=since,
             inactive_threshold=30.0,
         ),
