@@ -171,6 +171,9 @@ class ResultStore:
         loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
+                # Nothing waits: answers left here are of records whose publish
+                # raised in put (taken out of line, stored the slow way).
+                self._answers.clear()
                 if self._closing:
                     return
                 self._wake.clear()
