@@ -23,7 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.observe.snapshot import Snapshot
+from engine.observe.snapshot import RouteState, Snapshot
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 BREAKER = {"closed": 0.0, "half_open": 0.5, "open": 1.0}
@@ -121,24 +121,18 @@ class EngineCollector(Collector):
         for stage, hist in s.latency.items():
             latency.add_metric([stage], hist.cumulative(), sum_value=hist.total)
         yield latency
-        faults = CounterMetricFamily(
+        yield _per_route_kind(
+            e,
             "autoglm_processor_faults",
             "Internal processor failures that cost no event (the feature is left out)",
-            labels=["route", "kind"],
+            lambda r: r.faults,
         )
-        for r in e.routes:
-            for kind, n in r.faults.items():
-                faults.add_metric([r.name, kind], n)
-        yield faults
-        work = CounterMetricFamily(
+        yield _per_route_kind(
+            e,
             "autoglm_processor_events",
             "What processors did beside computing features (reused: a previous embedding reused)",
-            labels=["route", "kind"],
+            lambda r: r.counters,
         )
-        for r in e.routes:
-            for kind, n in r.counters.items():
-                work.add_metric([r.name, kind], n)
-        yield work
         yield from model_families(e)
         g = e.glm
         yield CounterMetricFamily("autoglm_glm_calls", "GLM backend calls", value=g.calls)
@@ -274,3 +268,14 @@ class MetricsServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _per_route_kind(
+    e: Snapshot, name: str, doc: str, read: Callable[[RouteState], Mapping[str, int]]
+) -> CounterMetricFamily:
+    """A counter per route and kind, from what ``read`` gives of each route's state."""
+    family = CounterMetricFamily(name, doc, labels=["route", "kind"])
+    for r in e.routes:
+        for kind, n in read(r).items():
+            family.add_metric([r.name, kind], n)
+    return family
